@@ -1,0 +1,1 @@
+"""muon's benchmark suite: `python -m bench <command>` from the repository root."""

@@ -1,0 +1,42 @@
+"""`python -m bench <command>`: one module per command, each with add_arguments(parser) and run(args).
+
+Commands are imported only when chosen, so a command whose optional dependency is missing does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("bench.flops_cmd", "FLOP overhead of Muon over AdamW for model presets"),
+    "kernels": ("bench.kernels", "Newton–Schulz kernel microbenchmarks per backend and shape"),
+    "step": ("bench.step", "optimizer step time and memory against AdamW and torch.optim.Muon"),
+    "profile": ("bench.profile", "the optimizer step under torch.profiler / Nsight Compute"),
+    "telescope": ("bench.telescope", "telescoping muP hyperparameter sweep"),
+    "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
+    "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),
+}
+
+
+def _load(command: str):
+    return importlib.import_module(COMMANDS[command][0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    available = {}
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # command not written yet in this version
+                continue
+            raise
+        available[name] = mod
+        mod.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return int(available[args.command].run(args) or 0)

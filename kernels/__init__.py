@@ -1,0 +1,1 @@
+"""Fused Triton kernels for bf16 Newton–Schulz (installed as `muon.kernels`)."""

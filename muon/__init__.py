@@ -1,0 +1,57 @@
+"""muon: the Muon optimizer for PyTorch, with fused Triton and CUDA Newton–Schulz kernels.
+
+Importing muon never initializes CUDA and never needs Triton or the native extension; the backend
+that needs them says what to install when it is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as _Path
+
+from . import coefficients
+from .backends import BackendUnavailable
+from .coefficients import PRESETS
+from .newton_schulz import newton_schulz
+from .optim import Muon, update_scale
+from .param_groups import param_groups
+
+__all__ = [
+    "BackendUnavailable",
+    "Muon",
+    "PRESETS",
+    "coefficients",
+    "newton_schulz",
+    "param_groups",
+    "update_scale",
+]
+__version__ = "0.1.0"
+
+
+def _map_checkout_kernels() -> None:
+    """In a source checkout, resolve `muon.kernels` to the top-level kernels/ folder.
+
+    setup.py installs kernels/ as muon/kernels; in a checkout (running `python -m bench` or the tests
+    from the repository, or an editable install) the folder sits beside muon/ instead. Installed
+    copies have muon/kernels and never reach the finder.
+    """
+    import importlib.util
+    import sys
+
+    here = _Path(__file__).resolve().parent
+    source = here.parent / "kernels"
+    if (here / "kernels").exists() or not (source / "__init__.py").exists():
+        return
+
+    class _CheckoutKernels:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "muon.kernels":
+                return None
+            return importlib.util.spec_from_file_location(
+                name, source / "__init__.py", submodule_search_locations=[str(source)]
+            )
+
+    sys.meta_path.append(_CheckoutKernels)
+
+
+_map_checkout_kernels()

@@ -1,0 +1,348 @@
+"""The Muon optimizer: a drop-in for torch.optim.Muon, with AdamW groups, batching and fast backends."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .coefficients import KELLER, Schedule, resolve_schedule
+from .newton_schulz import COMPUTE_DTYPES, orthogonalize
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
+    """The factor s(m, n) multiplying lr for an m×n (fan_out × fan_in) orthogonalized update.
+
+    "original" (Keller, the default): sqrt(max(1, m/n)); "match_rms_adamw" (Moonlight):
+    0.2·sqrt(max(m, n)), so AdamW's lr and weight decay carry over; "spectral" (muP-style):
+    sqrt(m/n). A callable gets (m, n) and returns the factor.
+    """
+    if callable(adjust_lr_fn):
+        return float(adjust_lr_fn(m, n))
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, m / n))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if adjust_lr_fn == "spectral":
+        return math.sqrt(m / n)
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust_lr_fn!r}")
+
+
+def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int, int]:
+    """(batch, m, n): how a parameter of `shape` is seen as a stack of matrices.
+
+    2-D: one matrix. More dims: the leading dims are a batch of independent matrices (MoE experts
+    stacked as (E, out, in)), or with flatten=True one (shape[0], prod(rest)) matrix (conv weights).
+    """
+    if len(shape) == 2 or flatten:
+        rest = math.prod(shape[1:])
+        return 1, shape[0], rest
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def _lr_value(lr) -> float | Tensor:
+    return lr if isinstance(lr, Tensor) else float(lr)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-step scalars are applied in: fp64 for fp64 tensors, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked(ok: Tensor, value, otherwise: float, dtype: torch.dtype) -> Tensor:
+    """A 0-dim device tensor: `value` where ok, else `otherwise`; never a host sync.
+
+    Python floats go through torch.full (a fill kernel, rounded once from double like a scalar argument).
+    """
+    if isinstance(value, Tensor):
+        value = value.to(device=ok.device, dtype=dtype)
+    else:
+        value = torch.full((), value, dtype=dtype, device=ok.device)
+    return torch.where(ok, value, otherwise)
+
+
+def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tensor) -> None:
+    """p = p * decay + scale * update, with the scalars in fp32 (fp64 for fp64 p), never in bf16/fp16.
+
+    fp32/fp64 parameters are updated in place; bf16/fp16 ones go through one fp32 copy so that
+    lr and 1 - lr*wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16).
+    """
+    target = p if p.dtype in (torch.float32, torch.float64) else p.float()
+    if decay is not None:
+        target.mul_(decay)
+    target.addcmul_(update, scale)
+    if target is not p:
+        p.copy_(target)
+
+
+class Muon(Optimizer):
+    """Muon for hidden-layer matrices, AdamW for everything else, in one optimizer.
+
+    With the same arguments and 2-D parameters it computes what torch.optim.Muon computes:
+
+        B = lerp(B, G, 1 - momentum)                 (momentum buffer, an EMA)
+        U = lerp(G, B, momentum) if nesterov else B
+        O = NS(U)                                    (bf16 Newton–Schulz, `muon.newton_schulz`)
+        W = W·(1 - lr·weight_decay) - lr·s(m, n)·O   (s from adjust_lr_fn, see `update_scale`)
+
+    Beyond torch.optim.Muon:
+      * groups with ``use_muon=False`` are updated with AdamW (keys lr, betas, eps, weight_decay),
+        exactly torch.optim.AdamW's update; `muon.param_groups(model)` builds both kinds of group;
+      * parameters with more than 2 dims are a batch of matrices, or with ``flatten=True`` (conv
+        weights) one (shape[0], -1) matrix;
+      * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
+      * ``ns_coefficients`` also takes a preset name ("keller", "you", "polar_express", "cans") or a
+        list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
+      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda") and ``ns_dtype``
+        its compute dtype.
+
+    Non-finite gradients (``nonfinite``): with "skip" (the default) a parameter whose gradient has a
+    NaN or inf is left untouched that step, parameter and optimizer state alike, and
+    `state[p]["nonfinite_skips"]` counts such steps; the test runs on the device, without a host sync.
+    With "raise" the step raises a RuntimeError naming the parameter before anything is modified
+    (one host sync per step).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients=KELLER,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | Callable | None = None,
+        *,
+        betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        flatten: bool = False,
+        batched: bool = True,
+        backend: str = "auto",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        nonfinite: str = "skip",
+    ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        # AdamW groups take these where the group does not set them.
+        self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay}
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            use_muon=True,
+            flatten=flatten,
+            batched=batched,
+            backend=backend,
+            ns_dtype=ns_dtype,
+        )
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        if not group.get("use_muon", True):
+            for key, value in self._adamw_defaults.items():
+                group.setdefault(key, value)
+            group["use_muon"] = False
+            super().add_param_group(group)
+            self._check_adamw_group(self.param_groups[-1])
+        else:
+            super().add_param_group(group)
+            self._check_muon_group(self.param_groups[-1])
+
+    @staticmethod
+    def _check_lr(group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+            lr = lr.item()
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be finite and >= 0, got {lr}")
+        wd = group["weight_decay"]
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {wd}")
+
+    def _check_muon_group(self, group: dict) -> None:
+        self._check_lr(group)
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        adjust = group["adjust_lr_fn"]
+        if not (adjust is None or callable(adjust) or adjust in ADJUST_LR_FNS):
+            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust!r}")
+        if group["ns_dtype"] not in COMPUTE_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}")
+        resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+        index = len(self.param_groups) - 1
+        for i, p in enumerate(group["params"]):
+            where = f"param_groups[{index}]['params'][{i}]"
+            if p.ndim < 2:
+                raise ValueError(
+                    f"Muon orthogonalizes matrices, but {where} has shape {tuple(p.shape)} ({p.ndim}-D). "
+                    "Biases, norms and other 0-/1-D parameters belong in an AdamW group "
+                    "(use_muon=False): muon.param_groups(model) builds the groups for you."
+                )
+            if p.is_complex():
+                raise ValueError(f"{where} is complex ({p.dtype}); Muon supports real floating parameters")
+            if not p.is_floating_point():
+                raise ValueError(f"{where} must be floating point, got {p.dtype}")
+
+    def _check_adamw_group(self, group: dict) -> None:
+        self._check_lr(group)
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']}")
+        if not group["eps"] >= 0:
+            raise ValueError(f"AdamW eps must be >= 0, got {group['eps']}")
+        index = len(self.param_groups) - 1
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(f"param_groups[{index}]['params'][{i}] is complex; not supported")
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group, index)
+            if not params:
+                continue
+            finite = self._finite_flags(params, grads, group, index)
+            if group["use_muon"]:
+                self._muon_group_step(group, params, grads, finite)
+            else:
+                self._adamw_group_step(group, params, grads, finite)
+        return loss
+
+    def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "
+                    "groups need dense gradients (use a dense nn.Embedding, or SparseAdam for that parameter)"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _finite_flags(self, params, grads, group, index) -> list[Tensor | None]:
+        """Per parameter: a 0-dim bool device tensor, True when its gradient is finite (None: empty)."""
+        nonempty = [g for g in grads if g.numel() > 0]
+        norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
+        flags = [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
+        if self.nonfinite == "raise":
+            for p, flag in zip(params, flags):
+                if flag is not None and not bool(flag):
+                    i = next(j for j, q in enumerate(group["params"]) if q is p)
+                    raise RuntimeError(
+                        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
+                        f"{tuple(p.shape)}); nothing was updated this step"
+                    )
+        return flags
+
+    def _muon_group_step(self, group, params, grads, finite) -> None:
+        lr = _lr_value(group["lr"])
+        momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
+        schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+        updates = []
+        for p, g, ok in zip(params, grads, finite):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            buf = state["momentum_buffer"]
+            if ok is None:  # 0-size parameter: nothing to do
+                updates.append(None)
+                continue
+            g = torch.where(ok, g, 0)  # a placeholder where not finite; its lerp weight is 0 below
+            buf.lerp_(g, _masked(ok, 1.0 - momentum, 0.0, buf.dtype))
+            state["nonfinite_skips"].add_(~ok)
+            updates.append(g.lerp(buf, momentum) if group["nesterov"] else buf)
+
+        ortho = self._orthogonalize_all(updates, params, schedule, group, flatten)
+
+        for p, O, ok in zip(params, ortho, finite):
+            if O is None:
+                continue
+            _, m, n = matrix_shape(p.shape, flatten)
+            scale = update_scale(group["adjust_lr_fn"], m, n)
+            dtype = _opmath(p.dtype)
+            decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
+            _decay_and_add(p, decay, O.view(p.shape), _masked(ok, -lr * scale, 0.0, dtype))
+
+    def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
+        """NS of every update; same-shape matrices are stacked into one batched call when batched."""
+        backend, dtype = group["backend"], group["ns_dtype"]
+        out: list = [None] * len(updates)
+        if not group["batched"]:
+            for i, (U, p) in enumerate(zip(updates, params)):
+                if U is not None:
+                    out[i] = orthogonalize(U.reshape(matrix_shape(p.shape, flatten)), schedule, dtype=dtype, backend=backend)
+            return out
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, (U, p) in enumerate(zip(updates, params)):
+            if U is not None:
+                _, m, n = matrix_shape(p.shape, flatten)
+                buckets[(m, n, U.device, U.dtype)].append(i)
+        for (m, n, _, _), members in buckets.items():
+            stack = torch.cat([updates[i].reshape(-1, m, n) for i in members]) if len(members) > 1 else updates[members[0]].reshape(-1, m, n)
+            result = orthogonalize(stack, schedule, dtype=dtype, backend=backend)
+            sizes = [matrix_shape(params[i].shape, flatten)[0] for i in members]
+            for i, piece in zip(members, result.split(sizes)):
+                out[i] = piece
+        return out
+
+    def _adamw_group_step(self, group, params, grads, finite) -> None:
+        """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device)."""
+        lr = _lr_value(group["lr"])
+        beta1, beta2 = group["betas"]
+        wd, eps = group["weight_decay"], group["eps"]
+        for p, g, ok in zip(params, grads, finite):
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            if ok is None:
+                continue
+            step = state["step"]
+            if step.device != p.device:  # a state loaded from torch.optim.AdamW keeps step on the CPU
+                step = state["step"] = step.to(p.device)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            g = torch.where(ok, g, 0)
+            step.add_(ok)
+            state["nonfinite_skips"].add_(~ok)
+            exp_avg.lerp_(g, _masked(ok, 1 - beta1, 0.0, exp_avg.dtype))
+            exp_avg_sq.mul_(_masked(ok, beta2, 1.0, exp_avg_sq.dtype)).addcmul_(g, g, value=1 - beta2)
+            t = step.clamp_min(1)  # never-stepped (all skipped) parameters: avoid 0/0 below
+            bias_correction1 = 1 - beta1**t
+            bias_correction2_sqrt = (1 - beta2**t).sqrt()
+            dtype = _opmath(p.dtype)
+            step_size = _masked(ok, -lr / bias_correction1, 0.0, dtype)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
+            _decay_and_add(p, decay, exp_avg / denom, step_size)

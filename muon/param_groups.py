@@ -1,0 +1,89 @@
+"""`muon.param_groups`: route a model's parameters to Muon (hidden matrices) or AdamW (the rest)."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+# Module names (the last component of a qualified name) that mark an output head, as seen in
+# GPT-2/nanoGPT (lm_head), timm (head), Llama (output), torchvision/HF (classifier), Essential AI (logits).
+HEAD_NAMES = frozenset({"lm_head", "head", "output", "classifier", "logits"})
+
+_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_CONVS = (nn.modules.conv._ConvNd,)
+
+
+def _route(owners: list[tuple[str, nn.Module]], name: str, ndim: int) -> str:
+    """'adamw', 'muon' or 'muon_flat' for one parameter, from every (module name, module) owning it."""
+    if ndim < 2:
+        return "adamw"
+    for module_name, module in owners:
+        last = module_name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, _EMBEDDINGS) or "embed" in last:
+            return "adamw"  # embeddings, and heads tied to them
+        if isinstance(module, _NORMS) or "norm" in last:
+            return "adamw"
+        if last in HEAD_NAMES:
+            return "adamw"
+    if any(isinstance(module, _CONVS) for _, module in owners):
+        return "muon_flat"
+    return "muon"
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    muon: tuple[str, ...] | list[str] = (),
+    adamw: tuple[str, ...] | list[str] = (),
+    muon_options: dict | None = None,
+    adamw_options: dict | None = None,
+) -> list[dict]:
+    """Parameter groups for `muon.Muon`: hidden-layer matrices to Muon, everything else to AdamW.
+
+    AdamW gets embeddings (and output heads tied to them), output heads (modules named lm_head, head,
+    output, classifier or logits), norms, biases and every 0-/1-D tensor. Conv weights go to Muon
+    with flatten=True ((out, in·kh·kw) matrices); other >2-D weights are batches of matrices.
+    A parameter shared by several modules appears once.
+
+    Args:
+        muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
+            that force a route, overriding the rules above; a name matching both is an error.
+        muon_options, adamw_options: extra keys for the groups (lr, weight_decay, betas, ...).
+    Returns a list of group dicts; empty groups are left out.
+    """
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module_name, module))
+
+    routes: dict[str, list] = {"muon": [], "muon_flat": [], "adamw": []}
+    for name, p in model.named_parameters():  # shared parameters come once, under their first name
+        forced_muon = any(fnmatchcase(name, pat) for pat in muon)
+        forced_adamw = any(fnmatchcase(name, pat) for pat in adamw)
+        if forced_muon and forced_adamw:
+            raise ValueError(f"parameter {name!r} matches both a `muon` and an `adamw` pattern")
+        route = _route(owners.get(id(p), []), name, p.ndim)
+        if forced_adamw:
+            route = "adamw"
+        elif forced_muon:
+            if p.ndim < 2:
+                raise ValueError(f"parameter {name!r} forced to Muon has shape {tuple(p.shape)}; Muon needs >= 2 dims")
+            route = route if route.startswith("muon") else "muon"
+        routes[route].append(p)
+
+    groups = []
+    if routes["muon"]:
+        groups.append({"params": routes["muon"], "use_muon": True, **(muon_options or {})})
+    if routes["muon_flat"]:
+        groups.append({"params": routes["muon_flat"], "use_muon": True, "flatten": True, **(muon_options or {})})
+    if routes["adamw"]:
+        groups.append({"params": routes["adamw"], "use_muon": False, **(adamw_options or {})})
+    return groups

@@ -1,0 +1,64 @@
+"""Test setup: CPU is always a test device; Triton kernels run in its interpreter when there is no GPU.
+
+Nothing here touches CUDA at import or collection time (torch.cuda.is_available() asks NVML only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Kernels are decorated at import time: the interpreter must be chosen before muon.kernels loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Test-only shim for triton-lang/triton#11584: the interpreter's tl.dot multiplies the raw uint16
+    bit patterns of bf16 operands. Upcast bf16 operands to fp32 (exact) before the matmul; the
+    accumulator is fp32 either way, so this is what the GPU's bf16 MMA computes."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    import numpy as np
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_muon_bf16_shim", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def up(t):
+                if t.dtype.scalar != tl.bfloat16:
+                    return t
+                bits = t.data.astype(np.uint32) << np.uint32(16)
+                return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+            a, b = up(a), up(b)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._muon_bf16_shim = True
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_interpreter_bf16_dot()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,62 @@
+"""Shared test references: float64 Newton–Schulz, torch's own low-precision error, tolerances.
+
+The tolerance rule for every NS backend: its relative Frobenius error against the float64 reference
+may be at most NS_ERROR_FACTOR[dtype] × the error of torch's own implementation at the same
+precision on the same input (torch.optim.Muon's NS for bf16; the same three-GEMM loop in
+fp16/fp32), plus a floor for cases where torch happens to be nearly exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from muon.coefficients import resolve_schedule
+from muon.newton_schulz import orthogonalize
+
+# Measured: the torch backend sits at 0.8–1.2× torch's own error (same GEMMs, fp32 normalization).
+# A factor 2 leaves room for a kernel's different summation order, and fails on a wrong step.
+NS_ERROR_FACTOR = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 2.0}
+NS_ERROR_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 2e-4, torch.float32: 1e-6}
+
+
+def ns_float64(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7) -> torch.Tensor:
+    schedule = resolve_schedule(coefficients, steps, eps)
+    return orthogonalize(G.double(), schedule, dtype=torch.float64, backend="torch")
+
+
+def torch_ns(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7, dtype=torch.bfloat16) -> torch.Tensor:
+    """torch's own NS at `dtype`: torch.optim.Muon's function for bf16 and a single (a, b, c);
+    otherwise the same plain loop (normalize in `dtype`, three GEMMs) for each matrix."""
+    schedule = resolve_schedule(coefficients, steps, eps)
+    single = len(set(schedule.coefficients)) <= 1 and schedule.fro_scale == 1.0
+    out = []
+    for M in G.reshape(-1, *G.shape[-2:]):
+        if dtype == torch.bfloat16 and single and schedule.steps > 0:
+            out.append(_zeropower_via_newtonschulz(M, schedule.coefficients[0], schedule.steps, eps).double())
+            continue
+        X = M.to(dtype)
+        if M.shape[0] > M.shape[1]:
+            X = X.T
+        X = X / (X.norm() * schedule.fro_scale + schedule.eps)
+        for a, b, c in schedule.coefficients:
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        out.append((X.T if M.shape[0] > M.shape[1] else X).double())
+    return torch.stack(out).reshape(G.shape)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_ns_close(out, G, dtype, coefficients="keller", steps=5, eps=1e-7, factor=None):
+    """out (a backend's NS of G at `dtype`) is within the tolerance rule of the float64 reference."""
+    ref = ns_float64(G, coefficients, steps, eps)
+    ours = rel_err(out, ref)
+    theirs = rel_err(torch_ns(G, coefficients, steps, eps, dtype), ref)
+    k = NS_ERROR_FACTOR[dtype] if factor is None else factor
+    bound = k * theirs + NS_ERROR_FLOOR[dtype]
+    assert ours <= bound, f"NS error {ours:.3e} > {k} × torch's {theirs:.3e} + floor ({dtype}, {tuple(G.shape)})"
+    return ours, theirs
