@@ -156,13 +156,14 @@ def run(args: argparse.Namespace) -> int:
                 continue
             candidates.append((provider, args.coefficients,
                                lambda name=name, G=G: orthogonalize(G, schedule, dtype=dtype, backend=name), ref))
+        Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
         for peer in peer_names:
             try:
-                fn = peers.load(peer, X, dtype)
+                fn = peers.load(peer, Xp, dtype)
             except peers.PeerUnavailable as exc:
                 results.add("newton_schulz", peer, shape, dtype_name(dtype), kind=kind, status=f"skipped: {exc}")
                 continue
-            candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, X=X: fn(X, args.steps), ref_x))
+            candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x))
 
         for provider, coefficients, fn, expected in candidates:
             try:
