@@ -89,7 +89,7 @@ template <typename W>
 __device__ __forceinline__ W safe_amax(W amax) { return amax > (W)0 ? amax : (W)1; }
 
 template <typename T>
-__global__ void __launch_bounds__(NORM_THREADS) norm_amax_kernel(NormParams p) {
+__device__ __forceinline__ void norm_amax_body(const NormParams& p) {
     typedef typename Work<T>::type W;
     __shared__ W scratch[NORM_THREADS / 32];
     const i64 b = blockIdx.x / p.parts, part = blockIdx.x % p.parts, total = p.m * p.n;
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(NORM_THREADS) norm_amax_kernel(NormParams p) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(NORM_THREADS) norm_sumsq_kernel(NormParams p) {
+__device__ __forceinline__ void norm_sumsq_body(const NormParams& p) {
     typedef typename Work<T>::type W;
     __shared__ W scratch[NORM_THREADS / 32];
     const i64 b = blockIdx.x / p.parts, part = blockIdx.x % p.parts, total = p.m * p.n;
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(NORM_THREADS) norm_sumsq_kernel(NormParams p) 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(NORM_THREADS) norm_apply_kernel(NormParams p) {
+__device__ __forceinline__ void norm_apply_body(const NormParams& p) {
     typedef typename Work<T>::type W;
     const i64 b = blockIdx.x / p.parts, part = blockIdx.x % p.parts, total = p.m * p.n;
     const T* in = (const T*)p.in + b * p.in_bs;
@@ -139,6 +139,13 @@ __global__ void __launch_bounds__(NORM_THREADS) norm_apply_kernel(NormParams p) 
         out[i * p.out_rs + j * p.out_cs] = float_to_bf16((float)x);
     }
 }
+
+template <typename T>
+__global__ void __launch_bounds__(NORM_THREADS) norm_amax_kernel(NormParams p) { norm_amax_body<T>(p); }
+template <typename T>
+__global__ void __launch_bounds__(NORM_THREADS) norm_sumsq_kernel(NormParams p) { norm_sumsq_body<T>(p); }
+template <typename T>
+__global__ void __launch_bounds__(NORM_THREADS) norm_apply_kernel(NormParams p) { norm_apply_body<T>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // GEMM epilogues. Every NS GEMM ends in out = alpha * acc + beta * C with C an input of the same

@@ -159,7 +159,7 @@ struct SyrkParams {
     Epilogue e;
 };
 
-__global__ void __launch_bounds__(THREADS) syrk_kernel(SyrkParams p) {
+__device__ __forceinline__ void syrk_body(const SyrkParams& p) {
     extern __shared__ __align__(128) u16 smem[];
     const i64 b = blockIdx.x / p.tiles;
     i64 ti, tj;
@@ -184,7 +184,7 @@ struct GemmParams {
     Epilogue e;
 };
 
-__global__ void __launch_bounds__(THREADS) gemm_kernel(GemmParams p) {
+__device__ __forceinline__ void gemm_body(const GemmParams& p) {
     extern __shared__ __align__(128) u16 smem[];
     const i64 b = blockIdx.x / p.tiles, t = blockIdx.x % p.tiles;
     const int m0 = (int)(t / p.tiles_n) * BM, n0 = (int)(t % p.tiles_n) * BN;
@@ -194,6 +194,9 @@ __global__ void __launch_bounds__(THREADS) gemm_kernel(GemmParams p) {
     stage_acc(acc, (float*)smem, p.e.alpha);
     store_staged<BM, BN>((float*)smem, p.e, b, m0, n0, p.M, p.N, false, threadIdx.x, THREADS);
 }
+
+__global__ void __launch_bounds__(THREADS) syrk_kernel(SyrkParams p) { syrk_body(p); }
+__global__ void __launch_bounds__(THREADS) gemm_kernel(GemmParams p) { gemm_body(p); }
 
 }  // namespace sm80
 }  // namespace muon
