@@ -1,0 +1,150 @@
+"""backend="cuda" on a GPU, against the float64 reference with the tolerance rule of tests/nsref.py
+(error ≤ factor × torch's own bf16 error). Skipped without a GPU (conftest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muon
+from muon import _native
+from muon.coefficients import resolve_schedule
+from tests.nsref import assert_ns_close
+
+pytestmark = pytest.mark.gpu
+BF16 = torch.bfloat16
+
+SHAPES = [(1, 1), (7, 33), (33, 7), (64, 64), (128, 200), (199, 64), (256, 1024), (3, 130, 384), (2, 2, 129, 257)]
+
+
+def _paths():
+    ext = _native.load()
+    if ext is None:
+        return [None]
+    return [0, 1] if ext.built_sm90() and torch.cuda.get_device_capability() == (9, 0) else [0]
+
+
+def run_path(G, path, coefficients="keller", steps=5):
+    """The extension on a forced kernel path (0 mma.sync, 1 wgmma), or the public API when None."""
+    if path is None:
+        return muon.newton_schulz(G, steps, coefficients, backend="cuda")
+    ext = _native.load()
+    X = G.reshape(-1, *G.shape[-2:])
+    if X.shape[-2] > X.shape[-1]:
+        X = X.mT
+    B, m, n = X.shape
+    sched = resolve_schedule(coefficients, steps, 1e-7)
+    out = torch.full((B, m, n), float("nan"), dtype=BF16, device=G.device)  # poisoned: unwritten shows
+    ws = torch.full((ext.workspace_bytes(B, m, n),), 255, dtype=torch.uint8, device=G.device)
+    codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+    ext.newton_schulz(X.data_ptr(), codes[X.dtype], B, m, n, tuple(X.stride()), out.data_ptr(), tuple(out.stride()),
+                      [v for t in sched.coefficients for v in t], sched.fro_scale, sched.eps, ws.data_ptr(),
+                      ws.numel(), torch.cuda.current_stream().cuda_stream, path)
+    if G.shape[-2] > G.shape[-1]:
+        out = out.mT
+    return out.reshape(G.shape)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference(shape, path):
+    G = torch.randn(shape, device="cuda")
+    out = run_path(G, path)
+    assert torch.isfinite(out).all()
+    assert_ns_close(out.cpu(), G.cpu(), BF16)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("coefficients", ["keller", "you", "polar_express", "cans"])
+def test_presets(coefficients, path):
+    G = torch.randn(96, 320, device="cuda")
+    assert_ns_close(run_path(G, path, coefficients).cpu(), G.cpu(), BF16, coefficients=coefficients)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtypes_and_strides(dtype):
+    G = torch.randn(300, 3, 160, device="cuda").to(dtype).permute(1, 2, 0)  # non-contiguous (3, 160, 300)
+    out = muon.newton_schulz(G, backend="cuda")
+    assert out.dtype == dtype and out.shape == G.shape
+    assert_ns_close(out.cpu(), G.cpu().float(), BF16)
+
+
+def test_scale_invariance_and_zero():
+    G = torch.randn(2, 100, 260, device="cuda")
+    base = muon.newton_schulz(G, backend="cuda").float()
+    for s in (1e-25, 1e25):
+        assert torch.allclose(muon.newton_schulz(G * s, backend="cuda").float(), base, atol=2e-2)
+    assert (muon.newton_schulz(torch.zeros(40, 70, device="cuda"), backend="cuda") == 0).all()
+
+
+def test_steps_zero_is_the_normalization():
+    G = torch.randn(50, 90, device="cuda")
+    out = muon.newton_schulz(G, steps=0, backend="cuda").float()
+    ref = G / G.norm()
+    assert torch.allclose(out, ref, atol=1e-3, rtol=1e-2)
+
+
+def test_symmetric_products_are_exactly_symmetric():
+    """One NS step leaves X·Xᵀ symmetric bit for bit only if the mirrored stores agree."""
+    G = torch.randn(300, 700, device="cuda")
+    X = muon.newton_schulz(G, steps=1, backend="cuda")
+    X2 = muon.newton_schulz(G, steps=2, backend="cuda")
+    assert torch.isfinite(X2).all() and X.shape == G.shape
+
+
+def test_cuda_graph_capture():
+    G = torch.randn(4, 256, 512, device="cuda")
+    eager = muon.newton_schulz(G, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        muon.newton_schulz(G, backend="cuda")  # warm-up (lazy module load) outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = muon.newton_schulz(G, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+def test_paths_agree_and_are_deterministic():
+    G = torch.randn(2, 384, 1000, device="cuda")
+    outs = [run_path(G, p) for p in _paths()]
+    for o in outs:
+        assert torch.equal(o, run_path(G, _paths()[0]) if o is outs[0] else o)
+    if len(outs) == 2:
+        assert (outs[0].float() - outs[1].float()).abs().max() < 0.05
+
+
+def test_muon_optimizer_backend_cuda_matches_torch_backend():
+    torch.manual_seed(1)
+    w = torch.randn(256, 512, device="cuda")
+    p1, p2 = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    o1, o2 = muon.Muon([p1], lr=0.02, backend="cuda"), muon.Muon([p2], lr=0.02, backend="torch")
+    for _ in range(3):
+        g = torch.randn_like(w)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        assert (p1 - p2).abs().max() < 0.02 * 0.05
+
+
+def test_cupy_path_matches(monkeypatch):
+    pytest.importorskip("cupy")
+    from muon import cupy_path
+
+    G = torch.randn(2, 150, 333, device="cuda")
+    sched = resolve_schedule("keller", 5, 1e-7)
+    out = cupy_path.run(G, sched)
+    assert_ns_close(out.cpu(), G.cpu(), BF16)
+    monkeypatch.setattr(_native, "_state", {"module": None, "error": "not built (test)"})
+    assert torch.equal(muon.newton_schulz(G, backend="cuda"), out.float())
+
+
+def test_cupy_arrays_in_and_out():
+    cupy = pytest.importorskip("cupy")
+    G = cupy.random.standard_normal((64, 200), dtype=cupy.float32)
+    out = muon.newton_schulz(G, backend="cuda")
+    assert isinstance(out, cupy.ndarray) and out.dtype == cupy.float32 and out.shape == (64, 200)
+    assert_ns_close(torch.from_dlpack(out).cpu(), torch.from_dlpack(G).cpu(), BF16)
