@@ -26,7 +26,8 @@ def load() -> ModuleType | None:
                 "MUON_SKIP_CUDA_BUILD=1 was set); reinstall with the CUDA toolkit on PATH "
                 "(pip install --no-build-isolation --force-reinstall muon) or pip install 'muon[cupy]'"
                 if missing
-                else f"muon's CUDA extension muon._C failed to load ({exc}); rebuild it (pip install --force-reinstall muon)"
+                else f"muon's CUDA extension muon._C failed to load ({exc}); "
+                "rebuild it (pip install --force-reinstall muon)"
             )
     return _state["module"]  # type: ignore[return-value]
 

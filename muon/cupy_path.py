@@ -47,7 +47,7 @@ def unavailable_reason(X: Tensor) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device_index: int):
     import cupy
 

@@ -49,7 +49,8 @@ def test_extension_reports_its_build():
 
 
 def test_import_does_not_initialize_cuda():
-    code = "import torch, muon, muon._native as n; n.load(); import muon.backends.cuda_backend; print(torch.cuda.is_initialized())"
+    code = ("import torch, muon, muon._native as n; n.load(); import muon.backends.cuda_backend; "
+            "print(torch.cuda.is_initialized())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.stdout.strip() == "False"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nsref import assert_ns_close
 
 import muon
 from muon import _native
 from muon.coefficients import resolve_schedule
-from nsref import assert_ns_close
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
@@ -85,12 +85,31 @@ def test_steps_zero_is_the_normalization():
     assert torch.allclose(out, ref, atol=1e-3, rtol=1e-2)
 
 
-def test_symmetric_products_are_exactly_symmetric():
-    """One NS step leaves X·Xᵀ symmetric bit for bit only if the mirrored stores agree."""
-    G = torch.randn(300, 700, device="cuda")
-    X = muon.newton_schulz(G, steps=1, backend="cuda")
-    X2 = muon.newton_schulz(G, steps=2, backend="cuda")
-    assert torch.isfinite(X2).all() and X.shape == G.shape
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
+def test_gram_in_workspace_is_exactly_symmetric(path, monkeypatch):
+    """The mirrored stores leave A = X·Xᵀ and B = bA + cA² symmetric bit for bit (workspace layout of
+    csrc/ns_driver.cu: X0, X1, A, B, each 256-B aligned, rows padded to multiples of 8)."""
+    m, n = 300, 700
+    G = torch.randn(1, m, n, device="cuda")
+    captured = {}
+    real_full = torch.full
+
+    def spy_full(size, fill, **kw):
+        t = real_full(size, fill, **kw)
+        if kw.get("dtype") == torch.uint8:
+            captured["ws"] = t
+        return t
+
+    monkeypatch.setattr(torch, "full", spy_full)
+    run_path(G, path, steps=1)
+    torch.cuda.synchronize()
+    ws = captured["ws"]
+    align = lambda b: (b + 255) // 256 * 256  # noqa: E731
+    ldn, ldm = (n + 7) // 8 * 8, (m + 7) // 8 * 8
+    a_off = 2 * align(m * ldn * 2)
+    for off in (a_off, a_off + align(m * ldm * 2)):
+        M = ws[off: off + m * ldm * 2].view(torch.bfloat16).view(m, ldm)[:, :m]
+        assert torch.isfinite(M).all() and torch.equal(M, M.T)
 
 
 def test_cuda_graph_capture():
