@@ -1,8 +1,93 @@
-"""Build script: installs muon/ and kernels/ (as muon.kernels); the CUDA extension joins in csrc/'s issue."""
+"""Build script: installs muon/ and kernels/ (as muon.kernels), and builds the CUDA extension muon._C.
 
-from setuptools import setup
+The extension is built through CMakeLists.txt when nvcc is found (PATH, $CUDACXX, $CUDA_HOME/bin or
+/usr/local/cuda/bin). Without nvcc, or with MUON_SKIP_CUDA_BUILD=1, muon installs without it and says
+so; backend="cuda" then explains what is missing (or runs through CuPy, if installed).
+Environment: MUON_CUDA_ARCHS (default "80;90a"), MUON_BUILD_JOBS (parallel compile jobs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+# Device sources the CuPy path compiles with NVRTC: shipped inside the package as muon/_csrc.
+RTC_SOURCES = ("ns_index.h", "ns_device.cuh", "ns_sm80.cuh", "ns_rtc.cu")
+
+
+def find_nvcc() -> str | None:
+    candidates = [os.environ.get("CUDACXX"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "nvcc"))
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class BuildExt(build_ext):
+    def run(self) -> None:
+        if os.environ.get("MUON_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+            print("muon: MUON_SKIP_CUDA_BUILD is set; installing without the CUDA extension muon._C")
+            return
+        nvcc = find_nvcc()
+        if nvcc is None:
+            print(
+                "muon: nvcc not found (PATH, CUDACXX, CUDA_HOME); installing without the CUDA extension "
+                "muon._C. backend='cuda' will need CuPy (pip install 'muon[cupy]') or a rebuild with nvcc."
+            )
+            return
+        if shutil.which("cmake") is None:
+            print("muon: cmake not found; installing without the CUDA extension muon._C (pip install cmake)")
+            return
+        self.nvcc = nvcc
+        super().run()
+
+    def build_extension(self, ext: Extension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("MUON_CUDA_ARCHS", "80;90a")
+        import pybind11
+
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_COMPILER={self.nvcc}",
+            f"-DMUON_CUDA_ARCHS={archs}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+        ]
+        jobs = os.environ.get("MUON_BUILD_JOBS", str(os.cpu_count() or 1))
+        print(f"muon: building the CUDA extension for archs {archs} with {self.nvcc}")
+        subprocess.check_call(configure)
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+
+
+class BuildPy(build_py):
+    def run(self) -> None:
+        super().run()
+        dest = Path(self.build_lib) / "muon" / "_csrc"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in RTC_SOURCES:
+            shutil.copy2(ROOT / "csrc" / name, dest / name)
+
 
 setup(
     packages=["muon", "muon.backends", "muon.kernels"],
     package_dir={"muon": "muon", "muon.kernels": "kernels"},
+    ext_modules=[CMakeExtension("muon._C")],
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

@@ -36,7 +36,13 @@ def newton_schulz(
 
     Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
     matrix maps to zero. Tall inputs are transposed so the work runs on the small side.
+    A CuPy array is accepted too (zero-copy through DLPack) and a CuPy array is returned.
     """
+    if type(G).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        result = newton_schulz(torch.from_dlpack(G), steps, coefficients, eps, dtype=dtype, backend=backend)
+        return cupy.from_dlpack(result)
     check_input(G)
     schedule = resolve_schedule(coefficients, steps, eps)
     return orthogonalize(G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype)
