@@ -181,11 +181,6 @@ def _mesh_group(t):
     return t.device_mesh.get_group()
 
 
-def _mesh_groups(t) -> list:
-    mesh = t.device_mesh
-    return [mesh.get_group(d) for d in range(mesh.ndim)]
-
-
 # ---------------------------------------------------------------------------------- finite flags
 def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
     """Per gradient: a 0-dim bool tensor, True when it is finite on every rank (None: 0 elements).
@@ -199,18 +194,15 @@ def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
     norms = torch._foreach_norm([t for _, t in nonempty], float("inf")) if nonempty else []
     for (i, _), norm in zip(nonempty, norms):
         flags[i] = norm.isfinite()
-    by_mesh: dict[int, list[int]] = {}
-    meshes = {}
+    by_mesh: dict = {}  # DeviceMesh -> members; fully_shard builds equal meshes per module
     for i, t in locals_:
         if flags[i] is None:  # an empty local shard of a non-empty parameter
             flags[i] = torch.ones((), dtype=torch.bool, device=t.device)
         if is_dtensor(grads[i]):
-            key = id(grads[i].device_mesh)
-            meshes[key] = grads[i]
-            by_mesh.setdefault(key, []).append(i)
-    for key, members in by_mesh.items():
+            by_mesh.setdefault(grads[i].device_mesh, []).append(i)
+    for mesh, members in by_mesh.items():
         agreed = torch.stack([flags[i] for i in members]).to(torch.int32)
-        for group in _mesh_groups(meshes[key]):
+        for group in [mesh.get_group(d) for d in range(mesh.ndim)]:
             world = dist.get_world_size(group)
             nbytes = 2 * (world - 1) / world * agreed.numel() * agreed.element_size()
             _collective(
@@ -405,9 +397,9 @@ def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, m
             local.append(i)  # Shard(0) splits the stack of matrices: whole matrices on each rank
         else:
             rows_sharded.append(i)
-    meshes: dict[int, list[int]] = {}
-    for i in rows_sharded + local:
-        meshes.setdefault(id(updates[i].device_mesh), []).append(i)
+    meshes: dict = {}  # DeviceMesh -> members: one plan for all modules fully_shard put on equal meshes
+    for i in sorted(rows_sharded + local):
+        meshes.setdefault(updates[i].device_mesh, []).append(i)
     for members in meshes.values():
         _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten, matrix_shape)
     for i in generic:
@@ -532,8 +524,12 @@ class CommBytes:
     world_size: int
     sharding: str
     gradient_sync: int
-    muon_optimizer: int
+    muon_optimizer_per_rank: tuple[int, ...]
     adamw_optimizer: int = 0
+
+    @property
+    def muon_optimizer(self) -> int:
+        return max(self.muon_optimizer_per_rank)
 
     @property
     def muon_total(self) -> int:
@@ -586,7 +582,7 @@ def comm_bytes_per_step(
     pb, gb, nb = _dtype_bytes(param_dtype), _dtype_bytes(grad_dtype), _dtype_bytes(ns_dtype)
     total = sum(math.prod(s) for s in muon_shapes + adamw_shapes)
     if W == 1:
-        return CommBytes(W, sharding, 0, 0)
+        return CommBytes(W, sharding, 0, (0,))
 
     if sharding == "replicated":
         grad_sync = 2 * (W - 1) / W * total * gb
@@ -596,7 +592,7 @@ def comm_bytes_per_step(
             entries.append(((m, n), batch, m, n))
         plan = _plan_replicated(entries, W, ns_steps)
         muon = (W - 1) * max(plan.lengths) * nb if entries else 0
-        return CommBytes(W, sharding, int(grad_sync), int(muon))
+        return CommBytes(W, sharding, int(grad_sync), (int(muon),) * W)
 
     gathers = 2 if reshard_after_forward else 1
     grad_sync = (W - 1) / W * total * (gathers * pb + gb)
@@ -619,7 +615,35 @@ def comm_bytes_per_step(
                 if r != owner:
                     sent[r] += spans[r][1] * n * gb  # gather: my rows of j to its owner
                     sent[owner] += spans[r][1] * n * nb  # scatter: the owner returns r's rows
-    flags = sum(1 for shapes in (muon_shapes, adamw_shapes) if shapes)
-    flag_bytes = [2 * (W - 1) / W * len(shapes) * 4 for shapes in (muon_shapes, adamw_shapes) if shapes]
-    assert len(flag_bytes) == flags
-    return CommBytes(W, sharding, int(grad_sync), int(max(sent) + sum(int(b) for b in flag_bytes)))
+    # one all-reduce of int32 non-finite flags per group (as counted: rounded per collective)
+    flags = sum(int(2 * (W - 1) / W * len(shapes) * 4) for shapes in (muon_shapes, adamw_shapes) if shapes)
+    return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
+
+
+# --------------------------------------------------------------------------------- checkpointing
+def encode_state_dict_dtypes(optimizer, state_dict: dict) -> dict:
+    """Optimizer.state_dict post-hook: torch.dtype group values (ns_dtype) as strings.
+
+    torch.distributed.checkpoint's full-state-dict gather (get_optimizer_state_dict with
+    full_state_dict=True) accepts only tensors, numbers, strings, lists and dicts.
+    """
+    for group in state_dict["param_groups"]:
+        for key, value in group.items():
+            if isinstance(value, torch.dtype):
+                group[key] = str(value)
+    return state_dict
+
+
+def decode_state_dict_dtypes(optimizer, state_dict: dict) -> dict:
+    """Optimizer.load_state_dict pre-hook: the inverse of `encode_state_dict_dtypes`."""
+    groups = []
+    for group in state_dict["param_groups"]:
+        group = dict(group)
+        value = group.get("ns_dtype")
+        if isinstance(value, str) and value.startswith("torch."):
+            dtype = getattr(torch, value[len("torch.") :], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"state_dict param_groups has ns_dtype={value!r}, not a torch dtype")
+            group["ns_dtype"] = dtype
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}

@@ -156,6 +156,9 @@ class Muon(Optimizer):
             ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
+        # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
+        self.register_state_dict_post_hook(distributed.encode_state_dict_dtypes)
+        self.register_load_state_dict_pre_hook(distributed.decode_state_dict_dtypes)
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
