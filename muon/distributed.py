@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,10 +48,8 @@ from .coefficients import Schedule
 
 try:  # torch.distributed is optional in some builds (and absent on some platforms)
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - exercised only on builds without distributed
     dist = None
-    DTensor = None
 
 __all__ = [
     "CommBytes",
@@ -70,8 +69,8 @@ def ns_flops(m: int, n: int, steps: int) -> int:
 
     Per step X·Xᵀ (2s²l), A·A (2s³) and B·X (2s²l), multiply and add counted as 2.
     """
-    s, l = min(m, n), max(m, n)
-    return steps * (4 * s * s * l + 2 * s**3)
+    short, long = min(m, n), max(m, n)
+    return steps * (4 * short * short * long + 2 * short**3)
 
 
 # ------------------------------------------------------------------------------ byte accounting
@@ -159,11 +158,16 @@ def replicated_group(process_group):
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No DTensor exists before torch.distributed.tensor is imported: `import muon` stays light
+    # (importing it costs ~0.5 s) and only FSDP2/DTensor users pay for it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _row_sharded(t) -> bool:
     """A DTensor on a 1-D mesh sharded on dim 0: the layout FSDP2's fully_shard gives by default."""
+    from torch.distributed.tensor import Shard
+
     return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
 
 
@@ -192,7 +196,7 @@ def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
     locals_ = [(i, g.to_local() if is_dtensor(g) else g) for i, g in enumerate(grads) if g.numel() > 0]
     nonempty = [(i, t) for i, t in locals_ if t.numel() > 0]
     norms = torch._foreach_norm([t for _, t in nonempty], float("inf")) if nonempty else []
-    for (i, _), norm in zip(nonempty, norms):
+    for (i, _), norm in zip(nonempty, norms, strict=True):
         flags[i] = norm.isfinite()
     by_mesh: dict = {}  # DeviceMesh -> members; fully_shard builds equal meshes per module
     for i, t in locals_:
@@ -209,9 +213,9 @@ def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
                 "all_reduce of the non-finite gradient flags",
                 group,
                 nbytes,
-                lambda: dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group),
+                lambda agreed=agreed, group=group: dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group),
             )
-        for i, flag in zip(members, agreed.bool().unbind()):
+        for i, flag in zip(members, agreed.bool().unbind(), strict=True):
             flags[i] = flag
     return flags
 
@@ -362,7 +366,7 @@ def _replicated_step(updates, params, indices, out, ns, steps, flatten, matrix_s
     width = max(plan.lengths)  # all-gather chunks must have equal sizes: pad to the busiest rank
     send = torch.zeros(width, dtype=dtype, device=device)
     offset = 0
-    for (m, n, _, _), share in plan.work[rank]:
+    for _, share in plan.work[rank]:
         result = ns(torch.stack([stacks[i][b] for i, b in share]))
         send[offset : offset + result.numel()].copy_(result.reshape(-1))
         offset += result.numel()
@@ -380,13 +384,15 @@ def _replicated_step(updates, params, indices, out, ns, steps, flatten, matrix_s
         for (m, n, _, _), share in plan.work[r]:
             block = gathered[offset : offset + len(share) * m * n].view(len(share), m, n)
             offset += len(share) * m * n
-            for (i, b), piece in zip(share, block.unbind()):
+            for (i, b), piece in zip(share, block.unbind(), strict=True):
                 pieces[i][b] = piece
     for i in indices:
         out[i] = torch.stack(pieces[i])
 
 
 def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, matrix_shape) -> None:
+    from torch.distributed.tensor import DTensor, Replicate
+
     rows_sharded, local, generic = [], [], []
     for i in indices:
         U = updates[i]
@@ -411,6 +417,8 @@ def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, m
 
 
 def _as_dtensor(local: Tensor, like) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     )
@@ -435,7 +443,7 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
 
     # 1. issue every bucket's gather before the first NS: communication overlaps earlier NS work
     gathers = []
-    for (m, n, dtype), bucket in plan.buckets:
+    for (m, n, _), bucket in plan.buckets:
         spans = _chunk_rows(m, world)
         rows_me = spans[rank][1]
         owned = [j for j in bucket if plan.owner[j] == rank]
@@ -459,11 +467,11 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
                 recv, send, rs, ss, group=pg, async_op=True
             ),
         )
-        gathers.append((work, recv, recv_splits, owned, to, spans, m, n))
+        gathers.append((work, recv, recv_splits, owned, to, spans, n))
 
     # 2. per bucket: wait for its gather, orthogonalize the owned matrices, scatter the rows back
     scatters = []
-    for work, recv, recv_splits, owned, to, spans, m, n in gathers:
+    for work, recv, recv_splits, owned, to, spans, n in gathers:
         work.wait()
         blocks, offset = [], 0
         for s in range(world):
@@ -505,7 +513,7 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
         for s in range(world):
             block = back[offset : offset + back_splits[s]].view(len(to[s]), rows_me, n)
             offset += back_splits[s]
-            for j, rows in zip(to[s], block.unbind()):
+            for j, rows in zip(to[s], block.unbind(), strict=True):
                 i = positions[j]
                 U = updates[i]
                 out[i] = _as_dtensor(rows.view(U.to_local().shape), U)

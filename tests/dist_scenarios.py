@@ -122,7 +122,7 @@ def reference_run(make, width, out, world, steps=STEPS, flops=False, **kw):
     opt = make_optimizer(model, process_group=solo[dist.get_rank()], **kw)
     step_flops = None
     for step in range(steps):
-        xs, ys = zip(*(batch(step, r, width, out) for r in range(world)))
+        xs, ys = zip(*(batch(step, r, width, out) for r in range(world)), strict=True)
         loss_fn(model, torch.cat(xs), torch.cat(ys)).backward()
         if flops and step == 0:
             with FlopCounterMode(display=False) as counter:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 
+import dist_scenarios
 import pytest
 import torch
 import torch.distributed as dist
 
-import dist_scenarios
 from muon import distributed as mdist
 
 pytestmark = pytest.mark.skipif(
@@ -64,7 +64,7 @@ def test_assignment_balances_flops():
     costs = [mdist.ns_flops(m, n, 5) for m, n in [(64, 64), (64, 64), (32, 64), (16, 16), (64, 256), (8, 8)]]
     for world in (1, 2, 3, 8):
         owner = mdist._assign(costs, world)
-        load = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(world)]
+        load = [sum(c for c, o in zip(costs, owner, strict=True) if o == r) for r in range(world)]
         # greedy LPT: the busiest rank exceeds the ideal share by at most the largest job
         assert max(load) <= sum(costs) / world + max(costs)
         assert sum(load) == sum(costs)
