@@ -206,14 +206,21 @@ def train(model, opt, width, out, steps, start=0, flops=False):
     return step_flops
 
 
-def shard(model):
+def shard(model, placement=None):
     from torch.distributed.fsdp import fully_shard
 
     for module in model.children():
         if any(True for _ in module.parameters()):
-            fully_shard(module)
-    fully_shard(model)  # the root holds the expert stack
+            fully_shard(module, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)  # the root holds the expert stack
     return model
+
+
+def shard_columns(p):
+    """FSDP2 sharding of 2-D weights on dim 1: not the Shard(0) layout the owner plan needs."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1) if p.ndim == 2 else None
 
 
 def build(make, kind):
@@ -224,7 +231,7 @@ def build(make, kind):
     if kind == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
-        model = shard(model)
+        model = shard(model, shard_columns if kind == "fsdp_dim1" else None)
     return model, init
 
 
@@ -255,12 +262,16 @@ def scenario_matches_single(kind):
 
 
 def scenario_more_ranks_than_matrices(kind):
+    """One Muon matrix for two ranks (Tiny); with kind "fsdp_dim1", Net sharded on dim 1 (the
+    gather-everywhere fallback for layouts other than FSDP2's default Shard(0))."""
+    make, width, out = (Net, 16, 20) if kind == "fsdp_dim1" else (Tiny, 6, 1)
+
     def run():
         world = dist.get_world_size()
-        ref, _ = reference_run(Tiny, 6, 1, world, ns_dtype=torch.float64)
-        model, init = build(Tiny, kind)
+        ref, _ = reference_run(make, width, out, world, ns_dtype=torch.float64)
+        model, init = build(make, kind)
         opt = make_optimizer(model, ns_dtype=torch.float64)
-        train(model, opt, 6, 1, STEPS)
+        train(model, opt, width, out, STEPS)
         assert_matches(model, ref, init, kind)
         if kind == "ddp":
             assert_ranks_identical(model, kind)
@@ -410,6 +421,7 @@ SCENARIOS = {
     "fsdp_matches_single": scenario_matches_single("fsdp"),
     "ddp_more_ranks_than_matrices": scenario_more_ranks_than_matrices("ddp"),
     "fsdp_more_ranks_than_matrices": scenario_more_ranks_than_matrices("fsdp"),
+    "fsdp_dim1_matches_single": scenario_more_ranks_than_matrices("fsdp_dim1"),
     "ddp_comm_bytes": scenario_comm_bytes("ddp"),
     "fsdp_comm_bytes": scenario_comm_bytes("fsdp"),
     "fsdp_nonfinite_agreed": scenario_nonfinite_fsdp,
