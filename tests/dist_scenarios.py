@@ -454,7 +454,8 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     _init(rank, world, port, timeout_s=3)
     model, _ = build(Net, "ddp")
     opt = make_optimizer(model)
-    x, y = batch(0, rank, 16, 20)
+    train(model, opt, 16, 20, 1)  # one good step: the failure hits the step's own collectives
+    x, y = batch(1, rank, 16, 20)
     start = time.monotonic()
     try:
         loss_fn(model, x, y).backward()
