@@ -357,7 +357,8 @@ def _replicated_step(updates, params, indices, out, ns, steps, flatten, matrix_s
     for i in indices:
         U = updates[i]
         batch, m, n = matrix_shape(params[i].shape, flatten)
-        entries[i] = ((m, n, U.dtype, U.device), batch, m, n)
+        # device type, not index: every rank of a DDP job has its own cuda:<rank>
+        entries[i] = ((m, n, U.dtype, U.device.type), batch, m, n)
     _check_same_plan(tuple(e[:3] if e else None for e in entries), pg)
     plan = _plan_replicated(entries, world, steps)
     stacks = {i: updates[i].reshape(entries[i][1:]) for i in indices}
@@ -412,7 +413,7 @@ def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, m
         U = updates[i]
         full = ns(U.full_tensor().reshape(matrix_shape(params[i].shape, flatten)))
         mesh = U.device_mesh
-        replicated = DTensor.from_local(full.view(U.shape), mesh, [Replicate()] * mesh.ndim, run_check=False)
+        replicated = DTensor.from_local(full.reshape(U.shape), mesh, [Replicate()] * mesh.ndim, run_check=False)
         out[i] = replicated.redistribute(mesh, U.placements)
 
 
@@ -504,7 +505,7 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
             batch, m, n = matrix_shape(params[i].shape, flatten)
             local = U.to_local()
             result = ns(local.reshape(-1, m, n))
-            out[i] = _as_dtensor(result.view(local.shape), U)
+            out[i] = _as_dtensor(result.reshape(local.shape), U)
 
     # 3. unpack the scattered rows into DTensors laid out like the parameters
     for work, back, back_splits, to, rows_me, n in scatters:

@@ -467,6 +467,8 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
         message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"message": message, "seconds": time.monotonic() - start}, f)
-    if rank == 1:
-        time.sleep(6)  # stay alive past rank 0's timeout: only the timeout can end its wait
+    if rank == 1:  # stay alive until rank 0 gave up: only the collective timeout can end its wait
+        end = time.monotonic() + 20
+        while not os.path.exists(os.path.join(outdir, "rank0.json")) and time.monotonic() < end:
+            time.sleep(0.1)
     os._exit(1)  # a failed rank: no orderly shutdown of the process group
