@@ -37,6 +37,7 @@ def newton_schulz(
     Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
     matrix maps to zero. Tall inputs are transposed so the work runs on the small side.
     """
+    check_input(G)
     schedule = resolve_schedule(coefficients, steps, eps)
     return orthogonalize(G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype)
 
@@ -49,7 +50,9 @@ def check_input(G: Tensor, name: str = "G") -> None:
     if not G.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {G.dtype}")
     if G.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dims (a matrix or a batch of matrices), got shape {tuple(G.shape)}")
+        raise ValueError(
+            f"{name} must have at least 2 dims (a matrix or a batch of matrices), got shape {tuple(G.shape)}"
+        )
 
 
 def orthogonalize(

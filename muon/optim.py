@@ -222,6 +222,15 @@ class Muon(Optimizer):
             if p.is_complex():
                 raise ValueError(f"param_groups[{index}]['params'][{i}] is complex; not supported")
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from muon.Muon or torch.optim.Muon (whose groups lack muon's keys)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            defaults = self.defaults if group.get("use_muon", True) else self._adamw_defaults
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("use_muon", True)
+
     # ------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -283,6 +292,7 @@ class Muon(Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            if "nonfinite_skips" not in state:  # absent from a torch.optim.Muon state dict
                 state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
             buf = state["momentum_buffer"]
             if ok is None:  # 0-size parameter: nothing to do
@@ -314,7 +324,8 @@ class Muon(Optimizer):
         if not group["batched"]:
             for i, (U, p) in enumerate(zip(updates, params)):
                 if U is not None:
-                    out[i] = orthogonalize(U.reshape(matrix_shape(p.shape, flatten)), schedule, dtype=dtype, backend=backend)
+                    matrices = U.reshape(matrix_shape(p.shape, flatten))
+                    out[i] = orthogonalize(matrices, schedule, dtype=dtype, backend=backend)
             return out
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (U, p) in enumerate(zip(updates, params)):
@@ -322,7 +333,8 @@ class Muon(Optimizer):
                 _, m, n = matrix_shape(p.shape, flatten)
                 buckets[(m, n, U.device, U.dtype)].append(i)
         for (m, n, _, _), members in buckets.items():
-            stack = torch.cat([updates[i].reshape(-1, m, n) for i in members]) if len(members) > 1 else updates[members[0]].reshape(-1, m, n)
+            pieces = [updates[i].reshape(-1, m, n) for i in members]
+            stack = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             result = orthogonalize(stack, schedule, dtype=dtype, backend=backend)
             sizes = [matrix_shape(params[i].shape, flatten)[0] for i in members]
             for i, piece in zip(members, result.split(sizes)):
@@ -340,6 +352,7 @@ class Muon(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "nonfinite_skips" not in state:  # absent from a torch.optim.AdamW state dict
                 state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
             if ok is None:
                 continue
@@ -352,10 +365,12 @@ class Muon(Optimizer):
             state["nonfinite_skips"].add_(~ok)
             exp_avg.lerp_(g, _masked(ok, 1 - beta1, 0.0, exp_avg.dtype))
             exp_avg_sq.mul_(_masked(ok, beta2, 1.0, exp_avg_sq.dtype)).addcmul_(g, g, value=1 - beta2)
-            t = step.clamp_min(1)  # never-stepped (all skipped) parameters: avoid 0/0 below
+            dtype = _opmath(p.dtype)
+            # Bias corrections in fp64 for fp64 parameters (torch computes them as Python floats);
+            # clamp: a parameter whose every step was skipped has t = 0 and must not divide 0 by 0.
+            t = step.to(dtype).clamp_min(1)
             bias_correction1 = 1 - beta1**t
             bias_correction2_sqrt = (1 - beta2**t).sqrt()
-            dtype = _opmath(p.dtype)
             step_size = _masked(ok, -lr / bias_correction1, 0.0, dtype)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None

@@ -1,0 +1,204 @@
+"""Shared benchmark plumbing: device and version facts, timing, result rows (CSV/JSON), output folders.
+
+Every result is a row keyed by op, provider, shape, dtype and device, with the software versions and
+the git commit of the run, so rows from different machines and commits can be concatenated.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device from --device (default: cuda when available, else cpu), with a clear error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """Short commit of the checkout, with "-dirty" for uncommitted changes; "unknown" outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import muon
+
+    out = {"muon": muon.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "none"
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def default_out(device: torch.device) -> Path:
+    return REPO / "bench" / "out" / slug(device_name(device).split("(")[0])
+
+
+def dtype_of(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
+    if name not in table:
+        raise SystemExit(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'1024x4096' -> (1, 1024, 4096); '12x768x3072' -> (12, 768, 3072)."""
+    try:
+        dims = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"shape {text!r}: expected MxN or BxMxN with integers") from None
+    if len(dims) == 2:
+        dims = (1, *dims)
+    if len(dims) != 3 or min(dims) < 1:
+        raise SystemExit(f"shape {text!r}: expected MxN or BxMxN with positive integers")
+    return dims  # type: ignore[return-value]
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: float = 100.0, graph: bool = False) -> float:
+    """Median time of fn() in milliseconds.
+
+    CUDA: triton.testing.do_bench (warm-up, L2 flush before every run, median); graph=True replays
+    a CUDA graph instead (do_bench_cudagraph), for kernels so short that launch overhead dominates.
+    CPU: warm-up, then the median of repeated wall-clock runs (at least 3, about rep_ms in all).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=max(1, int(rep_ms // 4)), rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (first-call allocations, lazy init)
+    start = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - start) * 1e3
+    reps = int(min(50, max(3, rep_ms / max(first, 1e-3))))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def tflops(flops: int, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------ results
+class Results:
+    """Rows of one run; `write` appends nothing, it (re)writes <stem>.csv and <stem>.json."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.meta = {
+            "device": device_name(device),
+            **{f"{k}_version": v for k, v in versions().items()},
+            "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.rows: list[dict] = []
+
+    def add(self, op: str, provider: str, shape: str, dtype: str, **values) -> dict:
+        row = {"op": op, "provider": provider, "shape": shape, "dtype": dtype, **values, **self.meta}
+        self.rows.append(row)
+        return row
+
+    def write(self, out: Path, stem: str) -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        json_path.write_text(json.dumps(self.rows, indent=1, default=str) + "\n")
+        return [csv_path, json_path]
+
+
+def progress(iterable, **kwargs):
+    """tqdm progress bar on stderr; silent when MUON_BENCH_QUIET is set (tests)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=bool(os.environ.get("MUON_BENCH_QUIET")) or None, **kwargs)
+
+
+def fmt_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table of the given columns."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

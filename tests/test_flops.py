@@ -1,0 +1,171 @@
+"""muon.flops: the NS FLOP formulas against hand counts and torch's own FLOP counter, Keller's bound,
+the presets against published parameter counts, and the exact whole-model counts against hand sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from muon import flops
+from muon.coefficients import resolve_schedule
+from muon.newton_schulz import orthogonalize
+
+
+def test_newton_schulz_flops_hand_counts():
+    # 2x3, one step: X·Xᵀ 2·2·2·3 = 24, A·A 2·2·2·2 = 16, B·X 2·2·2·3 = 24 -> 64.
+    assert flops.newton_schulz_flops(2, 3, steps=1) == 64
+    assert flops.newton_schulz_flops(3, 2, steps=1) == 64  # tall: transposed, same work
+    # 5x5, two steps: per step 4·125 + 2·125 = 750.
+    assert flops.newton_schulz_flops(5, 5, steps=2) == 1500
+    # symmetric 2x3: one triangle of X·Xᵀ (12 + ...) -> 3·4·3 + 8 = 44.
+    assert flops.newton_schulz_flops(2, 3, steps=1, symmetric=True) == 44
+    assert flops.newton_schulz_flops(7, 9, steps=0) == 0
+    # Default 5 steps, and exact Python ints far beyond float precision (Llama 405B MLP).
+    big = flops.newton_schulz_flops(16384, 53248)
+    assert isinstance(big, int) and big == 5 * (4 * 16384**2 * 53248 + 2 * 16384**3)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 19), (1, 33, 8), (2, 16, 16)])
+def test_newton_schulz_flops_match_torch_flop_counter(shape):
+    """The formula counts exactly the matmul FLOPs the torch backend executes."""
+    b, m, n = shape
+    schedule = resolve_schedule("keller", 3, 1e-7)
+    G = torch.randn(shape)
+    with FlopCounterMode(display=False) as counter:
+        orthogonalize(G, schedule, dtype=torch.float32, backend="torch")
+    assert counter.get_total_flops() == b * flops.newton_schulz_flops(m, n, steps=3)
+
+
+def test_symmetric_saving_ratio():
+    assert flops.newton_schulz_flops(512, 512) / flops.newton_schulz_flops(512, 512, symmetric=True) == 1.5
+    for e in (2, 4, 8):  # (4e + 2) / (3e + 1) for n = e·m
+        ratio = flops.newton_schulz_flops(64, 64 * e) / flops.newton_schulz_flops(64, 64 * e, symmetric=True)
+        assert ratio == pytest.approx((4 * e + 2) / (3 * e + 1), rel=1e-12)
+
+
+def test_keller_examples():
+    assert flops.overhead_bound(768, 524_288) == pytest.approx(0.00732, abs=5e-6)
+    assert flops.overhead_bound(16_384, 16_000_000) == pytest.approx(0.00512, abs=5e-6)
+    assert flops.overhead_bound(768, 524_288, steps=10) == 2 * flops.overhead_bound(768, 524_288)
+
+
+def test_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="m must be >= 0"):
+        flops.newton_schulz_flops(-1, 3)
+    with pytest.raises(TypeError, match="n must be an int"):
+        flops.newton_schulz_flops(2, 3.0)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        flops.overhead_bound(768, 0)
+    with pytest.raises(ValueError, match="steps"):
+        flops.overhead("tiny", 1024, steps=-1)
+    with pytest.raises(ValueError, match="not a preset"):
+        flops.parse_model("gpt5")
+    with pytest.raises(ValueError, match="n_heads"):
+        flops.parse_model("custom:layers=2,d=64")
+    with pytest.raises(ValueError, match="cannot read 'colour=red'"):
+        flops.parse_model("custom:layers=2,d=64,heads=2,colour=red")
+
+
+# Published totals (the released checkpoints; GPT-2 counted with its tied head once).
+EXACT = ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama3-8b", "llama3-70b"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_presets_match_published_counts_exactly(name):
+    cfg = flops.PRESETS[name]
+    assert flops.total_params(cfg) == cfg.published_params
+
+
+def test_llama3_405b_count_and_no_allocation():
+    model = flops.build(flops.PRESETS["llama3-405b"])
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 405_853_388_800
+
+
+@pytest.mark.parametrize("name", [n for n in flops.PRESETS if n.startswith("essential")])
+def test_essential_ai_sizes(name):
+    cfg = flops.PRESETS[name]  # stated to two decimals in billions; 0.07B is 67.0M
+    assert flops.total_params(cfg) == pytest.approx(cfg.published_params, rel=0.05)
+
+
+@pytest.mark.parametrize("name", [n for n in flops.PRESETS if n.startswith("moonlight")])
+def test_moonlight_sizes_as_non_embedding(name):
+    cfg = flops.PRESETS[name]  # MLP width and vocabulary are not published: a loose match
+    assert flops.nonembedding_params(cfg) == pytest.approx(cfg.published_params, rel=0.15)
+
+
+def test_routing_follows_param_groups():
+    model = flops.build(flops.PRESETS["gpt2-124m"])
+    shapes, muon_params, adamw_params = flops.muon_matrices(model)
+    # 12 blocks x (c_attn 2304x768, c_proj 768x768, fc 3072x768, proj 768x3072); nothing else.
+    assert sorted(set(shapes)) == [(1, 768, 768), (1, 768, 3072), (1, 2304, 768), (1, 3072, 768)]
+    assert len(shapes) == 48
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw_names = {names[id(p)] for p in adamw_params}
+    assert {"tok_embed.weight", "pos_embed.weight", "norm_f.weight", "norm_f.bias"} <= adamw_names
+    assert all(p.ndim == 2 for p in muon_params)
+    llama_shapes, _, _ = flops.muon_matrices(flops.build(flops.PRESETS["llama3-8b"]))
+    assert len(llama_shapes) == 32 * 7
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.up = nn.Linear(8, 4)  # weight 4x8 -> Muon, bias 4 -> AdamW
+        self.down = nn.Linear(4, 8, bias=False)  # weight 8x4 -> Muon
+
+    def forward(self, idx):
+        return self.down(self.up(self.embed(idx)))
+
+
+def test_whole_model_counts_by_hand():
+    r = flops.overhead(_TwoLayer(), batch_tokens=1000, steps=5)
+    # NS: two groups (4x8 and 8x4 are separate calls), each 5·(4·16·8 + 2·64) = 3200.
+    assert r.ns_flops == 6400
+    # NS elementwise: per matrix 6·32 + 5·(3·16 + 2·32) = 752; Muon update 9/element on 64;
+    # AdamW 14/element on the bias (4) and the embedding (80).
+    assert r.muon_flops == 6400 + 2 * 752 + 9 * 64 + 14 * 84
+    assert r.adamw_flops == 14 * 148
+    assert r.matmul_params == 68  # the embedding lookup does no matmul
+    assert r.training_flops == 6 * 68 * 1000
+    assert r.overhead == (r.muon_flops - r.adamw_flops) / r.training_flops
+    assert r.model_dim == 4 and r.overhead_bound == 5 * 4 / 1000
+    assert r.attention_flops == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "essential-0.20b", "moonlight-399m", "llama3-8b"])
+def test_overhead_within_keller_bound_and_rescales(name):
+    r = flops.overhead(name, 524_288)
+    assert r.ns_flops == sum(g["ns_flops"] for g in r.groups)
+    assert r.muon_params + r.adamw_params == r.params
+    for batch in (2**14, 2**19, 2**24):
+        at = r.at(batch)
+        assert 0 < at.ns_overhead <= at.overhead_bound
+        assert at.overhead == pytest.approx(r.overhead * 524_288 / batch, rel=1e-12)
+    cfg = flops.PRESETS[name]
+    assert r.attention_flops == 6 * cfg.n_layers * cfg.seq_len * cfg.d_attn * 524_288
+
+
+def test_gpt2_124m_reference_numbers():
+    r = flops.overhead("gpt2-124m", 524_288)
+    assert r.overhead_bound == pytest.approx(0.00732, abs=5e-6)
+    # Tied head: N counts every weight but the position table, i.e. the head's matmul once.
+    assert r.matmul_params == 124_439_808 - 1024 * 768
+    assert r.muon_params == 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
+    assert 0.0039 < r.overhead < 0.0040
+
+
+def test_preset_module_runs_forward():
+    model = flops.build(flops.PRESETS["tiny"], device="cpu")
+    logits = model(torch.randint(0, 512, (2, 16)))
+    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+
+
+def test_custom_model_spec():
+    cfg = flops.parse_model("custom:layers=3,d=96,heads=4,kv_heads=2,mlp=swiglu,tied=1,vocab=100")
+    assert (cfg.n_layers, cfg.d_model, cfg.kv_heads, cfg.mlp, cfg.tied) == (3, 96, 2, "swiglu", True)
+    per_layer = 96 * 96 * 2 + 2 * 96 * 48 + 3 * 96 * 384 + 2 * 96  # q, o, k, v, MLP, two RMSNorms
+    assert flops.total_params(cfg) == 100 * 96 + 3 * per_layer + 96

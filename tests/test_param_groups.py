@@ -1,0 +1,104 @@
+"""muon.param_groups: which parameters go to Muon and which to AdamW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import muon
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d)
+        self.experts = nn.Parameter(torch.randn(4, 2 * d, d))  # MoE stack: a batch of matrices
+
+
+class TinyLM(nn.Module):
+    def __init__(self, d=16, vocab=50, tied=True):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.conv = nn.Conv1d(d, d, kernel_size=3)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.shared = nn.Linear(d, d)
+        self.also_shared = self.shared  # the same module twice: its parameters appear once
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.wte.weight
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+def _names(model, params):
+    ids = {id(p) for p in params}
+    return sorted(n for n, p in model.named_parameters() if id(p) in ids)
+
+
+def test_routing_of_a_transformer():
+    model = TinyLM(tied=False)
+    groups = muon.param_groups(model)
+    by_kind = {(g["use_muon"], g.get("flatten", False)): _names(model, g["params"]) for g in groups}
+    assert by_kind[(True, False)] == sorted(
+        [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.weight", "proj.weight", "experts")] + ["shared.weight"]
+    )
+    assert by_kind[(True, True)] == ["conv.weight"]
+    adamw = by_kind[(False, False)]
+    assert "wte.weight" in adamw and "lm_head.weight" in adamw and "scale" in adamw
+    assert "blocks.0.ln_1.weight" in adamw and "blocks.1.mlp_norm.weight" in adamw and "blocks.0.attn.bias" in adamw
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len(list(model.parameters()))  # every parameter exactly once
+
+
+def test_tied_head_appears_once_on_adamw():
+    model = TinyLM(tied=True)
+    groups = muon.param_groups(model)
+    all_params = [p for g in groups for p in g["params"]]
+    assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+    adamw = next(g for g in groups if not g["use_muon"])
+    assert any(p is model.wte.weight for p in adamw["params"])
+
+
+@pytest.mark.parametrize("head", ["head", "output", "classifier", "logits"])
+def test_head_names(head):
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(8, 8))
+    model.add_module(head, nn.Linear(8, 3))
+    muon_group = next(g for g in muon.param_groups(model) if g["use_muon"])
+    assert muon_group["params"] == [model.hidden.weight]
+
+
+def test_overrides_by_name_and_options():
+    model = TinyLM(tied=False)
+    groups = muon.param_groups(
+        model, muon=["lm_head.weight"], adamw=["blocks.1.*"], muon_options={"lr": 0.02}, adamw_options={"lr": 3e-4}
+    )
+    muon_names = _names(model, [p for g in groups if g["use_muon"] for p in g["params"]])
+    assert "lm_head.weight" in muon_names
+    assert not any(n.startswith("blocks.1.") for n in muon_names)
+    assert all(g["lr"] == (0.02 if g["use_muon"] else 3e-4) for g in groups)
+    with pytest.raises(ValueError, match="both"):
+        muon.param_groups(model, muon=["shared.*"], adamw=["shared.weight"])
+    with pytest.raises(ValueError, match="shape"):
+        muon.param_groups(model, muon=["scale"])
+
+
+def test_groups_train_with_muon():
+    model = TinyLM(tied=True)
+    opt = muon.Muon(muon.param_groups(model), lr=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 50, (2, 9))
+    h = model.wte(x)
+    h = model.conv(h.transpose(1, 2)).transpose(1, 2)
+    for block in model.blocks:
+        h = h + block.proj(block.attn(block.ln_1(h))[..., :16])
+        h = block.mlp_norm(h + torch.einsum("btd,eod->bto", h, block.experts)[..., :16])
+    loss = model.lm_head(model.shared(h)).logsumexp(-1).mean() + model.scale
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, before[n]), n
