@@ -10,7 +10,7 @@
 Replicated parameters (DDP, or plain tensors with the same gradient on every rank once
 torch.distributed is initialized): every rank keeps the full momentum (as DDP does), but the NS
 work is split. Every matrix (each expert of a 3-D stack counts as one) is assigned to a rank by
-greedy longest-processing-time over its NS FLOPs (`ns_flops`); each rank orthogonalizes its share
+greedy longest-processing-time over its NS FLOPs (`muon.flops.newton_schulz_flops`); each rank orthogonalizes its share
 with same-shape matrices stacked into one batched call, and one all-gather per group hands every
 rank every result, so all ranks apply the same update and keep identical parameters.
 
@@ -56,7 +56,6 @@ __all__ = [
     "DistributedStepError",
     "comm_bytes_per_step",
     "count_comm_bytes",
-    "ns_flops",
 ]
 
 
@@ -65,12 +64,11 @@ class DistributedStepError(RuntimeError):
 
 
 def ns_flops(m: int, n: int, steps: int) -> int:
-    """FLOPs of Newton–Schulz on one m×n matrix: steps·(4·s²·l + 2·s³), s = min(m, n), l = max(m, n).
+    """The balance weight: NS FLOPs steps·(4·s²·l + 2·s³), from muon.flops (imported late: muon.flops
+    imports muon.optim, which imports this module)."""
+    from .flops import newton_schulz_flops
 
-    Per step X·Xᵀ (2s²l), A·A (2s³) and B·X (2s²l), multiply and add counted as 2.
-    """
-    short, long = min(m, n), max(m, n)
-    return steps * (4 * short * short * long + 2 * short**3)
+    return newton_schulz_flops(m, n, steps)
 
 
 # ------------------------------------------------------------------------------ byte accounting
@@ -452,8 +450,13 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
         pieces = []
         for r in range(world):
             for j in to[r]:
-                local = updates[positions[j]].to_local().reshape(rows_me, n)
-                pieces.append(local)
+                local = updates[positions[j]].to_local()
+                if local.shape[0] != rows_me:
+                    raise NotImplementedError(
+                        f"a Shard(0) DTensor of shape {tuple(params[positions[j]].shape)} holds {local.shape[0]} "
+                        f"rows on rank {rank}, not torch.chunk's {rows_me}: unsupported uneven sharding"
+                    )
+                pieces.append(local.reshape(rows_me, n))
         send = torch.cat(pieces) if pieces else updates[positions[bucket[0]]].to_local().new_empty(0)
         send = send.reshape(-1).contiguous()
         send_splits = [len(to[r]) * rows_me * n for r in range(world)]

@@ -55,11 +55,6 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------- single-process pieces
-def test_ns_flops_formula():
-    assert mdist.ns_flops(3, 5, 1) == 4 * 9 * 5 + 2 * 27
-    assert mdist.ns_flops(5, 3, 2) == mdist.ns_flops(3, 5, 2) == 2 * (4 * 9 * 5 + 2 * 27)
-
-
 def test_assignment_balances_flops():
     costs = [mdist.ns_flops(m, n, 5) for m, n in [(64, 64), (64, 64), (32, 64), (16, 16), (64, 256), (8, 8)]]
     for world in (1, 2, 3, 8):
