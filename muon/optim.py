@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed
 from .coefficients import KELLER, Schedule, resolve_schedule
 from .newton_schulz import COMPUTE_DTYPES, orthogonalize
 
@@ -129,10 +130,14 @@ class Muon(Optimizer):
         backend: str = "auto",
         ns_dtype: torch.dtype = torch.bfloat16,
         nonfinite: str = "skip",
+        process_group=None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        # Replicated parameters split their NS over this group (None: the default group once
+        # torch.distributed is initialized); FSDP2 (DTensor) parameters use their own mesh.
+        self.process_group = process_group
         # AdamW groups take these where the group does not set them.
         self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay}
         defaults = dict(
@@ -151,6 +156,9 @@ class Muon(Optimizer):
             ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
+        # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
+        self.register_state_dict_post_hook(distributed.encode_state_dict_dtypes)
+        self.register_load_state_dict_pre_hook(distributed.decode_state_dict_dtypes)
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -258,9 +266,12 @@ class Muon(Optimizer):
 
     def _finite_flags(self, params, grads, group, index) -> list[Tensor | None]:
         """Per parameter: a 0-dim bool device tensor, True when its gradient is finite (None: empty)."""
-        nonempty = [g for g in grads if g.numel() > 0]
-        norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
-        flags = [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
+        if any(distributed.is_dtensor(g) for g in grads):  # sharded: local test, agreed across ranks
+            flags = distributed.finite_flags(grads)
+        else:
+            nonempty = [g for g in grads if g.numel() > 0]
+            norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
+            flags = [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
         if self.nonfinite == "raise":
             for p, flag in zip(params, flags):
                 if flag is not None and not bool(flag):
@@ -306,7 +317,10 @@ class Muon(Optimizer):
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
         """NS of every update; same-shape matrices are stacked into one batched call when batched."""
         backend, dtype = group["backend"], group["ns_dtype"]
-        out: list = [None] * len(updates)
+        out = distributed.orthogonalize_all(updates, params, schedule, group, flatten, self.process_group, matrix_shape)
+        if out is not None:  # replicated or sharded parameters: NS split across ranks
+            return out
+        out = [None] * len(updates)
         if not group["batched"]:
             for i, (U, p) in enumerate(zip(updates, params)):
                 if U is not None:

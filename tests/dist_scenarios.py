@@ -1,0 +1,474 @@
+"""Multi-process scenarios for tests/test_distributed.py (CPU, gloo).
+
+`launch` starts `world` spawned processes that each run every scenario named, one after the other on
+one process group (process start-up is most of the cost on a 2-core machine). Each scenario checks
+its own assertions on every rank; each rank writes {scenario: "ok" | traceback} to
+<outdir>/rank<r>.json, which the tests read. A scenario that fails mid-step leaves the ranks out of
+step; the short collective timeout then fails the following ones instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+STEPS = 3
+LR = 0.02
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(target, world: int, outdir: str, args: tuple = (), deadline_s: float = 120.0) -> list[int]:
+    """Run target(rank, world, port, outdir, *args) in `world` spawned processes; exit codes."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, outdir, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + deadline_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    codes = []
+    for p in procs:
+        if p.is_alive():  # the test failed by hanging: never leave the process behind
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
+    torch.set_num_threads(1)  # two ranks share two cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+# ---------------------------------------------------------------------------------------- models
+class Net(nn.Module):
+    """Same-shape matrices (fc2, fc3), rows not divisible by 2 (fc4: 7×24, head bias 5), a 3-D expert
+    stack with an odd number of experts, and a head and biases that param_groups routes to AdamW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(24, 24, bias=False)
+        self.fc3 = nn.Linear(24, 24, bias=False)
+        self.fc4 = nn.Linear(24, 7)
+        self.experts = nn.Parameter(torch.randn(3, 8, 24) / 24**0.5)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(h)) + h
+        h = torch.tanh(self.fc3(h)) + h
+        e = torch.einsum("bi,eoi->beo", h, self.experts).tanh().sum(1)
+        return torch.cat([self.head(h), self.fc4(h), e], dim=1)
+
+
+class Tiny(nn.Module):
+    """One Muon matrix for two ranks; its single row leaves rank 1 an empty FSDP shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def batch(step: int, rank: int, width: int, out: int, rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(rows, width, generator=g), torch.randn(rows, out, generator=g)
+
+
+def loss_fn(model, x, y) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def make_optimizer(model, **kw):
+    from muon import Muon, param_groups
+
+    return Muon(param_groups(model), lr=LR, weight_decay=0.1, **kw)
+
+
+def reference_run(make, width, out, world, steps=STEPS, flops=False, **kw):
+    """One process stepping on the averaged gradient: the ranks' batches concatenated (equal sizes,
+    mean loss, so the gradient is the mean of the ranks' gradients). Returns (params, step FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = make()
+    solo = [dist.new_group([r]) for r in range(world)]  # a one-rank group: the local, unsplit step
+    opt = make_optimizer(model, process_group=solo[dist.get_rank()], **kw)
+    step_flops = None
+    for step in range(steps):
+        xs, ys = zip(*(batch(step, r, width, out) for r in range(world)), strict=True)
+        loss_fn(model, torch.cat(xs), torch.cat(ys)).backward()
+        if flops and step == 0:
+            with FlopCounterMode(display=False) as counter:
+                opt.step()
+            step_flops = counter.get_total_flops()
+        else:
+            opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, step_flops
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
+
+
+def gather_scalar(value: float) -> list[float]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# Distributed and single-process runs differ by the gradient's fp32 summation order (all-reduce,
+# reduce-scatter). With NS in float64 that stays at fp32 rounding: measured ~1e-6 of the total
+# update; 1e-4 fails on any wrong shard, owner or lost step. With NS in bf16 a flipped bf16 rounding
+# of the NS input changes the rounding of every later GEMM, so two bf16 runs differ by about bf16
+# NS's own error (measured 0.5-3 % of the update on these 24-wide matrices): the bf16 tolerance is
+# 2x the single-process bf16 run's own distance from the float64 one, as for every NS backend.
+FP64_RTOL = 1e-4
+BF16_FACTOR = 2.0
+
+
+def update_err(model, ref, init) -> dict[str, float]:
+    errs = {}
+    for name, p in model.named_parameters():
+        name = name.replace("module.", "")
+        errs[name] = ((full(p) - ref[name]).norm() / (ref[name] - init[name]).norm()).item()
+    return errs
+
+
+def assert_matches(model, ref, init, what, bound=None):
+    """bound: name -> allowed relative error (FP64_RTOL for every name when None)."""
+    for name, err in update_err(model, ref, init).items():
+        limit = FP64_RTOL if bound is None else bound[name]
+        assert err <= limit, f"{what}: {name} differs from the single-process run by {err:.2e} > {limit:.2e}"
+
+
+def bf16_bounds(ref_bf16, ref_fp64, init) -> dict[str, float]:
+    return {
+        name: BF16_FACTOR * ((ref_bf16[name] - ref_fp64[name]).norm() / (ref_fp64[name] - init[name]).norm()).item()
+        + FP64_RTOL
+        for name in ref_bf16
+    }
+
+
+def assert_ranks_identical(model, what):
+    for name, p in model.named_parameters():
+        mine = full(p).contiguous()
+        others = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(others, mine)
+        for r, other in enumerate(others):
+            assert torch.equal(other, mine), f"{what}: {name} differs between rank {dist.get_rank()} and {r}"
+
+
+def train(model, opt, width, out, steps, start=0, flops=False):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rank = dist.get_rank()
+    step_flops = None
+    for step in range(start, start + steps):
+        x, y = batch(step, rank, width, out)
+        loss_fn(model, x, y).backward()
+        if flops and step == start:
+            with FlopCounterMode(display=False) as counter:
+                opt.step()
+            step_flops = counter.get_total_flops()
+        else:
+            opt.step()
+        opt.zero_grad()
+    return step_flops
+
+
+def shard(model, placement=None):
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.children():
+        if any(True for _ in module.parameters()):
+            fully_shard(module, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)  # the root holds the expert stack
+    return model
+
+
+def shard_columns(p):
+    """FSDP2 sharding of 2-D weights on dim 1: not the Shard(0) layout the owner plan needs."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1) if p.ndim == 2 else None
+
+
+def build(make, kind):
+    """The model as every rank builds it (seed 0), wrapped for `kind`, with its initial values."""
+    torch.manual_seed(0)
+    model = make()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if kind == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    else:
+        model = shard(model, shard_columns if kind == "fsdp_dim1" else None)
+    return model, init
+
+
+# ------------------------------------------------------------------------------------- scenarios
+def scenario_matches_single(kind):
+    """DDP/FSDP2 equal one process on the averaged gradient; NS FLOPs split; ranks agree."""
+
+    def run():
+        world = dist.get_world_size()
+        ref64, _ = reference_run(Net, 16, 20, world, ns_dtype=torch.float64)
+        model, init = build(Net, kind)
+        train(model, make_optimizer(model, ns_dtype=torch.float64), 16, 20, STEPS)
+        assert_matches(model, ref64, init, f"{kind}, float64 NS")
+
+        ref, ref_flops = reference_run(Net, 16, 20, world, flops=True)
+        model, init = build(Net, kind)
+        opt = make_optimizer(model)
+        flops = train(model, opt, 16, 20, STEPS, flops=True)
+        assert_matches(model, ref, init, f"{kind}, bf16 NS", bf16_bounds(ref, ref64, init))
+        if kind == "ddp":
+            assert_ranks_identical(model, kind)
+        per_rank = gather_scalar(flops)
+        assert ref_flops > 0
+        assert max(per_rank) <= 0.6 * ref_flops, f"{kind}: busiest rank {per_rank} of {ref_flops} FLOPs"
+        assert sum(per_rank) >= ref_flops * 0.99, f"{kind}: NS work lost: {per_rank} vs {ref_flops}"
+
+    return run
+
+
+def scenario_more_ranks_than_matrices(kind):
+    """One Muon matrix for two ranks (Tiny); with kind "fsdp_dim1", Net sharded on dim 1 (the
+    gather-everywhere fallback for layouts other than FSDP2's default Shard(0))."""
+    make, width, out = (Net, 16, 20) if kind == "fsdp_dim1" else (Tiny, 6, 1)
+
+    def run():
+        world = dist.get_world_size()
+        ref, _ = reference_run(make, width, out, world, ns_dtype=torch.float64)
+        model, init = build(make, kind)
+        opt = make_optimizer(model, ns_dtype=torch.float64)
+        train(model, opt, width, out, STEPS)
+        assert_matches(model, ref, init, kind)
+        if kind == "ddp":
+            assert_ranks_identical(model, kind)
+
+    return run
+
+
+def scenario_comm_bytes(kind):
+    """Bytes counted in the step equal comm_bytes_per_step's prediction for every rank."""
+
+    def run():
+        from muon.distributed import comm_bytes_per_step, count_comm_bytes
+        from muon.param_groups import param_groups
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        torch.manual_seed(0)
+        groups = param_groups(Net())
+        muon_shapes = [tuple(p.shape) for g in groups if g["use_muon"] for p in g["params"]]
+        adamw_shapes = [tuple(p.shape) for g in groups if not g["use_muon"] for p in g["params"]]
+        model, _ = build(Net, kind)
+        opt = make_optimizer(model)
+        train(model, opt, 16, 20, 1)  # the first step also checks the plan once (not counted)
+        x, y = batch(7, rank, 16, 20)
+        loss_fn(model, x, y).backward()
+        with count_comm_bytes() as counter:
+            opt.step()
+        sharding = "replicated" if kind == "ddp" else "fsdp"
+        predicted = comm_bytes_per_step(muon_shapes, adamw_shapes, world_size=world, sharding=sharding)
+        assert counter.bytes == predicted.muon_optimizer_per_rank[rank], (counter.bytes, predicted)
+        assert predicted.muon_optimizer == max(predicted.muon_optimizer_per_rank)
+        assert predicted.ratio > 1.0
+
+    return run
+
+
+def scenario_nonfinite_fsdp():
+    """An inf in one rank's gradient shard skips the parameter on every rank."""
+    model, _ = build(Net, "fsdp")
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 1)
+    before = {n: full(p).clone() for n, p in model.named_parameters()}
+    x, y = batch(5, dist.get_rank(), 16, 20)
+    loss_fn(model, x, y).backward()
+    if dist.get_rank() == 1:
+        model.fc2.weight.grad.to_local()[0, 0] = float("inf")
+        model.head.bias.grad.to_local()[0] = float("nan")  # head.bias: 5 rows, rank 1 holds 2
+    opt.step()
+    for name in ("fc2.weight", "head.bias"):
+        p = dict(model.named_parameters())[name]
+        assert torch.equal(full(p), before[name]), f"{name} changed despite a non-finite shard"
+        assert int(opt.state[p]["nonfinite_skips"]) == 1
+    assert not torch.equal(full(model.fc3.weight), before["fc3.weight"])
+
+
+def scenario_checkpoint_dcp():
+    """FSDP2 + torch.distributed.checkpoint (sharded state): resuming continues bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = os.path.join(_OUTDIR, "dcp")
+    model, _ = build(Net, "fsdp")
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 2)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    train(model, opt, 16, 20, 2, start=2)
+    expected = {n: full(p) for n, p in model.named_parameters()}
+
+    torch.manual_seed(1)  # different initial values: everything must come from the checkpoint
+    resumed = shard(Net())
+    opt2 = make_optimizer(resumed)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, opt2, state["optim"])
+    train(resumed, opt2, 16, 20, 2, start=2)
+    for n, p in resumed.named_parameters():
+        assert torch.equal(full(p), expected[n]), f"{n} after resuming from DCP differs"
+
+
+def scenario_checkpoint_full_fsdp():
+    """FSDP2, a full (unsharded) state dict saved by rank 0 alone: resuming continues bit for bit."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = os.path.join(_OUTDIR, "full.pt")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, _ = build(Net, "fsdp")
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 2)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, opt, options=options)
+    if dist.get_rank() == 0:
+        torch.save({"model": model_sd, "optim": optim_sd}, path)
+    dist.barrier()
+    train(model, opt, 16, 20, 2, start=2)
+    expected = {n: full(p) for n, p in model.named_parameters()}
+
+    torch.manual_seed(1)
+    resumed = shard(Net())
+    opt2 = make_optimizer(resumed)
+    loaded = torch.load(path, weights_only=False) if dist.get_rank() == 0 else {"model": {}, "optim": {}}
+    load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(resumed, loaded["model"], options=load_options)
+    set_optimizer_state_dict(resumed, opt2, loaded["optim"], options=load_options)
+    train(resumed, opt2, 16, 20, 2, start=2)
+    for n, p in resumed.named_parameters():
+        assert torch.equal(full(p), expected[n]), f"{n} after resuming from a full state dict differs"
+
+
+def scenario_checkpoint_plain_ddp():
+    """DDP: optimizer.state_dict() saved by rank 0 and loaded on every rank continues bit for bit."""
+    path = os.path.join(_OUTDIR, "ddp.pt")
+    model, _ = build(Net, "ddp")
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 2)
+    if dist.get_rank() == 0:
+        torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    train(model, opt, 16, 20, 2, start=2)
+    expected = {n: full(p).clone() for n, p in model.named_parameters()}
+
+    torch.manual_seed(1)
+    net = Net()
+    saved = torch.load(path, weights_only=False)
+    net.load_state_dict(saved["model"])
+    resumed = nn.parallel.DistributedDataParallel(net)
+    opt2 = make_optimizer(resumed)
+    opt2.load_state_dict(saved["optim"])
+    train(resumed, opt2, 16, 20, 2, start=2)
+    for n, p in resumed.named_parameters():
+        assert torch.equal(full(p), expected[n]), f"{n} after resuming from a plain state dict differs"
+    assert_ranks_identical(resumed, "ddp resume")
+
+
+SCENARIOS = {
+    "ddp_matches_single": scenario_matches_single("ddp"),
+    "fsdp_matches_single": scenario_matches_single("fsdp"),
+    "ddp_more_ranks_than_matrices": scenario_more_ranks_than_matrices("ddp"),
+    "fsdp_more_ranks_than_matrices": scenario_more_ranks_than_matrices("fsdp"),
+    "fsdp_dim1_matches_single": scenario_more_ranks_than_matrices("fsdp_dim1"),
+    "ddp_comm_bytes": scenario_comm_bytes("ddp"),
+    "fsdp_comm_bytes": scenario_comm_bytes("fsdp"),
+    "fsdp_nonfinite_agreed": scenario_nonfinite_fsdp,
+    "fsdp_checkpoint_dcp": scenario_checkpoint_dcp,
+    "fsdp_checkpoint_full_rank0": scenario_checkpoint_full_fsdp,
+    "ddp_checkpoint_plain": scenario_checkpoint_plain_ddp,
+}
+_OUTDIR = ""
+
+
+def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
+    global _OUTDIR
+    _OUTDIR = outdir
+    _init(rank, world, port, timeout_s=30)
+    results = {}
+    for name in names:
+        try:
+            SCENARIOS[name]()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
+    """Rank 1 raises before its step and lingers (as a rank unwinding an exception does); rank 0,
+    inside the optimizer's collectives, must end with a clear error at the collective timeout."""
+    _init(rank, world, port, timeout_s=3)
+    model, _ = build(Net, "ddp")
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 1)  # one good step: the failure hits the step's own collectives
+    x, y = batch(1, rank, 16, 20)
+    start = time.monotonic()
+    try:
+        loss_fn(model, x, y).backward()
+        if rank == 1:
+            raise ValueError("injected failure on rank 1")
+        opt.step()
+        message = "stepped"
+    except Exception as exc:
+        message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message, "seconds": time.monotonic() - start}, f)
+    if rank == 1:  # stay alive until rank 0 gave up: only the collective timeout can end its wait
+        end = time.monotonic() + 20
+        while not os.path.exists(os.path.join(outdir, "rank0.json")) and time.monotonic() < end:
+            time.sleep(0.1)
+    os._exit(1)  # a failed rank: no orderly shutdown of the process group
