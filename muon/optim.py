@@ -109,6 +109,10 @@ class Muon(Optimizer):
     `state[p]["nonfinite_skips"]` counts such steps; the test runs on the device, without a host sync.
     With "raise" the step raises a RuntimeError naming the parameter before anything is modified
     (one host sync per step).
+
+    Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
+    parameters over ``process_group`` (default: the world once initialized), FSDP2 DTensor parameters
+    over their own mesh, with momentum left sharded.
     """
 
     def __init__(
