@@ -24,7 +24,7 @@ from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype,
 MAX_PARTS = 1024
 # Under the interpreter small blocks make the column loop and several row blocks run on tiny test shapes.
 _COLS = 32 if INTERPRETED else 512
-_MIN_ROWS = 2 if INTERPRETED else 4
+_MIN_ROWS = 8 if INTERPRETED else 4
 
 
 @triton.jit
