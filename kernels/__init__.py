@@ -16,7 +16,7 @@ Whole NS:
 from ._common import INTERPRETED
 from .normalize import normalize
 from .ns_gemm import ns_gemm
-from .ns_small import MAX_SMALL_SIDE, ns_small
+from .ns_small import MAX_SMALL_SIDE, max_small_side, ns_small
 from .poly_apply import poly_apply
 from .syrk import gram, sym_poly
 
@@ -24,6 +24,7 @@ __all__ = [
     "INTERPRETED",
     "MAX_SMALL_SIDE",
     "gram",
+    "max_small_side",
     "normalize",
     "ns_gemm",
     "ns_small",

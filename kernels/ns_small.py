@@ -29,8 +29,13 @@ import triton.language as tl
 from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype, check_out, dot_precision, next_pow2
 
 MAX_SMALL_SIDE = 128
-# registers budget for the in-register variant: m_pad·n_pad elements of X (bf16: 32 KB at 16K)
-_REG_ELEMS = 16384
+# fp32 has no tensor-core path (input_precision="ieee" runs on FMA units) and its 128×128 products spill
+# registers (compiled for sm_90a: 20 KB of stack at m_pad = 128); up to 64 it compiles spill-free.
+MAX_SMALL_SIDE_FP32 = 64
+# registers budget for the in-register variant: m_pad·n_pad elements of X (bf16: 32 KB at 16K); under
+# the interpreter a smaller budget so that tiny test shapes take both variants
+_REG_ELEMS = 2048 if INTERPRETED else 16384
+_REG_ELEMS_FP32 = 2048 if INTERPRETED else 4096
 # column chunk of the in-memory variant (interpreter: small, so tiny test shapes take several chunks)
 _CHUNK_ELEMS = 512 if INTERPRETED else 8192
 
@@ -132,10 +137,16 @@ def coefficient_tensor(coefficients, device) -> torch.Tensor:
     return table
 
 
-def small_layout(m: int, n: int) -> tuple[int, int, bool]:
+def max_small_side(dtype: torch.dtype) -> int:
+    """The largest small side the fused path is chosen for (it accepts up to MAX_SMALL_SIDE when forced)."""
+    return MAX_SMALL_SIDE_FP32 if dtype == torch.float32 else MAX_SMALL_SIDE
+
+
+def small_layout(m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, bool]:
     """(MP, BN, ONE_CHUNK): padded rows, column chunk, and whether X stays in registers."""
     mp = max(16, next_pow2(m))  # tl.dot needs every dim >= 16
-    if mp * max(16, next_pow2(n)) <= (_CHUNK_ELEMS if INTERPRETED else _REG_ELEMS):
+    budget = _REG_ELEMS_FP32 if dtype == torch.float32 else _REG_ELEMS
+    if mp * max(16, next_pow2(n)) <= budget:
         return mp, max(16, next_pow2(n)), True
     return mp, max(16, min(next_pow2(n), _CHUNK_ELEMS // mp)), False
 
@@ -164,7 +175,7 @@ def ns_small(
     if G.numel() == 0:
         return out
     G3, O3 = as_batched(G, "G"), as_batched(out, "out")
-    mp, bn, fits = small_layout(m, n)
+    mp, bn, fits = small_layout(m, n, dtype)
     if one_chunk is True:
         bn = max(16, next_pow2(n))
     elif one_chunk is False:
@@ -172,8 +183,9 @@ def ns_small(
     use_regs = fits if one_chunk is None else one_chunk
     coef = coefficient_tensor(coefficients, G.device)
     steps = len(coefficients)
-    # 8 warps (two warpgroups) for the 128-row tiles, 4 below; unmeasured on Hopper so far
-    num_warps = 8 if mp >= 128 else 4
+    # 8 warps (two warpgroups) for the 128-row tiles, 4 below (fp32's FMA products: 8 from 64 rows);
+    # compiled for sm_90a these fit without spills (kernels/NOTES.md); speed unmeasured so far
+    num_warps = 8 if mp >= 128 or (dtype == torch.float32 and mp >= 64) else 4
     for lo, hi in batch_chunks(G3.shape[0]):
         g, o = G3[lo:hi], O3[lo:hi]
         _ns_small_kernel[(hi - lo,)](

@@ -241,10 +241,10 @@ def test_both_paths_forced(path, dtype, device):
     assert_ns_close(out, G, dtype, coefficients="polar_express", steps=None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("one_chunk", [True, False])
-def test_small_path_register_and_memory_variants(one_chunk, device):
+def test_small_path_register_and_memory_variants(one_chunk, dtype, device):
     """The fused kernel with X held in registers, and with X walked in column chunks in memory."""
-    dtype = torch.bfloat16
     G = torch.randn(3, 24, 90, device=device)
     schedule = resolve_schedule("you", None, 1e-7)
     out = poisoned(G.shape, dtype, device)
@@ -378,3 +378,12 @@ def test_import_muon_does_not_import_triton():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=120)
+
+
+def test_path_choice_by_shape_and_dtype():
+    choose = triton_backend.use_small_path
+    assert choose(1, 128, 768, torch.bfloat16) and choose(48, 64, 64, torch.float16)
+    assert not choose(1, 129, 768, torch.bfloat16)  # beyond the on-chip m×m products
+    assert choose(8, 64, 256, torch.float32) and not choose(8, 100, 256, torch.float32)  # fp32 spills past 64
+    assert not choose(1, 64, 50304, torch.bfloat16)  # one long matrix: the tiled kernels' parallelism wins
+    assert choose(256, 64, 50304, torch.bfloat16)  # ... unless the batch fills the GPU

@@ -52,13 +52,13 @@ def unavailable_reason(X: Tensor) -> str | None:
     return None
 
 
-def use_small_path(batch: int, m: int, n: int) -> bool:
-    """The fused path for a small side up to 128 unless one matrix is so long that a single program per
+def use_small_path(batch: int, m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The fused path for a small side up to 128 (64 in fp32) unless one matrix is so long that a single program per
     matrix leaves the GPU idle (few matrices, n large): then the tiled kernels' parallelism wins.
     Thresholds are a first guess (GPU timings unmeasured so far): tune with `python -m bench kernels`."""
-    from muon.kernels import MAX_SMALL_SIDE
+    from muon.kernels import max_small_side
 
-    if m > MAX_SMALL_SIDE:
+    if m > max_small_side(dtype):
         return False
     return n <= 4096 or batch * n >= 64 * 4096
 
@@ -78,6 +78,6 @@ def run(X: Tensor, schedule: Schedule, dtype: torch.dtype, *, path: Path = "auto
     B, m, n = X.shape
     if path not in ("auto", "small", "gemm"):
         raise ValueError(f"path must be 'auto', 'small' or 'gemm', got {path!r}")
-    small = use_small_path(B, m, n) if path == "auto" else path == "small"
+    small = use_small_path(B, m, n, dtype) if path == "auto" else path == "small"
     fn = kernels.ns_small if small else kernels.ns_gemm
     return fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype)
