@@ -32,9 +32,10 @@ MAX_SMALL_SIDE = 128
 # fp32 has no tensor-core path (input_precision="ieee" runs on FMA units) and its 128×128 products spill
 # registers (compiled for sm_90a: 20 KB of stack at m_pad = 128); up to 64 it compiles spill-free.
 MAX_SMALL_SIDE_FP32 = 64
-# registers budget for the in-register variant: m_pad·n_pad elements of X (bf16: 32 KB at 16K); under
-# the interpreter a smaller budget so that tiny test shapes take both variants
-_REG_ELEMS = 2048 if INTERPRETED else 16384
+# registers budget for the in-register variant: m_pad·n_pad elements of X. Compiled for sm_90a, 8K
+# elements fit every shape spill-free (32×512 at 16K spills); under the interpreter a smaller budget so
+# that tiny test shapes take both variants
+_REG_ELEMS = 2048 if INTERPRETED else 8192
 _REG_ELEMS_FP32 = 2048 if INTERPRETED else 4096
 # column chunk of the in-memory variant (interpreter: small, so tiny test shapes take several chunks)
 _CHUNK_ELEMS = 512 if INTERPRETED else 8192
