@@ -1,1 +1,33 @@
-"""Fused Triton kernels for bf16 Newton–Schulz (installed as `muon.kernels`)."""
+"""Fused Triton kernels for Newton–Schulz (installed as `muon.kernels`; needs Triton).
+
+`import muon` never imports this package; muon.backends.triton_backend imports it on first use.
+
+Stages (each batched over a leading dim, any strides, runtime scalars; usable alone, e.g. by benchmarks):
+    normalize(X, fro_scale, eps, dtype)   scale-safe X / (fro_scale·‖X‖_F + eps), in `dtype`
+    gram(X)                               A = X·Xᵀ, one triangle of tiles, mirrored store
+    sym_poly(A, b, c)                     B = b·A + c·A·A for symmetric A, one triangle, b·A in the epilogue
+    poly_apply(B, X, a)                   X' = a·X + B·X, a·X in the epilogue
+Whole NS:
+    ns_gemm(G, coefficients, fro_scale, eps, dtype)    normalize + 3 launches per step
+    ns_small(G, coefficients, fro_scale, eps, dtype)   every step of a matrix with m <= 128 in one
+                                                       program, the whole batch in one launch
+"""
+
+from ._common import INTERPRETED
+from .normalize import normalize
+from .ns_gemm import ns_gemm
+from .ns_small import MAX_SMALL_SIDE, max_small_side, ns_small
+from .poly_apply import poly_apply
+from .syrk import gram, sym_poly
+
+__all__ = [
+    "INTERPRETED",
+    "MAX_SMALL_SIDE",
+    "gram",
+    "max_small_side",
+    "normalize",
+    "ns_gemm",
+    "ns_small",
+    "poly_apply",
+    "sym_poly",
+]

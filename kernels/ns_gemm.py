@@ -1,0 +1,60 @@
+"""Newton–Schulz through the three tiled kernels, for matrices too large for the fused path.
+
+    X0 = normalize(G)                         kernels/normalize.py (3 small launches)
+    per step:  A = gram(X)                    kernels/syrk.py, one triangle of tiles
+               B = sym_poly(A, b, c)          kernels/syrk.py, one triangle, b·A in the epilogue
+               X = poly_apply(B, X, a)        kernels/poly_apply.py, a·X in the epilogue
+
+3 launches per step and no host sync: the per-step coefficients are Python floats handed to the
+launches as runtime arguments (no recompilation when they change), and nothing is read back.
+Work per step: 3m²n + m³ FLOPs against the 4m²n + 2m³ of three full GEMMs (the symmetric stages do
+half their tiles): a ceiling of 1.5× for square matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_compute_dtype, check_out
+from .normalize import normalize
+from .poly_apply import poly_apply
+from .syrk import gram, sym_poly
+
+
+def ns_gemm(
+    G: torch.Tensor,
+    coefficients,
+    fro_scale: float,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NS of G ((m, n) or (B, m, n), m <= n, any strides/float dtype) in `dtype` by the tiled kernels.
+
+    coefficients: one (a, b, c) per step. Returns a new contiguous tensor or writes `out` (which must not
+    alias G). Scratch: two X-sized buffers and two m×m buffers per matrix, allocated per call.
+    """
+    check_compute_dtype(dtype)
+    m, n = G.shape[-2], G.shape[-1]
+    if m > n:
+        raise ValueError(f"ns_gemm expects m <= n (transpose tall inputs first), got {m}×{n}")
+    out = check_out(out, tuple(G.shape), dtype, G.device)
+    if G.numel() == 0:
+        return out
+    steps = len(coefficients)
+    if steps == 0:
+        return normalize(G, fro_scale, eps, dtype, out=out)
+    gram_shape = (*G.shape[:-1], m)
+    A = torch.empty(gram_shape, dtype=dtype, device=G.device)
+    P = torch.empty(gram_shape, dtype=dtype, device=G.device)
+    # ping-pong between two X buffers; the last step writes `out`
+    X = normalize(G, fro_scale, eps, dtype)
+    spare = torch.empty_like(X) if steps > 1 else None
+    for i, (a, b, c) in enumerate(coefficients):
+        gram(X, out=A)
+        sym_poly(A, b, c, out=P)
+        target = out if i == steps - 1 else spare
+        poly_apply(P, X, a, out=target)
+        X, spare = target, X
+    return out
+

@@ -1,0 +1,109 @@
+"""Compile the kernels for Hopper (sm_90a) without a GPU and report registers, spills and shared memory.
+
+    python -m muon.kernels.resource_usage            # bf16 configs
+    python -m muon.kernels.resource_usage --fp32     # also the fp32 ones (slow: FMA products compile long)
+
+Runs Triton's full compiler (TTIR -> PTX -> cubin with the ptxas bundled in the Triton wheel) and reads
+the cubin with the bundled cuobjdump, so it works on a machine with no GPU and no CUDA driver. Launch
+specializations are mimicked the way Triton applies them at run time: unit inner strides become
+constants and pointers/sizes carry the divisibility-by-16 hint (what enables cp.async/TMA pipelining).
+Must run without TRITON_INTERPRET (the interpreter never compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+
+_UNIT_STRIDES = {"s_xk", "s_cn", "s_on", "s_bk", "s_xn", "s_gn", "s_n", "o_n"}
+
+
+def _mod(name: str):
+    return importlib.import_module(f"muon.kernels.{name}")
+
+
+def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile one specialization for sm_90a; returns {'regs', 'stack', 'smem', 'wgmma'}."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    consts = {**constants, **{k: 1 for k in signature if k in _UNIT_STRIDES}}
+    sig = {k: ("constexpr" if k in consts else signature[k]) for k in fn.arg_names}
+    attrs = {
+        (fn.arg_names.index(k),): [["tt.divisibility", 16]]
+        for k, v in signature.items()
+        if k not in consts and (v.startswith("*") or v == "i32")
+    }
+    compiled = triton.compile(
+        ASTSource(fn, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {
+        "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "smem": compiled.metadata.shared,
+        "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+    }
+
+
+def specializations(dtype: str = "bf16"):
+    """(name, kernel, signature, constants, num_warps, num_stages) for every Hopper config of `dtype`."""
+    p = f"*{dtype}"
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    syrk, poly, small = _mod("syrk"), _mod("poly_apply"), _mod("ns_small")
+    sig = dict(X=p, C=p, OUT=p, M="i32", K="i32", s_xb="i32", s_xm="i32", s_xk="i32", s_cb="i32", s_cm="i32",
+               s_cn="i32", s_ob="i32", s_om="i32", s_on="i32", alpha="fp32", beta="fp32")
+    for c in syrk._configs():
+        if dtype == "fp32" and c.kwargs["BLOCK_K"] > 64:
+            continue  # pruned for fp32 (syrk._prune)
+        consts = dict(HAS_C=True, PRECISION=prec, **c.kwargs)
+        yield f"syrk {c.kwargs}", syrk._syrk_kernel, sig, consts, c.num_warps, c.num_stages
+    sig = dict(Bm=p, X=p, OUT=p, M="i32", N="i32", s_bb="i32", s_bm="i32", s_bk="i32", s_xb="i32", s_xm="i32",
+               s_xn="i32", s_ob="i32", s_om="i32", s_on="i32", a="fp32")
+    for c in poly._configs():
+        kw = c.kwargs
+        if dtype == "fp32" and (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * c.num_stages * 4 > 200 * 1024:
+            continue  # pruned for fp32 (poly_apply._prune)
+        yield f"poly_apply {kw}", poly._poly_apply_kernel, sig, dict(PRECISION=prec, **kw), c.num_warps, c.num_stages
+    sig = dict(G="*fp32", OUT=p, COEF="*fp32", steps="i32", M="i32", N="i32", s_gb="i32", s_gm="i32", s_gn="i32",
+               s_ob="i32", s_om="i32", s_on="i32", fro_scale="fp32", eps="fp32")
+    side = small.MAX_SMALL_SIDE_FP32 if dtype == "fp32" else small.MAX_SMALL_SIDE
+    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    import torch
+
+    for m, n in ((side, 64), (side, 4096), (32, 512), (16, 64)):
+        if m > side:
+            continue
+        mp, bn, regs = small.small_layout(m, n, getattr(torch, torch_dtype))
+        warps = 8 if mp >= 128 or (dtype == "fp32" and mp >= 64) else 4
+        consts = dict(MP=mp, BN=bn, ONE_CHUNK=regs, PRECISION=prec)
+        yield f"ns_small m={m} n={n} (BN={bn}, in registers={regs})", small._ns_small_kernel, sig, consts, warps, 2
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp32", action="store_true", help="also compile the fp32 configs (slow)")
+    args = parser.parse_args(argv)
+    for dtype in ("bf16", "fp32") if args.fp32 else ("bf16",):
+        for name, kernel, sig, consts, warps, stages in specializations(dtype):
+            r = compile_one(kernel, sig, consts, warps, stages)
+            print(f"{dtype:5s} {name:70s} warps={warps} stages={stages} regs={r['regs']:3d} "
+                  f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Symmetric rank-k products: the two m×m stages of a Newton–Schulz step, one triangle of tiles each.
+
+    gram(X)            A = X·Xᵀ                 (X: m×n)
+    sym_poly(A, b, c)  B = b·A + c·A·A          (A symmetric m×m; A·A = A·Aᵀ, the same kernel)
+
+Both outputs are symmetric, so only the tiles on and below the diagonal are computed (T(T+1)/2 of the
+T² tiles: half the FLOPs of a plain GEMM) and each is stored twice, once mirrored. Inside a diagonal
+tile the lower half is stored from the tile and the strict upper half from its transpose, so every
+element is written exactly once and the result is exactly symmetric (no two programs race on one
+address). The b·A term of the polynomial is the epilogue (the A tile is read once, in fp32).
+
+Accumulation is fp32 (tl.dot); the result is rounded once to the output dtype, as torch's bmm/baddbmm do.
+Batched over the leading dim with every stride an argument; per-step values (alpha, beta) are runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRETED,
+    as_batched,
+    batch_chunks,
+    check_compute_dtype,
+    check_out,
+    dot_precision,
+    next_pow2,
+)
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRETED:
+        # one small config: several tiles (and the triangle mapping) on tiny test shapes
+        return [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # Hopper (sm_90, 228 KB smem/SM): 128×128 tiles with a 64-deep K slice and 3–4 stages keep two
+    # warpgroups busy on wgmma; 64×64 covers small m where 128-tiles would leave SMs idle.
+    return [
+        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles larger than the matrix (all-padding work) and, for fp32, the 128-deep K slices that
+    would not fit the shared memory at 4 bytes an element; always keep at least one config."""
+    M = named_args["M"]
+    fp32 = named_args["X"].dtype == torch.float32
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK"] <= max(64, next_pow2(M)) and not (fp32 and c.kwargs["BLOCK_K"] > 64)
+    ]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "K", "s_xm", "s_xk", "HAS_C"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _syrk_kernel(
+    X, C, OUT, M, K,
+    s_xb, s_xm, s_xk, s_cb, s_cm, s_cn, s_ob, s_om, s_on,
+    alpha, beta,
+    HAS_C: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT = alpha·X·Xᵀ (+ beta·C), lower-triangle tiles only, each stored to both triangles."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # linear id -> lower-triangle tile (ti >= tj), id = ti(ti+1)/2 + tj; the fp32 sqrt is within one
+    # of the exact root for any realistic tile count, and the two corrections make it exact
+    ti = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
+    ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
+    tj = pid - ti * (ti + 1) // 2
+
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    # int64 offsets: a single matrix may hold more than 2^31 elements, and views have any strides
+    oi = offs_i.to(tl.int64)
+    oj = offs_j.to(tl.int64)
+    xi = X + b * s_xb + oi[:, None] * s_xm + offs_k[None, :] * s_xk
+    xj = X + b * s_xb + oj[None, :] * s_xm + offs_k[:, None] * s_xk
+    mask_i = offs_i[:, None] < M
+    mask_j = offs_j[None, :] < M
+
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(xi, mask=mask_i & k_ok[None, :], other=0.0)
+        bt = tl.load(xj, mask=mask_j & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+        xi += BLOCK_K * s_xk
+        xj += BLOCK_K * s_xk
+
+    acc = acc * alpha
+    valid = mask_i & mask_j
+    if HAS_C:
+        cp = C + b * s_cb + oi[:, None] * s_cm + oj[None, :] * s_cn
+        acc += beta * tl.load(cp, mask=valid, other=0.0).to(tl.float32)
+    res = acc.to(OUT.dtype.element_ty)
+
+    o_base = OUT + b * s_ob
+    lower = offs_i[:, None] >= offs_j[None, :]  # all true off the diagonal (ti > tj)
+    tl.store(o_base + oi[:, None] * s_om + oj[None, :] * s_on, res, mask=valid & lower)
+    # the mirror, stored from the transposed tile so the writes stay row-contiguous
+    upper_t = offs_j[:, None] < offs_i[None, :]
+    mirror = o_base + oj[:, None] * s_om + oi[None, :] * s_on
+    tl.store(mirror, tl.trans(res), mask=tl.trans(valid) & upper_t)
+
+
+def _launch(X3, C3, O3, alpha: float, beta: float, dtype: torch.dtype) -> None:
+    B, M, K = X3.shape
+    has_c = C3 is not None
+    for lo, hi in batch_chunks(B):
+        x, o = X3[lo:hi], O3[lo:hi]
+        c = C3[lo:hi] if has_c else o  # C unused (HAS_C False): any valid pointer
+        grid = lambda meta, nb=hi - lo: (triton.cdiv(M, meta["BLOCK"]) * (triton.cdiv(M, meta["BLOCK"]) + 1) // 2, nb)
+        _syrk_kernel[grid](
+            x, c, o, M, K,
+            x.stride(0), x.stride(1), x.stride(2), c.stride(0), c.stride(1), c.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            float(alpha), float(beta),
+            HAS_C=has_c, PRECISION=dot_precision(dtype),
+        )
+
+
+def gram(X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A = X·Xᵀ for X (m, n) or (B, m, n), any strides; result in X's dtype (fp32 accumulation).
+
+    Computes one triangle of tiles and mirrors it: about half the multiply-adds of the full GEMM.
+    """
+    check_compute_dtype(X.dtype)
+    out = check_out(out, (*X.shape[:-1], X.shape[-2]), X.dtype, X.device)
+    if X.shape[-2] == 0:
+        return out
+    if X.shape[-1] == 0:
+        return out.zero_()
+    _launch(as_batched(X, "X"), None, as_batched(out, "out"), 1.0, 0.0, X.dtype)
+    return out
+
+
+def sym_poly(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """B = b·A + c·A·A for symmetric A (m, m) or (B, m, m); only A's symmetry is assumed, not checked.
+
+    One triangle of tiles of A·Aᵀ (= A·A for symmetric A), with b·A added in the epilogue.
+    """
+    check_compute_dtype(A.dtype)
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must be square (symmetric), got shape {tuple(A.shape)}")
+    out = check_out(out, tuple(A.shape), A.dtype, A.device)
+    if A.shape[-1] == 0:
+        return out
+    A3 = as_batched(A, "A")
+    _launch(A3, A3, as_batched(out, "out"), c, b, A.dtype)
+    return out

@@ -1,0 +1,83 @@
+"""The Triton backend: fused Newton–Schulz kernels from kernels/ (installed as muon.kernels).
+
+Triton is imported on first use only, so `import muon` works without it. CUDA tensors run the compiled
+kernels; CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 was set before the
+kernels were first imported (how CI tests them; far too slow for real work).
+
+`run` chooses per shape between the fused small-matrix path (m <= 128: every step of a matrix in one
+program, the whole batch in one launch) and the tiled GEMM path (3 launches per step).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..coefficients import Schedule
+
+Path = Literal["auto", "small", "gemm"]
+
+_INSTALL = "pip install triton (or pip install 'muon[triton]')"
+
+
+def _env_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(X: Tensor) -> str | None:
+    """None when the Triton kernels can run on X, else why not and how to fix it."""
+    if importlib.util.find_spec("triton") is None:
+        return f"backend='triton' needs Triton, which is not installed: {_INSTALL}"
+    device = X.device.type
+    if device == "cuda":
+        return None
+    if device != "cpu":
+        return f"backend='triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device} tensor"
+    if not _env_interpreting():
+        return (
+            "backend='triton' got a CPU tensor: move it to a CUDA GPU, or set TRITON_INTERPRET=1 in the "
+            "environment before muon.kernels is imported to run the kernels in Triton's CPU interpreter (slow)"
+        )
+    kernels = sys.modules.get("muon.kernels")
+    if kernels is not None and not kernels.INTERPRETED:
+        return (
+            "backend='triton' got a CPU tensor, but muon.kernels was imported before TRITON_INTERPRET=1 was set "
+            "(Triton picks the interpreter when a kernel is defined): set it before the first import"
+        )
+    return None
+
+
+def use_small_path(batch: int, m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The fused path for a small side up to 128 (64 in fp32) unless one matrix is so long that a single program per
+    matrix leaves the GPU idle (few matrices, n large): then the tiled kernels' parallelism wins.
+    Thresholds are a first guess (GPU timings unmeasured so far): tune with `python -m bench kernels`."""
+    from muon.kernels import max_small_side
+
+    if m > max_small_side(dtype):
+        return False
+    return n <= 4096 or batch * n >= 64 * 4096
+
+
+def run(X: Tensor, schedule: Schedule, dtype: torch.dtype, *, path: Path = "auto") -> Tensor:
+    """NS of a (B, m, n) stack (m <= n, any strides/float dtype) in `dtype`; returns (B, m, n) in dtype.
+
+    path: "auto" (by shape), "small" (fused, m <= 128) or "gemm" (tiled kernels); float64, the reference
+    precision, has no kernels and runs the torch reference on the same device.
+    """
+    if dtype == torch.float64:
+        from .torch_ref import newton_schulz_torch
+
+        return newton_schulz_torch(X, schedule, dtype)
+    from muon import kernels
+
+    B, m, n = X.shape
+    if path not in ("auto", "small", "gemm"):
+        raise ValueError(f"path must be 'auto', 'small' or 'gemm', got {path!r}")
+    small = use_small_path(B, m, n, dtype) if path == "auto" else path == "small"
+    fn = kernels.ns_small if small else kernels.ns_gemm
+    return fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype)
