@@ -46,8 +46,50 @@ def _patch_interpreter_bf16_dot() -> None:
     builder.create_dot = create_dot
 
 
+def _patch_interpreter_bf16_rounding() -> None:
+    """Test-only shim: Triton's interpreter converts fp32 -> bf16 by truncation (round toward zero;
+    subnormals mangled), where the GPU's `.to(tl.bfloat16)` rounds to nearest even (cvt.rn.bf16.f32).
+    Truncation doubles the kernels' bf16 error in the interpreter only; round like the GPU does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "_muon_rtne_shim", False):
+        return
+    cast_impl, fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+    rtne = interpreter._ir.ROUNDING_MODE.RTNE
+
+    def to_bf16(src):
+        f = src.data.astype(np.float32)
+        bits = f.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)
+        return interpreter.TensorHandle(np.where(np.isnan(f), quiet_nan, rounded).astype(np.uint16), tl.bfloat16)
+
+    def patched_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16(src)
+        return cast_impl(self, src, dst_type)
+
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16 and rounding_mode in (None, rtne):
+            return to_bf16(src)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    patched_cast._muon_rtne_shim = True
+    builder.cast_impl = patched_cast
+    builder.create_fp_to_fp = patched_fp_to_fp
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _patch_interpreter_bf16_dot()
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        _patch_interpreter_bf16_dot()
+        _patch_interpreter_bf16_rounding()
 
 
 def pytest_collection_modifyitems(config, items):
