@@ -376,6 +376,8 @@ class Muon(Optimizer):
             bias_correction1 = 1 - beta1**t
             bias_correction2_sqrt = (1 - beta2**t).sqrt()
             step_size = _masked(ok, -lr / bias_correction1, 0.0, dtype)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            # One temporary for sqrt(v̂) + eps, reused for m / (sqrt(v̂) + eps): two passes fewer than
+            # out-of-place ops, same arithmetic as torch's (sqrt(v) / sqrt(bc2)) + eps.
+            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
-            _decay_and_add(p, decay, exp_avg / denom, step_size)
+            _decay_and_add(p, decay, torch.div(exp_avg, denom, out=denom), step_size)
