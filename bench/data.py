@@ -47,7 +47,8 @@ def _is_val(relative: str, val_fraction: float) -> bool:
 def load(path: str | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES, val_fraction: float = 0.1) -> ByteData:
     """Train/validation byte tensors from `path` (any file) or, with path=None, the stdlib sources.
 
-    max_bytes caps the total read (train + val), taking stdlib files in sorted path order.
+    max_bytes caps the total read: (1 - val_fraction)·max_bytes of train and val_fraction·max_bytes of
+    validation, taking stdlib files in sorted path order.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -61,15 +62,19 @@ def load(path: str | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES, val_fra
         t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return ByteData(t[:cut].clone(), t[cut:].clone(), f"file:{path}")
     root, files = _stdlib_files()
-    train, val, total = [], [], 0
+    # Each split has its own share of the cap, so a small cap still gives a ~val_fraction split.
+    budget = {"train": max_bytes - int(max_bytes * val_fraction), "val": int(max_bytes * val_fraction)}
+    parts: dict[str, list[bytes]] = {"train": [], "val": []}
     for f in files:
-        raw = f.read_bytes()
-        if total + len(raw) > max_bytes:
-            raw = raw[: max_bytes - total]
-        total += len(raw)
-        (val if _is_val(str(f.relative_to(root).as_posix()), val_fraction) else train).append(raw)
-        if total >= max_bytes:
-            break
+        split = "val" if _is_val(f.relative_to(root).as_posix(), val_fraction) else "train"
+        if budget[split] <= 0:
+            if budget["train"] <= 0 and budget["val"] <= 0:
+                break
+            continue
+        raw = f.read_bytes()[: budget[split]]
+        budget[split] -= len(raw)
+        parts[split].append(raw)
+    train, val = parts["train"], parts["val"]
     as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).clone()
     return ByteData(as_tensor(train), as_tensor(val), f"python-stdlib:{root}")
 
