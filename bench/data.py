@@ -79,7 +79,9 @@ def load(path: str | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES, val_fra
     return ByteData(as_tensor(train), as_tensor(val), f"python-stdlib:{root}")
 
 
-def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    tokens: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch` random windows of seq_len + 1 bytes: (inputs, next-byte targets), int64."""
     if tokens.numel() <= seq_len + 1:
         raise ValueError(f"need more than seq_len + 1 = {seq_len + 1} tokens, have {tokens.numel()}")

@@ -21,8 +21,8 @@ import math
 import time
 from pathlib import Path
 
-QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**18,
-             lrs=[2.5e-3, 5e-3, 1e-2, 2e-2], evals=16, val_count=4)
+QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
+             lrs=[5e-3, 1e-2, 2e-2], evals=12, val_count=4)
 FULL = dict(width=512, depth=8, head_dim=64, seq_len=512, batches=[32, 64, 128, 256, 512], tokens=2**30,
             lrs=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], evals=40, val_count=16)
 OPTIMIZERS = ("muon", "adamw")
@@ -34,7 +34,7 @@ def tokens_to_reach(tokens: list[float], losses: list[float], target: float, sta
     `start` is (0, initial loss). Returns inf if the curve never reaches the target.
     """
     xs, ys = [start[0]], [start[1]]
-    for t, loss in zip(tokens, losses):
+    for t, loss in zip(tokens, losses, strict=True):
         xs.append(t)
         ys.append(min(ys[-1], loss))
     if ys[0] <= target:
@@ -121,7 +121,8 @@ def run(args) -> int:
                 if not finite:
                     raise SystemExit(f"every {opt_name} run diverged at batch {b}; lower --lrs")
                 best = min(finite, key=lambda r: r["final_val_loss"])
-                runs[opt_name] = {"best_lr": best["lr"], "best_lr_at_edge": best["lr"] in (min(s["lrs"]), max(s["lrs"])),
+                at_edge = len(s["lrs"]) > 1 and best["lr"] in (min(s["lrs"]), max(s["lrs"]))
+                runs[opt_name] = {"best_lr": best["lr"], "best_lr_at_edge": at_edge,
                                   "curve": {"tokens": best["tokens"], "val_loss": best["val_loss"]},
                                   "final_val_loss": best["final_val_loss"],
                                   "sweep": [{"lr": r["lr"], "final_val_loss": r["final_val_loss"]} for r in sweep]}
@@ -161,7 +162,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["batches"]
     fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    for ax, r in zip(axes[0], rows, strict=False):
         for name, style in (("muon", "C0-"), ("adamw", "C1-")):
             c = r[name]["curve"]
             ax.plot(c["tokens"], c["val_loss"], style, label=f"{name} (lr {r[name]['best_lr']:g})")

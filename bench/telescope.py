@@ -40,7 +40,7 @@ def points_per_dim(n0: int, k: int, stage: int) -> int:
 
 def grid(center: Sequence[float], spacing: Sequence[float], n: int) -> list[Point]:
     """The n^k points of a grid with the given spacing per dimension, centred on `center`."""
-    axes = [[c + (i - (n - 1) / 2) * h for i in range(n)] for c, h in zip(center, spacing)]
+    axes = [[c + (i - (n - 1) / 2) * h for i in range(n)] for c, h in zip(center, spacing, strict=True)]
     return [tuple(p) for p in itertools.product(*axes)]
 
 
@@ -93,7 +93,7 @@ def telescope(
         tried = []
         for point in grid(current, h, n):
             loss = float(objective(width, point))
-            tried.append({"point": dict(zip(names, point)), "loss": loss})
+            tried.append({"point": dict(zip(names, point, strict=True)), "loss": loss})
             if progress is not None:
                 progress.update(1)
         # NaN/inf (diverged) never win; ties go to the first point tried
@@ -101,7 +101,8 @@ def telescope(
         stage_cost = len(tried) * cost(width)
         total += stage_cost
         stages.append({
-            "width": width, "points_per_dim": n, "spacing": dict(zip(names, h)), "center": dict(zip(names, current)),
+            "width": width, "points_per_dim": n, "spacing": dict(zip(names, h, strict=True)),
+            "center": dict(zip(names, current, strict=True)),
             "grid": tried, "best": tried[best_i], "cost": stage_cost,
         })
         current = tuple(tried[best_i]["point"][name] for name in names)
@@ -191,7 +192,7 @@ def run(args) -> int:
     tokens = s["steps"] * s["batch"] * s["seq_len"]
 
     def objective(width: int, point) -> float:
-        values = {name: 2.0**x for name, x in zip(names, point)}
+        values = {name: 2.0**x for name, x in zip(names, point, strict=True)}
         lr = values.get("lr", DEFAULT_CENTERS["lr"])
         model = G.build(cfg_at(width), seed=args.seed, mup_base_width=s["base_width"])
         opt = G.make_optimizer(model, "muon", lr, values.get("weight_decay", args.weight_decay),
@@ -245,7 +246,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.6), squeeze=False)
     finite = [e["loss"] for st in stages for e in st["grid"] if math.isfinite(e["loss"])]
     vmin, vmax = (min(finite), max(finite)) if finite else (0, 1)
-    for ax, st in zip(axes[0], stages):
+    for ax, st in zip(axes[0], stages, strict=True):
         xs = [e["point"][names[0]] for e in st["grid"]]
         ys = [e["point"][names[1]] if len(names) > 1 else e["loss"] for e in st["grid"]]
         cs = [e["loss"] if math.isfinite(e["loss"]) else vmax for e in st["grid"]]
@@ -260,6 +261,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"width {st['width']}: {st['points_per_dim']}^{len(names)} runs\nbest {st['best']['loss']:.3f}")
     fig.colorbar(sc, ax=axes[0].tolist(), label="val loss")
     fig.suptitle(f"telescoping sweep ({result.get('device', '?')}{', quick' if result.get('quick') else ''}): "
-                 f"cost {result['cost_ratio_vs_brute_force']:.2f}x of a brute-force grid at the final width", fontsize=9)
+                 f"cost {result['cost_ratio_vs_brute_force']:.2f}x of a brute-force grid at the final width",
+                 fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -133,7 +133,9 @@ def roles(
         for pname, p in module.named_parameters(recurse=False):
             r = "input" if role == "input" else ("output" if pname == "weight" or p.ndim >= 2 else "vector")
             if owner_role.get(id(p), r) != r:
-                raise ValueError(f"parameter of module {name!r} is shared by an input and an output module; untie them for muP")
+                raise ValueError(
+                    f"parameter of module {name!r} is shared by an input and an output module; untie them for muP"
+                )
             owner_role[id(p)] = r
     out = {}
     for name, p in model.named_parameters():
@@ -214,7 +216,7 @@ def apply(
             module.register_forward_hook(_output_hook(multiplier("output", fan_in, fan_out)))
     if init:
         owners = {}
-        for mname, module in model.named_modules():
+        for module in model.modules():
             for pname, p in module.named_parameters(recurse=False):
                 owners.setdefault(id(p), (module, pname))
         for name, p in model.named_parameters():

@@ -163,7 +163,7 @@ def test_param_groups_learning_rate_scales(ratio):
     net(torch.randn(3, 5)).square().mean().backward()
     before = [p.detach().clone() for p in net.parameters()]
     opt.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("mode", ["spectral", "original", "match_rms_adamw", None, lambda m, n: 3.0])

@@ -40,11 +40,11 @@ def _synthetic(c0=(0.3, -0.7), drift=(0.6, -0.5)):
     calls = []
 
     def optimum(width):
-        return tuple(c + d / width for c, d in zip(c0, drift))
+        return tuple(c + d / width for c, d in zip(c0, drift, strict=True))
 
     def loss(width, point):
         calls.append((width, point))
-        return sum((x - o) ** 2 for x, o in zip(point, optimum(width)))
+        return sum((x - o) ** 2 for x, o in zip(point, optimum(width), strict=True))
 
     return loss, optimum, calls
 
@@ -67,7 +67,7 @@ def test_telescope_on_a_drifting_optimum():
         h = spacing[0] / 2**s  # spacing halves each doubling
         assert st["spacing"] == {"lr": pytest.approx(h), "wd": pytest.approx(h)}
         xs = sorted({e["point"]["lr"] for e in st["grid"]})
-        assert all(b - a == pytest.approx(h) for a, b in zip(xs, xs[1:]))
+        assert all(b - a == pytest.approx(h) for a, b in zip(xs, xs[1:], strict=False))
         # centred: on the initial centre, then on the previous stage's optimum (which is a grid point)
         centre = (0.0, 0.0) if s == 0 else tuple(stages[s - 1]["best"]["point"][n] for n in ("lr", "wd"))
         assert (st["center"]["lr"], st["center"]["wd"]) == pytest.approx(centre)
