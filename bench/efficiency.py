@@ -1,7 +1,7 @@
 """`python -m bench efficiency`: Muon vs AdamW data efficiency across batch sizes.
 
-For each batch size, each optimizer is swept over learning rates on the same token budget and the
-best final validation loss picks its lr. The common target loss is the worse of the two best final
+For each batch size, each optimizer is swept over its own learning-rate grid on the same token budget
+and the best final validation loss picks its lr (the JSON flags a best lr at the edge of its grid). The common target loss is the worse of the two best final
 losses (one that both reach); the tokens each needs to reach it are read off its validation curve
 (running minimum, linear interpolation between evaluations), and token_ratio = adamw_tokens /
 muon_tokens is the paper's R_L(B) (> 1: Muon needs fewer tokens).
@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
-             lrs=[5e-3, 1e-2, 2e-2], evals=12, val_count=4)
+             muon_lrs=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2], adamw_lrs=[6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2], evals=12,
+             val_count=3)
 FULL = dict(width=512, depth=8, head_dim=64, seq_len=512, batches=[32, 64, 128, 256, 512], tokens=2**30,
-            lrs=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], evals=40, val_count=16)
+            muon_lrs=[2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2], adamw_lrs=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], evals=40,
+            val_count=16)
 OPTIMIZERS = ("muon", "adamw")
 
 
@@ -54,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes, in sequences per step")
     p.add_argument("--tokens", type=int, help="token budget of every run")
-    p.add_argument("--lrs", type=float, nargs="+", help="learning rates swept for each optimizer")
+    p.add_argument("--lrs", type=float, nargs="+", help="learning rates swept for both optimizers")
+    p.add_argument("--muon-lrs", type=float, nargs="+", help="learning rates swept for Muon (overrides --lrs)")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", help="learning rates swept for AdamW (overrides --lrs)")
     p.add_argument("--evals", type=int, help="validation evaluations per run")
     p.add_argument("--val-count", type=int, help="validation batches of 16 sequences per evaluation")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -78,8 +82,12 @@ def _settings(args) -> dict:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     if s["width"] % s["head_dim"]:
         raise SystemExit(f"--width ({s['width']}) must be a multiple of --head-dim ({s['head_dim']})")
-    if any(b < 1 for b in s["batches"]) or any(not lr > 0 for lr in s["lrs"]):
-        raise SystemExit("--batches must be >= 1 and --lrs > 0")
+    for name in OPTIMIZERS:
+        given = getattr(args, f"{name}_lrs", None) or getattr(args, "lrs", None)
+        if given is not None:
+            s[f"{name}_lrs"] = given
+    if any(b < 1 for b in s["batches"]) or any(not lr > 0 for n in OPTIMIZERS for lr in s[f"{n}_lrs"]):
+        raise SystemExit("--batches must be >= 1 and learning rates > 0")
     for b in s["batches"]:
         if s["tokens"] < b * s["seq_len"]:
             raise SystemExit(f"--tokens ({s['tokens']}) is less than one batch of {b} x {s['seq_len']} tokens")
@@ -101,7 +109,8 @@ def run(args) -> int:
     initial_loss = G.evaluate(G.build(cfg, seed=args.seed), val)
     start = time.perf_counter()
 
-    total_steps = sum(s["tokens"] // (b * cfg.seq_len) for b in s["batches"]) * len(s["lrs"]) * len(OPTIMIZERS)
+    runs_per_batch = sum(len(s[f"{n}_lrs"]) for n in OPTIMIZERS)
+    total_steps = sum(s["tokens"] // (b * cfg.seq_len) for b in s["batches"]) * runs_per_batch
     rows = []
     with tqdm(total=total_steps, desc="efficiency steps", unit="step") as bar:
         for b in s["batches"]:
@@ -109,7 +118,8 @@ def run(args) -> int:
             runs = {}
             for opt_name in OPTIMIZERS:
                 sweep = []
-                for lr in s["lrs"]:
+                lrs = s[f"{opt_name}_lrs"]
+                for lr in lrs:
                     bar.set_postfix(batch=b, opt=opt_name, lr=lr)
                     model = G.build(cfg, seed=args.seed)
                     opt = G.make_optimizer(model, opt_name, lr, args.weight_decay)
@@ -119,9 +129,10 @@ def run(args) -> int:
                     sweep.append({"lr": lr, **h})
                 finite = [r for r in sweep if math.isfinite(r["final_val_loss"])]
                 if not finite:
-                    raise SystemExit(f"every {opt_name} run diverged at batch {b}; lower --lrs")
+                    raise SystemExit(f"every {opt_name} run diverged at batch {b}; lower its learning rates")
                 best = min(finite, key=lambda r: r["final_val_loss"])
-                at_edge = len(s["lrs"]) > 1 and best["lr"] in (min(s["lrs"]), max(s["lrs"]))
+                # a best lr at the edge of its grid means the sweep did not bracket the optimum
+                at_edge = len(lrs) > 1 and best["lr"] in (min(lrs), max(lrs))
                 runs[opt_name] = {"best_lr": best["lr"], "best_lr_at_edge": at_edge,
                                   "curve": {"tokens": best["tokens"], "val_loss": best["val_loss"]},
                                   "final_val_loss": best["final_val_loss"],
