@@ -24,7 +24,7 @@ from pathlib import Path
 QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
              muon_lrs=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2], adamw_lrs=[6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2], evals=12,
              val_count=3)
-FULL = dict(width=512, depth=8, head_dim=64, seq_len=512, batches=[32, 64, 128, 256, 512], tokens=2**30,
+FULL = dict(width=512, depth=8, head_dim=64, seq_len=512, batches=[32, 64, 128, 256, 512], tokens=2**28,
             muon_lrs=[2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2], adamw_lrs=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], evals=40,
             val_count=16)
 OPTIMIZERS = ("muon", "adamw")

@@ -119,7 +119,7 @@ def total_runs(n0: int, k: int, n_stages: int) -> int:
 QUICK = dict(base_width=32, final_width=128, depth=2, head_dim=16, seq_len=64, batch=16, steps=150, n0=4)
 FULL = dict(base_width=128, final_width=1024, depth=6, head_dim=64, seq_len=256, batch=64, steps=4000, n0=8)
 HPARAMS = ("lr", "weight_decay", "adamw_lr")
-DEFAULT_CENTERS = {"lr": 0.02, "weight_decay": 0.05, "adamw_lr": 0.004}
+DEFAULT_CENTERS = {"lr": 0.04, "weight_decay": 0.1, "adamw_lr": 0.008}
 
 
 def _parse_hparam(text: str) -> tuple[str, float]:
@@ -243,7 +243,9 @@ def plot(result: dict, path: Path) -> None:
 
     names = result["hyperparameters"]
     stages = result["stages"]
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.6), squeeze=False)
+    # shared axes: each stage's smaller, finer grid shows as a zoom into the previous one
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.8), squeeze=False, sharex=True,
+                             sharey=len(names) > 1, constrained_layout=True)
     finite = [e["loss"] for st in stages for e in st["grid"] if math.isfinite(e["loss"])]
     vmin, vmax = (min(finite), max(finite)) if finite else (0, 1)
     for ax, st in zip(axes[0], stages, strict=True):
@@ -258,7 +260,8 @@ def plot(result: dict, path: Path) -> None:
             sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax)
             ax.set_ylabel("val loss")
         ax.set_xlabel(f"log2 {names[0]}")
-        ax.set_title(f"width {st['width']}: {st['points_per_dim']}^{len(names)} runs\nbest {st['best']['loss']:.3f}")
+        ax.set_title(f"width {st['width']}: {st['points_per_dim']}^{len(names)} runs, best {st['best']['loss']:.3f}",
+                     fontsize=9)
     fig.colorbar(sc, ax=axes[0].tolist(), label="val loss")
     fig.suptitle(f"telescoping sweep ({result.get('device', '?')}{', quick' if result.get('quick') else ''}): "
                  f"cost {result['cost_ratio_vs_brute_force']:.2f}x of a brute-force grid at the final width",
