@@ -9,6 +9,7 @@ last `val_fraction` of its bytes is validation. Tokens are bytes (vocabulary 256
 
 from __future__ import annotations
 
+import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -33,7 +34,11 @@ class ByteData:
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if not (SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]  # prune: site-packages alone can be GBs
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    files.sort()
     if not files:
         raise FileNotFoundError(f"no Python standard library sources found under {root}; pass --data FILE")
     return root, files

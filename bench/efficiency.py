@@ -1,14 +1,17 @@
 """`python -m bench efficiency`: Muon vs AdamW data efficiency across batch sizes.
 
 For each batch size, each optimizer is swept over its own learning-rate grid on the same token budget
-and the best final validation loss picks its lr (the JSON flags a best lr at the edge of its grid). The common target loss is the worse of the two best final
-losses (one that both reach); the tokens each needs to reach it are read off its validation curve
-(running minimum, linear interpolation between evaluations), and token_ratio = adamw_tokens /
-muon_tokens is the paper's R_L(B) (> 1: Muon needs fewer tokens).
+and the best final validation loss picks its lr (the JSON flags a best lr at the edge of its grid).
+The common target loss is the worse of the two best final losses (one that both reach); the tokens
+each needs to reach it are read off its validation curve (running minimum, linear interpolation
+between evaluations), and token_ratio = adamw_tokens / muon_tokens is the paper's R_L(B) (> 1: Muon
+needs fewer tokens).
 
 Muon runs use `muon.Muon(muon.param_groups(model), adjust_lr_fn="match_rms_adamw")`, so one lr serves
-its Muon and AdamW groups (embeddings, head, norms) and the lr grid means the same for both
-optimizers; AdamW runs use torch.optim.AdamW over every parameter. Same betas (0.9, 0.95), weight
+its Muon and AdamW groups (embeddings, head, norms) and an lr means the same thing for both
+optimizers, though each gets its own grid (AdamW's sits lower: its best lr is lower, and its loss
+spikes at lrs Muon trains well with); AdamW runs use torch.optim.AdamW over every parameter. Same
+betas (0.9, 0.95), weight
 decay, warmup (5 % of steps, then constant lr: a curve's every point is a fair "tokens to reach"
 reading), init, data order and validation batches for both.
 """
