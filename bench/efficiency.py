@@ -11,9 +11,8 @@ Muon runs use `muon.Muon(muon.param_groups(model), adjust_lr_fn="match_rms_adamw
 its Muon and AdamW groups (embeddings, head, norms) and an lr means the same thing for both
 optimizers, though each gets its own grid (AdamW's sits lower: its best lr is lower, and its loss
 spikes at lrs Muon trains well with); AdamW runs use torch.optim.AdamW over every parameter. Same
-betas (0.9, 0.95), weight
-decay, warmup (5 % of steps, then constant lr: a curve's every point is a fair "tokens to reach"
-reading), init, data order and validation batches for both.
+betas (0.9, 0.95), weight decay, warmup (5 % of steps, then constant lr: a curve's every point is a
+fair "tokens to reach" reading), init, data order and validation batches for both.
 """
 
 from __future__ import annotations
