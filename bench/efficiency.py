@@ -1,0 +1,202 @@
+"""`python -m bench efficiency`: Muon vs AdamW data efficiency across batch sizes.
+
+For each batch size, each optimizer is swept over its own learning-rate grid on the same token budget
+and the best final validation loss picks its lr (the JSON flags a best lr at the edge of its grid).
+The common target loss is the worse of the two best final losses (one that both reach); the tokens
+each needs to reach it are read off its validation curve (running minimum, linear interpolation
+between evaluations), and token_ratio = adamw_tokens / muon_tokens is the paper's R_L(B) (> 1: Muon
+needs fewer tokens).
+
+Muon runs use `muon.Muon(muon.param_groups(model), adjust_lr_fn="match_rms_adamw")`, so one lr serves
+its Muon and AdamW groups (embeddings, head, norms) and an lr means the same thing for both
+optimizers, though each gets its own grid (AdamW's sits lower: its best lr is lower, and its loss
+spikes at lrs Muon trains well with); AdamW runs use torch.optim.AdamW over every parameter. Same
+betas (0.9, 0.95), weight decay, warmup (5 % of steps, then constant lr: a curve's every point is a
+fair "tokens to reach" reading), init, data order and validation batches for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
+             muon_lrs=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2], adamw_lrs=[6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2], evals=12,
+             val_count=3)
+FULL = dict(width=512, depth=8, head_dim=64, seq_len=512, batches=[32, 64, 128, 256, 512], tokens=2**28,
+            muon_lrs=[2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2], adamw_lrs=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], evals=40,
+            val_count=16)
+OPTIMIZERS = ("muon", "adamw")
+
+
+def tokens_to_reach(tokens: list[float], losses: list[float], target: float, start: tuple[float, float]) -> float:
+    """Tokens at which the running minimum of the curve first reaches `target` (linear interpolation).
+
+    `start` is (0, initial loss). Returns inf if the curve never reaches the target.
+    """
+    xs, ys = [start[0]], [start[1]]
+    for t, loss in zip(tokens, losses, strict=True):
+        xs.append(t)
+        ys.append(min(ys[-1], loss))
+    if ys[0] <= target:
+        return float(xs[0])
+    for i in range(1, len(xs)):
+        if ys[i] <= target:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return float(x1 if y0 == y1 else x0 + (x1 - x0) * (y0 - target) / (y0 - y1))
+    return math.inf
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="CPU settings: width 64, 3 batch sizes (minutes)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--head-dim", type=int, help="heads = width / head_dim")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes, in sequences per step")
+    p.add_argument("--tokens", type=int, help="token budget of every run")
+    p.add_argument("--lrs", type=float, nargs="+", help="learning rates swept for both optimizers")
+    p.add_argument("--muon-lrs", type=float, nargs="+", help="learning rates swept for Muon (overrides --lrs)")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", help="learning rates swept for AdamW (overrides --lrs)")
+    p.add_argument("--evals", type=int, help="validation evaluations per run")
+    p.add_argument("--val-count", type=int, help="validation batches of 16 sequences per evaluation")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--data", help="a text file to train on (default: the Python stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
+    p.add_argument("--out", default="bench/results/efficiency", help="folder for the JSON and plot")
+    p.add_argument("--json", action="store_true", help="print the result JSON to stdout")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def _settings(args) -> dict:
+    s = dict(QUICK if args.quick else FULL)
+    for key in s:
+        value = getattr(args, key, None)
+        if value is not None:
+            s[key] = value
+    for key in ("width", "depth", "head_dim", "seq_len", "tokens", "evals", "val_count"):
+        if s[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["width"] % s["head_dim"]:
+        raise SystemExit(f"--width ({s['width']}) must be a multiple of --head-dim ({s['head_dim']})")
+    for name in OPTIMIZERS:
+        given = getattr(args, f"{name}_lrs", None) or getattr(args, "lrs", None)
+        if given is not None:
+            s[f"{name}_lrs"] = given
+    if any(b < 1 for b in s["batches"]) or any(not lr > 0 for n in OPTIMIZERS for lr in s[f"{n}_lrs"]):
+        raise SystemExit("--batches must be >= 1 and learning rates > 0")
+    for b in s["batches"]:
+        if s["tokens"] < b * s["seq_len"]:
+            raise SystemExit(f"--tokens ({s['tokens']}) is less than one batch of {b} x {s['seq_len']} tokens")
+    return s
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import data as D
+    from . import gpt as G
+
+    torch.set_num_threads(args.threads)
+    s = _settings(args)
+    data = D.load(args.data, max_bytes=args.max_bytes)
+    cfg = G.GPTConfig(width=s["width"], depth=s["depth"], heads=s["width"] // s["head_dim"], seq_len=s["seq_len"])
+    val = D.val_batches(data.val, 16, cfg.seq_len, s["val_count"])
+    initial_loss = G.evaluate(G.build(cfg, seed=args.seed), val)
+    start = time.perf_counter()
+
+    runs_per_batch = sum(len(s[f"{n}_lrs"]) for n in OPTIMIZERS)
+    total_steps = sum(s["tokens"] // (b * cfg.seq_len) for b in s["batches"]) * runs_per_batch
+    rows = []
+    with tqdm(total=total_steps, desc="efficiency steps", unit="step") as bar:
+        for b in s["batches"]:
+            steps = s["tokens"] // (b * cfg.seq_len)
+            runs = {}
+            for opt_name in OPTIMIZERS:
+                sweep = []
+                lrs = s[f"{opt_name}_lrs"]
+                for lr in lrs:
+                    bar.set_postfix(batch=b, opt=opt_name, lr=lr)
+                    model = G.build(cfg, seed=args.seed)
+                    opt = G.make_optimizer(model, opt_name, lr, args.weight_decay)
+                    h = G.train(model, opt, data, batch=b, steps=steps, seed=args.seed, warmup=max(1, steps // 20),
+                                eval_every=max(1, steps // s["evals"]), val_count=s["val_count"], progress=bar)
+                    bar.update(steps - round(h["tokens"][-1] / (b * cfg.seq_len)))  # diverged runs stop early
+                    sweep.append({"lr": lr, **h})
+                finite = [r for r in sweep if math.isfinite(r["final_val_loss"])]
+                if not finite:
+                    raise SystemExit(f"every {opt_name} run diverged at batch {b}; lower its learning rates")
+                best = min(finite, key=lambda r: r["final_val_loss"])
+                # a best lr at the edge of its grid means the sweep did not bracket the optimum
+                at_edge = len(lrs) > 1 and best["lr"] in (min(lrs), max(lrs))
+                runs[opt_name] = {"best_lr": best["lr"], "best_lr_at_edge": at_edge,
+                                  "curve": {"tokens": best["tokens"], "val_loss": best["val_loss"]},
+                                  "final_val_loss": best["final_val_loss"],
+                                  "sweep": [{"lr": r["lr"], "final_val_loss": r["final_val_loss"]} for r in sweep]}
+            target = max(runs["muon"]["final_val_loss"], runs["adamw"]["final_val_loss"])
+            need = {name: tokens_to_reach(r["curve"]["tokens"], r["curve"]["val_loss"], target, (0, initial_loss))
+                    for name, r in runs.items()}
+            rows.append({"batch_sequences": b, "batch_tokens": b * cfg.seq_len, "steps": steps,
+                         "target_loss": target, "muon_tokens": need["muon"], "adamw_tokens": need["adamw"],
+                         "token_ratio": need["adamw"] / need["muon"], "muon": runs["muon"], "adamw": runs["adamw"]})
+    result = {
+        "batches": rows, "settings": s, "model": G.config_dict(cfg), "weight_decay": args.weight_decay,
+        "initial_val_loss": initial_loss, "data": data.describe(), "device": "cpu", "torch_threads": args.threads,
+        "seed": args.seed, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
+        "token_ratio_definition": "adamw_tokens / muon_tokens to reach the worse of the two best final val losses",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficiency.json").write_text(json.dumps(result, indent=1))
+    if not args.no_plot:
+        plot(result, out / "efficiency.png")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for r in rows:
+            print(f"batch {r['batch_tokens']:>7} tokens: target {r['target_loss']:.4f}  muon {r['muon_tokens']:.0f} "
+                  f"(lr {r['muon']['best_lr']:g})  adamw {r['adamw_tokens']:.0f} (lr {r['adamw']['best_lr']:g})  "
+                  f"ratio {r['token_ratio']:.3f}")
+        print(f"{result['wall_s']} s; wrote {out}/efficiency.json")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["batches"]
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=False):
+        for name, style in (("muon", "C0-"), ("adamw", "C1-")):
+            c = r[name]["curve"]
+            ax.plot(c["tokens"], c["val_loss"], style, label=f"{name} (lr {r[name]['best_lr']:g})")
+            if math.isfinite(r[f"{name}_tokens"]):
+                ax.axvline(r[f"{name}_tokens"], color=style[:2], ls=":", lw=1)
+        ax.axhline(r["target_loss"], color="gray", ls="--", lw=1)
+        ax.set_title(f"batch {r['batch_tokens']} tokens: ratio {r['token_ratio']:.2f}", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("val loss")
+        lo = min(min(r["muon"]["curve"]["val_loss"]), min(r["adamw"]["curve"]["val_loss"]))
+        ax.set_ylim(lo - 0.05, lo + 1.0)
+        ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    ax.plot([r["batch_tokens"] for r in rows], [r["token_ratio"] for r in rows], "ko-")
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.axhline(1.1, color="gray", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch tokens")
+    ax.set_ylabel("token ratio adamw / muon")
+    ax.set_title("R_L(B)", fontsize=9)
+    fig.suptitle(f"Muon vs AdamW data efficiency ({result['device']}{', quick' if result['quick'] else ''}, "
+                 f"width {result['model']['width']}, depth {result['model']['depth']})", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

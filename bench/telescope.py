@@ -1,0 +1,270 @@
+"""`python -m bench telescope`: the telescoping hyperparameter sweep over widths with muP.
+
+Algorithm 1 of "Practical Efficiency of Muon for Pretraining" (Essential AI): a full grid of the k
+hyperparameters at the base width; then at each doubling of width (a run costs about 4× more) a grid
+centred on the previous stage's optimum, with the spacing halved and the points per dimension
+multiplied by 4^(-1/k), so each stage costs about the same and the total is O(C·log N) for a final
+run cost C. The optimum drifts as O(1/width) under muP, so the finer, smaller grid keeps tracking it.
+
+Points per dimension after the base stage are n0·4^(-s/k) rounded to the nearest odd number (ties
+up), so the previous optimum is always a grid point: k = 2 with n0 = 8 gives 8×8 → 5×5 → 3×3 → 1×1,
+the paper's grids. Hyperparameters are swept in log2 coordinates (a spacing of 1 is a factor of 2).
+
+The sweep itself (`telescope`) takes any objective(width, point) and any k; the command trains the
+bench GPT as a muP model (muon.mup) with Muon, over lr and weight decay by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Point = tuple[float, ...]
+
+
+# ------------------------------------------------------------------------------- the schedule
+def points_per_dim(n0: int, k: int, stage: int) -> int:
+    """Grid points per hyperparameter at `stage` (0 = base width): n0, then odd round(n0·4^(-stage/k))."""
+    if n0 < 1 or k < 1 or stage < 0:
+        raise ValueError(f"need n0 >= 1, k >= 1, stage >= 0; got n0={n0}, k={k}, stage={stage}")
+    if stage == 0:
+        return n0
+    ideal = n0 * 4.0 ** (-stage / k)
+    return 2 * math.floor(ideal / 2) + 1  # nearest odd number, ties up: 4 -> 5, 2 -> 3, 1 -> 1
+
+
+def grid(center: Sequence[float], spacing: Sequence[float], n: int) -> list[Point]:
+    """The n^k points of a grid with the given spacing per dimension, centred on `center`."""
+    axes = [[c + (i - (n - 1) / 2) * h for i in range(n)] for c, h in zip(center, spacing, strict=True)]
+    return [tuple(p) for p in itertools.product(*axes)]
+
+
+def widths(base_width: int, final_width: int) -> list[int]:
+    """base_width, 2·base_width, ... up to final_width (which must be base_width·2^s)."""
+    if base_width < 1 or final_width < base_width:
+        raise ValueError(f"need 1 <= base_width <= final_width, got {base_width}, {final_width}")
+    out = [base_width]
+    while out[-1] < final_width:
+        out.append(out[-1] * 2)
+    if out[-1] != final_width:
+        raise ValueError(f"final_width ({final_width}) must be base_width ({base_width}) times a power of 2")
+    return out
+
+
+def telescope(
+    objective: Callable[[int, Point], float],
+    *,
+    center: Sequence[float],
+    spacing: Sequence[float],
+    n0: int,
+    base_width: int,
+    final_width: int,
+    cost: Callable[[int], float] | None = None,
+    names: Sequence[str] | None = None,
+    progress=None,
+) -> dict:
+    """Run the telescoping sweep; `objective(width, point)` returns the loss (lower is better).
+
+    cost(width) is the cost of one run at that width (default (width/base_width)^2: width doubling
+    multiplies a transformer's compute per token by about 4). Returns a dict with
+    "stages": [{width, points_per_dim, spacing, center, grid: [{point, loss}], best: {point, loss}, cost}],
+    "best" (the last stage's optimum, at the final width), "cost" (total), "brute_force_cost"
+    (the base grid, n0^k runs, at the final width) and "cost_ratio_vs_brute_force".
+    """
+    k = len(center)
+    if k == 0 or len(spacing) != k:
+        raise ValueError(f"center and spacing need the same k >= 1 entries, got {len(center)} and {len(spacing)}")
+    if any(h <= 0 for h in spacing):
+        raise ValueError(f"spacing must be > 0 in every dimension, got {list(spacing)}")
+    names = list(names) if names is not None else [f"x{i}" for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"names has {len(names)} entries for k = {k} hyperparameters")
+    cost = cost or (lambda w: (w / base_width) ** 2)
+    stages, total = [], 0.0
+    current = tuple(float(c) for c in center)
+    for s, width in enumerate(widths(base_width, final_width)):
+        n = points_per_dim(n0, k, s)
+        h = tuple(x / 2**s for x in spacing)
+        tried = []
+        for point in grid(current, h, n):
+            loss = float(objective(width, point))
+            tried.append({"point": dict(zip(names, point, strict=True)), "loss": loss})
+            if progress is not None:
+                progress.update(1)
+        # NaN/inf (diverged) never win; ties go to the first point tried
+        best_i = min(range(len(tried)), key=lambda i: (not math.isfinite(tried[i]["loss"]), tried[i]["loss"]))
+        stage_cost = len(tried) * cost(width)
+        total += stage_cost
+        stages.append({
+            "width": width, "points_per_dim": n, "spacing": dict(zip(names, h, strict=True)),
+            "center": dict(zip(names, current, strict=True)),
+            "grid": tried, "best": tried[best_i], "cost": stage_cost,
+        })
+        current = tuple(tried[best_i]["point"][name] for name in names)
+    brute = n0**k * cost(final_width)
+    return {"stages": stages, "best": stages[-1]["best"], "cost": total, "brute_force_cost": brute,
+            "cost_ratio_vs_brute_force": total / brute}
+
+
+def total_runs(n0: int, k: int, n_stages: int) -> int:
+    return sum(points_per_dim(n0, k, s) ** k for s in range(n_stages))
+
+
+# ------------------------------------------------------------------------------------ the CLI
+QUICK = dict(base_width=32, final_width=128, depth=2, head_dim=16, seq_len=64, batch=16, steps=150, n0=4)
+FULL = dict(base_width=128, final_width=1024, depth=6, head_dim=64, seq_len=256, batch=64, steps=4000, n0=8)
+HPARAMS = ("lr", "weight_decay", "adamw_lr")
+DEFAULT_CENTERS = {"lr": 0.04, "weight_decay": 0.1, "adamw_lr": 0.008}
+
+
+def _parse_hparam(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    if name not in HPARAMS:
+        raise argparse.ArgumentTypeError(f"--hparam name must be one of {HPARAMS}, got {name!r}")
+    try:
+        v = float(value) if value else DEFAULT_CENTERS[name]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--hparam {name}: centre {value!r} is not a number") from exc
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--hparam {name}: centre must be > 0 (swept in log2), got {v}")
+    return name, v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="CPU settings: widths 32->128, 4x4 base grid (minutes)")
+    p.add_argument("--hparam", action="append", type=_parse_hparam, metavar="NAME[=CENTRE]",
+                   help=f"a swept hyperparameter, one of {HPARAMS}, with its base-grid centre; repeat for k > 1 "
+                        "(default: lr and weight_decay)")
+    p.add_argument("--spacing", type=float, default=1.0, help="base-grid spacing in log2 units (1 = factor 2)")
+    p.add_argument("--n0", type=int, help="points per hyperparameter in the base grid")
+    p.add_argument("--base-width", type=int)
+    p.add_argument("--final-width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--head-dim", type=int, help="heads = width / head_dim (fixed head size as width grows)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--adamw-lr-ratio", type=float, default=0.2,
+                   help="AdamW groups' lr = ratio x lr, when adamw_lr is not swept")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="when weight_decay is not swept")
+    p.add_argument("--data", help="a text file to train on (default: the Python stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
+    p.add_argument("--out", default="bench/results/telescope", help="folder for the JSON and plots")
+    p.add_argument("--json", action="store_true", help="print the result JSON to stdout")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def _settings(args) -> dict:
+    base = dict(QUICK if args.quick else FULL)
+    for key in base:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    for key in ("base_width", "final_width", "depth", "head_dim", "seq_len", "batch", "steps", "n0"):
+        if base[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {base[key]}")
+    if base["base_width"] % base["head_dim"]:
+        raise SystemExit(f"--base-width ({base['base_width']}) must be a multiple of --head-dim ({base['head_dim']})")
+    return base
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import data as D
+    from . import gpt as G
+
+    torch.set_num_threads(args.threads)
+    s = _settings(args)
+    hparams = dict(args.hparam or [("lr", DEFAULT_CENTERS["lr"]), ("weight_decay", DEFAULT_CENTERS["weight_decay"])])
+    names = list(hparams)
+    data = D.load(args.data, max_bytes=args.max_bytes)
+    stage_widths = widths(s["base_width"], s["final_width"])
+    cfg_at = lambda w: G.GPTConfig(width=w, depth=s["depth"], heads=w // s["head_dim"], seq_len=s["seq_len"])
+    tokens = s["steps"] * s["batch"] * s["seq_len"]
+
+    def objective(width: int, point) -> float:
+        values = {name: 2.0**x for name, x in zip(names, point, strict=True)}
+        lr = values.get("lr", DEFAULT_CENTERS["lr"])
+        model = G.build(cfg_at(width), seed=args.seed, mup_base_width=s["base_width"])
+        opt = G.make_optimizer(model, "muon", lr, values.get("weight_decay", args.weight_decay),
+                               adamw_lr=values.get("adamw_lr", args.adamw_lr_ratio * lr),
+                               mup_base_width=s["base_width"])
+        return G.train(model, opt, data, batch=s["batch"], steps=s["steps"], seed=args.seed,
+                       warmup=max(1, s["steps"] // 20))["final_val_loss"]
+
+    start = time.perf_counter()
+    n_runs = total_runs(s["n0"], len(names), len(stage_widths))
+    with tqdm(total=n_runs, desc="telescope runs", unit="run") as bar:
+        result = telescope(
+            objective, center=[math.log2(hparams[n]) for n in names], spacing=[args.spacing] * len(names),
+            n0=s["n0"], base_width=s["base_width"], final_width=s["final_width"], names=names, progress=bar,
+            cost=lambda w: cfg_at(w).flops_per_token() * tokens,
+        )
+    # log2 coordinates -> values for the reader
+    for stage in result["stages"]:
+        for entry in stage["grid"] + [stage["best"]]:
+            entry["values"] = {n: 2.0 ** entry["point"][n] for n in names}
+    result["best"] = result["stages"][-1]["best"]
+    result.update({
+        "hyperparameters": names, "coordinates": "log2", "cost_unit": "training FLOPs (6N per token + attention)",
+        "settings": s, "runs": n_runs, "wall_s": round(time.perf_counter() - start, 1),
+        "data": data.describe(), "device": "cpu", "torch_threads": args.threads, "seed": args.seed,
+        "quick": bool(args.quick),
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "telescope.json").write_text(json.dumps(result, indent=1))
+    if not args.no_plot:
+        plot(result, out / "telescope.png")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        b = result["best"]
+        print(f"best at width {s['final_width']}: {b['values']} (val loss {b['loss']:.4f}); "
+              f"cost vs brute force {result['cost_ratio_vs_brute_force']:.3f}; {n_runs} runs, {result['wall_s']} s; "
+              f"wrote {out}/telescope.json")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["hyperparameters"]
+    stages = result["stages"]
+    # shared axes: each stage's smaller, finer grid shows as a zoom into the previous one
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.8), squeeze=False, sharex=True,
+                             sharey=len(names) > 1, constrained_layout=True)
+    finite = [e["loss"] for st in stages for e in st["grid"] if math.isfinite(e["loss"])]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0, 1)
+    for ax, st in zip(axes[0], stages, strict=True):
+        xs = [e["point"][names[0]] for e in st["grid"]]
+        ys = [e["point"][names[1]] if len(names) > 1 else e["loss"] for e in st["grid"]]
+        cs = [e["loss"] if math.isfinite(e["loss"]) else vmax for e in st["grid"]]
+        if len(names) > 1:
+            sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax, s=120, marker="s")
+            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14)
+            ax.set_ylabel(f"log2 {names[1]}")
+        else:
+            sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax)
+            ax.set_ylabel("val loss")
+        ax.set_xlabel(f"log2 {names[0]}")
+        ax.set_title(f"width {st['width']}: {st['points_per_dim']}^{len(names)} runs, best {st['best']['loss']:.3f}",
+                     fontsize=9)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="val loss")
+    fig.suptitle(f"telescoping sweep ({result.get('device', '?')}{', quick' if result.get('quick') else ''}): "
+                 f"cost {result['cost_ratio_vs_brute_force']:.2f}x of a brute-force grid at the final width",
+                 fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
