@@ -3,6 +3,7 @@
 On a GPU: FLOP model for every preset, NS kernels on the large default shapes and the batched groups
 of GPT-2 124M and Llama 3 8B, optimizer steps on GPT-2 124M and Essential AI 0.67B, and a profile.
 On a CPU (a few minutes): the same commands at CPU sizes (the tiny/small presets, torch backend).
+Everywhere: the muP telescoping sweep and the data-efficiency experiment at their --quick settings.
 --quick runs each command at the smallest settings (the end-to-end test uses it).
 Each stage writes its CSV/JSON/PNG under DIR; DIR/summary.md lists device, versions, commit, stages.
 A failing stage is reported and the others still run; the exit status is 1 if any failed.
@@ -17,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import flops_cmd, kernels, profile, step
+from . import efficiency, flops_cmd, kernels, profile, step, telescope
 from .common import Results, default_out, pick_device
 
 
@@ -25,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/out/<device>)")
     parser.add_argument("--quick", action="store_true", help="smallest settings (tests, smoke runs)")
-    parser.add_argument("--only", default=None, help="comma-separated stages to run (flops,kernels,step,profile)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated stages to run (flops,kernels,step,profile,telescope,efficiency)",
+    )
 
 
 # A one-layer model that runs in well under a second on a CPU.
@@ -52,6 +55,8 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
         ]
     else:
         plan += [("step", step, dev), ("profile", profile, [*dev, "--model", "tiny", "--steps", "1"])]
+    # The muP experiments train on the CPU (their --quick settings take 1–2 minutes each there).
+    plan += [("telescope", telescope, ["--quick"]), ("efficiency", efficiency, ["--quick"])]
     return plan
 
 

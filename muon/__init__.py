@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path as _Path
 
-from . import coefficients
+from . import coefficients, mup
 from .backends import BackendUnavailable
 from .coefficients import PRESETS
 from .newton_schulz import newton_schulz
@@ -20,6 +20,7 @@ __all__ = [
     "Muon",
     "PRESETS",
     "coefficients",
+    "mup",
     "newton_schulz",
     "param_groups",
     "update_scale",
