@@ -104,3 +104,42 @@ def val_batches(tokens: torch.Tensor, batch: int, seq_len: int, count: int) -> l
     starts = torch.linspace(0, span, n).long().tolist()
     windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts]).long()
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch)]
+
+
+def add_run_arguments(p, out_default: str) -> None:
+    """Arguments every training experiment shares: data, seed, threads and output."""
+    p.add_argument("--data", help="a text file to train on (default: the Python stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
+    p.add_argument("--out", default=out_default, help="folder for the JSON and plots")
+    p.add_argument("--json", action="store_true", help="print the result JSON to stdout")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def settings(args, quick: dict, full: dict, positive: tuple[str, ...]) -> dict:
+    """The quick or full settings with every command-line value given laid over them; the keys in
+    `positive` must be >= 1."""
+    s = dict(quick if args.quick else full)
+    for key in s:
+        value = getattr(args, key, None)
+        if value is not None:
+            s[key] = value
+    for key in positive:
+        if s[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    return s
+
+
+def write_result(args, result: dict, name: str, plot) -> None:
+    """Write NAME.json (and NAME.png through `plot(result, path)` unless --no-plot) under --out;
+    with --json also print the result to stdout."""
+    import json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if not args.no_plot:
+        plot(result, out / f"{name}.png")
+    if args.json:
+        print(json.dumps(result))

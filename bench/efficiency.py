@@ -18,10 +18,11 @@ fair "tokens to reach" reading), init, data order and validation batches for bot
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
+
+from . import data as D
 
 QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
              muon_lrs=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2], adamw_lrs=[6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2], evals=12,
@@ -64,24 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evals", type=int, help="validation evaluations per run")
     p.add_argument("--val-count", type=int, help="validation batches of 16 sequences per evaluation")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--data", help="a text file to train on (default: the Python stdlib sources)")
-    p.add_argument("--max-bytes", type=int, default=16 * 2**20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
-    p.add_argument("--out", default="bench/results/efficiency", help="folder for the JSON and plot")
-    p.add_argument("--json", action="store_true", help="print the result JSON to stdout")
-    p.add_argument("--no-plot", action="store_true")
+    D.add_run_arguments(p, "bench/results/efficiency")
 
 
 def _settings(args) -> dict:
-    s = dict(QUICK if args.quick else FULL)
-    for key in s:
-        value = getattr(args, key, None)
-        if value is not None:
-            s[key] = value
-    for key in ("width", "depth", "head_dim", "seq_len", "tokens", "evals", "val_count"):
-        if s[key] < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    s = D.settings(args, QUICK, FULL, ("width", "depth", "head_dim", "seq_len", "tokens", "evals", "val_count"))
     if s["width"] % s["head_dim"]:
         raise SystemExit(f"--width ({s['width']}) must be a multiple of --head-dim ({s['head_dim']})")
     for name in OPTIMIZERS:
@@ -100,7 +88,6 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import data as D
     from . import gpt as G
 
     torch.set_num_threads(args.threads)
@@ -151,19 +138,13 @@ def run(args) -> int:
         "seed": args.seed, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
         "token_ratio_definition": "adamw_tokens / muon_tokens to reach the worse of the two best final val losses",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "efficiency.json").write_text(json.dumps(result, indent=1))
-    if not args.no_plot:
-        plot(result, out / "efficiency.png")
-    if args.json:
-        print(json.dumps(result))
-    else:
+    D.write_result(args, result, "efficiency", plot)
+    if not args.json:
         for r in rows:
             print(f"batch {r['batch_tokens']:>7} tokens: target {r['target_loss']:.4f}  muon {r['muon_tokens']:.0f} "
                   f"(lr {r['muon']['best_lr']:g})  adamw {r['adamw_tokens']:.0f} (lr {r['adamw']['best_lr']:g})  "
                   f"ratio {r['token_ratio']:.3f}")
-        print(f"{result['wall_s']} s; wrote {out}/efficiency.json")
+        print(f"{result['wall_s']} s; wrote {args.out}/efficiency.json")
     return 0
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from . import data as D
 
 Point = tuple[float, ...]
 
@@ -152,24 +153,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adamw-lr-ratio", type=float, default=0.2,
                    help="AdamW groups' lr = ratio x lr, when adamw_lr is not swept")
     p.add_argument("--weight-decay", type=float, default=0.0, help="when weight_decay is not swept")
-    p.add_argument("--data", help="a text file to train on (default: the Python stdlib sources)")
-    p.add_argument("--max-bytes", type=int, default=16 * 2**20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
-    p.add_argument("--out", default="bench/results/telescope", help="folder for the JSON and plots")
-    p.add_argument("--json", action="store_true", help="print the result JSON to stdout")
-    p.add_argument("--no-plot", action="store_true")
+    D.add_run_arguments(p, "bench/results/telescope")
 
 
 def _settings(args) -> dict:
-    base = dict(QUICK if args.quick else FULL)
-    for key in base:
-        value = getattr(args, key, None)
-        if value is not None:
-            base[key] = value
-    for key in ("base_width", "final_width", "depth", "head_dim", "seq_len", "batch", "steps", "n0"):
-        if base[key] < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {base[key]}")
+    positive = ("base_width", "final_width", "depth", "head_dim", "seq_len", "batch", "steps", "n0")
+    base = D.settings(args, QUICK, FULL, positive)
     if base["base_width"] % base["head_dim"]:
         raise SystemExit(f"--base-width ({base['base_width']}) must be a multiple of --head-dim ({base['head_dim']})")
     return base
@@ -179,7 +168,6 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import data as D
     from . import gpt as G
 
     torch.set_num_threads(args.threads)
@@ -220,18 +208,12 @@ def run(args) -> int:
         "data": data.describe(), "device": "cpu", "torch_threads": args.threads, "seed": args.seed,
         "quick": bool(args.quick),
     })
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "telescope.json").write_text(json.dumps(result, indent=1))
-    if not args.no_plot:
-        plot(result, out / "telescope.png")
-    if args.json:
-        print(json.dumps(result))
-    else:
+    D.write_result(args, result, "telescope", plot)
+    if not args.json:
         b = result["best"]
         print(f"best at width {s['final_width']}: {b['values']} (val loss {b['loss']:.4f}); "
               f"cost vs brute force {result['cost_ratio_vs_brute_force']:.3f}; {n_runs} runs, {result['wall_s']} s; "
-              f"wrote {out}/telescope.json")
+              f"wrote {args.out}/telescope.json")
     return 0
 
 
