@@ -141,6 +141,20 @@ def _collective(what: str, group, nbytes: float, fn):
 
 
 # ------------------------------------------------------------------------------- group helpers
+
+def _all_to_all_async(what: str, pg, rank: int, send, send_splits: list[int], recv_splits: list[int]):
+    """Start all_to_all_single(send -> a new receive buffer); returns (buffer, work). The bytes
+    counted are those this rank sends to others."""
+    recv = send.new_empty(sum(recv_splits))
+    nbytes = (sum(send_splits) - send_splits[rank]) * send.element_size()
+    work = _collective(
+        what,
+        pg,
+        nbytes,
+        lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg, async_op=True),
+    )
+    return recv, work
+
 def replicated_group(process_group):
     """The process group replicated parameters split their NS over, or None for a local step.
 
@@ -461,15 +475,8 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
         send = send.reshape(-1).contiguous()
         send_splits = [len(to[r]) * rows_me * n for r in range(world)]
         recv_splits = [len(owned) * spans[s][1] * n for s in range(world)]
-        recv = send.new_empty(sum(recv_splits))
-        nbytes = (sum(send_splits) - send_splits[rank]) * send.element_size()
-        work = _collective(
-            "all_to_all gathering full matrices on their owner ranks",
-            pg,
-            nbytes,
-            lambda recv=recv, send=send, rs=recv_splits, ss=send_splits: dist.all_to_all_single(
-                recv, send, rs, ss, group=pg, async_op=True
-            ),
+        recv, work = _all_to_all_async(
+            "all_to_all gathering full matrices on their owner ranks", pg, rank, send, send_splits, recv_splits
         )
         gathers.append((work, recv, recv_splits, owned, to, spans, n))
 
@@ -489,15 +496,8 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
         rows_me = spans[rank][1]
         send_splits = [len(owned) * spans[r][1] * n for r in range(world)]
         back_splits = [len(to[s]) * rows_me * n for s in range(world)]
-        back = send.new_empty(sum(back_splits))
-        nbytes = (sum(send_splits) - send_splits[rank]) * send.element_size()
-        work = _collective(
-            "all_to_all scattering orthogonalized rows back to their shards",
-            pg,
-            nbytes,
-            lambda back=back, send=send, bs=back_splits, ss=send_splits: dist.all_to_all_single(
-                back, send, bs, ss, group=pg, async_op=True
-            ),
+        back, work = _all_to_all_async(
+            "all_to_all scattering orthogonalized rows back to their shards", pg, rank, send, send_splits, back_splits
         )
         scatters.append((work, back, back_splits, to, rows_me, n))
 
