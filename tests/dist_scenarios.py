@@ -25,6 +25,20 @@ STEPS = 3
 LR = 0.02
 
 
+def _step(opt, count_flops: bool, previous):
+    """opt.step() then zero_grad(); with count_flops, the step's FLOPs (else `previous`)."""
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            opt.step()
+        previous = counter.get_total_flops()
+    else:
+        opt.step()
+    opt.zero_grad()
+    return previous
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,7 +128,6 @@ def make_optimizer(model, **kw):
 def reference_run(make, width, out, world, steps=STEPS, flops=False, **kw):
     """One process stepping on the averaged gradient: the ranks' batches concatenated (equal sizes,
     mean loss, so the gradient is the mean of the ranks' gradients). Returns (params, step FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     model = make()
@@ -124,13 +137,7 @@ def reference_run(make, width, out, world, steps=STEPS, flops=False, **kw):
     for step in range(steps):
         xs, ys = zip(*(batch(step, r, width, out) for r in range(world)), strict=True)
         loss_fn(model, torch.cat(xs), torch.cat(ys)).backward()
-        if flops and step == 0:
-            with FlopCounterMode(display=False) as counter:
-                opt.step()
-            step_flops = counter.get_total_flops()
-        else:
-            opt.step()
-        opt.zero_grad()
+        step_flops = _step(opt, count_flops=flops and step == 0, previous=step_flops)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, step_flops
 
 
@@ -189,20 +196,13 @@ def assert_ranks_identical(model, what):
 
 
 def train(model, opt, width, out, steps, start=0, flops=False):
-    from torch.utils.flop_counter import FlopCounterMode
 
     rank = dist.get_rank()
     step_flops = None
     for step in range(start, start + steps):
         x, y = batch(step, rank, width, out)
         loss_fn(model, x, y).backward()
-        if flops and step == start:
-            with FlopCounterMode(display=False) as counter:
-                opt.step()
-            step_flops = counter.get_total_flops()
-        else:
-            opt.step()
-        opt.zero_grad()
+        step_flops = _step(opt, count_flops=flops and step == start, previous=step_flops)
     return step_flops
 
 
