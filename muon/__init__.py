@@ -52,7 +52,8 @@ def _map_checkout_kernels() -> None:
                 name, source / "__init__.py", submodule_search_locations=[str(source)]
             )
 
-    sys.meta_path.append(_CheckoutKernels)
+    # First: an editable install of another checkout (a git worktree) must not shadow this one's kernels/.
+    sys.meta_path.insert(0, _CheckoutKernels)
 
 
 _map_checkout_kernels()
