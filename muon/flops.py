@@ -55,19 +55,40 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 # ------------------------------------------------------------------------------- closed forms
-def newton_schulz_flops(m: int, n: int, steps: int = 5, symmetric: bool = False) -> int:
+def newton_schulz_flops(
+    m: int, n: int, steps: int = 5, symmetric: bool = False, algorithm: str = "standard", restarts=(2,)
+) -> int:
     """Matmul FLOPs of `steps` NS iterations on one m×n matrix (exact int).
 
-    With s = min(m, n), l = max(m, n) (tall inputs are transposed first), one step is
-    A = X·Xᵀ (2·s²·l), A·A (2·s³) and B·X (2·s²·l): steps·(4·s²·l + 2·s³).
-    symmetric=True counts kernels that compute one triangle of the two symmetric products
-    (X·Xᵀ and A·A): steps·(3·s²·l + s³). The elementwise terms (b·A, a·X) are not matmul work:
-    `newton_schulz_elementwise_flops` has them.
+    With s = min(m, n), l = max(m, n) (tall inputs are transposed first):
+
+    algorithm="standard": one step is A = X·Xᵀ (2·s²·l), A·A (2·s³) and B·X (2·s²·l):
+    steps·(4·s²·l + 2·s³). symmetric=True counts kernels that compute one triangle of the two
+    symmetric products (X·Xᵀ and A·A): steps·(3·s²·l + s³).
+
+    algorithm="gram" (muon.backends.torch_backend.run_gram), with k = 1 + the restarts in [1, steps)
+    segments: each segment computes R = X·Xᵀ (2·s²·l) and ends with X = Q·X (2·s²·l); each of its L
+    steps computes Z = b·R + c·R·R (2·s³), Q·Z (2·s³, not on the segment's first step: Q = Z + a·I
+    there) and R·Z, Z·(R·Z) (4·s³, not on its last step: no later step of the segment reads R):
+    4·k·s²·l + (8·steps - 6·k)·s³. symmetric=True halves X·Xᵀ and every s×s product (each is symmetric:
+    polynomials in R commute), not the general Q·X: 3·k·s²·l + (4·steps - 3·k)·s³. steps=0: 0.
+    The elementwise terms (b·A, a·X, Z + a·I) are not matmul work: `newton_schulz_elementwise_flops`.
     """
     _check_int(m, "m", 0)
     _check_int(n, "n", 0)
     _check_int(steps, "steps", 0)
     short, long = min(m, n), max(m, n)
+    if algorithm == "gram":
+        from .newton_schulz import check_restarts
+
+        if steps == 0:
+            return 0
+        k = 1 + sum(1 for r in check_restarts(restarts) if r < steps)
+        if symmetric:
+            return 3 * k * short * short * long + (4 * steps - 3 * k) * short**3
+        return 4 * k * short * short * long + (8 * steps - 6 * k) * short**3
+    if algorithm != "standard":
+        raise ValueError(f"algorithm must be 'standard' or 'gram', got {algorithm!r}")
     if symmetric:
         return steps * (3 * short * short * long + short**3)
     return steps * (4 * short * short * long + 2 * short**3)
