@@ -476,6 +476,9 @@ class Overhead:
         "6*N*B, N = parameters used per token (all but embedding lookups; a tied head counts once); "
         "attention QK^T/AV separately as 6*L*ctx*d_attn*B"
     )
+    # The same NS matmuls with Gram Newton–Schulz (algorithm="gram", one restart at step 2) on every
+    # group; muon_flops and the overheads above are standard NS's.
+    ns_flops_gram: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -525,6 +528,7 @@ def overhead(
     for b, m, n in shapes:
         batch_of[(m, n)] += b
     ns = sum(b * newton_schulz_flops(m, n, steps, symmetric) for (m, n), b in batch_of.items())
+    ns_gram = sum(b * newton_schulz_flops(m, n, steps, symmetric, algorithm="gram") for (m, n), b in batch_of.items())
     ns_elementwise = sum(b * newton_schulz_elementwise_flops(m, n, steps) for (m, n), b in batch_of.items())
     n_muon = sum(p.numel() for p in muon_params)
     n_adamw = sum(p.numel() for p in adamw_params)
@@ -551,6 +555,7 @@ def overhead(
         steps=steps,
         symmetric=symmetric,
         ns_flops=ns,
+        ns_flops_gram=ns_gram,
         muon_flops=muon_flops,
         adamw_flops=adamw_flops,
         training_flops=training,
@@ -560,7 +565,8 @@ def overhead(
         overhead_with_attention=extra / (training + attention),
         overhead_bound=overhead_bound(model_dim, batch_tokens, steps),
         groups=[
-            {"shape": [b, m, n], "ns_flops": b * newton_schulz_flops(m, n, steps, symmetric)}
+            {"shape": [b, m, n], "ns_flops": b * newton_schulz_flops(m, n, steps, symmetric),
+             "ns_flops_gram": b * newton_schulz_flops(m, n, steps, symmetric, algorithm="gram")}
             for (m, n), b in sorted(batch_of.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1])
         ],
     )
