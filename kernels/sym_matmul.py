@@ -93,7 +93,9 @@ def _config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def _check(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None, symmetric: bool) -> tuple[int, int, int, int]:
     if A.ndim != 3 or B.ndim != 3:
-        raise ValueError(f"A and B must be (batch, rows, cols) stacks, got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(
+            f"A and B must be (batch, rows, cols) stacks, got shapes {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     (bs, M, K), (bs2, K2, N) = A.shape, B.shape
     if bs != bs2 or K != K2:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not multiply as batched matrices")

@@ -127,5 +127,7 @@ def check_restarts(restarts) -> tuple[int, ...]:
         if isinstance(r, bool) or not isinstance(r, int):
             raise TypeError(f"restarts must hold ints (0-based step indices), got {r!r} in {restarts!r}")
         if r < 1:
-            raise ValueError(f"restarts must be >= 1 (a restart before step 0 is the start itself), got {r} in {restarts!r}")
+            raise ValueError(
+                f"restarts must be >= 1 (a restart before step 0 is the start itself), got {r} in {restarts!r}"
+            )
     return tuple(sorted(set(values)))

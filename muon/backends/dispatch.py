@@ -33,6 +33,11 @@ GRAM_MIN_ASPECT = 2.0
 # side of 256, where symmetric tiling has nothing to save; our CUDA threshold is above that anyway.
 GRAM_MIN_SIDE_CUDA = 2048
 
+# Other devices (the CPU): the FLOP model decides (see choose_algorithm). A check, not the source of
+# the rule: CPU timings (2-thread AMD EPYC shared with other jobs, so noisy; `python -m bench kernels`,
+# bf16, 300 ms per point), Gram vs standard ms: 2×32×128 10.8 vs 18.2; 8×32×128 40.8 vs 75.2;
+# 64×96 72 vs 188; 64×256 20.6 vs 59.8; 2×64×256 236 vs 392; 128×256 390 vs 497; 128×512 408 vs 668.
+
 ALGORITHMS = ("standard", "gram", "auto")
 
 
