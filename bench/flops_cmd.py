@@ -22,8 +22,8 @@ from .common import Results, fmt_table, progress
 
 PUBLISHED = [name for name, cfg in flops.PRESETS.items() if cfg.published_params is not None]
 SWEEP = [2**k for k in range(14, 26)]  # 16K ... 32M tokens per step
-COLUMNS = ["model", "params", "muon_params", "batch_tokens", "ns_flops", "muon_flops", "adamw_flops",
-           "training_flops", "overhead", "overhead_bound", "overhead_with_attention"]
+COLUMNS = ["model", "params", "muon_params", "batch_tokens", "ns_flops", "ns_flops_gram", "gram_vs_standard",
+           "muon_flops", "adamw_flops", "training_flops", "overhead", "overhead_bound", "overhead_with_attention"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,8 +110,10 @@ def _readable(r: flops.Overhead) -> dict:
     d = r.to_dict()
     for k in ("params", "muon_params", "batch_tokens"):
         d[k] = _count(d[k])
-    for k in ("ns_flops", "muon_flops", "adamw_flops", "training_flops"):
+    for k in ("ns_flops", "ns_flops_gram", "muon_flops", "adamw_flops", "training_flops"):
         d[k] = f"{d[k]:.4e}"
+    # Gram Newton–Schulz (one restart) against standard NS, same groups: below 1 where Gram saves FLOPs
+    d["gram_vs_standard"] = f"{r.ns_flops_gram / r.ns_flops:.3f}" if r.ns_flops else "n/a"
     for k in ("overhead", "overhead_bound", "overhead_with_attention"):
         d[k] = f"{100 * d[k]:.3f}%"
     return d
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         objects = [r.to_dict() for r in reports]
         print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=1))
     else:
-        print(f"Muon vs AdamW FLOPs per step, {args.steps} NS steps{' (symmetric kernels)' if args.symmetric else ''}")
+        print(f"Muon vs AdamW FLOPs per step, {args.steps} NS steps{' (symmetric kernels)' if args.symmetric else ''}; "
+              "ns_flops_gram: the same NS with Gram Newton–Schulz (restart at step 2)")
         print(f"training FLOP model: {reports[0].training_flop_model}")
         print(fmt_table([_readable(r) for r in reports], COLUMNS))
     if args.out is not None:

@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
             candidates.append((provider, args.coefficients,
                                lambda name=name, G=G: orthogonalize(G, schedule, dtype=dtype, backend=name), ref))
+        # Gram Newton–Schulz (restart at step 2) on the default backend: triton on CUDA, torch on a CPU
+        candidates.append(("muon[gram]", args.coefficients, lambda G=G: orthogonalize(
+            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref))
         Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
         for peer in peer_names:
             try:

@@ -55,19 +55,40 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 # ------------------------------------------------------------------------------- closed forms
-def newton_schulz_flops(m: int, n: int, steps: int = 5, symmetric: bool = False) -> int:
+def newton_schulz_flops(
+    m: int, n: int, steps: int = 5, symmetric: bool = False, algorithm: str = "standard", restarts=(2,)
+) -> int:
     """Matmul FLOPs of `steps` NS iterations on one m×n matrix (exact int).
 
-    With s = min(m, n), l = max(m, n) (tall inputs are transposed first), one step is
-    A = X·Xᵀ (2·s²·l), A·A (2·s³) and B·X (2·s²·l): steps·(4·s²·l + 2·s³).
-    symmetric=True counts kernels that compute one triangle of the two symmetric products
-    (X·Xᵀ and A·A): steps·(3·s²·l + s³). The elementwise terms (b·A, a·X) are not matmul work:
-    `newton_schulz_elementwise_flops` has them.
+    With s = min(m, n), l = max(m, n) (tall inputs are transposed first):
+
+    algorithm="standard": one step is A = X·Xᵀ (2·s²·l), A·A (2·s³) and B·X (2·s²·l):
+    steps·(4·s²·l + 2·s³). symmetric=True counts kernels that compute one triangle of the two
+    symmetric products (X·Xᵀ and A·A): steps·(3·s²·l + s³).
+
+    algorithm="gram" (muon.backends.torch_backend.run_gram), with k = 1 + the restarts in [1, steps)
+    segments: each segment computes R = X·Xᵀ (2·s²·l) and ends with X = Q·X (2·s²·l); each of its L
+    steps computes Z = b·R + c·R·R (2·s³), Q·Z (2·s³, not on the segment's first step: Q = Z + a·I
+    there) and R·Z, Z·(R·Z) (4·s³, not on its last step: no later step of the segment reads R):
+    4·k·s²·l + (8·steps - 6·k)·s³. symmetric=True halves X·Xᵀ and every s×s product (each is symmetric:
+    polynomials in R commute), not the general Q·X: 3·k·s²·l + (4·steps - 3·k)·s³. steps=0: 0.
+    The elementwise terms (b·A, a·X, Z + a·I) are not matmul work: `newton_schulz_elementwise_flops`.
     """
     _check_int(m, "m", 0)
     _check_int(n, "n", 0)
     _check_int(steps, "steps", 0)
     short, long = min(m, n), max(m, n)
+    if algorithm == "gram":
+        from .newton_schulz import check_restarts
+
+        if steps == 0:
+            return 0
+        k = 1 + sum(1 for r in check_restarts(restarts) if r < steps)
+        if symmetric:
+            return 3 * k * short * short * long + (4 * steps - 3 * k) * short**3
+        return 4 * k * short * short * long + (8 * steps - 6 * k) * short**3
+    if algorithm != "standard":
+        raise ValueError(f"algorithm must be 'standard' or 'gram', got {algorithm!r}")
     if symmetric:
         return steps * (3 * short * short * long + short**3)
     return steps * (4 * short * short * long + 2 * short**3)
@@ -455,6 +476,9 @@ class Overhead:
         "6*N*B, N = parameters used per token (all but embedding lookups; a tied head counts once); "
         "attention QK^T/AV separately as 6*L*ctx*d_attn*B"
     )
+    # The same NS matmuls with Gram Newton–Schulz (algorithm="gram", one restart at step 2) on every
+    # group; muon_flops and the overheads above are standard NS's.
+    ns_flops_gram: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -504,6 +528,7 @@ def overhead(
     for b, m, n in shapes:
         batch_of[(m, n)] += b
     ns = sum(b * newton_schulz_flops(m, n, steps, symmetric) for (m, n), b in batch_of.items())
+    ns_gram = sum(b * newton_schulz_flops(m, n, steps, symmetric, algorithm="gram") for (m, n), b in batch_of.items())
     ns_elementwise = sum(b * newton_schulz_elementwise_flops(m, n, steps) for (m, n), b in batch_of.items())
     n_muon = sum(p.numel() for p in muon_params)
     n_adamw = sum(p.numel() for p in adamw_params)
@@ -530,6 +555,7 @@ def overhead(
         steps=steps,
         symmetric=symmetric,
         ns_flops=ns,
+        ns_flops_gram=ns_gram,
         muon_flops=muon_flops,
         adamw_flops=adamw_flops,
         training_flops=training,
@@ -539,7 +565,8 @@ def overhead(
         overhead_with_attention=extra / (training + attention),
         overhead_bound=overhead_bound(model_dim, batch_tokens, steps),
         groups=[
-            {"shape": [b, m, n], "ns_flops": b * newton_schulz_flops(m, n, steps, symmetric)}
+            {"shape": [b, m, n], "ns_flops": b * newton_schulz_flops(m, n, steps, symmetric),
+             "ns_flops_gram": b * newton_schulz_flops(m, n, steps, symmetric, algorithm="gram")}
             for (m, n), b in sorted(batch_of.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1])
         ],
     )

@@ -6,9 +6,11 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.dispatch import ALGORITHMS, choose_algorithm
 from .coefficients import Schedule, resolve_schedule
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+DEFAULT_RESTARTS = (2,)  # Gram NS: one restart after two steps (Zhang, Amsel, Chen, Dao 2026's default)
 
 
 def newton_schulz(
@@ -19,6 +21,8 @@ def newton_schulz(
     *,
     dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
+    algorithm: str = "standard",
+    restarts=DEFAULT_RESTARTS,
 ) -> Tensor:
     """Orthogonalize G (m×n, or a batch (..., m, n) of independent matrices) by Newton–Schulz.
 
@@ -33,6 +37,11 @@ def newton_schulz(
             normalization (polar_express) use theirs.
         dtype: compute dtype: torch.bfloat16 (default), float16 or float32 (float64 for references).
         backend: "auto" (fastest available for G's device), "torch", "triton" or "cuda".
+        algorithm: "standard" (three GEMMs per step on X), "gram" (Gram Newton–Schulz: the same
+            polynomial iterated on the m×m Gram matrix X·Xᵀ, far fewer FLOPs when n ≫ m; torch and
+            triton backends) or "auto" (Gram where muon.backends.dispatch.choose_algorithm says so).
+        restarts: Gram NS only: 0-based steps before which X and X·Xᵀ are recomputed from the running
+            product (default (2,): after two steps), what keeps Gram NS accurate in half precision.
 
     Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
     matrix maps to zero. Tall inputs are transposed so the work runs on the small side.
@@ -41,11 +50,16 @@ def newton_schulz(
     if type(G).__module__.split(".")[0] == "cupy":
         import cupy
 
-        result = newton_schulz(torch.from_dlpack(G), steps, coefficients, eps, dtype=dtype, backend=backend)
+        result = newton_schulz(
+            torch.from_dlpack(G), steps, coefficients, eps, dtype=dtype, backend=backend,
+            algorithm=algorithm, restarts=restarts,
+        )
         return cupy.from_dlpack(result)
     check_input(G)
     schedule = resolve_schedule(coefficients, steps, eps)
-    return orthogonalize(G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype)
+    return orthogonalize(
+        G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype, algorithm=algorithm, restarts=restarts
+    )
 
 
 def check_input(G: Tensor, name: str = "G") -> None:
@@ -68,14 +82,20 @@ def orthogonalize(
     dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
+    algorithm: str = "standard",
+    restarts=DEFAULT_RESTARTS,
 ) -> Tensor:
     """NS with a resolved schedule; the entry point the optimizer and the kernels' tests share.
 
     out_dtype=None returns the compute dtype (what the optimizer adds to parameters).
+    algorithm/restarts: as in `newton_schulz`.
     """
     check_input(G)
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    restarts = check_restarts(restarts)
     out_dtype = dtype if out_dtype is None else out_dtype
     *batch, m, n = G.shape
     if G.numel() == 0:
@@ -84,8 +104,30 @@ def orthogonalize(
     transposed = m > n
     if transposed:
         X = X.mT
-    run = backends.select(backend, X)
-    X = run(X, schedule, dtype)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(m, n, G.device, dtype, steps=schedule.steps, restarts=restarts)
+        if algorithm == "gram" and not backends.has_gram(backend, X):
+            algorithm = "standard"
+    if algorithm == "gram":
+        X = backends.select_gram(backend, X)(X, schedule, dtype, restarts)
+    else:
+        X = backends.select(backend, X)(X, schedule, dtype)
     if transposed:
         X = X.mT
     return X.reshape(G.shape).to(out_dtype)
+
+
+def check_restarts(restarts) -> tuple[int, ...]:
+    """Gram NS restart steps as a sorted tuple of distinct ints >= 1 (indices past the last step do nothing)."""
+    try:
+        values = tuple(restarts)
+    except TypeError:
+        raise TypeError(f"restarts must be a sequence of step indices, got {restarts!r}") from None
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"restarts must hold ints (0-based step indices), got {r!r} in {restarts!r}")
+        if r < 1:
+            raise ValueError(
+                f"restarts must be >= 1 (a restart before step 0 is the start itself), got {r} in {restarts!r}"
+            )
+    return tuple(sorted(set(values)))

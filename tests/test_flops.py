@@ -169,3 +169,58 @@ def test_custom_model_spec():
     assert (cfg.n_layers, cfg.d_model, cfg.kv_heads, cfg.mlp, cfg.tied) == (3, 96, 2, "swiglu", True)
     per_layer = 96 * 96 * 2 + 2 * 96 * 48 + 3 * 96 * 384 + 2 * 96  # q, o, k, v, MLP, two RMSNorms
     assert flops.total_params(cfg) == 100 * 96 + 3 * per_layer + 96
+
+
+# ------------------------------------------------------------------------------ Gram Newton–Schulz
+def test_gram_flops_hand_counts():
+    # 2x3, one step, one segment: X·Xᵀ 24, R·R 16, final Q·X 24 (no Q·Z on a first step, no R update
+    # on a last step) -> 64.
+    assert flops.newton_schulz_flops(2, 3, steps=1, algorithm="gram") == 64
+    # 5 steps, restart at 2, k = 2 segments: 4·2·s²·l + (40 - 12)·s³
+    assert flops.newton_schulz_flops(8, 32, algorithm="gram") == 8 * 64 * 32 + 28 * 512
+    assert flops.newton_schulz_flops(8, 32, algorithm="gram", restarts=()) == 4 * 64 * 32 + 34 * 512
+    assert flops.newton_schulz_flops(8, 32, algorithm="gram", symmetric=True) == 6 * 64 * 32 + 14 * 512
+    assert flops.newton_schulz_flops(32, 8, algorithm="gram") == flops.newton_schulz_flops(8, 32, algorithm="gram")
+    assert flops.newton_schulz_flops(8, 32, steps=0, algorithm="gram") == 0
+    # restarts at or past the last step do nothing
+    assert flops.newton_schulz_flops(8, 32, steps=2, algorithm="gram", restarts=(2, 5)) == flops.newton_schulz_flops(
+        8, 32, steps=2, algorithm="gram", restarts=())
+    with pytest.raises(ValueError, match="algorithm"):
+        flops.newton_schulz_flops(8, 32, algorithm="fast")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+@pytest.mark.parametrize("restarts", [(2,), (), (1, 3), (2, 9)])
+@pytest.mark.parametrize("shape", [(3, 12, 40), (1, 50, 9)])
+def test_gram_flops_match_counted_execution(shape, restarts, steps):
+    """The model counts exactly the matmul FLOPs the torch backend's Gram NS dispatches (a
+    TorchDispatchMode summing 2·m·n·k over mm/bmm/addmm/baddbmm), and torch's own FLOP counter agrees."""
+    from muon.profiling import count_matmul_flops
+
+    b, m, n = shape
+    schedule = resolve_schedule("polar_express", steps, 1e-7)
+    G = torch.randn(shape)
+    with count_matmul_flops() as counted, FlopCounterMode(display=False) as torch_counter:
+        orthogonalize(G, schedule, dtype=torch.float32, backend="torch", algorithm="gram", restarts=restarts)
+    expected = b * flops.newton_schulz_flops(m, n, steps, algorithm="gram", restarts=restarts)
+    assert counted.total == expected
+    assert torch_counter.get_total_flops() == expected
+
+
+def test_standard_flops_match_counted_execution():
+    from muon.profiling import count_matmul_flops
+
+    with count_matmul_flops() as counted:
+        orthogonalize(torch.randn(2, 10, 30), resolve_schedule("keller", 4, 1e-7), dtype=torch.float32, backend="torch")
+    assert counted.total == 2 * flops.newton_schulz_flops(10, 30, steps=4)
+
+
+def test_gram_flop_ratio():
+    """Gram NS (5 steps, one restart) against standard NS: (8e + 28) / (20e + 10) at n = e·m."""
+    ratio = {e: flops.newton_schulz_flops(256, 256 * e, algorithm="gram") / flops.newton_schulz_flops(256, 256 * e)
+             for e in (1, 2, 4, 8, 16)}
+    assert ratio[4] <= 0.7  # the 1:4 MLP shape: at most 0.7x the FLOPs
+    assert ratio == pytest.approx({1: 1.2, 2: 0.88, 4: 60 / 90, 8: 92 / 170, 16: 156 / 330}, rel=1e-12)
+    sym = flops.newton_schulz_flops(256, 1024, symmetric=True, algorithm="gram") / flops.newton_schulz_flops(
+        256, 1024, symmetric=True)
+    assert sym == pytest.approx(38 / 65, rel=1e-12)

@@ -81,3 +81,36 @@ def select(name: str, X: Tensor) -> BackendFn:
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_gram(name: str, X: Tensor):
+    """The Gram Newton–Schulz function `run_gram(X, schedule, dtype, restarts)` of backend `name`.
+
+    "auto" takes the first backend of `auto_order` that can run X and has Gram NS; a named backend
+    without it raises BackendUnavailable naming the ones that have it.
+    """
+    candidates = auto_order(X) if name == "auto" else (name,)
+    for candidate in candidates:
+        reason = unavailable_reason(candidate, X)
+        if reason is not None:
+            if name == "auto":
+                continue
+            raise BackendUnavailable(reason)
+        fn = getattr(_module(candidate), "run_gram", None)
+        if fn is not None:
+            return fn
+        if name != "auto":
+            raise BackendUnavailable(
+                f"backend={name!r} has no Gram Newton–Schulz: use algorithm='standard', or backend='torch' "
+                "or 'triton' for algorithm='gram'"
+            )
+    raise BackendUnavailable(f"no Gram Newton–Schulz backend can run on a {X.device.type} tensor")
+
+
+def has_gram(name: str, X: Tensor) -> bool:
+    """Whether select_gram(name, X) would succeed (algorithm="auto" falls back to standard when not)."""
+    try:
+        select_gram(name, X)
+    except BackendUnavailable:
+        return False
+    return True

@@ -81,3 +81,15 @@ def run(X: Tensor, schedule: Schedule, dtype: torch.dtype, *, path: Path = "auto
     small = use_small_path(B, m, n, dtype) if path == "auto" else path == "small"
     fn = kernels.ns_small if small else kernels.ns_gemm
     return fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype)
+
+
+def run_gram(X: Tensor, schedule: Schedule, dtype: torch.dtype, restarts=(2,)) -> Tensor:
+    """Gram NS of a (B, m, n) stack (m <= n) in `dtype` with the symmetric kernels of
+    kernels/gram_ns.py; float64 runs the torch reference (muon.backends.torch_backend.run_gram)."""
+    if dtype == torch.float64:
+        from .torch_backend import run_gram as reference
+
+        return reference(X, schedule, dtype, restarts)
+    from muon.kernels.gram_ns import gram_ns
+
+    return gram_ns(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, restarts)
