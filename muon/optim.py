@@ -270,8 +270,11 @@ class Muon(Optimizer):
             raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
         try:
             resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
-        except ValueError as error:  # its messages say steps/eps/coefficients; add which group
-            raise ValueError(f"param_groups[{index}]: {error} (ns_steps/eps/ns_coefficients)") from None
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"param_groups[{index}]: invalid Newton–Schulz settings (ns_coefficients={group['ns_coefficients']!r},"
+                f" ns_steps={group['ns_steps']!r}, eps={group['eps']!r}): {error}"
+            ) from None
         for i, p in enumerate(group["params"]):
             if p.ndim < 2:
                 raise ValueError(
@@ -336,7 +339,12 @@ class Muon(Optimizer):
         for group in self.param_groups:
             defaults = self.defaults if group["use_muon"] else self._adamw_defaults
             for key, value in defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":  # torch's __setstate__ adds it to defaults; no group of ours has it
+                    group.setdefault(key, value)
+        for state in self.state.values():  # torch casts every loaded tensor but "step" to the parameter's dtype
+            skips = state.get("nonfinite_skips")
+            if skips is not None and skips.dtype != torch.int64:
+                state["nonfinite_skips"] = skips.to(torch.int64)
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
         """A copy of state_dict with each group's kind (and callable adjust_lr_fn) resolved; raises on misfits."""
@@ -366,6 +374,8 @@ class Muon(Optimizer):
                 )
             if saved.get("amsgrad") or saved.get("maximize"):
                 raise ValueError(f"{where} has amsgrad or maximize set; muon's AdamW groups support neither")
+            if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+                raise ValueError(f"{where} is torch.optim.Adam's (L2 weight decay); AdamW groups decouple it")
             group = {**group, "use_muon": kind}
             fn = group.get("adjust_lr_fn")
             if isinstance(fn, str) and fn.startswith(self._CALLABLE):
