@@ -104,7 +104,7 @@ class Muon(Optimizer):
 
     Beyond torch.optim.Muon:
       * groups with ``use_muon=False`` are updated with AdamW (keys lr, betas, eps, weight_decay),
-        exactly torch.optim.AdamW's update; `muon.param_groups(model)` builds both kinds of group;
+        torch.optim.AdamW's update up to rounding; `muon.param_groups(model)` builds both kinds of group;
       * parameters with more than 2 dims are a batch of matrices, or with ``flatten=True`` (conv
         weights) one (shape[0], -1) matrix;
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
