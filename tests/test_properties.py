@@ -23,7 +23,7 @@ PROPERTY = settings(
     derandomize=True,  # a fixed example sequence: deterministic CI, no example database needed
     database=None,
     deadline=None,  # no timing in tests
-    max_examples=40,
+    max_examples=25,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
