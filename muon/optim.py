@@ -179,7 +179,8 @@ class Muon(Optimizer):
         group = dict(param_group)
         use_muon = group.get("use_muon", True)
         if not isinstance(use_muon, bool):
-            raise ValueError(f"param_groups[{len(self.param_groups)}]: use_muon must be True or False, got {use_muon!r}")
+            index = len(self.param_groups)
+            raise ValueError(f"param_groups[{index}]: use_muon must be True or False, got {use_muon!r}")
         if not use_muon:
             for key, value in self._adamw_defaults.items():
                 group.setdefault(key, value)
@@ -262,10 +263,13 @@ class Muon(Optimizer):
         adjust = group["adjust_lr_fn"]
         if not (adjust is None or callable(adjust) or (isinstance(adjust, str) and adjust in ADJUST_LR_FNS)):
             raise ValueError(
-                f"param_groups[{index}]: adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust!r}"
+                f"param_groups[{index}]: adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, "
+                f"got {adjust!r}"
             )
         if group["ns_dtype"] not in COMPUTE_DTYPES:
-            raise ValueError(f"param_groups[{index}]: ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}")
+            raise ValueError(
+                f"param_groups[{index}]: ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}"
+            )
         if not isinstance(group["backend"], str):
             raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
         try:
