@@ -185,10 +185,9 @@ class Muon(Optimizer):
             for key, value in self._adamw_defaults.items():
                 group.setdefault(key, value)
         group["use_muon"] = use_muon
-        params = group.get("params", [])
-        if not isinstance(params, (Tensor, set)):
-            group["params"] = list(params)  # a generator is read once, here
-        self._check_unique(group["params"])
+        if "params" in group and not isinstance(group["params"], (Tensor, set)):
+            group["params"] = list(group["params"])  # a generator is read once, here
+        self._check_unique(group.get("params", ()))
         super().add_param_group(group)
         try:
             self._check_group(self.param_groups[-1], len(self.param_groups) - 1)

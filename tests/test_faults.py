@@ -495,7 +495,7 @@ def test_pickle_round_trip_steps_like_the_original():
 
 
 def test_deepcopy_shares_the_process_group():
-    class Communicator:  # stands for a ProcessGroup: a live handle that cannot be copied
+    class Communicator:  # stands for a ProcessGroup, which deepcopy refuses ("cannot pickle ProcessGroup")
         def __deepcopy__(self, memo):
             raise TypeError("cannot copy a communicator")
 
