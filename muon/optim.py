@@ -25,7 +25,9 @@ def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
 
     "original" (Keller, the default): sqrt(max(1, m/n)); "match_rms_adamw" (Moonlight):
     0.2·sqrt(max(m, n)), so AdamW's lr and weight decay carry over; "spectral" (muP-style):
-    sqrt(m/n). A callable gets (m, n) and returns the factor.
+    sqrt(m/n). A callable gets (m, n) and returns the factor: a finite real number >= 0 (a Python or
+    NumPy number, or a one-element real tensor), else a ValueError. The optimizer calls it for every
+    matrix of a group when the group is added, so a bad factor never surfaces mid-step.
     """
     if callable(adjust_lr_fn):
         value = adjust_lr_fn(m, n)
