@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -23,10 +25,19 @@ def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
 
     "original" (Keller, the default): sqrt(max(1, m/n)); "match_rms_adamw" (Moonlight):
     0.2·sqrt(max(m, n)), so AdamW's lr and weight decay carry over; "spectral" (muP-style):
-    sqrt(m/n). A callable gets (m, n) and returns the factor.
+    sqrt(m/n). A callable gets (m, n) and returns the factor: a finite real number >= 0 (a Python or
+    NumPy number, or a one-element real tensor), else a ValueError. The optimizer calls it for every
+    matrix of a group when the group is added, so a bad factor never surfaces mid-step.
     """
     if callable(adjust_lr_fn):
-        return float(adjust_lr_fn(m, n))
+        value = adjust_lr_fn(m, n)
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+            value, real = value.item(), True
+        # 0 is allowed, like lr = 0 (the matrix then only decays); negative would ascend the loss.
+        if not (real and math.isfinite(value) and value >= 0):
+            raise ValueError(f"adjust_lr_fn({m}, {n}) returned {value!r}; it must return a finite number >= 0")
+        return float(value)
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1.0, m / n))
     if adjust_lr_fn == "match_rms_adamw":
@@ -95,7 +106,7 @@ class Muon(Optimizer):
 
     Beyond torch.optim.Muon:
       * groups with ``use_muon=False`` are updated with AdamW (keys lr, betas, eps, weight_decay),
-        exactly torch.optim.AdamW's update; `muon.param_groups(model)` builds both kinds of group;
+        torch.optim.AdamW's update up to rounding; `muon.param_groups(model)` builds both kinds of group;
       * parameters with more than 2 dims are a batch of matrices, or with ``flatten=True`` (conv
         weights) one (shape[0], -1) matrix;
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
@@ -166,74 +177,286 @@ class Muon(Optimizer):
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group, validated like the constructor's: a group that fails leaves the optimizer unchanged."""
         group = dict(param_group)
-        if not group.get("use_muon", True):
+        use_muon = group.get("use_muon", True)
+        if not isinstance(use_muon, bool):
+            index = len(self.param_groups)
+            raise ValueError(f"param_groups[{index}]: use_muon must be True or False, got {use_muon!r}")
+        if not use_muon:
             for key, value in self._adamw_defaults.items():
                 group.setdefault(key, value)
-            group["use_muon"] = False
-            super().add_param_group(group)
-            self._check_adamw_group(self.param_groups[-1])
+        group["use_muon"] = use_muon
+        if "params" in group and not isinstance(group["params"], (Tensor, set)):
+            group["params"] = list(group["params"])  # a generator is read once, here
+        self._check_unique(group.get("params", ()))
+        super().add_param_group(group)
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_unique(self, params) -> None:
+        """A tensor twice in the optimizer would be stepped twice (torch only warns within a group)."""
+        if isinstance(params, (Tensor, set)):
+            return  # torch's add_param_group wraps a Tensor and refuses a set
+        index = len(self.param_groups)
+        seen = {id(p): f"param_groups[{i}]['params'][{j}]" for i, g in enumerate(self.param_groups)
+                for j, p in enumerate(g["params"])}
+        for j, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs
+            where = f"param_groups[{index}]['params'][{j}]"
+            if id(p) in seen:
+                raise ValueError(f"{where} is the same tensor as {seen[id(p)]}; each parameter may appear once")
+            seen[id(p)] = where
+
+    def _check_group(self, group: dict, index: int) -> None:
+        if group["use_muon"]:
+            self._check_muon_group(group, index)
         else:
-            super().add_param_group(group)
-            self._check_muon_group(self.param_groups[-1])
+            self._check_adamw_group(group, index)
 
     @staticmethod
-    def _check_lr(group: dict) -> None:
+    def _check_real(group: dict, key: str, index: int, low: float, high: float = math.inf, *, open_high=False,
+                    value=None) -> None:
+        value = group[key] if value is None else value
+        where = f"param_groups[{index}]: {key}"
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        inside = low <= value < high if open_high else low <= value <= high
+        if not (math.isfinite(value) and inside):
+            span = f"[{low}, {high})" if open_high else f">= {low}" if high == math.inf else f"[{low}, {high}]"
+            raise ValueError(f"{where} must be finite and {span}, got {value!r}")
+
+    @staticmethod
+    def _check_lr(group: dict, index: int | None = None) -> None:
+        index = "?" if index is None else index
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(
+                    f"param_groups[{index}]: a Tensor lr must have one element and be floating, got shape "
+                    f"{tuple(lr.shape)} {lr.dtype}"
+                )
             lr = lr.item()
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be finite and >= 0, got {lr}")
-        wd = group["weight_decay"]
-        if not (math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"weight_decay must be finite and >= 0, got {wd}")
+        Muon._check_real(group, "lr", index, 0.0, value=lr)
+        Muon._check_real(group, "weight_decay", index, 0.0)
 
-    def _check_muon_group(self, group: dict) -> None:
-        self._check_lr(group)
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
-        adjust = group["adjust_lr_fn"]
-        if not (adjust is None or callable(adjust) or adjust in ADJUST_LR_FNS):
-            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust!r}")
-        if group["ns_dtype"] not in COMPUTE_DTYPES:
-            raise ValueError(f"ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}")
-        resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
-        index = len(self.param_groups) - 1
+    @staticmethod
+    def _check_tensors(group: dict, index: int, kind: str) -> None:
         for i, p in enumerate(group["params"]):
             where = f"param_groups[{index}]['params'][{i}]"
-            if p.ndim < 2:
-                raise ValueError(
-                    f"Muon orthogonalizes matrices, but {where} has shape {tuple(p.shape)} ({p.ndim}-D). "
-                    "Biases, norms and other 0-/1-D parameters belong in an AdamW group "
-                    "(use_muon=False): muon.param_groups(model) builds the groups for you."
-                )
+            if p.layout != torch.strided:
+                raise ValueError(f"{where} is a {p.layout} tensor; {kind} groups take dense (strided) parameters")
             if p.is_complex():
-                raise ValueError(f"{where} is complex ({p.dtype}); Muon supports real floating parameters")
+                raise ValueError(f"{where} is complex ({p.dtype}); {kind} groups take real floating parameters")
             if not p.is_floating_point():
                 raise ValueError(f"{where} must be floating point, got {p.dtype}")
 
-    def _check_adamw_group(self, group: dict) -> None:
-        self._check_lr(group)
-        b1, b2 = group["betas"]
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']}")
-        if not group["eps"] >= 0:
-            raise ValueError(f"AdamW eps must be >= 0, got {group['eps']}")
-        index = len(self.param_groups) - 1
+    def _check_muon_group(self, group: dict, index: int | None = None) -> None:
+        index = len(self.param_groups) - 1 if index is None else index
+        self._check_lr(group, index)
+        self._check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
+        for key in ("nesterov", "flatten", "batched"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"param_groups[{index}]: {key} must be True or False, got {group[key]!r}")
+        adjust = group["adjust_lr_fn"]
+        if not (adjust is None or callable(adjust) or (isinstance(adjust, str) and adjust in ADJUST_LR_FNS)):
+            raise ValueError(
+                f"param_groups[{index}]: adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, "
+                f"got {adjust!r}"
+            )
+        if group["ns_dtype"] not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"param_groups[{index}]: ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}"
+            )
+        if not isinstance(group["backend"], str):
+            raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
+        try:
+            resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"param_groups[{index}]: invalid Newton–Schulz settings (ns_coefficients={group['ns_coefficients']!r},"
+                f" ns_steps={group['ns_steps']!r}, eps={group['eps']!r}): {error}"
+            ) from None
         for i, p in enumerate(group["params"]):
-            if p.is_complex():
-                raise ValueError(f"param_groups[{index}]['params'][{i}] is complex; not supported")
+            if p.ndim < 2:
+                raise ValueError(
+                    f"Muon orthogonalizes matrices, but param_groups[{index}]['params'][{i}] has shape "
+                    f"{tuple(p.shape)} ({p.ndim}-D). Biases, norms and other 0-/1-D parameters belong in an "
+                    "AdamW group (use_muon=False): muon.param_groups(model) builds the groups for you."
+                )
+        self._check_tensors(group, index, "Muon")
+        # The lr factor of every matrix is checked now, so that a step never fails half-applied.
+        for i, p in enumerate(group["params"]):
+            _, m, n = matrix_shape(p.shape, group["flatten"])
+            if m * n == 0:
+                continue  # an empty parameter is never updated
+            try:
+                update_scale(adjust, m, n)
+            except Exception as error:
+                raise ValueError(
+                    f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {m}×{n} matrix): {error}"
+                ) from error
+
+    def _check_adamw_group(self, group: dict, index: int | None = None) -> None:
+        index = len(self.param_groups) - 1 if index is None else index
+        self._check_lr(group, index)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"param_groups[{index}]: AdamW betas must be a pair (beta1, beta2), got {betas!r}")
+        for beta in betas:
+            self._check_real(group, "betas", index, 0.0, 1.0, open_high=True, value=beta)
+        self._check_real(group, "eps", index, 0.0)
+        self._check_tensors(group, index, "AdamW")
+
+    # ----------------------------------------------------------------------------- checkpoints
+    # Keys of state[p] per group kind (torch.optim.Muon and torch.optim.AdamW keep subsets of these).
+    _STATE_KEYS = {True: frozenset({"momentum_buffer", "nonfinite_skips"}),
+                   False: frozenset({"step", "exp_avg", "exp_avg_sq", "nonfinite_skips"})}
+    _CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust_lr_fn in a state dict
+
+    def state_dict(self) -> dict:
+        """torch's state dict, holding only types torch.load(weights_only=True) accepts.
+
+        A callable adjust_lr_fn is saved as the string "callable:<module>.<qualname>" (a function is
+        not data); loading it keeps the callable of the optimizer being loaded into, which must have one.
+        """
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            fn = group.get("adjust_lr_fn")
+            if callable(fn):
+                name = getattr(fn, "__qualname__", type(fn).__qualname__)
+                group["adjust_lr_fn"] = f"{self._CALLABLE}{getattr(fn, '__module__', None)}.{name}"
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict from muon.Muon or torch.optim.Muon (whose groups lack muon's keys)."""
-        super().load_state_dict(state_dict)
+        """Load a state dict from muon.Muon, torch.optim.Muon or torch.optim.AdamW, validated first.
+
+        A group without ``use_muon`` (torch's) keeps the kind of this optimizer's group at its position:
+        torch.optim.Muon state loads into Muon groups, torch.optim.AdamW state into AdamW groups. A group
+        of the other kind, state keys the group does not keep (exp_avg in a Muon group,
+        momentum_buffer in an AdamW group), wrong shapes and invalid hyperparameters are a ValueError,
+        and a load that fails leaves the optimizer unchanged.
+        """
+        super().load_state_dict(self._checked_state_dict(state_dict))
         for group in self.param_groups:
-            defaults = self.defaults if group.get("use_muon", True) else self._adamw_defaults
+            defaults = self.defaults if group["use_muon"] else self._adamw_defaults
             for key, value in defaults.items():
-                group.setdefault(key, value)
-            group.setdefault("use_muon", True)
+                if key != "differentiable":  # torch's __setstate__ adds it to defaults; no group of ours has it
+                    group.setdefault(key, value)
+        for state in self.state.values():  # torch casts every loaded tensor but "step" to the parameter's dtype
+            skips = state.get("nonfinite_skips")
+            if skips is not None and skips.dtype != torch.int64:
+                state["nonfinite_skips"] = skips.to(torch.int64)
+
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        """A copy of state_dict with each group's kind (and callable adjust_lr_fn) resolved; raises on misfits."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (Optimizer.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return state_dict  # torch's own check names the mismatch
+        decoded = distributed.decode_state_dict_dtypes(self, state_dict)["param_groups"]
+        groups = []
+        for index, (saved, current, group) in enumerate(zip(saved_groups, self.param_groups, decoded)):
+            where = f"state_dict['param_groups'][{index}]"
+            kind = current["use_muon"]
+            name = {True: "a Muon", False: "an AdamW"}
+            if "use_muon" in saved:
+                saved_kind = saved["use_muon"]
+            elif ("ns_coefficients" in saved) != ("betas" in saved):  # torch.optim.Muon / torch.optim.AdamW
+                saved_kind = "ns_coefficients" in saved
+            else:
+                saved_kind = kind
+            if saved_kind != kind:
+                raise ValueError(
+                    f"{where} is {name[not kind]} group, but param_groups[{index}] of this optimizer is "
+                    f"{name[kind]} group; build the optimizer with the groups of the saved one"
+                )
+            if saved.get("amsgrad") or saved.get("maximize"):
+                raise ValueError(f"{where} has amsgrad or maximize set; muon's AdamW groups support neither")
+            if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+                raise ValueError(f"{where} is torch.optim.Adam's (L2 weight decay); AdamW groups decouple it")
+            group = {**group, "use_muon": kind}
+            fn = group.get("adjust_lr_fn")
+            if isinstance(fn, str) and fn.startswith(self._CALLABLE):
+                if not callable(current.get("adjust_lr_fn")):
+                    raise ValueError(
+                        f"{where} was saved with a callable adjust_lr_fn ({fn[len(self._CALLABLE):]}); build the "
+                        "optimizer with that callable before loading (functions are not saved in checkpoints)"
+                    )
+                group["adjust_lr_fn"] = current["adjust_lr_fn"]
+            merged = {**(self.defaults if kind else {**self.defaults, **self._adamw_defaults}), **group}
+            try:
+                self._check_group({**merged, "params": current["params"]}, index)
+            except ValueError as error:
+                raise ValueError(f"cannot load {where}: {error}") from None
+            self._check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where)
+            groups.append(group)
+        return {**state_dict, "param_groups": groups}
+
+    def _check_saved_state(self, state: dict, ids: list, params: list, kind: bool, where: str) -> None:
+        allowed = self._STATE_KEYS[kind]
+        for j, (pid, p) in enumerate(zip(ids, params)):
+            saved = state.get(pid)
+            if saved is None:
+                continue
+            at = f"{where}['params'][{j}] (state[{pid!r}])"
+            extra = set(saved) - allowed
+            if extra:
+                raise ValueError(
+                    f"{at} holds {sorted(extra)}, which {'a Muon' if kind else 'an AdamW'} group does not keep "
+                    f"(it keeps {sorted(allowed)}): the state was saved for another kind of group"
+                )
+            moments = {"step", "exp_avg", "exp_avg_sq"} & set(saved)
+            if not kind and moments and len(moments) != 3:  # the step would start all three afresh
+                raise ValueError(f"{at} must hold all of step, exp_avg and exp_avg_sq, or none")
+            for key, value in saved.items():
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"{at}: {key} must be a Tensor, got {type(value).__name__}")
+                if key in ("momentum_buffer", "exp_avg", "exp_avg_sq") and (
+                    tuple(value.shape) != tuple(p.shape) or not value.is_floating_point()
+                ):
+                    raise ValueError(
+                        f"{at}: {key} is {tuple(value.shape)} {value.dtype}, the parameter is {tuple(p.shape)}"
+                    )
+                if key in ("step", "nonfinite_skips") and value.numel() != 1:
+                    raise ValueError(f"{at}: {key} must have one element, got shape {tuple(value.shape)}")
+
+    # ------------------------------------------------------------------------ copy and pickle
+    # Attributes beyond torch's (defaults, state, param_groups) that the step needs; torch's
+    # __getstate__ drops them, so deepcopy and pickle would give an optimizer that cannot step.
+    _PICKLED_ATTRS = ("nonfinite", "process_group", "_adamw_defaults")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in self._PICKLED_ATTRS if key in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_adamw_defaults", {"lr": self.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
+                                                     "weight_decay": self.defaults["weight_decay"]})
+        # The dtype hooks live in torch's hook dicts, which torch does not pickle: register them again.
+        if distributed.encode_state_dict_dtypes not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(distributed.encode_state_dict_dtypes)
+        if distributed.decode_state_dict_dtypes not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(distributed.decode_state_dict_dtypes)
+
+    def __deepcopy__(self, memo: dict) -> Muon:
+        # A process group is a live communicator: the copy shares it (deep-copying one fails).
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
     # ------------------------------------------------------------------------------------- step
     @torch.no_grad()
