@@ -287,3 +287,16 @@ def resolve_schedule(coefficients, steps: int | None, eps: float) -> Schedule:
         schedule = per_step[:n]
     eps_used = float(eps) if normalization.eps is None else normalization.eps
     return Schedule(tuple(schedule), normalization.fro_scale, eps_used)
+
+
+def _allow_in_checkpoints() -> None:
+    # A Preset in a param group travels in optimizer.state_dict(); torch.load(weights_only=True), the
+    # default since torch 2.6, refuses any class it was not told about.
+    import torch.serialization
+
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([Preset, Normalization])
+
+
+_allow_in_checkpoints()

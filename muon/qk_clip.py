@@ -40,10 +40,6 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _rows(t: Tensor) -> int:
-    return t.shape[0]
-
-
 def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias) -> tuple[int, int]:
     """Validate shapes; return (head_dim, num_kv_heads)."""
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
@@ -55,7 +51,7 @@ def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias) -
             raise ValueError(f"{name} must be 2-D (heads·head_dim rows × in_features), got shape {tuple(w.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    q_rows, k_rows = _rows(q_weight), _rows(k_weight)
+    q_rows, k_rows = q_weight.shape[0], k_weight.shape[0]
     if q_rows % num_heads:
         raise ValueError(f"q_weight has {q_rows} rows, not a multiple of num_heads={num_heads}")
     head_dim = q_rows // num_heads
@@ -186,11 +182,15 @@ def qk_clip_(
 
 
 def _as_weight_bias(x, what: str) -> tuple[Tensor, Tensor | None]:
-    if isinstance(x, nn.Linear):
-        return x.weight, x.bias
+    if isinstance(x, nn.Module):
+        weight = getattr(x, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{what} is a {type(x).__name__} without a `weight` tensor")
+        bias = getattr(x, "bias", None)
+        return weight, bias if isinstance(bias, Tensor) else None
     if isinstance(x, Tensor):
         return x, None
-    raise TypeError(f"{what} must be an nn.Linear or a weight tensor, got {type(x).__name__}")
+    raise TypeError(f"{what} must be an nn.Module with a weight (nn.Linear) or a weight tensor, got {type(x).__name__}")
 
 
 class QKClip:
@@ -237,19 +237,29 @@ class QKClip:
         q_bias: Tensor | None = None,
         k_bias: Tensor | None = None,
     ) -> None:
-        """Register an attention: `q`, `k` are its projections (nn.Linear, bias included) or weights."""
+        """Register an attention: `q`, `k` are its projections (nn.Linear, bias included) or weights.
+
+        Given modules, the weights are looked up again at every step(), so registering before
+        FSDP2's fully_shard (which swaps in new DTensor parameters) or `.to(device)` is fine.
+        """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         if name in self._attn:
             raise ValueError(f"an attention named {name!r} is already registered")
-        q_weight, qb = _as_weight_bias(q, "q")
-        k_weight, kb = _as_weight_bias(k, "k")
-        q_bias = qb if q_bias is None else q_bias
-        k_bias = kb if k_bias is None else k_bias
-        _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias)
-        self._attn[name] = dict(
-            q_weight=q_weight, k_weight=k_weight, num_heads=int(num_heads), num_kv_heads=num_kv_heads,
-            q_bias=q_bias, k_bias=k_bias,
+        entry = dict(q=q, k=k, num_heads=num_heads, num_kv_heads=num_kv_heads, q_bias=q_bias, k_bias=k_bias)
+        self._tensors(entry)  # validates; raises before anything is registered
+        self._attn[name] = entry
+
+    @staticmethod
+    def _tensors(entry: dict) -> dict:
+        q_weight, qb = _as_weight_bias(entry["q"], "q")
+        k_weight, kb = _as_weight_bias(entry["k"], "k")
+        q_bias = qb if entry["q_bias"] is None else entry["q_bias"]
+        k_bias = kb if entry["k_bias"] is None else entry["k_bias"]
+        _check_layout(q_weight, k_weight, entry["num_heads"], entry["num_kv_heads"], q_bias, k_bias)
+        return dict(
+            q_weight=q_weight, k_weight=k_weight, num_heads=entry["num_heads"],
+            num_kv_heads=entry["num_kv_heads"], q_bias=q_bias, k_bias=k_bias,
         )
 
     @torch.no_grad()
@@ -317,8 +327,8 @@ class QKClip:
             if n in self._max:
                 parts.append(self._max[n])
             else:
-                w = self._attn[n]["q_weight"]
-                device = w.device if not _is_dtensor(w) else w._local_tensor.device
+                w = _as_weight_bias(self._attn[n]["q"], "q")[0]
+                device = _local(w)[0].device
                 parts.append(torch.full((self._attn[n]["num_heads"],), -math.inf, device=device))
         flat = torch.cat([p.to(parts[0].device) for p in parts])
         dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
@@ -330,7 +340,7 @@ class QKClip:
         self._reduce()
         factors = {}
         for name, S in self._max.items():
-            a = self._attn[name]
+            a = self._tensors(self._attn[name])
             factors[name] = qk_clip_(
                 a["q_weight"], a["k_weight"], S, self.threshold, a["num_heads"],
                 num_kv_heads=a["num_kv_heads"], q_bias=a["q_bias"], k_bias=a["k_bias"],

@@ -8,6 +8,7 @@ bf16 against it on 64×128 inputs at the normalization edge (rank-1 dominated: n
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -150,6 +151,13 @@ def test_preset_objects_are_accepted_everywhere_names_are():
     W.grad = torch.randn_like(W)
     opt.step()
     assert torch.isfinite(W).all()
+    # ... and through a checkpoint loaded with torch.load's default weights_only=True
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    restored = muon.Muon([W], lr=0.01)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.param_groups[0]["ns_coefficients"] == pre
 
 
 # ---------------------------------------------------------------------------------------- the sweep

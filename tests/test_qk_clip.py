@@ -272,6 +272,22 @@ def test_qkclip_record_from_attention_code_and_errors():
     torch.testing.assert_close(factors["a"], torch.tensor([0.25, 0.25, 1.0, 1.0]))
 
 
+def test_modules_are_looked_up_at_each_step():
+    # fully_shard and some .to() paths swap in new Parameter objects after registration
+    attn = TinyAttention()
+    clip = muon.QKClip(threshold=1.0)
+    clip.add("attn", attn.q, attn.k, num_heads=4)
+    old = attn.q.weight
+    before = old.detach().clone()
+    attn.q.weight = nn.Parameter(old.detach().clone())
+    clip.record("attn", torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    clip.step()
+    assert torch.equal(attn.q.weight[:4], before[:4] * 0.5)  # the new parameter was clipped
+    assert torch.equal(old, before)  # the replaced one was not
+    with pytest.raises(TypeError, match="without a `weight`"):
+        clip.add("x", nn.ReLU(), attn.k, num_heads=4)
+
+
 def test_no_host_sync_in_the_clip_path():
     attn = TinyAttention()
     clip = muon.QKClip(threshold=0.01)
@@ -370,3 +386,17 @@ def test_dtensor_on_a_one_rank_gloo_mesh_and_qkclip_sync():
         assert torch.equal(dq.to_local(), ref_q) and torch.equal(dk.to_local(), ref_k)
     finally:
         dist.destroy_process_group()
+
+
+def test_readme_example_runs_and_clips():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## QK-clip") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)]
+    scope: dict = {}
+    exec(compile(code, "README.md (QK-clip)", "exec"), scope)
+    seen, tau = scope["seen"], scope["clip"].threshold
+    assert seen[0] > 2 * tau  # the example starts far above τ ...
+    assert all(s <= 1.15 * tau for s in seen[1:])  # ... and each later step starts near τ (one update's growth)
+    torch.testing.assert_close(scope["gamma"], torch.tensor([5 / 9, 1.0, 1.0, 1.0]))
