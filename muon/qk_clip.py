@@ -56,9 +56,7 @@ def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias) -
         raise ValueError(f"q_weight has {q_rows} rows, not a multiple of num_heads={num_heads}")
     head_dim = q_rows // num_heads
     if q_weight.shape[1] != k_weight.shape[1]:
-        raise ValueError(
-            f"k_weight has {k_weight.shape[1]} input features but q_weight has {q_weight.shape[1]}"
-        )
+        raise ValueError(f"k_weight has {k_weight.shape[1]} input features but q_weight has {q_weight.shape[1]}")
     if k_rows % head_dim:
         raise ValueError(f"k_weight has {k_rows} rows, not a multiple of the head size {head_dim} (from q_weight)")
     inferred = k_rows // head_dim
@@ -258,8 +256,12 @@ class QKClip:
         k_bias = kb if entry["k_bias"] is None else entry["k_bias"]
         _check_layout(q_weight, k_weight, entry["num_heads"], entry["num_kv_heads"], q_bias, k_bias)
         return dict(
-            q_weight=q_weight, k_weight=k_weight, num_heads=entry["num_heads"],
-            num_kv_heads=entry["num_kv_heads"], q_bias=q_bias, k_bias=k_bias,
+            q_weight=q_weight,
+            k_weight=k_weight,
+            num_heads=entry["num_heads"],
+            num_kv_heads=entry["num_kv_heads"],
+            q_bias=q_bias,
+            k_bias=k_bias,
         )
 
     @torch.no_grad()
@@ -342,9 +344,16 @@ class QKClip:
         for name, S in self._max.items():
             a = self._tensors(self._attn[name])
             factors[name] = qk_clip_(
-                a["q_weight"], a["k_weight"], S, self.threshold, a["num_heads"],
-                num_kv_heads=a["num_kv_heads"], q_bias=a["q_bias"], k_bias=a["k_bias"],
-                alpha=self.alpha, gqa=self.gqa,
+                a["q_weight"],
+                a["k_weight"],
+                S,
+                self.threshold,
+                a["num_heads"],
+                num_kv_heads=a["num_kv_heads"],
+                q_bias=a["q_bias"],
+                k_bias=a["k_bias"],
+                alpha=self.alpha,
+                gqa=self.gqa,
             )
         self.reset()
         return factors

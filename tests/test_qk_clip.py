@@ -393,7 +393,8 @@ def test_readme_example_runs_and_clips():
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("## QK-clip") :]
-    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)]
+    start = section.index("```python") + len("```python")
+    code = section[start : section.index("```\n", start)]
     scope: dict = {}
     exec(compile(code, "README.md (QK-clip)", "exec"), scope)
     seen, tau = scope["seen"], scope["clip"].threshold
