@@ -174,14 +174,15 @@ def _schedule(name):
 
 def _compose(schedule, x: torch.Tensor) -> torch.Tensor:
     for a, b, c in schedule.coefficients:
-        x = a * x + b * x**3 + c * x**5
+        x2 = x * x
+        x = x * (a + x2 * (b + c * x2))
     return x
 
 
 def _headroom(schedule, ceiling=1.3) -> float:
     """How far (as a ratio) the normalized top singular value may pass the edge 1/fro_scale before the
     output exceeds `ceiling`: the room bf16 rounding of the normalization gets."""
-    x = torch.linspace(0, 1.3, 1_300_001, dtype=torch.float64)
+    x = torch.linspace(0, 1.3, 130_001, dtype=torch.float64)  # a 1e-5 grid
     over = (_compose(schedule, x) > ceiling).nonzero()
     return math.inf if len(over) == 0 else x[over[0, 0]].item() * schedule.fro_scale
 
