@@ -149,7 +149,7 @@ def qk_clip_(
         gqa: "per_head" or "group" (see the module docstring); the same thing when num_kv_heads == num_heads.
 
     Returns the (num_heads,) factor γ_h = min(1, τ / S_h) each head's logits were scaled by (1 where
-    S_h ≤ τ or S_h is NaN), on max_logits' device. Nothing is read back to the host.
+    S_h ≤ τ or S_h is NaN or inf), on max_logits' device. Nothing is read back to the host.
     """
     head_dim, n_kv = _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias)
     _check_clip_args(threshold, alpha, gqa)
@@ -160,8 +160,8 @@ def qk_clip_(
 
     wide = torch.float64 in (max_logits.dtype, q_weight.dtype, k_weight.dtype)
     S = _full(max_logits).detach().to(torch.float64 if wide else torch.float32)
-    # NaN > τ is False: a head with no usable record keeps factor 1.
-    gamma = torch.where(S > threshold, threshold / S, torch.ones_like(S))
+    # A head with no usable record (NaN, or an overflowed +inf that would zero its rows) keeps factor 1.
+    gamma = torch.where((S > threshold) & S.isfinite(), threshold / S, torch.ones_like(S))
     group = num_heads // n_kv
     if group == 1 or gqa == "group":
         eta = gamma.view(n_kv, group).amin(dim=1)  # = τ / max over the group, or 1
