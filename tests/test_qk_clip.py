@@ -401,3 +401,61 @@ def test_readme_example_runs_and_clips():
     assert seen[0] > 2 * tau  # the example starts far above τ ...
     assert all(s <= 1.15 * tau for s in seen[1:])  # ... and each later step starts near τ (one update's growth)
     torch.testing.assert_close(scope["gamma"], torch.tensor([5 / 9, 1.0, 1.0, 1.0]))
+
+
+def _two_rank_job(rank, world, port, outdir):
+    """Each rank holds a Shard(0) half of q/k and records its own logits; 'other' only on rank 0."""
+    import json
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.set_num_threads(1)
+    result = "ok"
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+        )
+        mesh = init_device_mesh("cpu", (world,))
+        H, d = 5, 3  # 15 rows: 8 on rank 0, 7 on rank 1, head 2 split between them
+        wq, wk, bq, bk, _ = _weights(H, H, d, bias=True, seed=5)
+        records = [torch.tensor([9.0, 1.0, 2.0, 0.5, 3.0]), torch.tensor([1.0, 1.0, 6.0, 0.5, 7.0])]
+        ow, _, _, _, _ = _weights(2, 2, 2, d_in=4, seed=6)
+        ref = [t.clone() for t in (wq, wk, bq, bk)]
+        muon.qk_clip_(*ref[:2], torch.maximum(*records), 2.5, H, q_bias=ref[2], k_bias=ref[3])
+        other_ref = [ow.clone(), ow.clone()]
+        muon.qk_clip_(*other_ref, torch.tensor([4.0, 1.0]), 2.5, 2)
+        shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in (wq, wk, bq, bk)]
+        other = [distribute_tensor(ow, mesh, [Shard(0)]) for _ in range(2)]
+        clip = muon.QKClip(threshold=2.5)
+        clip.add("attn", shards[0], shards[1], num_heads=H, q_bias=shards[2], k_bias=shards[3])
+        clip.add("other", other[0], other[1], num_heads=2)
+        clip.record("attn", records[rank])
+        if rank == 0:
+            clip.record("other", torch.tensor([4.0, 1.0]))
+        clip.step()
+        for got, want in zip(shards + other, ref + other_ref):
+            assert torch.equal(got.full_tensor(), want), (got.full_tensor(), want)
+        dist.destroy_process_group()
+    except Exception:
+        result = traceback.format_exc()
+    with open(f"{outdir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.slow  # two spawned processes: ~8 s of start-up on two cores
+def test_two_gloo_ranks_clip_identically_from_their_own_records(tmp_path):
+    import json
+
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs gloo")
+    from dist_scenarios import launch
+
+    codes = launch(_two_rank_job, 2, str(tmp_path), deadline_s=90)
+    assert codes == [0, 0]
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == "ok"
