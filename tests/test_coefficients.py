@@ -268,3 +268,15 @@ def test_presets_without_margin_overshoot_at_the_edge():
     sched = _schedule("polar_express(safety=1.0)")
     assert _compose(sched, torch.tensor(1.0, dtype=torch.float64)).item() > 1.1
     assert _svals(INPUTS["edge"], "polar_express(safety=1.0)", torch.float32).max() > 1.1
+
+
+def test_readme_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Coefficient presets and safety factors") :]
+    start = section.index("```python") + len("```python")
+    scope: dict = {}
+    exec(compile(section[start : section.index("```\n", start)], "README.md (presets)", "exec"), scope)
+    assert scope["O"].shape == (64, 128) and torch.isfinite(scope["O"]).all()
+    _close(scope["derived"], MODDED_NANOGPT, 1e-12)
