@@ -170,6 +170,14 @@ def optimal_composition(
     optimal_composition(1e-3, 5, cushion=0.02, safety=1.02) is the "polar_express" preset;
     optimal_composition(1e-3, 8, cushion=POLAR_EXPRESS_CUSHION) is the paper's list before scaling.
     """
+    if not (isinstance(lower, (int, float)) and 0 < lower <= 1):
+        raise ValueError(f"lower must be in (0, 1], got {lower!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+        raise ValueError(f"steps must be an int in [1, 100), got {steps!r}")
+    if not (isinstance(cushion, (int, float)) and 0 <= cushion < 1):
+        raise ValueError(f"cushion must be in [0, 1), got {cushion!r}")
+    if not (isinstance(safety, (int, float)) and math.isfinite(safety) and safety >= 1):
+        raise ValueError(f"safety must be a finite number >= 1, got {safety!r}")
     lo, hi = float(lower), 1.0
     out = []
     for i in range(steps):

@@ -128,6 +128,12 @@ def test_polar_express_builder_checks_arguments():
         polar_express(1.01, steps=0)
     with pytest.raises(ValueError, match="lower"):
         optimal_quintic(0.5, 0.1)
+    with pytest.raises(ValueError, match="cushion"):
+        optimal_composition(1e-3, 5, cushion=1.5)
+    with pytest.raises(ValueError, match="safety"):
+        optimal_composition(1e-3, 5, safety=0.5)
+    with pytest.raises(ValueError, match="steps"):
+        optimal_composition(1e-3, 0)
     assert polar_express(1.02, steps=10).steps[-3:] == ((1.875, -1.25, 0.375),) * 3  # fixed point repeats
     assert polar_express(1.02, normalize=False).normalization.fro_scale == 1.0
 
