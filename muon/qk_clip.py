@@ -292,14 +292,17 @@ class QKClip:
         self._max[name] = per_head.clone() if prev is None else torch.maximum(prev, per_head)
 
     def attach(
-        self, name: str, module: nn.Module, *, logits_fn: Callable | None = None
+        self, name: str, module: nn.Module, *, logits_fn: Callable | None = None, training_only: bool = True
     ) -> torch.utils.hooks.RemovableHandle:
         """Record `name` from a forward hook on `module`: its output is the logits, or
-        logits_fn(module, args, output) returns them. Returns the hook's handle."""
+        logits_fn(module, args, output) returns them. With training_only (default), forwards in eval
+        mode (module.training False) are not recorded. Returns the hook's handle."""
         if name not in self._attn:
             raise KeyError(f"no attention named {name!r}; register it with add() first")
 
         def hook(mod, args, output):
+            if training_only and not mod.training:
+                return
             self.record(name, output if logits_fn is None else logits_fn(mod, args, output))
 
         return module.register_forward_hook(hook)

@@ -248,6 +248,10 @@ def test_qkclip_records_running_max_and_clips_after_the_optimizer_step():
     with torch.no_grad():
         S_after = torch.maximum(causal_max(x1), causal_max(x2))
     assert (S_after[offending] <= clip.threshold * (1 + 1e-5)).all()
+    attn.eval()
+    attn(x1)  # eval forwards are not recorded
+    assert clip.max_logits == {}
+    attn.train()
     handle.remove()
     attn(x1)
     assert clip.max_logits == {}
