@@ -14,15 +14,18 @@ from .coefficients import PRESETS
 from .newton_schulz import newton_schulz
 from .optim import Muon, update_scale
 from .param_groups import param_groups
+from .qk_clip import QKClip, qk_clip_
 
 __all__ = [
     "BackendUnavailable",
     "Muon",
     "PRESETS",
+    "QKClip",
     "coefficients",
     "mup",
     "newton_schulz",
     "param_groups",
+    "qk_clip_",
     "update_scale",
 ]
 __version__ = "0.1.0"
