@@ -54,24 +54,32 @@ def unavailable_reason(name: str, X: Tensor) -> str | None:
     return mod.unavailable_reason(X)
 
 
-def auto_order(X: Tensor) -> tuple[str, ...]:
-    """Backends tried by backend="auto", fastest first, for X's device and shape.
+def auto_order(X: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
+    """Backends backend="auto" tries for X computed in `dtype`, first choice first; torch is last and
+    always available. The first choice comes from the measured table (muon.backends.dispatch): never
+    the CUDA extension, never a kernel on the CPU (it would run in an interpreter)."""
+    from .dispatch import choose_backend
 
-    The torch backend is last and always available. On the CPU the Triton interpreter and the CUDA
-    extension are never picked automatically, even under TRITON_INTERPRET=1 (they are far slower there).
-    """
-    if X.device.type == "cuda":
-        return ("triton", "torch")
-    return ("torch",)
+    first = choose_backend(X, dtype).backend
+    return (first, "torch") if first != "torch" else ("torch",)
+
+
+def run_auto(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
+    """backend="auto": the backend `dispatch.choose_backend` names for this shape class, if it can run
+    here, else torch."""
+    from .dispatch import choose_backend
+
+    choice = choose_backend(X, dtype)
+    if choice.backend != "torch" and unavailable_reason(choice.backend, X) is None:
+        return _module(choice.backend).run(X, schedule, dtype, **choice.kwargs)
+    return _module("torch").run(X, schedule, dtype)
 
 
 def select(name: str, X: Tensor) -> BackendFn:
-    """The run function of backend `name` ("auto" resolves per tensor) for X, or a clear error."""
+    """The run function of backend `name` for X, or a clear error. "auto" returns `run_auto`, which
+    decides per call from the measured dispatch table (the compute dtype is known only then)."""
     if name == "auto":
-        for candidate in auto_order(X):
-            if unavailable_reason(candidate, X) is None:
-                return _module(candidate).run
-        raise BackendUnavailable(f"no Newton–Schulz backend can run on a {X.device.type} tensor")
+        return run_auto
     reason = unavailable_reason(name, X)
     if reason is not None:
         raise BackendUnavailable(reason)
