@@ -107,3 +107,14 @@ def test_graph_key_separates_what_a_capture_depends_on():
     assert k != graph_key(X, s, BF16, "ns_persistent")
     assert unusable_reason(X) == "not a CUDA tensor"
     assert len(GraphCache(capacity=2)) == 0
+
+
+def test_bench_kernels_csv_is_the_table_format(tmp_path):
+    """What `python -m bench kernels` writes is what the table is read from (a GPU run updates it)."""
+    from bench.cli import main
+
+    assert main(["kernels", "--device", "cpu", "--shapes", "2x16x32", "--preset", "none", "--peers", "",
+                 "--backends", "torch,auto", "--rep-ms", "1", "--gemm-size", "32", "--no-plot",
+                 "--out", str(tmp_path)]) == 0
+    table = dispatch.table_from_csv(tmp_path / "kernels.csv")
+    assert [(e.batch, e.short, e.long, e.dtype, e.winner) for e in table] == [(2, 16, 32, "bfloat16", "muon[torch]")]

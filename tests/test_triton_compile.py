@@ -37,3 +37,10 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
         assert int(re.search(r"smem=\s*(\d+)KB", line).group(1)) <= 227, line  # sm_90 per-block limit
     # the GEMM stages use Hopper's wgmma
     assert all(int(re.search(r"wgmma=(\d+)", line).group(1)) > 0 for line in rows if "ns_small" not in line)
+    # the v2 persistent kernels: both stages, with tensor-descriptor (TMA) loads and with the pointer
+    # fallback; TMA bulk copies appear exactly where descriptors are used
+    persistent = [line for line in rows if "persistent" in line]
+    assert {"persistent sym", "persistent apply"} <= {" ".join(line.split()[1:3]) for line in persistent}
+    for line in persistent:
+        tma = int(re.search(r"tma=(\d+)$", line).group(1))
+        assert (tma > 0) == ("tma=True" in line), line
