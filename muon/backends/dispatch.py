@@ -4,7 +4,7 @@
 
 Source: bench/results/h100-899c9f9/kernels.csv — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0,
 commit 899c9f9, NS of 5 Keller steps on fp32 inputs in bf16, `triton.testing.do_bench` medians, every
-provider in one process (the table of /work/shared measurements, "muon torch / triton / cuda" columns).
+provider in one process (its "muon torch / triton / cuda" columns decide).
 `BACKEND_TABLE` below is `table_from_csv` of that file (tests/test_dispatch.py checks they agree);
 `python -m muon.backends.dispatch CSV...` prints the table of new `python -m bench kernels` results
 (same CSV format) to paste here after a GPU run.
