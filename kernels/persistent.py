@@ -239,25 +239,26 @@ def _remember(key, plan):
     return plan
 
 
-def sym_plan_params(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def sym_plan_params(M: int, dtype: torch.dtype, K: int = 0) -> tuple[int, int, int, int]:
     """(BLOCK, BLOCK_K, num_warps, stages) of the symmetric stages. sm_90: 128×128 tiles with 64-deep K
     slices in 4 stages (128 KB of smem) for m > 512, 64×64 tiles below (more tiles for the SMs); fp32
     halves the K slice (4-byte operands)."""
     fp32 = dtype == torch.float32
     if INTERPRETED:
-        return 32, 32, 4, 1  # several tiles and a multi-tile triangle on tiny test shapes
+        # several tiles and a multi-tile triangle on tiny test shapes; long rows in fewer K steps
+        return 32, 32 if K <= 256 else 128, 4, 1
     if M > 512:
         return 128, 32 if fp32 else 64, 8, 3 if fp32 else 4
     return 64, 32 if fp32 else 64, 4, 3 if fp32 else 4
 
 
-def apply_plan_params(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def apply_plan_params(M: int, dtype: torch.dtype, N: int = 0) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, stages) of the update stage: 128×256×64 in 3 stages
     (144 KB smem, the tile Triton's Hopper matmul tutorial settles on) for m > 512, 64×128 below;
     fp32 128×128×32."""
     fp32 = dtype == torch.float32
     if INTERPRETED:
-        return 32, 32, 32, 4, 1
+        return 32, 32 if N <= 256 else 128, 32, 4, 1
     if M > 512:
         return (128, 128, 32, 8, 3) if fp32 else (128, 256, 64, 8, 3)
     return (64, 128, 32, 4, 3) if fp32 else (64, 128, 64, 4, 4)
@@ -269,7 +270,7 @@ def sym_plan(B: int, M: int, K: int, dtype: torch.dtype, device: torch.device) -
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    block, block_k, warps, stages = sym_plan_params(M, dtype)
+    block, block_k, warps, stages = sym_plan_params(M, dtype, K)
     T = triton.cdiv(M, block)
     tiles = torch.tensor(triangle_order(T, 8), dtype=torch.int32, device=device).reshape(-1, 2)
     programs = max(1, min(B * tiles.shape[0], num_sms(device)))
@@ -282,7 +283,7 @@ def apply_plan(B: int, M: int, N: int, dtype: torch.dtype, device: torch.device)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    bm, bn, bk, warps, stages = apply_plan_params(M, dtype)
+    bm, bn, bk, warps, stages = apply_plan_params(M, dtype, N)
     total = B * triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = max(1, min(total, num_sms(device)))
     return _remember(key, ApplyPlan(bm, bn, bk, 8, warps, stages, programs))
@@ -308,21 +309,16 @@ def _desc_batch_stride(T: torch.Tensor) -> int:
     return T.stride(0) if T.shape[0] > 1 else T.shape[1] * T.stride(1)
 
 
-_ALLOCATOR_SET = False
-
-
 def _ensure_allocator(device: torch.device) -> None:
     """Device-side tensor descriptors need a little global scratch per launch: from torch's
-    (stream-ordered, graph-capturable) caching allocator. Installed once, only if none was set."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
+    (stream-ordered, graph-capturable) caching allocator, installed only where none was set (Triton
+    keeps the allocator in a context variable: per thread, so this is checked on every launch)."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        dev = device if device.type == "cuda" else "cpu"
+        # "cuda" = the current device at launch time (the interpreter runs on the CPU)
+        dev = "cuda" if device.type == "cuda" else "cpu"
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=dev))
-    _ALLOCATOR_SET = True
 
 
 def _use_tma(tma: bool | None, *operands) -> bool:

@@ -94,10 +94,10 @@ def test_pointer_loads_take_any_strides(device):
         persistent.sym_product(X, poisoned((2, 37, 37), dtype, device), 1.0, tma=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp16: the stage tests
 @pytest.mark.parametrize("tma", [True, False])
 def test_whole_ns_both_load_paths(tma, dtype, device):
-    G = torch.randn(3, 33, 72, device=device)
+    G = torch.randn(2, 33, 72, device=device)
     assert_ns_close(_ns(G, dtype, tma, "polar_express", None), G, dtype, coefficients="polar_express", steps=None)
 
 
@@ -130,7 +130,7 @@ def test_odd_shapes(shape, device):
 
 def test_views_transposed_and_strided(device):
     dtype = torch.bfloat16
-    for G in (torch.randn(2, 70, 35, device=device).mT, torch.randn(2, 35, 140, device=device)[:, :, ::2]):
+    for G in (torch.randn(2, 40, 20, device=device).mT, torch.randn(2, 20, 80, device=device)[:, :, ::2]):
         assert not G.is_contiguous()
         assert_ns_close(_ns(G, dtype, tma=True), G, dtype)
 

@@ -4,6 +4,9 @@ Each backend is a function `run(X, schedule, dtype) -> Tensor` taking a (B, m, n
 (any strides, any float dtype; normalization is the backend's job) and returning the orthogonalized
 (B, m, n) stack in the compute `dtype`. Backends that need optional software are imported lazily, so
 `import muon` never needs Triton, the CUDA extension or a GPU.
+
+backend="auto" is `run_auto`: per call, `dispatch.choose_backend(X, dtype)` names the backend from the
+measured table in muon/backends/dispatch.py (torch wherever nothing faster was measured).
 """
 
 from __future__ import annotations
