@@ -67,14 +67,26 @@ def auto_order(X: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...
     return (first, "torch") if first != "torch" else ("torch",)
 
 
+# (backend, device) -> whether it can run there; the answer cannot change within a process for CUDA
+# devices (an installed package, a built extension), so auto asks once per device
+_AUTO_AVAILABLE: dict[tuple[str, str], bool] = {}
+
+
 def run_auto(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
     """backend="auto": the backend `dispatch.choose_backend` names for this shape class, if it can run
     here, else torch."""
     from .dispatch import choose_backend
 
     choice = choose_backend(X, dtype)
-    if choice.backend != "torch" and unavailable_reason(choice.backend, X) is None:
-        return _module(choice.backend).run(X, schedule, dtype, **choice.kwargs)
+    if choice.backend != "torch":
+        key = (choice.backend, str(X.device))
+        ok = _AUTO_AVAILABLE.get(key)
+        if ok is None:
+            ok = unavailable_reason(choice.backend, X) is None
+            if X.device.type == "cuda":
+                _AUTO_AVAILABLE[key] = ok
+        if ok:
+            return _module(choice.backend).run(X, schedule, dtype, **choice.kwargs)
     return _module("torch").run(X, schedule, dtype)
 
 
