@@ -2,6 +2,7 @@
 
     python -m muon.kernels.resource_usage            # bf16 configs
     python -m muon.kernels.resource_usage --fp32     # also the fp32 ones (slow: FMA products compile long)
+    python -m muon.kernels.resource_usage --only persistent --dtypes fp16,fp32
 
 Runs Triton's full compiler (TTIR -> PTX -> cubin with the ptxas bundled in the Triton wheel) and reads
 the cubin with the bundled cuobjdump, so it works on a machine with no GPU and no CUDA driver. Launch
@@ -133,9 +134,15 @@ def persistent_specializations(dtype: str = "bf16"):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", action="store_true", help="also compile the fp32 configs (slow)")
+    parser.add_argument("--only", default=None, help="only the kernels whose name contains this (e.g. persistent)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes (bf16,fp16,fp32); overrides --fp32")
     args = parser.parse_args(argv)
-    for dtype in ("bf16", "fp32") if args.fp32 else ("bf16",):
-        for name, kernel, sig, consts, warps, stages in specializations(dtype):
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if args.fp32 else ["bf16"])
+    for dtype in dtypes:
+        specs = persistent_specializations(dtype) if args.only == "persistent" else specializations(dtype)
+        for name, kernel, sig, consts, warps, stages in specs:
+            if args.only and args.only not in name:
+                continue
             r = compile_one(kernel, sig, consts, warps, stages)
             print(f"{dtype:5s} {name:70s} warps={warps} stages={stages} regs={r['regs']:3d} "
                   f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']} tma={r['tma']}", flush=True)

@@ -118,3 +118,39 @@ def test_bench_kernels_csv_is_the_table_format(tmp_path):
                  "--out", str(tmp_path)]) == 0
     table = dispatch.table_from_csv(tmp_path / "kernels.csv")
     assert [(e.batch, e.short, e.long, e.dtype, e.winner) for e in table] == [(2, 16, 32, "bfloat16", "muon[torch]")]
+
+
+def test_graph_cache_copies_in_and_out_and_evicts_least_recently_used(monkeypatch):
+    """The cache's bookkeeping with a stand-in for the CUDA graph (the real capture: the GPU test)."""
+
+    class FakeGraph:
+        def __init__(self, fn, static_in, static_out):
+            self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.fn(self.static_in))
+
+    from muon.backends import graphs
+
+    def capture(self, X, fn):
+        static_in = X.clone()
+        static_out = fn(static_in)
+        self.captures += 1
+        return graphs._Entry(FakeGraph(fn, static_in, static_out), static_in, static_out)
+
+    monkeypatch.setattr(GraphCache, "_capture", capture)
+    cache = GraphCache(capacity=2)
+    double = lambda X: 2 * X
+    X = torch.randn(3, 4)
+    out = cache.run("a", X, double)
+    assert torch.equal(out, 2 * X)
+    Y = torch.randn(3, 4).mT.contiguous().mT  # other strides, same shape: copied into the static input
+    out2 = cache.run("a", Y, double)
+    assert torch.equal(out2, 2 * Y) and torch.equal(out, 2 * X)  # outputs are copies, not the static buffer
+    assert cache.captures == 1 and cache.replays == 2
+    cache.run("b", X, double)
+    cache.run("a", X, double)  # "a" is now the most recent
+    cache.run("c", X, double)  # evicts "b"
+    assert len(cache) == 2 and set(cache._entries) == {"a", "c"}
+    cache.run("b", X, double)
+    assert cache.captures == 4
