@@ -178,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
                 ms=ms, tflops=peak_rate, status="ok")
     del A, Bm
 
+    out_dir = args.out or default_out(device)
     for (b, m, n), kind in progress(shape_list(args, device), desc="kernels", unit="shape"):
+        # rows so far on disk after every shape: a run cut short by a time limit keeps what it measured
+        if results.rows:
+            results.write(out_dir, "kernels")
         shape = shape_str((b, m, n))
         G = torch.randn(b, m, n, device=device, generator=gen)  # fp32 gradients/momentum, as the optimizer has
         X = G.mT if m > n else G  # what backends see: m <= n
@@ -240,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                                                                              else "median wall clock"),
                         status="ok")
 
-    out = args.out or default_out(device)
+    out = out_dir
     paths = results.write(out, "kernels")
     shown = [r for r in results.rows if r["status"] == "ok"]
     print(fmt_table(shown, ["op", "provider", "shape", "kind", "dtype", "ms", "tflops", "actual_tflops", "pct_cublas",
