@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, as_batched, check_compute_dtype, check_out, dot_precision, next_pow2
+from ._common import INTERPRETED, as_batched, check_compute_dtype, check_out, dot_precision
 
 VERSION = "v2"
 # Feature detection: GPU machines may carry an older Triton than the one this was written against.
@@ -454,4 +454,4 @@ def _scratch(shape, dtype, device) -> torch.Tensor:
     return torch.empty((*lead, r, c_pad), dtype=dtype, device=device)[..., :c]
 
 
-__all__ = ["HAS_TMA", "VERSION", "apply_product", "ns_persistent", "sym_product", "triangle_order", "next_pow2"]
+__all__ = ["HAS_TMA", "VERSION", "apply_product", "ns_persistent", "sym_product", "triangle_order"]

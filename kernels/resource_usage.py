@@ -145,7 +145,8 @@ def main(argv=None) -> None:
                 continue
             r = compile_one(kernel, sig, consts, warps, stages)
             print(f"{dtype:5s} {name:70s} warps={warps} stages={stages} regs={r['regs']:3d} "
-                  f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']} tma={r['tma']}", flush=True)
+                  f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']} tma={r['tma']}",
+                  flush=True)
 
 
 if __name__ == "__main__":

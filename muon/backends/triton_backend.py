@@ -90,7 +90,9 @@ def use_graph(X: Tensor, schedule: Schedule, graphs: bool | None) -> bool:
     return B * len(schedule.coefficients) * (4 * m * m * n + 2 * m**3) < GRAPH_MAX_FLOPS
 
 
-def run(X: Tensor, schedule: Schedule, dtype: torch.dtype, *, path: Path = "auto", graphs: bool | None = None) -> Tensor:
+def run(
+    X: Tensor, schedule: Schedule, dtype: torch.dtype, *, path: Path = "auto", graphs: bool | None = None
+) -> Tensor:
     """NS of a (B, m, n) stack (m <= n, any strides/float dtype) in `dtype`; returns (B, m, n) in dtype.
 
     path: "auto" (v1 by shape), "small" (fused, m <= 128), "gemm" (tiled v1 kernels) or "persistent"
