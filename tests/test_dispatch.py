@@ -89,7 +89,8 @@ def test_select_auto_keeps_its_signature_and_runs_torch_on_cpu():
     ref = backends.select("torch", X)(X, resolve_schedule("keller", 5, 1e-7), torch.float32)
     assert torch.equal(out, ref)
     assert backends.auto_order(X) == ("torch",)
-    assert backends.unavailable_reason("auto", X) is not None  # "auto" is resolved by select, not a module
+    assert backends.unavailable_reason("auto", X) is None  # torch is its fallback
+    assert "unknown backend" in backends.unavailable_reason("fastest", X)
 
 
 def test_graph_key_separates_what_a_capture_depends_on():

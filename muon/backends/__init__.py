@@ -47,7 +47,10 @@ def _module(name: str):
 
 
 def unavailable_reason(name: str, X: Tensor) -> str | None:
-    """None when backend `name` can run on X; otherwise the reason, with the fix."""
+    """None when backend `name` can run on X; otherwise the reason, with the fix. "auto" can always
+    run (torch is its fallback)."""
+    if name == "auto":
+        return None
     if name not in _MODULES:
         return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
     try:
