@@ -127,7 +127,7 @@ def _muon_call(name: str, G: torch.Tensor, X: torch.Tensor, schedule, dtype: tor
         label = choice.backend + (f":{choice.kwargs['path']}" if choice.kwargs.get("path") else "")
         from muon.backends import triton_backend
 
-        version = "torch" if choice.backend == "torch" else triton_backend.KERNEL_VERSIONS[choice.kwargs["path"]]
+        version = "torch" if choice.backend == "torch" else triton_backend.kernel_version(choice.kwargs["path"])
         return None, (lambda: orthogonalize(G, schedule, dtype=dtype, backend="auto")), f"auto->{label} {version}", \
             label in SYMMETRIC or (choice.kwargs.get("path") == "auto" and min(X.shape[-2:]) > 128)
     reason = backends.unavailable_reason(backend, X)
@@ -143,7 +143,7 @@ def _muon_call(name: str, G: torch.Tensor, X: torch.Tensor, schedule, dtype: tor
     if path == "small" and m > kernels.MAX_SMALL_SIDE:
         return f"the fused path takes a small side up to {kernels.MAX_SMALL_SIDE}", None, "", False
     sym = name in SYMMETRIC or (path == "auto" and not triton_backend.use_small_path(X3.shape[0], *X3.shape[1:], dtype))
-    return None, (lambda: triton_backend.run(X3, schedule, dtype, path=path)), triton_backend.KERNEL_VERSIONS[path], sym
+    return None, (lambda: triton_backend.run(X3, schedule, dtype, path=path)), triton_backend.kernel_version(path), sym
 
 
 def _rel_err(out, ref: torch.Tensor) -> float:

@@ -26,6 +26,7 @@ torch's bmm/baddbmm; the folded scaling is applied in fp32 before that rounding.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,10 @@ VERSION = "v2"
 # Feature detection: GPU machines may carry an older Triton than the one this was written against.
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor")
 HAS_WARP_SPECIALIZE: bool = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
-# Warp specialization of the persistent loop is off by default: on sm_90 it needs the data-partitioned
-# consumer warpgroups of recent Triton releases; enable per plan once a GPU run shows it pays.
-WARP_SPECIALIZE = False
+# Warp specialization of the persistent tile loop: off unless MUON_TRITON_WARP_SPECIALIZE=1 (read at
+# import). It compiles for sm_90 with Triton 3.9, but whether it pays on Hopper is for a GPU run to say
+# (bench/gpu_run.sh times both); the bench labels such rows kernel_version triton-v2-ws.
+WARP_SPECIALIZE = os.environ.get("MUON_TRITON_WARP_SPECIALIZE", "0") == "1"
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32: guards eps = 0 on a zero matrix
 

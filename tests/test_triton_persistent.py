@@ -188,3 +188,16 @@ def test_cuda_graph_replay_matches_eager_and_is_cached():
     outer.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, triton_backend.run(G, schedule, torch.bfloat16, graphs=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1024, 4096), (3, 520, 1000), (2, 200, 8), (1, 4096, 1024)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_plans_at_real_sizes(shape):
+    """The compiled plans (128/64 tiles, programs = SMs, descriptors where aligned) against float64."""
+    G = torch.randn(shape, device="cuda")
+    for tma in (None, False):
+        if tma is None or shape[-1] % 8 == 0:
+            assert_close_to_torchs(_ns(G, torch.bfloat16, tma=tma), G)
+    G32 = torch.randn(2, 96, 300, device="cuda")
+    assert_ns_close(_ns(G32, torch.float32), G32, torch.float32)

@@ -101,6 +101,8 @@ def table_from_rows(rows) -> tuple[Entry, ...]:
         provider = r["provider"]
         if provider != BASELINE and provider not in AUTO_PROVIDERS:
             continue
+        if (r.get("kernel_version") or "").endswith("-ws"):
+            continue  # warp-specialized variant: not what the backend runs by default
         key = (*_parse_shape(r["shape"]), r["dtype"])
         best = groups.setdefault(key, {})
         ms = float(r["ms"])

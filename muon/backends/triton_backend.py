@@ -28,6 +28,13 @@ from ..coefficients import Schedule
 Path = Literal["auto", "small", "gemm", "persistent"]
 PATHS = ("auto", "small", "gemm", "persistent")
 KERNEL_VERSIONS = {"auto": "triton-v1", "small": "triton-v1", "gemm": "triton-v1", "persistent": "triton-v2"}
+
+
+def kernel_version(path: str) -> str:
+    """The kernel version a path runs (what bench rows and the dispatch table record)."""
+    if path == "persistent" and os.environ.get("MUON_TRITON_WARP_SPECIALIZE", "0") == "1":
+        return "triton-v2-ws"
+    return KERNEL_VERSIONS[path]
 # Replay a CUDA graph for calls below this many NS matmul FLOPs (about 0.3 ms of H100 bf16 work):
 # there the ~3 + 3·steps Python launches dominate; above it the copies in and out of the graph's static
 # buffers would cost more than the launches they save.
