@@ -80,10 +80,6 @@ stage test_gpu 180 "$PY" -m pytest -q -m "gpu or interpret" -p no:cacheprovider 
 # The rest of the GPU benchmarks: FLOP model, optimizer steps, profile (python -m bench all's GPU stages).
 stage bench_rest 120 "$PY" -m bench all --only flops,step,profile --out "$WORK/bench"
 stage flops_symmetric 30 "$PY" -m bench flops --symmetric --out "$WORK/bench/flops_symmetric"
-# The persistent kernels again with warp-specialized tile loops, at the large shapes (whether it pays).
-stage bench_kernels_ws 60 env MUON_TRITON_WARP_SPECIALIZE=1 "$PY" -m bench kernels --backends triton:persistent \
-  --peers "" --preset none --no-check --shapes 4096x4096,8192x8192,2048x8192,4096x16384,24x768x3072 \
-  --out "$WORK/bench_ws"
 # Register / spill / wgmma / TMA report of every kernel for sm_90a, as compiled on this machine.
 stage resource_usage 60 env -u TRITON_INTERPRET "$PY" -W ignore -m muon.kernels.resource_usage
 stage microbench 40 "$PY" -m pytest -q bench/test_bench_cpu.py -o addopts="" --benchmark-only \

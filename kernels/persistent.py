@@ -40,8 +40,8 @@ VERSION = "v2"
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor")
 HAS_WARP_SPECIALIZE: bool = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 # Warp specialization of the persistent tile loop: off unless MUON_TRITON_WARP_SPECIALIZE=1 (read at
-# import). It compiles for sm_90 with Triton 3.9, but whether it pays on Hopper is for a GPU run to say
-# (bench/gpu_run.sh times both); the bench labels such rows kernel_version triton-v2-ws.
+# import). Compiled for sm_90a with Triton 3.9 it yields the same registers, shared memory and
+# instruction counts as without (kernels/NOTES.md); bench rows with it say kernel_version triton-v2-ws.
 WARP_SPECIALIZE = os.environ.get("MUON_TRITON_WARP_SPECIALIZE", "0") == "1"
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32: guards eps = 0 on a zero matrix
