@@ -60,11 +60,11 @@ def _inv_denom(DIAG, b, M, fro_scale, eps, CH: tl.constexpr):
 
 @triton.jit
 def _sym_persistent(
-    X, C, OUT, DIAG, TILES, n_tiles, total, M, K,
+    X, C, OUT, DIAG, TILES, n_tiles, total, num_progs, M, K,
     s_xb, s_xm, s_xk, s_cb, s_cm, s_cn, s_ob, s_om, s_on,
     alpha, beta, fro_scale, eps,
     HAS_C: tl.constexpr, WRITE_DIAG: tl.constexpr, NORM_IN: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, WS: tl.constexpr,
 ):
     """OUT = alpha·X·Xᵀ (+ beta·C) over the lower-triangle tiles listed in TILES, mirrored store.
@@ -78,7 +78,7 @@ def _sym_persistent(
         desc = tl.make_tensor_descriptor(X, shape=[total // n_tiles, M, K], strides=[s_xb, s_xm, 1],
                                          block_shape=[1, BLOCK, BLOCK_K])
     offs_k = tl.arange(0, BLOCK_K)
-    for t in tl.range(pid, total, NUM_PROGS, warp_specialize=WS):
+    for t in tl.range(pid, total, num_progs, warp_specialize=WS):
         b = t // n_tiles
         loc = t - b * n_tiles
         ti = tl.load(TILES + 2 * loc)
@@ -133,12 +133,12 @@ def _sym_persistent(
 
 @triton.jit
 def _apply_persistent(
-    Bm, X, OUT, DIAG, tiles_m, tiles_n, total, M, N,
+    Bm, X, OUT, DIAG, tiles_m, tiles_n, total, num_progs, M, N,
     s_bb, s_bm, s_bk, s_xb, s_xm, s_xn, s_ob, s_om, s_on,
     a, fro_scale, eps,
     NORM_IN: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+    STAGES: tl.constexpr, WS: tl.constexpr,
 ):
     """OUT = a·X + Bm·X (times 1/d of DIAG when NORM_IN), grouped tile order, persistent."""
     pid = tl.program_id(0)
@@ -151,7 +151,7 @@ def _apply_persistent(
                                            block_shape=[1, BLOCK_K, BLOCK_N])
     ok = tl.arange(0, BLOCK_K)
     per_group = GROUP_M * tiles_n
-    for t in tl.range(pid, total, NUM_PROGS, warp_specialize=WS):
+    for t in tl.range(pid, total, num_progs, warp_specialize=WS):
         b = t // per_mat
         loc = t - b * per_mat
         first_m = (loc // per_group) * GROUP_M
@@ -284,7 +284,8 @@ def sym_plan(B: int, M: int, K: int, dtype: torch.dtype, device: torch.device) -
 
 
 def apply_plan(B: int, M: int, N: int, dtype: torch.dtype, device: torch.device) -> ApplyPlan:
-    """sm_90: 128×256 tiles for m > 512 (128×128 in fp32), 64×128 below."""
+    """The cached launch plan: block sizes (apply_plan_params) and the number of programs (the
+    program count is a runtime argument: a new shape never recompiles)."""
     key = ("apply", B, M, N, dtype, str(device))
     plan = _PLANS.get(key)
     if plan is not None:
@@ -362,13 +363,12 @@ def sym_product(
     dg = diag if diag is not None else (norm_diag if norm_diag is not None else O3)
     n_tiles = plan.tiles.shape[0]
     _sym_persistent[(plan.programs,)](
-        X3, c, O3, dg, plan.tiles, n_tiles, B * n_tiles, M, K,
+        X3, c, O3, dg, plan.tiles, n_tiles, B * n_tiles, plan.programs, M, K,
         _desc_batch_stride(X3) if use_tma else X3.stride(0), X3.stride(1), X3.stride(2),
         c.stride(0), c.stride(1), c.stride(2), O3.stride(0), O3.stride(1), O3.stride(2),
         float(alpha), float(beta), float(fro_scale), float(eps),
         HAS_C=C3 is not None, WRITE_DIAG=diag is not None, NORM_IN=norm_diag is not None, USE_TMA=use_tma,
-        PRECISION=dot_precision(dtype), BLOCK=plan.block, BLOCK_K=plan.block_k, NUM_PROGS=plan.programs,
-        STAGES=plan.stages, WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
+        PRECISION=dot_precision(dtype), BLOCK=plan.block, BLOCK_K=plan.block_k, STAGES=plan.stages, WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
         num_warps=plan.num_warps,
     )
     return O3
@@ -390,14 +390,14 @@ def apply_product(
     tiles_m, tiles_n = triton.cdiv(M, plan.block_m), triton.cdiv(N, plan.block_n)
     dg = norm_diag if norm_diag is not None else O3
     _apply_persistent[(plan.programs,)](
-        P3, X3, O3, dg, tiles_m, tiles_n, B * tiles_m * tiles_n, M, N,
+        P3, X3, O3, dg, tiles_m, tiles_n, B * tiles_m * tiles_n, plan.programs, M, N,
         _desc_batch_stride(P3) if use_tma else P3.stride(0), P3.stride(1), P3.stride(2),
         _desc_batch_stride(X3) if use_tma else X3.stride(0), X3.stride(1), X3.stride(2),
         O3.stride(0), O3.stride(1), O3.stride(2),
         float(a), float(fro_scale), float(eps),
         NORM_IN=norm_diag is not None, USE_TMA=use_tma, PRECISION=dot_precision(dtype),
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, GROUP_M=plan.group,
-        NUM_PROGS=plan.programs, STAGES=plan.stages, WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
+        STAGES=plan.stages, WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
         num_warps=plan.num_warps,
     )
     return O3

@@ -109,24 +109,26 @@ def persistent_specializations(dtype: str = "bf16"):
     p = f"*{dtype}"
     prec = "ieee" if dtype == "fp32" else "tf32"
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    sig = dict(X=p, C=p, OUT=p, DIAG="*fp32", TILES="*i32", n_tiles="i32", total="i32", M="i32", K="i32",
+    sig = dict(X=p, C=p, OUT=p, DIAG="*fp32", TILES="*i32", n_tiles="i32", total="i32", num_progs="i32", M="i32",
+               K="i32",
                s_xb="i32", s_xm="i32", s_xk="i32", s_cb="i32", s_cm="i32", s_cn="i32", s_ob="i32", s_om="i32",
                s_on="i32", alpha="fp32", beta="fp32", fro_scale="fp32", eps="fp32")
     for m in (4096, 256):
         plan = pers.sym_plan_params(m, tdt)
         for tma in (True, False):
             consts = dict(HAS_C=True, WRITE_DIAG=True, NORM_IN=True, USE_TMA=tma, PRECISION=prec, BLOCK=plan[0],
-                          BLOCK_K=plan[1], NUM_PROGS=132, STAGES=plan[3], WS=False)
+                          BLOCK_K=plan[1], STAGES=plan[3], WS=False)
             yield (f"persistent sym m={m} BLOCK={plan[0]} BLOCK_K={plan[1]} tma={tma}", pers._sym_persistent, sig,
                    consts, plan[2], plan[3])
-    sig = dict(Bm=p, X=p, OUT=p, DIAG="*fp32", tiles_m="i32", tiles_n="i32", total="i32", M="i32", N="i32",
+    sig = dict(Bm=p, X=p, OUT=p, DIAG="*fp32", tiles_m="i32", tiles_n="i32", total="i32", num_progs="i32",
+               M="i32", N="i32",
                s_bb="i32", s_bm="i32", s_bk="i32", s_xb="i32", s_xm="i32", s_xn="i32", s_ob="i32", s_om="i32",
                s_on="i32", a="fp32", fro_scale="fp32", eps="fp32")
     for m in (4096, 256):
         bm, bn, bk, warps, stages = pers.apply_plan_params(m, tdt)
         for tma in (True, False):
             consts = dict(NORM_IN=True, USE_TMA=tma, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                          NUM_PROGS=132, STAGES=stages, WS=False)
+                          STAGES=stages, WS=False)
             yield (f"persistent apply m={m} {bm}x{bn}x{bk} tma={tma}", pers._apply_persistent, sig, consts, warps,
                    stages)
 
