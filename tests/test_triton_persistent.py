@@ -201,3 +201,23 @@ def test_gpu_plans_at_real_sizes(shape):
             assert_close_to_torchs(_ns(G, torch.bfloat16, tma=tma), G)
     G32 = torch.randn(2, 96, 300, device="cuda")
     assert_ns_close(_ns(G32, torch.float32), G32, torch.float32)
+
+
+def test_auto_runs_the_path_the_table_names(monkeypatch, device):
+    """backend="auto" hands the table's path to the Triton backend (here forced to the persistent one,
+    which the H100 table never names: unmeasured)."""
+    from muon.backends import dispatch
+
+    calls = []
+    real = triton_backend.run
+
+    def spy(X, schedule, dtype, **kwargs):
+        calls.append(kwargs)
+        return real(X, schedule, dtype, **kwargs)
+
+    monkeypatch.setattr(dispatch, "choose_backend", lambda X, dtype: dispatch.Choice("triton", {"path": "persistent"}))
+    monkeypatch.setattr(triton_backend, "run", spy)
+    G = torch.randn(2, 16, 40, device=device)
+    out = muon.newton_schulz(G, dtype=torch.bfloat16, backend="auto")
+    assert calls == [{"path": "persistent"}]
+    assert_ns_close(out, G, torch.bfloat16)
