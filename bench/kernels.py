@@ -1,15 +1,23 @@
-"""`python -m bench kernels`: Newton–Schulz time and effective TFLOP/s per shape, backend and peer.
+"""`python -m bench kernels`: Newton–Schulz time and TFLOP/s per shape, muon path and peer.
 
     python -m bench kernels                                  # the device's default shapes
-    python -m bench kernels --shapes 4096x4096,8x1024x4096 --backends torch,triton --out DIR
+    python -m bench kernels --shapes 4096x4096,8x1024x4096 --backends torch,triton:persistent --out DIR
 
-Shapes: square, 1:4 (wide), 4:1 (tall) and the batched same-shape groups the optimizer forms for
-model presets. Providers: every muon backend that can run (`muon.backends.unavailable_reason` says
-why one cannot: a skipped row), every importable peer (bench/peers.py), and the same run's GEMM rate
-(cuBLAS on a GPU) for X·Xᵀ of that shape plus one large square GEMM as the device's ceiling.
-Effective TFLOP/s = muon.flops.newton_schulz_flops (matmul FLOPs, non-symmetric count) / time, so
-symmetric or Gram kernels show as a higher effective rate. Each output is also checked against the
-float64 reference (relative Frobenius error), so a fast wrong kernel shows up in the table.
+Shapes: the shapes of the H100 measurement the dispatch table comes from (bench/results/h100-899c9f9),
+a few small-side classes, and the batched same-shape groups the optimizer forms for model presets.
+Providers: every muon path — muon[torch], muon[auto] (what backend="auto" runs), muon[triton] (the
+Triton backend's default, kernel v1), the forced muon[triton:small] / [triton:gemm] /
+[triton:persistent] paths, muon[cuda] — each with its `kernel_version`, every importable peer
+(bench/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
+square GEMM as the device's ceiling.
+
+Columns: `ms`; `tflops` = effective rate, muon.flops.newton_schulz_flops (standard NS, every product
+full) / time; `actual_tflops` = the FLOPs the kernel really does / time (symmetric=True count for
+the kernels that compute one triangle of X·Xᵀ and A·A: triton gemm/persistent, cuda); `pct_cublas` =
+actual_tflops as % of the same run's large cuBLAS GEMM; `vs_gemm` = effective rate / the rate of the
+X·Xᵀ GEMM of the shape; `rel_err_fp64` = relative Frobenius error against the float64 reference.
+The CSV is the format `muon.backends.dispatch.table_from_csv` reads: a GPU run's kernels.csv can
+replace the table auto decides from.
 """
 
 from __future__ import annotations
@@ -39,12 +47,22 @@ from .common import (
     time_ms,
 )
 
-# (shape, kind): square, 1:4 (wide, m < n) and 4:1 (tall, m > n; NS transposes it).
-GPU_SHAPES = [(1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192), (1024, 4096), (2048, 8192),
-              (4096, 16384), (4096, 1024), (8192, 2048)]
-CPU_SHAPES = [(128, 128), (256, 256), (128, 512), (512, 128)]
-GPU_PRESETS = ["gpt2-124m", "llama3-8b"]
+# (B, m, n): the H100 measurement of the dispatch table (muon/backends/dispatch.py), then small-side and
+# mid-size classes it does not cover yet, one tall shape (m > n; NS transposes it).
+GPU_SHAPES = [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (1, 2048, 8192),
+              (1, 4096, 16384), (12, 768, 768), (24, 768, 3072), (4, 1024, 4096), (16, 2048, 2048),
+              (64, 128, 128), (32, 64, 1024),
+              (1, 128, 128), (8, 128, 512), (1, 64, 4096), (4, 256, 1024), (1, 512, 512), (8, 512, 2048),
+              (1, 8192, 2048)]
+CPU_SHAPES = [(1, 128, 128), (1, 256, 256), (1, 128, 512), (1, 512, 128)]
+GPU_PRESETS = ["gpt2-124m"]
 CPU_PRESETS = ["tiny"]
+# muon providers: (name, backend, triton path or None)
+MUON_PROVIDERS = [("torch", "torch", None), ("auto", "auto", None), ("triton", "triton", "auto"),
+                  ("triton:small", "triton", "small"), ("triton:gemm", "triton", "gemm"),
+                  ("triton:persistent", "triton", "persistent"), ("cuda", "cuda", None)]
+# kernels that compute one triangle of the two symmetric products (count muon.flops symmetric=True)
+SYMMETRIC = {"triton:gemm", "triton:persistent", "cuda"}
 # Below this many NS FLOPs a GPU run is launch bound: time CUDA-graph replays instead.
 GRAPH_BELOW_FLOPS = 2e9
 
@@ -76,9 +94,9 @@ def shape_list(args, device: torch.device) -> list[tuple[tuple[int, int, int], s
             b, m, n = parse_shape(text.strip())
             shapes.append(((b, m, n), "given"))
     else:
-        for m, n in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
-            kind = "square" if m == n else ("1:4" if m < n else "4:1")
-            shapes.append(((1, m, n), kind))
+        for b, m, n in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
+            kind = "square" if m == n else ("wide" if m < n else "tall")
+            shapes.append(((b, m, n), kind))
     presets = args.preset if args.preset is not None else (GPU_PRESETS if device.type == "cuda" else CPU_PRESETS)
     for name in presets:
         if name == "none":
@@ -90,11 +108,42 @@ def shape_list(args, device: torch.device) -> list[tuple[tuple[int, int, int], s
 
 
 def _providers(args, device: torch.device) -> list[str]:
-    names = args.backends.split(",") if args.backends else list(backends.BACKENDS)
+    known = [p[0] for p in MUON_PROVIDERS]
+    names = args.backends.split(",") if args.backends else known
     for name in names:
-        if name not in backends.BACKENDS:
-            raise SystemExit(f"--backends: unknown backend {name!r}; choose from {backends.BACKENDS}")
+        if name not in known:
+            raise SystemExit(f"--backends: unknown muon provider {name!r}; choose from {known}")
     return [f"muon[{n}]" for n in names]
+
+
+def _muon_call(name: str, G: torch.Tensor, X: torch.Tensor, schedule, dtype: torch.dtype):
+    """(reason it cannot run or None, the call, kernel version, symmetric-FLOP kernel?) of a muon provider."""
+    from muon.backends import dispatch
+
+    _, backend, path = next(p for p in MUON_PROVIDERS if p[0] == name)
+    X3 = X.reshape(-1, *X.shape[-2:])
+    if backend == "auto":
+        choice = dispatch.choose_backend(X3, dtype)
+        label = choice.backend + (f":{choice.kwargs['path']}" if choice.kwargs.get("path") else "")
+        from muon.backends import triton_backend
+
+        version = "torch" if choice.backend == "torch" else triton_backend.kernel_version(choice.kwargs["path"])
+        return None, (lambda: orthogonalize(G, schedule, dtype=dtype, backend="auto")), f"auto->{label} {version}", \
+            label in SYMMETRIC or (choice.kwargs.get("path") == "auto" and min(X.shape[-2:]) > 128)
+    reason = backends.unavailable_reason(backend, X)
+    if reason is not None:
+        return reason, None, "", False
+    if backend != "triton":
+        return None, (lambda: orthogonalize(G, schedule, dtype=dtype, backend=backend)), \
+            {"torch": "torch", "cuda": "cuda-v1"}[backend], name in SYMMETRIC
+    from muon import kernels
+    from muon.backends import triton_backend
+
+    m = min(X.shape[-2:])
+    if path == "small" and m > kernels.MAX_SMALL_SIDE:
+        return f"the fused path takes a small side up to {kernels.MAX_SMALL_SIDE}", None, "", False
+    sym = name in SYMMETRIC or (path == "auto" and not triton_backend.use_small_path(X3.shape[0], *X3.shape[1:], dtype))
+    return None, (lambda: triton_backend.run(X3, schedule, dtype, path=path)), triton_backend.kernel_version(path), sym
 
 
 def _rel_err(out, ref: torch.Tensor) -> float:
@@ -124,16 +173,22 @@ def run(args: argparse.Namespace) -> int:
     A = torch.randn(size, size, device=device, generator=gen).to(dtype)
     Bm = torch.randn(size, size, device=device, generator=gen).to(dtype)
     ms = time_ms(lambda A=A, Bm=Bm: torch.mm(A, Bm), device, rep_ms=rep_ms)
+    peak_rate = tflops(2 * size**3, ms)
     results.add("gemm", gemm_provider, shape_str((size, size, size)), dtype_name(dtype), kind="peak",
-                ms=ms, tflops=tflops(2 * size**3, ms), status="ok")
+                ms=ms, tflops=peak_rate, status="ok")
     del A, Bm
 
+    out_dir = args.out or default_out(device)
     for (b, m, n), kind in progress(shape_list(args, device), desc="kernels", unit="shape"):
+        # rows so far on disk after every shape: a run cut short by a time limit keeps what it measured
+        if results.rows:
+            results.write(out_dir, "kernels")
         shape = shape_str((b, m, n))
         G = torch.randn(b, m, n, device=device, generator=gen)  # fp32 gradients/momentum, as the optimizer has
         X = G.mT if m > n else G  # what backends see: m <= n
         short, long = min(m, n), max(m, n)
         ns_flops = b * flops.newton_schulz_flops(m, n, args.steps)
+        sym_flops = b * flops.newton_schulz_flops(m, n, args.steps, symmetric=True)
         graph = device.type == "cuda" and ns_flops < GRAPH_BELOW_FLOPS
         ref = None if args.no_check else orthogonalize(G, schedule, dtype=torch.float64, backend="torch")
         ref_x = None if ref is None else (ref.mT if m > n else ref)  # for peers, which get X (m <= n)
@@ -145,20 +200,23 @@ def run(args: argparse.Namespace) -> int:
                     status="ok", note="X·Xᵀ of this shape")
         del Xd
 
-        candidates: list[tuple[str, str, object, torch.Tensor | None]] = []
+        # (provider, coefficients, call, expected output, kernel version, FLOPs the kernel really does)
+        candidates: list[tuple[str, str, object, torch.Tensor | None, str, int]] = []
         for provider in _providers(args, device):
             name = provider[5:-1]
-            reason = backends.unavailable_reason(name, X)
-            if reason is None and device.type == "cpu" and name != "torch" and name not in explicit:
+            reason, call, version, symmetric = _muon_call(name, G, X, schedule, dtype)
+            if reason is None and device.type == "cpu" and name not in ("torch", "auto") and name not in explicit:
                 reason = "not timed on a CPU unless named in --backends (it would run in an interpreter)"
             if reason is not None:
                 results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind, status=f"skipped: {reason}")
                 continue
-            candidates.append((provider, args.coefficients,
-                               lambda name=name, G=G: orthogonalize(G, schedule, dtype=dtype, backend=name), ref))
-        # Gram Newton–Schulz (restart at step 2) on the default backend: triton on CUDA, torch on a CPU
+            expected = ref if not name.startswith("triton") or ref is None else ref_x
+            candidates.append((provider, args.coefficients, call, expected, version, sym_flops if symmetric else ns_flops))
+        # Gram Newton–Schulz (restart at step 2) on the default backend: "effective" TFLOP/s counts standard
+        # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
+        gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")
         candidates.append(("muon[gram]", args.coefficients, lambda G=G: orthogonalize(
-            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref))
+            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "gram-v1", gram_flops))
         Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
         for peer in peer_names:
             try:
@@ -166,9 +224,10 @@ def run(args: argparse.Namespace) -> int:
             except peers.PeerUnavailable as exc:
                 results.add("newton_schulz", peer, shape, dtype_name(dtype), kind=kind, status=f"skipped: {exc}")
                 continue
-            candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x))
+            candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x,
+                               peers.version(peer), sym_flops if peers.PEERS[peer][2] else ns_flops))
 
-        for provider, coefficients, fn, expected in candidates:
+        for provider, coefficients, fn, expected, version, work_flops in candidates:
             try:
                 out = fn()
                 synchronize(device)
@@ -183,16 +242,19 @@ def run(args: argparse.Namespace) -> int:
                             status=f"error: {type(exc).__name__}: {exc}")
                 continue
             rate = tflops(ns_flops, ms)
+            actual = tflops(work_flops, ms)
             results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind, ms=ms, tflops=rate,
+                        actual_tflops=actual, pct_cublas=100 * actual / peak_rate, kernel_version=version,
                         vs_gemm=rate / gemm_rate, rel_err_fp64=err, coefficients=coefficients,
                         ns_flops=ns_flops, timer="cuda-graph" if graph else ("do_bench" if device.type == "cuda"
                                                                              else "median wall clock"),
                         status="ok")
 
-    out = args.out or default_out(device)
+    out = out_dir
     paths = results.write(out, "kernels")
     shown = [r for r in results.rows if r["status"] == "ok"]
-    print(fmt_table(shown, ["op", "provider", "shape", "kind", "dtype", "ms", "tflops", "vs_gemm", "rel_err_fp64"]))
+    print(fmt_table(shown, ["op", "provider", "shape", "kind", "dtype", "ms", "tflops", "actual_tflops", "pct_cublas",
+                            "vs_gemm", "rel_err_fp64", "kernel_version"]))
     skipped = sorted({(r["provider"], r["status"]) for r in results.rows if r["status"] != "ok"})
     for provider, status in skipped:
         print(f"{provider}: {status}")

@@ -11,12 +11,16 @@ Whole NS:
     ns_gemm(G, coefficients, fro_scale, eps, dtype)    normalize + 3 launches per step
     ns_small(G, coefficients, fro_scale, eps, dtype)   every step of a matrix with m <= 128 in one
                                                        program, the whole batch in one launch
+    ns_persistent(G, coefficients, fro_scale, eps, dtype, tma=None)
+                                                       v2: persistent TMA GEMM stages, normalization
+                                                       folded into step 1 (kernels/persistent.py)
 """
 
 from ._common import INTERPRETED
 from .normalize import normalize
 from .ns_gemm import ns_gemm
 from .ns_small import MAX_SMALL_SIDE, max_small_side, ns_small
+from .persistent import ns_persistent
 from .poly_apply import poly_apply
 from .syrk import gram, sym_poly
 
@@ -27,6 +31,7 @@ __all__ = [
     "max_small_side",
     "normalize",
     "ns_gemm",
+    "ns_persistent",
     "ns_small",
     "poly_apply",
     "sym_poly",

@@ -91,6 +91,19 @@ def _scale_cast(X, OUT, PART_MAX, PART_SS, M, N, s_b, s_m, s_n, o_b, o_m, o_n, n
         tl.store(optrs, tl.math.div_rn(x, denom).to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _prescale_cast(X, OUT, PART_MAX, M, N, s_b, s_m, s_n, o_b, o_m, o_n, n_parts,
+                   ROWS: tl.constexpr, COLS: tl.constexpr, PARTS: tl.constexpr):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    amax = _matrix_amax(PART_MAX, b, n_parts, PARTS)
+    for c0 in range(0, N, COLS):
+        ptrs, mask = _row_block_ptrs(X + b * s_b, t * ROWS, c0, M, N, s_m, s_n, ROWS, COLS)
+        x = tl.math.div_rn(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), amax)
+        optrs, _ = _row_block_ptrs(OUT + b * o_b, t * ROWS, c0, M, N, o_m, o_n, ROWS, COLS)
+        tl.store(optrs, x.to(OUT.dtype.element_ty), mask=mask)
+
+
 def _row_split(m: int) -> tuple[int, int]:
     rows = max(_MIN_ROWS, next_pow2(triton.cdiv(m, MAX_PARTS)))
     return rows, triton.cdiv(m, rows)
@@ -124,4 +137,27 @@ def normalize(
                              num_warps=num_warps)
         _scale_cast[grid](x, o, pm, ps, m, n, *xs, o.stride(0), o.stride(1), o.stride(2), n_parts,
                           float(fro_scale), float(eps), ROWS=rows, COLS=_COLS, PARTS=parts, num_warps=num_warps)
+    return out
+
+
+def prescale(X: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X / max|X| per matrix (a zero matrix stays zero), in `dtype`: the first half of `normalize`, for
+    kernels that take the Frobenius norm from the Gram diagonal instead (kernels/persistent.py).
+    Every entry lies in [-1, 1], so the squares summed later can neither under- nor overflow."""
+    check_compute_dtype(dtype)
+    out = check_out(out, tuple(X.shape), dtype, X.device)
+    X3, O3 = as_batched(X, "X"), as_batched(out, "out")
+    B, m, n = X3.shape
+    if X3.numel() == 0:
+        return out
+    rows, n_parts = _row_split(m)
+    parts = next_pow2(n_parts)
+    part_max = torch.empty((B, n_parts), dtype=torch.float32, device=X.device)
+    for lo, hi in batch_chunks(B):
+        x, o, pm = X3[lo:hi], O3[lo:hi], part_max[lo:hi]
+        grid = (n_parts, hi - lo)
+        xs = (x.stride(0), x.stride(1), x.stride(2))
+        _amax_partial[grid](x, pm, m, n, *xs, n_parts, ROWS=rows, COLS=_COLS, num_warps=4)
+        _prescale_cast[grid](x, o, pm, m, n, *xs, o.stride(0), o.stride(1), o.stride(2), n_parts,
+                             ROWS=rows, COLS=_COLS, PARTS=parts, num_warps=4)
     return out

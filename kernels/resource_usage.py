@@ -2,6 +2,7 @@
 
     python -m muon.kernels.resource_usage            # bf16 configs
     python -m muon.kernels.resource_usage --fp32     # also the fp32 ones (slow: FMA products compile long)
+    python -m muon.kernels.resource_usage --only persistent --dtypes fp16,fp32
 
 Runs Triton's full compiler (TTIR -> PTX -> cubin with the ptxas bundled in the Triton wheel) and reads
 the cubin with the bundled cuobjdump, so it works on a machine with no GPU and no CUDA driver. Launch
@@ -24,6 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 _UNIT_STRIDES = {"s_xk", "s_cn", "s_on", "s_bk", "s_xn", "s_gn", "s_n", "o_n"}
+# the persistent kernels' tile counts are 32-bit sizes like any other, never unit
+
 
 
 def _mod(name: str):
@@ -31,7 +34,8 @@ def _mod(name: str):
 
 
 def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile one specialization for sm_90a; returns {'regs', 'stack', 'smem', 'wgmma'}."""
+    """Compile one specialization for sm_90a; returns {'regs', 'stack', 'smem', 'wgmma', 'tma'}
+    (wgmma: Hopper tensor-core MMA instructions in the PTX; tma: tensor-memory-accelerator bulk copies)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -57,6 +61,7 @@ def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_st
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "smem": compiled.metadata.shared,
         "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+        "tma": compiled.asm["ptx"].count("cp.async.bulk.tensor"),
     }
 
 
@@ -79,6 +84,7 @@ def specializations(dtype: str = "bf16"):
         if dtype == "fp32" and (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * c.num_stages * 4 > 200 * 1024:
             continue  # pruned for fp32 (poly_apply._prune)
         yield f"poly_apply {kw}", poly._poly_apply_kernel, sig, dict(PRECISION=prec, **kw), c.num_warps, c.num_stages
+    yield from persistent_specializations(dtype)
     sig = dict(G="*fp32", OUT=p, COEF="*fp32", steps="i32", M="i32", N="i32", s_gb="i32", s_gm="i32", s_gn="i32",
                s_ob="i32", s_om="i32", s_on="i32", fro_scale="fp32", eps="fp32")
     side = small.MAX_SMALL_SIDE_FP32 if dtype == "fp32" else small.MAX_SMALL_SIDE
@@ -94,15 +100,55 @@ def specializations(dtype: str = "bf16"):
         yield f"ns_small m={m} n={n} (BN={bn}, in registers={regs})", small._ns_small_kernel, sig, consts, warps, 2
 
 
+def persistent_specializations(dtype: str = "bf16"):
+    """The v2 persistent kernels (kernels/persistent.py) with the block sizes of their plan table, each
+    with tensor-descriptor (TMA) and pointer loads."""
+    import torch
+
+    pers = _mod("persistent")
+    p = f"*{dtype}"
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    sig = dict(X=p, C=p, OUT=p, DIAG="*fp32", TILES="*i32", n_tiles="i32", total="i32", num_progs="i32", M="i32",
+               K="i32",
+               s_xb="i32", s_xm="i32", s_xk="i32", s_cb="i32", s_cm="i32", s_cn="i32", s_ob="i32", s_om="i32",
+               s_on="i32", alpha="fp32", beta="fp32", fro_scale="fp32", eps="fp32")
+    for m in (4096, 256):
+        plan = pers.sym_plan_params(m, tdt)
+        for tma in (True, False):
+            consts = dict(HAS_C=True, WRITE_DIAG=True, NORM_IN=True, USE_TMA=tma, PRECISION=prec, BLOCK=plan[0],
+                          BLOCK_K=plan[1], STAGES=plan[3], WS=False)
+            yield (f"persistent sym m={m} BLOCK={plan[0]} BLOCK_K={plan[1]} tma={tma}", pers._sym_persistent, sig,
+                   consts, plan[2], plan[3])
+    sig = dict(Bm=p, X=p, OUT=p, DIAG="*fp32", tiles_m="i32", tiles_n="i32", total="i32", num_progs="i32",
+               M="i32", N="i32",
+               s_bb="i32", s_bm="i32", s_bk="i32", s_xb="i32", s_xm="i32", s_xn="i32", s_ob="i32", s_om="i32",
+               s_on="i32", a="fp32", fro_scale="fp32", eps="fp32")
+    for m in (4096, 256):
+        bm, bn, bk, warps, stages = pers.apply_plan_params(m, tdt)
+        for tma in (True, False):
+            consts = dict(NORM_IN=True, USE_TMA=tma, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                          STAGES=stages, WS=False)
+            yield (f"persistent apply m={m} {bm}x{bn}x{bk} tma={tma}", pers._apply_persistent, sig, consts, warps,
+                   stages)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", action="store_true", help="also compile the fp32 configs (slow)")
+    parser.add_argument("--only", default=None, help="only the kernels whose name contains this (e.g. persistent)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes (bf16,fp16,fp32); overrides --fp32")
     args = parser.parse_args(argv)
-    for dtype in ("bf16", "fp32") if args.fp32 else ("bf16",):
-        for name, kernel, sig, consts, warps, stages in specializations(dtype):
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if args.fp32 else ["bf16"])
+    for dtype in dtypes:
+        specs = persistent_specializations(dtype) if args.only == "persistent" else specializations(dtype)
+        for name, kernel, sig, consts, warps, stages in specs:
+            if args.only and args.only not in name:
+                continue
             r = compile_one(kernel, sig, consts, warps, stages)
             print(f"{dtype:5s} {name:70s} warps={warps} stages={stages} regs={r['regs']:3d} "
-                  f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']}", flush=True)
+                  f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']} tma={r['tma']}",
+                  flush=True)
 
 
 if __name__ == "__main__":

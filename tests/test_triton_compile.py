@@ -37,3 +37,32 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
         assert int(re.search(r"smem=\s*(\d+)KB", line).group(1)) <= 227, line  # sm_90 per-block limit
     # the GEMM stages use Hopper's wgmma
     assert all(int(re.search(r"wgmma=(\d+)", line).group(1)) > 0 for line in rows if "ns_small" not in line)
+    # the v2 persistent kernels: both stages, with tensor-descriptor (TMA) loads and with the pointer
+    # fallback; TMA bulk copies appear exactly where descriptors are used
+    persistent = [line for line in rows if "persistent" in line]
+    assert {"persistent sym", "persistent apply"} <= {" ".join(line.split()[1:3]) for line in persistent}
+    for line in persistent:
+        tma = int(re.search(r"tma=(\d+)$", line).group(1))
+        assert (tma > 0) == ("tma=True" in line), line
+
+
+def test_persistent_kernels_compile_without_spills_in_every_dtype():
+    """fp16 and fp32 plans of the v2 kernels too (fp32: FMA products, no wgmma, smaller tiles)."""
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bundled, tool)) for tool in ("ptxas", "cuobjdump")):
+        pytest.skip("this Triton wheel carries no ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "muon.kernels.resource_usage", "--only", "persistent",
+         "--dtypes", "fp16,fp32"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("fp16", "fp32"))]
+    assert len(rows) == 16, run.stdout
+    for line in rows:
+        assert int(re.search(r"spill_stack=\s*(\d+)B", line).group(1)) == 0, line
+        assert (int(re.search(r"tma=(\d+)$", line).group(1)) > 0) == ("tma=True" in line), line
+        if line.startswith("fp16"):
+            assert int(re.search(r"wgmma=(\d+)", line).group(1)) > 0, line

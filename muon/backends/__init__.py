@@ -4,6 +4,9 @@ Each backend is a function `run(X, schedule, dtype) -> Tensor` taking a (B, m, n
 (any strides, any float dtype; normalization is the backend's job) and returning the orthogonalized
 (B, m, n) stack in the compute `dtype`. Backends that need optional software are imported lazily, so
 `import muon` never needs Triton, the CUDA extension or a GPU.
+
+backend="auto" is `run_auto`: per call, `dispatch.choose_backend(X, dtype)` names the backend from the
+measured table in muon/backends/dispatch.py (torch wherever nothing faster was measured).
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ def _module(name: str):
 
 
 def unavailable_reason(name: str, X: Tensor) -> str | None:
-    """None when backend `name` can run on X; otherwise the reason, with the fix."""
+    """None when backend `name` can run on X; otherwise the reason, with the fix. "auto" can always
+    run (torch is its fallback)."""
+    if name == "auto":
+        return None
     if name not in _MODULES:
         return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
     try:
@@ -54,24 +60,44 @@ def unavailable_reason(name: str, X: Tensor) -> str | None:
     return mod.unavailable_reason(X)
 
 
-def auto_order(X: Tensor) -> tuple[str, ...]:
-    """Backends tried by backend="auto", fastest first, for X's device and shape.
+def auto_order(X: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
+    """Backends backend="auto" tries for X computed in `dtype`, first choice first; torch is last and
+    always available. The first choice comes from the measured table (muon.backends.dispatch): never
+    the CUDA extension, never a kernel on the CPU (it would run in an interpreter)."""
+    from .dispatch import choose_backend
 
-    The torch backend is last and always available. On the CPU the Triton interpreter and the CUDA
-    extension are never picked automatically, even under TRITON_INTERPRET=1 (they are far slower there).
-    """
-    if X.device.type == "cuda":
-        return ("triton", "torch")
-    return ("torch",)
+    first = choose_backend(X, dtype).backend
+    return (first, "torch") if first != "torch" else ("torch",)
+
+
+# (backend, device) -> whether it can run there; the answer cannot change within a process for CUDA
+# devices (an installed package, a built extension), so auto asks once per device
+_AUTO_AVAILABLE: dict[tuple[str, str], bool] = {}
+
+
+def run_auto(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
+    """backend="auto": the backend `dispatch.choose_backend` names for this shape class, if it can run
+    here, else torch."""
+    from .dispatch import choose_backend
+
+    choice = choose_backend(X, dtype)
+    if choice.backend != "torch":
+        key = (choice.backend, str(X.device))
+        ok = _AUTO_AVAILABLE.get(key)
+        if ok is None:
+            ok = unavailable_reason(choice.backend, X) is None
+            if X.device.type == "cuda":
+                _AUTO_AVAILABLE[key] = ok
+        if ok:
+            return _module(choice.backend).run(X, schedule, dtype, **choice.kwargs)
+    return _module("torch").run(X, schedule, dtype)
 
 
 def select(name: str, X: Tensor) -> BackendFn:
-    """The run function of backend `name` ("auto" resolves per tensor) for X, or a clear error."""
+    """The run function of backend `name` for X, or a clear error. "auto" returns `run_auto`, which
+    decides per call from the measured dispatch table (the compute dtype is known only then)."""
     if name == "auto":
-        for candidate in auto_order(X):
-            if unavailable_reason(candidate, X) is None:
-                return _module(candidate).run
-        raise BackendUnavailable(f"no Newton–Schulz backend can run on a {X.device.type} tensor")
+        return run_auto
     reason = unavailable_reason(name, X)
     if reason is not None:
         raise BackendUnavailable(reason)
@@ -86,10 +112,11 @@ def interpreting() -> bool:
 def select_gram(name: str, X: Tensor):
     """The Gram Newton–Schulz function `run_gram(X, schedule, dtype, restarts)` of backend `name`.
 
-    "auto" takes the first backend of `auto_order` that can run X and has Gram NS; a named backend
-    without it raises BackendUnavailable naming the ones that have it.
+    "auto" runs the torch backend (cuBLAS on CUDA): muon's Triton Gram kernels are unmeasured on a GPU,
+    and auto picks only measured kernels (muon.backends.dispatch). A named backend without Gram NS
+    raises BackendUnavailable naming the ones that have it.
     """
-    candidates = auto_order(X) if name == "auto" else (name,)
+    candidates = ("torch",) if name == "auto" else (name,)
     for candidate in candidates:
         reason = unavailable_reason(candidate, X)
         if reason is not None:

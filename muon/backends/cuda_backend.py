@@ -1,5 +1,11 @@
-"""backend="cuda": muon's CUDA C++ kernels (csrc/), through the extension muon._C or, when it is not
-built, the same sources JIT-compiled by CuPy (muon/cupy_path.py).
+"""backend="cuda" (experimental): muon's CUDA C++ kernels (csrc/), through the extension muon._C or,
+when it is not built, the same sources JIT-compiled by CuPy (muon/cupy_path.py).
+
+Never chosen by backend="auto" (muon/backends/dispatch.py): measured on an H100 (commit 899c9f9,
+bench/results/h100-899c9f9/kernels.csv) it is slower than the torch backend from 2048 up — 1×2048²
+0.95 vs 0.63 ms, 1×4096² 4.32 vs 3.52, 1×8192² 32.0 vs 26.6, 16×2048² 10.4 vs 8.2, 1×4096×16384
+14.8 vs 11.1 — and faster only on small batched matrices (64×128² 0.38 vs 0.47 ms), where the fused
+Triton kernel is faster again (0.042 ms).
 
 Computes in bf16 with fp32 accumulation (the tensor-core format); normalization, every NS step and
 the final store are enqueued on torch's current stream by one C++ call, without host syncs, so the

@@ -1,0 +1,157 @@
+"""backend="auto": the measured dispatch table (muon.backends.dispatch) and the CUDA-graph cache keys.
+
+CPU only: the table's decisions are pure functions of (batch, m, n, dtype, device type); the graph
+replay itself is exercised by the GPU test in tests/test_triton_persistent.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from muon import backends
+from muon.backends import dispatch
+from muon.backends.graphs import GraphCache, graph_key, unusable_reason
+from muon.coefficients import resolve_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16 = torch.bfloat16
+
+
+def test_embedded_table_is_the_h100_csv():
+    assert dispatch.table_from_csv(os.path.join(ROOT, dispatch.SOURCE)) == dispatch.BACKEND_TABLE
+
+
+@pytest.mark.parametrize("entry", dispatch.BACKEND_TABLE, ids=lambda e: f"{e.batch}x{e.short}x{e.long}")
+def test_auto_is_never_slower_than_torch_on_a_measured_shape(entry):
+    choice = dispatch.choose_for_shape(entry.batch, entry.short, entry.long, BF16)
+    if entry.winner == "muon[torch]":
+        assert choice.backend == "torch", choice
+    else:
+        assert entry.winner_ms < entry.torch_ms
+        assert (choice.backend, choice.kwargs) == dispatch.AUTO_PROVIDERS[entry.winner], choice
+
+
+@pytest.mark.parametrize(
+    "shape, backend",
+    [((1, 1024, 1024), "torch"), ((1, 2048, 2048), "torch"), ((12, 768, 768), "torch"), ((4, 1024, 4096), "torch"),
+     ((16, 2048, 2048), "torch"), ((64, 128, 128), "triton"), ((32, 64, 1024), "triton"), ((24, 768, 3072), "triton"),
+     ((1, 8192, 8192), "triton"), ((1, 4096, 16384), "triton"),
+     # tall inputs are the same class as their transpose
+     ((1, 16384, 4096), "triton"), ((24, 3072, 768), "triton")],
+)
+def test_the_measured_winners(shape, backend):
+    assert dispatch.choose_for_shape(*shape, BF16).backend == backend
+
+
+def test_unmeasured_classes_dtypes_and_devices_run_torch():
+    assert dispatch.choose_for_shape(1, 128, 128, BF16).backend == "torch"  # batch 64× away from 64×128²
+    assert dispatch.choose_for_shape(1, 300, 100000, BF16).backend == "torch"
+    assert dispatch.choose_for_shape(64, 128, 128, torch.float32).backend == "torch"  # only bf16 measured
+    assert dispatch.choose_for_shape(64, 128, 128, torch.float16).backend == "torch"
+    assert dispatch.choose_for_shape(64, 128, 128, BF16, device_type="cpu").backend == "torch"
+    # within a factor 2 of a measured triton win
+    assert dispatch.choose_for_shape(48, 128, 160, BF16).backend == "triton"
+
+
+def test_cuda_extension_and_unmeasured_kernels_are_never_auto():
+    rows = [
+        dict(op="newton_schulz", provider="muon[torch]", shape="1x512x512", dtype="bfloat16", ms="1.0", status="ok"),
+        dict(op="newton_schulz", provider="muon[cuda]", shape="1x512x512", dtype="bfloat16", ms="0.1", status="ok"),
+        dict(op="newton_schulz", provider="muon[triton:persistent]", shape="1x512x2048", dtype="bfloat16",
+             ms="0.5", status="skipped: no GPU"),
+        dict(op="newton_schulz", provider="muon[torch]", shape="1x512x2048", dtype="bfloat16", ms="1.0", status="ok"),
+    ]
+    table = dispatch.table_from_rows(rows)
+    assert {e.winner for e in table} == {"muon[torch]"}
+    rows[2]["status"] = "ok"
+    rows[2]["kernel_version"] = "triton-v2"
+    table = dispatch.table_from_rows(rows)
+    win = [e for e in table if e.long == 2048][0]
+    assert (win.winner, win.kernel_version) == ("muon[triton:persistent]", "triton-v2")
+    choice = dispatch.choose_for_shape(1, 512, 2048, BF16, table=table)
+    assert choice.kwargs == {"path": "persistent"}
+
+
+def test_equidistant_disagreeing_measurements_run_torch():
+    table = (dispatch.Entry(1, 256, 256, "bfloat16", "muon[triton]", "triton-v1", 1.0, 2.0),
+             dispatch.Entry(1, 1024, 1024, "bfloat16", "muon[torch]", "torch", 1.0, 1.0))
+    assert dispatch.choose_for_shape(1, 512, 512, BF16, table=table).backend == "torch"
+    assert dispatch.choose_for_shape(1, 300, 300, BF16, table=table).backend == "triton"
+
+
+def test_select_auto_keeps_its_signature_and_runs_torch_on_cpu():
+    X = torch.randn(2, 8, 16)
+    run = backends.select("auto", X)
+    out = run(X, resolve_schedule("keller", 5, 1e-7), torch.float32)
+    ref = backends.select("torch", X)(X, resolve_schedule("keller", 5, 1e-7), torch.float32)
+    assert torch.equal(out, ref)
+    assert backends.auto_order(X) == ("torch",)
+    assert backends.unavailable_reason("auto", X) is None  # torch is its fallback
+    assert "unknown backend" in backends.unavailable_reason("fastest", X)
+
+
+def test_graph_key_separates_what_a_capture_depends_on():
+    X = torch.randn(2, 8, 16)
+    s = resolve_schedule("keller", 5, 1e-7)
+    k = graph_key(X, s, BF16, "ns_small")
+    assert k == graph_key(X.clone(), s, BF16, "ns_small")
+    assert k == graph_key(torch.randn(2, 16, 8).mT, s, BF16, "ns_small")  # strides do not matter (copied in)
+    assert k != graph_key(torch.randn(2, 8, 17), s, BF16, "ns_small")
+    assert k != graph_key(X.double(), s, BF16, "ns_small")
+    assert k != graph_key(X, s, torch.float32, "ns_small")
+    assert k != graph_key(X, resolve_schedule("polar_express", 5, 1e-7), BF16, "ns_small")
+    assert k != graph_key(X, resolve_schedule("keller", 4, 1e-7), BF16, "ns_small")
+    assert k != graph_key(X, resolve_schedule("keller", 5, 1e-6), BF16, "ns_small")
+    assert k != graph_key(X, s, BF16, "ns_persistent")
+    assert unusable_reason(X) == "not a CUDA tensor"
+    assert len(GraphCache(capacity=2)) == 0
+
+
+def test_bench_kernels_csv_is_the_table_format(tmp_path):
+    """What `python -m bench kernels` writes is what the table is read from (a GPU run updates it)."""
+    from bench.cli import main
+
+    assert main(["kernels", "--device", "cpu", "--shapes", "2x16x32", "--preset", "none", "--peers", "",
+                 "--backends", "torch,auto", "--rep-ms", "1", "--gemm-size", "32", "--no-plot",
+                 "--out", str(tmp_path)]) == 0
+    table = dispatch.table_from_csv(tmp_path / "kernels.csv")
+    assert [(e.batch, e.short, e.long, e.dtype, e.winner) for e in table] == [(2, 16, 32, "bfloat16", "muon[torch]")]
+
+
+def test_graph_cache_copies_in_and_out_and_evicts_least_recently_used(monkeypatch):
+    """The cache's bookkeeping with a stand-in for the CUDA graph (the real capture: the GPU test)."""
+
+    class FakeGraph:
+        def __init__(self, fn, static_in, static_out):
+            self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.fn(self.static_in))
+
+    from muon.backends import graphs
+
+    def capture(self, X, fn):
+        static_in = X.clone()
+        static_out = fn(static_in)
+        self.captures += 1
+        return graphs._Entry(FakeGraph(fn, static_in, static_out), static_in, static_out)
+
+    monkeypatch.setattr(GraphCache, "_capture", capture)
+    cache = GraphCache(capacity=2)
+    double = lambda X: 2 * X
+    X = torch.randn(3, 4)
+    out = cache.run("a", X, double)
+    assert torch.equal(out, 2 * X)
+    Y = torch.randn(3, 4).mT.contiguous().mT  # other strides, same shape: copied into the static input
+    out2 = cache.run("a", Y, double)
+    assert torch.equal(out2, 2 * Y) and torch.equal(out, 2 * X)  # outputs are copies, not the static buffer
+    assert cache.captures == 1 and cache.replays == 2
+    cache.run("b", X, double)
+    cache.run("a", X, double)  # "a" is now the most recent
+    cache.run("c", X, double)  # evicts "b"
+    assert len(cache) == 2 and set(cache._entries) == {"a", "c"}
+    cache.run("b", X, double)
+    assert cache.captures == 4
