@@ -11,13 +11,20 @@ from .coefficients import Schedule, resolve_schedule
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """dtype="auto": bf16 on CUDA (tensor-core GEMMs), fp32 elsewhere (bf16 GEMMs are slow on CPUs)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype
+
+
 def newton_schulz(
     G: Tensor,
     steps: int | None = 5,
     coefficients="keller",
     eps: float = 1e-7,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = "auto",
     backend: str = "auto",
 ) -> Tensor:
     """Orthogonalize G (m×n, or a batch (..., m, n) of independent matrices) by Newton–Schulz.
@@ -31,7 +38,8 @@ def newton_schulz(
             repeated every step, or a list with one tuple per step.
         eps: added to the Frobenius norm of the (max-abs prescaled) input; presets with their own
             normalization (polar_express) use theirs.
-        dtype: compute dtype: torch.bfloat16 (default), float16 or float32 (float64 for references).
+        dtype: compute dtype: "auto" (default: bfloat16 on CUDA, float32 elsewhere), torch.bfloat16,
+            float16 or float32 (float64 for references).
         backend: "auto" (fastest available for G's device), "torch", "triton" or "cuda".
 
     Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
@@ -65,7 +73,7 @@ def orthogonalize(
     G: Tensor,
     schedule: Schedule,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = "auto",
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -74,6 +82,7 @@ def orthogonalize(
     out_dtype=None returns the compute dtype (what the optimizer adds to parameters).
     """
     check_input(G)
+    dtype = resolve_dtype(dtype, G.device)
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     out_dtype = dtype if out_dtype is None else out_dtype

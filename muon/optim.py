@@ -10,42 +10,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed
+from . import _engine, backends, distributed
+from ._shapes import ADJUST_LR_FNS, matrix_shape, update_scale
 from .coefficients import KELLER, Schedule, resolve_schedule
-from .newton_schulz import COMPUTE_DTYPES, orthogonalize
+from .newton_schulz import COMPUTE_DTYPES, orthogonalize, resolve_dtype
 
-ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
+__all__ = ["Muon", "matrix_shape", "update_scale"]
+
 NONFINITE_POLICIES = ("skip", "raise")
-
-
-def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
-    """The factor s(m, n) multiplying lr for an m×n (fan_out × fan_in) orthogonalized update.
-
-    "original" (Keller, the default): sqrt(max(1, m/n)); "match_rms_adamw" (Moonlight):
-    0.2·sqrt(max(m, n)), so AdamW's lr and weight decay carry over; "spectral" (muP-style):
-    sqrt(m/n). A callable gets (m, n) and returns the factor.
-    """
-    if callable(adjust_lr_fn):
-        return float(adjust_lr_fn(m, n))
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, m / n))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    if adjust_lr_fn == "spectral":
-        return math.sqrt(m / n)
-    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust_lr_fn!r}")
-
-
-def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int, int]:
-    """(batch, m, n): how a parameter of `shape` is seen as a stack of matrices.
-
-    2-D: one matrix. More dims: the leading dims are a batch of independent matrices (MoE experts
-    stacked as (E, out, in)), or with flatten=True one (shape[0], prod(rest)) matrix (conv weights).
-    """
-    if len(shape) == 2 or flatten:
-        rest = math.prod(shape[1:])
-        return 1, shape[0], rest
-    return math.prod(shape[:-2]), shape[-2], shape[-1]
 
 
 def _lr_value(lr) -> float | Tensor:
@@ -132,13 +104,20 @@ class Muon(Optimizer):
         flatten: bool = False,
         batched: bool = True,
         backend: str = "auto",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | str = "auto",
         nonfinite: str = "skip",
         process_group=None,
+        foreach: bool | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        # None or True: the planned, batched step (muon._engine); False: the per-parameter loop
+        # below, kept as the readable reference (and used for distributed parameters).
+        self.foreach = foreach
+        self._plan: _engine.Plan | None = None
+        self._plan_version = 0  # bumped when state or groups change behind the plan's back
+        self._runs: dict = {}  # (backend, device, s, l) -> NS run function, resolved at construction
         # Replicated parameters split their NS over this group (None: the default group once
         # torch.distributed is initialized); FSDP2 (DTensor) parameters use their own mesh.
         self.process_group = process_group
@@ -166,16 +145,21 @@ class Muon(Optimizer):
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
         group = dict(param_group)
         if not group.get("use_muon", True):
             for key, value in self._adamw_defaults.items():
                 group.setdefault(key, value)
             group["use_muon"] = False
-            super().add_param_group(group)
-            self._check_adamw_group(self.param_groups[-1])
-        else:
-            super().add_param_group(group)
-            self._check_muon_group(self.param_groups[-1])
+        super().add_param_group(group)
+        try:
+            if group["use_muon"] is False:
+                self._check_adamw_group(self.param_groups[-1])
+            else:
+                self._check_muon_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a group that failed its checks is not added
+            raise
 
     @staticmethod
     def _check_lr(group: dict) -> None:
@@ -197,8 +181,8 @@ class Muon(Optimizer):
         adjust = group["adjust_lr_fn"]
         if not (adjust is None or callable(adjust) or adjust in ADJUST_LR_FNS):
             raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust!r}")
-        if group["ns_dtype"] not in COMPUTE_DTYPES:
-            raise ValueError(f"ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}")
+        if not (group["ns_dtype"] == "auto" or group["ns_dtype"] in COMPUTE_DTYPES):
+            raise ValueError(f"ns_dtype must be 'auto' or one of {COMPUTE_DTYPES}, got {group['ns_dtype']}")
         resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
         index = len(self.param_groups) - 1
         for i, p in enumerate(group["params"]):
@@ -213,6 +197,34 @@ class Muon(Optimizer):
                 raise ValueError(f"{where} is complex ({p.dtype}); Muon supports real floating parameters")
             if not p.is_floating_point():
                 raise ValueError(f"{where} must be floating point, got {p.dtype}")
+        self._resolve_backends(group, index)
+
+    def _resolve_backends(self, group: dict, index: int) -> None:
+        """Resolve the group's NS backend for each matrix shape and device now, so that an unknown or
+        unusable backend is an error at construction, and the step imports nothing."""
+        name = group["backend"]
+        if name != "auto" and name not in backends.BACKENDS:
+            raise ValueError(
+                f"param_groups[{index}] has backend={name!r}: unknown backend; choose one of "
+                f"{('auto',) + backends.BACKENDS}"
+            )
+        for p in group["params"]:
+            X = p.to_local() if distributed.is_dtensor(p) else p
+            _, m, n = matrix_shape(p.shape, group["flatten"])
+            key = (name, X.device, min(m, n), max(m, n))
+            if key in self._runs:
+                continue
+            # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
+            probe = torch.empty((1, min(m, n), max(m, n)), dtype=X.dtype, device=X.device)
+            self._runs[key] = _engine.backend_for(group, probe, f"param_groups[{index}]")
+
+    def _run_for(self, group: dict, X: Tensor):
+        key = (group["backend"], X.device, X.shape[-2], X.shape[-1])
+        run = self._runs.get(key)
+        if run is None:  # moved to another device, or options changed after construction
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            run = self._runs[key] = _engine.backend_for(group, X, f"param_groups[{index}]")
+        return run
 
     def _check_adamw_group(self, group: dict) -> None:
         self._check_lr(group)
@@ -229,6 +241,7 @@ class Muon(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from muon.Muon or torch.optim.Muon (whose groups lack muon's keys)."""
         super().load_state_dict(state_dict)
+        self._plan_version += 1  # the loaded state tensors are new: the next plan adopts them
         for group in self.param_groups:
             defaults = self.defaults if group.get("use_muon", True) else self._adamw_defaults
             for key, value in defaults.items():
@@ -243,16 +256,61 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # chosen once per step, like torch.optim's foreach
+        if self.foreach is False or not self._planned_step():
+            self._loop_step()
+        return loss
+
+    def _planned_step(self) -> bool:
+        """The batched step through the plan; False when it does not apply (distributed parameters,
+        parameters on several devices), and the loop runs instead."""
+        key = _engine.plan_key(self.param_groups, self._plan_version)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._plan = self._build_plan(key)
+        if plan is None:
+            return False
+        ok = _engine.finite_flags(plan)
+        if ok is not None and self.nonfinite == "raise":
+            bad = _engine.first_nonfinite(plan, ok)  # the step's one host sync
+            if bad is not None:
+                self._raise_nonfinite(*bad)
+            ok = None  # every gradient is finite: no masking
+        _engine.execute(plan, self.param_groups, ok, fused_adamw=self.nonfinite == "raise")
+        return True
+
+    def _build_plan(self, key: tuple) -> _engine.Plan | None:
+        devices = set()
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group, index)  # raises on sparse gradients
+            if any(distributed.is_dtensor(t) for t in params + grads):
+                return None
+            if group["use_muon"] and params and distributed.replicated_group(self.process_group) is not None:
+                return None
+            devices.update(p.device for p in params)
+        if len(devices) > 1:
+            return None
+        return _engine.build_plan(self, key, self._run_for)
+
+    def _raise_nonfinite(self, index: int, i: int):
+        p = self.param_groups[index]["params"][i]
+        raise RuntimeError(
+            f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
+            f"{tuple(p.shape)}); nothing was updated this step"
+        )
+
+    def _loop_step(self) -> None:
+        """The per-parameter reference step: every group's finite flags first, then the updates."""
+        work = []
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)
-            if not params:
-                continue
-            finite = self._finite_flags(params, grads, group, index)
+            if params:
+                work.append((group, params, grads, self._finite_flags(params, grads, group, index)))
+        for group, params, grads, finite in work:
             if group["use_muon"]:
                 self._muon_group_step(group, params, grads, finite)
             else:
                 self._adamw_group_step(group, params, grads, finite)
-        return loss
 
     def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -279,11 +337,7 @@ class Muon(Optimizer):
         if self.nonfinite == "raise":
             for p, flag in zip(params, flags):
                 if flag is not None and not bool(flag):
-                    i = next(j for j, q in enumerate(group["params"]) if q is p)
-                    raise RuntimeError(
-                        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
-                        f"{tuple(p.shape)}); nothing was updated this step"
-                    )
+                    self._raise_nonfinite(index, next(j for j, q in enumerate(group["params"]) if q is p))
         return flags
 
     def _muon_group_step(self, group, params, grads, finite) -> None:
@@ -320,10 +374,15 @@ class Muon(Optimizer):
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
         """NS of every update; same-shape matrices are stacked into one batched call when batched."""
-        backend, dtype = group["backend"], group["ns_dtype"]
-        out = distributed.orthogonalize_all(updates, params, schedule, group, flatten, self.process_group, matrix_shape)
-        if out is not None:  # replicated or sharded parameters: NS split across ranks
-            return out
+        backend = group["backend"]
+        device = next((U.device for U in updates if U is not None), None)
+        if device is None:
+            return [None] * len(updates)
+        dtype = resolve_dtype(group["ns_dtype"], device)
+        if distributed.splits_work(updates, self.process_group):  # NS split across ranks
+            return distributed.orthogonalize_all(
+                updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
+            )
         out = [None] * len(updates)
         if not group["batched"]:
             for i, (U, p) in enumerate(zip(updates, params)):
