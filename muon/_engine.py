@@ -26,7 +26,6 @@ the same order, so both give the same bits (tests/test_step_engine.py checks it)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor
 from . import backends
 from ._shapes import matrix_shape, update_scale
 from .coefficients import Schedule, resolve_schedule
+from .newton_schulz import resolve_dtype
 
 # Group options that change the plan (what is stacked together, how NS runs); others (lr,
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
@@ -44,13 +44,6 @@ MUON_PLAN_KEYS = ("flatten", "batched", "backend", "ns_dtype", "ns_coefficients"
 def opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-step scalars are applied in: fp64 for fp64 tensors, fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def resolve_ns_dtype(ns_dtype, device: torch.device) -> torch.dtype:
-    """ns_dtype="auto": bf16 on CUDA (tensor-core GEMMs), fp32 elsewhere (bf16 GEMMs are slow on CPUs)."""
-    if ns_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return ns_dtype
 
 
 @dataclass
@@ -82,6 +75,8 @@ class MuonBucket:
     momentum: Tensor  # (B, s, l), momentum buffers of all members
     grad_views: list[Tensor]
     momentum_views: list[Tensor]
+    out: Tensor  # (B, s, l) in ns_dtype: the orthogonalized updates (the gradient stack when dtypes agree)
+    out_views: list[Tensor]
     skips: Tensor  # (P,) int64, nonfinite_skips of each parameter
     flag_index: Tensor  # (P,) positions of the members' gradients in the step's flag vector
     matrix_flag_index: Tensor  # (B,) the same per matrix
@@ -225,7 +220,9 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
         work = None
         if pdtype not in (torch.float32, torch.float64):
             work = torch.empty((B, s, l), dtype=torch.float32, device=device)
-        ns_dtype = resolve_ns_dtype(group["ns_dtype"], device)
+        ns_dtype = resolve_dtype(group["ns_dtype"], device)
+        # NS returns a new tensor; copied into a stack whose per-parameter views are made once here
+        out = grad_stack if ns_dtype == gdtype else torch.empty((B, s, l), dtype=ns_dtype, device=device)
         gplan.buckets.append(
             MuonBucket(
                 members=members,
@@ -234,6 +231,8 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
                 momentum=momentum,
                 grad_views=[mb.view(grad_stack) for mb in members],
                 momentum_views=momentum_views,
+                out=out,
+                out_views=[mb.view(out) for mb in members],
                 skips=skips,
                 flag_index=torch.tensor([flag_pos[mb.index] for mb in members], device=device),
                 matrix_flag_index=torch.tensor(
@@ -344,8 +343,8 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         b.skips.add_(~ok)
     buf.lerp_(G, _per_param(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device))
     U = G.lerp_(buf, momentum) if group["nesterov"] else buf
-    O = b.run(U, b.schedule, b.ns_dtype)
-    updates = [mb.view(O) for mb in b.members]
+    b.out.copy_(b.run(U, b.schedule, b.ns_dtype))
+    updates = b.out_views
 
     dtype = b.opmath
     if isinstance(lr, Tensor):
@@ -443,4 +442,4 @@ def backend_for(group: dict, X: Tensor, where: str):
         raise ValueError(f"{where}: {exc}") from None
 
 
-__all__ = ["Plan", "build_plan", "execute", "plan_key", "math"]
+__all__ = ["Plan", "build_plan", "execute", "finite_flags", "first_nonfinite", "plan_key"]

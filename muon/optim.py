@@ -383,25 +383,26 @@ class Muon(Optimizer):
             return distributed.orthogonalize_all(
                 updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
             )
-        out = [None] * len(updates)
-        if not group["batched"]:
-            for i, (U, p) in enumerate(zip(updates, params)):
-                if U is not None:
-                    matrices = U.reshape(matrix_shape(p.shape, flatten))
-                    out[i] = orthogonalize(matrices, schedule, dtype=dtype, backend=backend)
-            return out
+        # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
+        # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores
+        # them the same way, and both paths round alike.
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (U, p) in enumerate(zip(updates, params)):
             if U is not None:
                 _, m, n = matrix_shape(p.shape, flatten)
-                buckets[(m, n, U.device, U.dtype)].append(i)
-        for (m, n, _, _), members in buckets.items():
-            pieces = [updates[i].reshape(-1, m, n) for i in members]
+                key = (min(m, n), max(m, n), U.device, U.dtype)
+                buckets[key if group["batched"] else key + (i,)].append(i)
+        out = [None] * len(updates)
+        for members in buckets.values():
+            pieces, tall = [], []
+            for i in members:
+                matrices = updates[i].reshape(matrix_shape(params[i].shape, flatten))
+                tall.append(matrices.shape[-2] > matrices.shape[-1])
+                pieces.append(matrices.mT.contiguous() if tall[-1] else matrices)
             stack = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             result = orthogonalize(stack, schedule, dtype=dtype, backend=backend)
-            sizes = [matrix_shape(params[i].shape, flatten)[0] for i in members]
-            for i, piece in zip(members, result.split(sizes)):
-                out[i] = piece
+            for i, piece, transposed in zip(members, result.split([len(x) for x in pieces]), tall):
+                out[i] = piece.mT if transposed else piece
         return out
 
     def _adamw_group_step(self, group, params, grads, finite) -> None:
