@@ -320,7 +320,7 @@ def _per_param(ok: Tensor | None, value, otherwise: float, dtype, device) -> Ten
 
 def _as_list(values: Tensor, n: int) -> list[Tensor] | Tensor:
     """Per-parameter 0-dim scalars for a multi-tensor op: one tensor for all, or a list of views."""
-    return values.unbind() if values.ndim else values
+    return list(values.unbind()) if values.ndim else values
 
 
 def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
@@ -403,7 +403,7 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
     bias_correction2_sqrt = (1 - beta2**t).sqrt()
     step_size = _per_param(ok, -lr / bias_correction1, 0.0, dtype, device)
     denom = torch._foreach_sqrt(b.exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt.unbind())
+    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(b.exp_avgs, denom)
     target = b.work_views
