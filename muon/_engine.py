@@ -104,6 +104,7 @@ class AdamWBucket:
     work: Tensor | None  # fp32 copy of bf16/fp16 parameters
     work_views: list[Tensor]
     opmath: torch.dtype
+    fusable: bool  # torch._fused_adamw_ applies (same parameter and gradient dtype, CPU or CUDA)
 
 
 @dataclass
@@ -292,6 +293,7 @@ def _plan_adamw_group(opt, gplan, group, with_grad, flag_pos) -> None:
                 work=work,
                 work_views=work_views,
                 opmath=opmath(pdtype),
+                fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
             )
         )
 
@@ -318,7 +320,7 @@ def _per_param(ok: Tensor | None, value, otherwise: float, dtype, device) -> Ten
     return value if ok is None else torch.where(ok, value, otherwise)
 
 
-def _as_list(values: Tensor, n: int) -> list[Tensor] | Tensor:
+def _as_list(values: Tensor) -> list[Tensor] | Tensor:
     """Per-parameter 0-dim scalars for a multi-tensor op: one tensor for all, or a list of views."""
     return list(values.unbind()) if values.ndim else values
 
@@ -352,13 +354,13 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         neg_lr_scale = (-lr.to(device)) * b.scales.to(lr.dtype)
     else:
         neg_lr_scale = b.scales * -float(lr)  # in double, as Python computes -lr * scale
-    scale = _as_list(_per_param(ok, neg_lr_scale.to(dtype), 0.0, dtype, device), len(b.params))
+    scale = _as_list(_per_param(ok, neg_lr_scale.to(dtype), 0.0, dtype, device))
     target = b.work_views
     if b.work is not None:
         torch._foreach_copy_(target, b.params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
-        torch._foreach_mul_(target, _as_list(decay, len(b.params)))
+        torch._foreach_mul_(target, _as_list(decay))
     torch._foreach_addcmul_(target, updates, scale)
     if b.work is not None:
         torch._foreach_copy_(b.params, target)
@@ -370,7 +372,7 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
     grads = [p.grad for p in b.params]
-    if fused and ok_all is None:
+    if fused and ok_all is None and b.fusable:
         torch._foreach_add_(b.step_views, 1)
         torch._fused_adamw_(
             b.params, grads, b.exp_avgs, b.exp_avg_sqs, [], b.step_views,
@@ -378,22 +380,20 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
         )  # fmt: skip
         return
     device = b.steps.device
-    ok = None
-    if ok_all is not None:
+    if ok_all is None:  # known finite, not fusable: the masked arithmetic below with every flag true
+        ok = torch.ones(len(b.params), dtype=torch.bool, device=device)
+    else:
         ok = ok_all[b.flag_index]
         torch._foreach_copy_(b.grad_views, grads)
         # zero the gradients of skipped parameters (their lerp/mul weights are 0/1, and 0 * NaN is NaN)
         ok_elem = ok.repeat_interleave(b.sizes, output_size=b.grad_flat.numel())
         b.grad_flat.masked_fill_(~ok_elem, 0)
         grads = b.grad_views
-        b.steps.add_(ok)
-        b.skips.add_(~ok)
-    else:
-        b.steps.add_(1)
-    n = len(b.params)
+    b.steps.add_(ok)
+    b.skips.add_(~ok)
     ea_dtype = b.exp_avgs[0].dtype
-    torch._foreach_lerp_(b.exp_avgs, grads, _as_list(_per_param(ok, 1 - beta1, 0.0, ea_dtype, device), n))
-    torch._foreach_mul_(b.exp_avg_sqs, _as_list(_per_param(ok, beta2, 1.0, ea_dtype, device), n))
+    torch._foreach_lerp_(b.exp_avgs, grads, _as_list(_per_param(ok, 1 - beta1, 0.0, ea_dtype, device)))
+    torch._foreach_mul_(b.exp_avg_sqs, _as_list(_per_param(ok, beta2, 1.0, ea_dtype, device)))
     torch._foreach_addcmul_(b.exp_avg_sqs, grads, grads, value=1 - beta2)
     dtype = b.opmath
     # Bias corrections in fp64 for fp64 parameters; clamp: a parameter whose every step was skipped
@@ -411,8 +411,8 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
         torch._foreach_copy_(target, b.params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
-        torch._foreach_mul_(target, _as_list(decay, n))
-    torch._foreach_addcmul_(target, updates, _as_list(step_size, n))
+        torch._foreach_mul_(target, _as_list(decay))
+    torch._foreach_addcmul_(target, updates, _as_list(step_size))
     if b.work is not None:
         torch._foreach_copy_(b.params, target)
 
