@@ -284,3 +284,19 @@ def test_cuda_graph_captures_the_whole_step():
     torch.cuda.synchronize()
     for p, q in zip(params + [bias], twin):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
+    """A sparse gradient in group 1 is found before group 0 is touched (parameters and momentum)."""
+    W = torch.randn(6, 8, requires_grad=True)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = muon.Muon([{"params": [W]}, {"params": list(emb.parameters()), "use_muon": False}], foreach=foreach)
+    W.grad = torch.randn(6, 8)
+    opt.step()
+    before, momentum = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
+    W.grad = torch.randn(6, 8)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*sparse"):
+        opt.step()
+    assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], momentum)
