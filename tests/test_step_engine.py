@@ -262,13 +262,14 @@ def test_cuda_graph_captures_the_whole_step():
     opt = muon.Muon(groups, lr=torch.tensor(0.02, device="cuda"))
     ref = muon.Muon([{"params": twin[:3]}, {"params": twin[3:], "use_muon": False}],
                     lr=torch.tensor(0.02, device="cuda"))  # fmt: skip
-    for p in params + [bias]:
-        p.grad = torch.zeros_like(p)  # static gradient buffers: backward writes into them
+    for p, q in zip(params + [bias], twin):
+        p.grad = torch.randn_like(p)  # static gradient buffers: backward writes into them
+        q.grad = p.grad.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            opt.step()  # warm-up: builds the plan, loads the kernels
+            opt.step()  # warm-up (real steps): builds the plan, loads the kernels
             ref.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
