@@ -26,6 +26,7 @@ the same order, so both give the same bits (tests/test_step_engine.py checks it)
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -75,15 +76,15 @@ class MuonBucket:
     momentum: Tensor  # (B, s, l), momentum buffers of all members
     grad_views: list[Tensor]
     momentum_views: list[Tensor]
-    out: Tensor  # (B, s, l) in ns_dtype: the orthogonalized updates (the gradient stack when dtypes agree)
+    out: Tensor  # (B, s, l) in opmath: -lr·s·NS(U) (the gradient stack when dtypes agree)
     out_views: list[Tensor]
     skips: Tensor  # (P,) int64, nonfinite_skips of each parameter
     flag_index: Tensor  # (P,) positions of the members' gradients in the step's flag vector
     matrix_flag_index: Tensor  # (B,) the same per matrix
-    scales: Tensor  # (P,) fp64 update_scale of each parameter
+    scales: Tensor  # (B,) fp64 update_scale of each matrix
     work: Tensor | None  # (B, s, l) fp32 copy of bf16/fp16 parameters (update in fp32 opmath)
     work_views: list[Tensor]
-    run: object  # the backend's run(X, schedule, dtype)
+    run: BackendRun  # the backend's run(X, schedule, dtype)
     schedule: Schedule
     ns_dtype: torch.dtype
     opmath: torch.dtype
@@ -223,7 +224,9 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
             work = torch.empty((B, s, l), dtype=torch.float32, device=device)
         ns_dtype = resolve_dtype(group["ns_dtype"], device)
         # NS returns a new tensor; copied into a stack whose per-parameter views are made once here
-        out = grad_stack if ns_dtype == gdtype else torch.empty((B, s, l), dtype=ns_dtype, device=device)
+        # the scaled update -lr·s·O, in the parameters' opmath dtype (the gradient stack when it is that)
+        out_dtype = opmath(pdtype)
+        out = grad_stack if out_dtype == gdtype else torch.empty((B, s, l), dtype=out_dtype, device=device)
         gplan.buckets.append(
             MuonBucket(
                 members=members,
@@ -239,7 +242,9 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
                 matrix_flag_index=torch.tensor(
                     [flag_pos[mb.index] for mb in members for _ in range(mb.count)], device=device
                 ),
-                scales=torch.tensor([e[4] for e in entries], dtype=torch.float64, device=device),
+                scales=torch.tensor(
+                    [e[4] for e in entries for _ in range(e[2])], dtype=torch.float64, device=device
+                ),
                 work=work,
                 work_views=[mb.view(work) for mb in members] if work is not None else params,
                 run=run_for(group, grad_stack),
@@ -345,8 +350,7 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         b.skips.add_(~ok)
     buf.lerp_(G, _per_param(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device))
     U = G.lerp_(buf, momentum) if group["nesterov"] else buf
-    b.out.copy_(b.run(U, b.schedule, b.ns_dtype))
-    updates = b.out_views
+    O = b.run(U, b.schedule, b.ns_dtype)
 
     dtype = b.opmath
     if isinstance(lr, Tensor):
@@ -354,14 +358,16 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         neg_lr_scale = (-lr.to(device)) * b.scales.to(lr.dtype)
     else:
         neg_lr_scale = b.scales * -float(lr)  # in double, as Python computes -lr * scale
-    scale = _as_list(_per_param(ok, neg_lr_scale.to(dtype), 0.0, dtype, device))
+    scale = _per_param(ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device)
+    # -lr·s·O per matrix, rounded once to opmath: what the reference's addcmul(O, -lr·s) adds
+    torch.mul(O, scale, out=b.out)
     target = b.work_views
     if b.work is not None:
         torch._foreach_copy_(target, b.params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
         torch._foreach_mul_(target, _as_list(decay))
-    torch._foreach_addcmul_(target, updates, scale)
+    torch._foreach_add_(target, b.out_views)
     if b.work is not None:
         torch._foreach_copy_(b.params, target)
 
@@ -434,10 +440,26 @@ def execute(plan: Plan, param_groups: list[dict], ok_all: Tensor | None, fused_a
                 adamw_bucket_step(bucket, group, ok_all, fused_adamw)
 
 
-def backend_for(group: dict, X: Tensor, where: str):
-    """The NS run function of the group's backend for stack X; a ValueError naming the group."""
+class BackendRun:
+    """The backend `muon.backends.select` chose, called through its module's `run` attribute at each
+    step, as the dispatcher does (instrumentation that replaces `run`, e.g. bench profile, sees it)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.module = fn, None
+        for name in backends.BACKENDS:
+            module = sys.modules.get(backends._MODULES[name])
+            if module is not None and getattr(module, "run", None) is fn:
+                self.module = module
+
+    def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
+        run = self.fn if self.module is None else self.module.run
+        return run(X, schedule, dtype)
+
+
+def backend_for(group: dict, X: Tensor, where: str) -> BackendRun:
+    """The NS backend of the group for stack X (resolved once); a ValueError naming the group."""
     try:
-        return backends.select(group["backend"], X)
+        return BackendRun(backends.select(group["backend"], X))
     except backends.BackendUnavailable as exc:
         raise ValueError(f"{where}: {exc}") from None
 

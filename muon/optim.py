@@ -41,16 +41,20 @@ def _masked(ok: Tensor, value, otherwise: float, dtype: torch.dtype) -> Tensor:
     return torch.where(ok, value, otherwise)
 
 
-def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tensor) -> None:
+def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tensor | None) -> None:
     """p = p * decay + scale * update, with the scalars in fp32 (fp64 for fp64 p), never in bf16/fp16.
 
     fp32/fp64 parameters are updated in place; bf16/fp16 ones go through one fp32 copy so that
-    lr and 1 - lr*wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16).
+    lr and 1 - lr*wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16). scale=None: the
+    update comes scaled already.
     """
     target = p if p.dtype in (torch.float32, torch.float64) else p.float()
     if decay is not None:
         target.mul_(decay)
-    target.addcmul_(update, scale)
+    if scale is None:
+        target.add_(update)
+    else:
+        target.addcmul_(update, scale)
     if target is not p:
         p.copy_(target)
 
@@ -370,7 +374,10 @@ class Muon(Optimizer):
             scale = update_scale(group["adjust_lr_fn"], m, n)
             dtype = _opmath(p.dtype)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
-            _decay_and_add(p, decay, O.view(p.shape), _masked(ok, -lr * scale, 0.0, dtype))
+            # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
+            # computes on a bucket's stack before one multi-tensor add into the parameters
+            scaled = torch.mul(O.view(p.shape).to(dtype), _masked(ok, -lr * scale, 0.0, dtype))
+            _decay_and_add(p, decay, scaled, None)
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
         """NS of every update; same-shape matrices are stacked into one batched call when batched."""
