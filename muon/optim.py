@@ -77,13 +77,20 @@ class Muon(Optimizer):
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
       * ``ns_coefficients`` also takes a preset name ("keller", "you", "polar_express", "cans") or a
         list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
-      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda") and ``ns_dtype``
-        its compute dtype.
+      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
+        group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
+        dtype ("auto": bf16 on CUDA, fp32 on the CPU).
+
+    The step (``foreach=None`` or True) runs a plan made once (`muon._engine`): per group, buckets of
+    same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
+    handful of batched launches per bucket, AdamW through torch's multi-tensor/fused kernels, no
+    host sync (with nonfinite="skip"); it can be captured by torch.compile or CUDA graphs.
+    ``foreach=False`` runs the per-parameter loop below, the readable reference (same bits).
 
     Non-finite gradients (``nonfinite``): with "skip" (the default) a parameter whose gradient has a
     NaN or inf is left untouched that step, parameter and optimizer state alike, and
     `state[p]["nonfinite_skips"]` counts such steps; the test runs on the device, without a host sync.
-    With "raise" the step raises a RuntimeError naming the parameter before anything is modified
+    With "raise" the step raises a RuntimeError naming the parameter before any group is modified
     (one host sync per step).
 
     Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
@@ -146,6 +153,17 @@ class Muon(Optimizer):
         # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
         self.register_state_dict_post_hook(distributed.encode_state_dict_dtypes)
         self.register_load_state_dict_pre_hook(distributed.decode_state_dict_dtypes)
+
+    # Optimizer pickles (and deep-copies) defaults, state and param_groups only; the options below
+    # travel too. The plan and resolved backends do not: they are rebuilt (the state adopted).
+    _CONFIG = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._CONFIG}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._plan, self._plan_version, self._runs = None, 0, {}
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:

@@ -301,3 +301,18 @@ def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
     with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*sparse"):
         opt.step()
     assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], momentum)
+
+
+def test_deepcopy_of_the_optimizer_steps_the_same():
+    """A deep copy keeps the options (nonfinite, foreach) and rebuilds its own plan."""
+    opt = muon.Muon(_groups(), lr=0.02, nonfinite="raise")
+    _set_grads(opt, 0)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.nonfinite == "raise" and twin._plan is None
+    for o in (opt, twin):
+        _set_grads(o, 1)
+        o.step()
+    _assert_same(opt, twin)
+    p = _params(twin)[0]
+    assert twin.state[p]["momentum_buffer"].data_ptr() != opt.state[_params(opt)[0]]["momentum_buffer"].data_ptr()
