@@ -440,6 +440,11 @@ def execute(plan: Plan, param_groups: list[dict], ok_all: Tensor | None, fused_a
                 adamw_bucket_step(bucket, group, ok_all, fused_adamw)
 
 
+class BackendError(ValueError, backends.BackendUnavailable):
+    """A group's backend is unknown or cannot run on its parameters: a ValueError of the group's
+    options, raised when the group is added (still a BackendUnavailable for code that catches that)."""
+
+
 class BackendRun:
     """The backend `muon.backends.select` chose, called through its module's `run` attribute at each
     step, as the dispatcher does (instrumentation that replaces `run`, e.g. bench profile, sees it)."""
@@ -461,7 +466,7 @@ def backend_for(group: dict, X: Tensor, where: str) -> BackendRun:
     try:
         return BackendRun(backends.select(group["backend"], X))
     except backends.BackendUnavailable as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise BackendError(f"{where}: {exc}") from None
 
 
 __all__ = ["Plan", "build_plan", "execute", "finite_flags", "first_nonfinite", "plan_key"]

@@ -226,7 +226,7 @@ class Muon(Optimizer):
         unusable backend is an error at construction, and the step imports nothing."""
         name = group["backend"]
         if name != "auto" and name not in backends.BACKENDS:
-            raise ValueError(
+            raise _engine.BackendError(
                 f"param_groups[{index}] has backend={name!r}: unknown backend; choose one of "
                 f"{('auto',) + backends.BACKENDS}"
             )
