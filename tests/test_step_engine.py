@@ -13,7 +13,8 @@ from muon.profiling import count_dispatched_ops
 
 def _groups(seed=0):
     """Several groups covering what the plan must handle: same-shape and transposed-shape sharing,
-    3-D expert stacks, flatten=True conv weights, bf16 parameters, AdamW in fp32 and bf16."""
+    3-D expert stacks, flatten=True conv weights (unbatched), bf16 parameters with a tensor lr,
+    AdamW in fp32 and bf16."""
     gen = torch.Generator().manual_seed(seed)
 
     def t(*shape, dtype=torch.float32):
@@ -22,8 +23,8 @@ def _groups(seed=0):
     return [
         {"params": [t(16, 24), t(24, 16), t(16, 24), t(3, 12, 20), t(20, 12), t(9, 9)]},
         {"params": [t(8, 3, 3, 3), t(30, 2, 2, 2)], "flatten": True, "nesterov": False,
-         "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0},
-        {"params": [t(16, 24, dtype=torch.bfloat16), t(24, 16, dtype=torch.bfloat16)], "lr": 0.05},
+         "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0, "batched": False},
+        {"params": [t(16, 24, dtype=torch.bfloat16), t(24, 16, dtype=torch.bfloat16)], "lr": torch.tensor(0.05)},
         {"params": [t(7), t(5, 3), t(4)], "use_muon": False},
         {"params": [t(9, dtype=torch.bfloat16), t(2, 3, dtype=torch.bfloat16)], "use_muon": False, "lr": 3e-3},
     ]  # fmt: skip
