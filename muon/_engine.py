@@ -359,7 +359,7 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
     else:
         neg_lr_scale = b.scales * -float(lr)  # in double, as Python computes -lr * scale
     scale = _per_param(ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device)
-    # -lr·s·O per matrix, rounded once to opmath: what the reference's addcmul(O, -lr·s) adds
+    # -lr·s·O per matrix, rounded once to opmath (as the reference loop does), then one multi-tensor add
     torch.mul(O, scale, out=b.out)
     target = b.work_views
     if b.work is not None:
