@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._shapes import matrix_shape
 from .coefficients import Schedule
 
 try:  # torch.distributed is optional in some builds (and absent on some platforms)
@@ -307,10 +308,19 @@ def _plan_sharded(
 
 
 # ------------------------------------------------------------------------------ the NS hook
+def splits_work(updates: list, process_group) -> bool:
+    """True when the NS of these updates is split across ranks: some are DTensors, or replicated
+    parameters have a process group of more than one rank."""
+    if any(U is not None and is_dtensor(U) for U in updates):
+        return True
+    return any(U is not None for U in updates) and replicated_group(process_group) is not None
+
+
 def orthogonalize_all(
-    updates: list, params: list, schedule: Schedule, group: dict, flatten: bool, process_group, matrix_shape
-) -> list | None:
-    """Muon._orthogonalize_all for distributed parameters; None when the step is a local one.
+    updates: list, params: list, schedule: Schedule, group: dict, flatten: bool, process_group
+) -> list:
+    """Muon._orthogonalize_all for distributed parameters (`splits_work`); group["ns_dtype"] is a
+    resolved torch dtype.
 
     Returns, per update, its orthogonalized (B, m, n) stack in the group's ns_dtype (a plain tensor),
     or for DTensor updates a DTensor laid out like the parameter. None updates stay None.
@@ -318,8 +328,6 @@ def orthogonalize_all(
     sharded = [i for i, U in enumerate(updates) if U is not None and is_dtensor(U)]
     replicated = [i for i, U in enumerate(updates) if U is not None and not is_dtensor(U)]
     pg = replicated_group(process_group) if replicated else None
-    if not sharded and pg is None:
-        return None
     from .newton_schulz import orthogonalize
 
     def ns(stack: Tensor) -> Tensor:
@@ -327,13 +335,13 @@ def orthogonalize_all(
 
     out: list = [None] * len(updates)
     if sharded:
-        _sharded_step(updates, params, sharded, out, ns, group["ns_dtype"], schedule.steps, flatten, matrix_shape)
+        _sharded_step(updates, params, sharded, out, ns, group["ns_dtype"], schedule.steps, flatten)
     if replicated:
         if pg is None:
             for i in replicated:
                 out[i] = ns(updates[i].reshape(matrix_shape(params[i].shape, flatten)))
         else:
-            _replicated_step(updates, params, replicated, out, ns, schedule.steps, flatten, matrix_shape, pg, group)
+            _replicated_step(updates, params, replicated, out, ns, schedule.steps, flatten, pg, group)
     return out
 
 
@@ -363,7 +371,7 @@ def _check_same_plan(signature: tuple, pg) -> None:
     _CHECKED.add(key)
 
 
-def _replicated_step(updates, params, indices, out, ns, steps, flatten, matrix_shape, pg, group) -> None:
+def _replicated_step(updates, params, indices, out, ns, steps, flatten, pg, group) -> None:
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     entries: list = [None] * len(updates)
     for i in indices:
@@ -403,7 +411,7 @@ def _replicated_step(updates, params, indices, out, ns, steps, flatten, matrix_s
         out[i] = torch.stack(pieces[i])
 
 
-def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, matrix_shape) -> None:
+def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten) -> None:
     from torch.distributed.tensor import DTensor, Replicate
 
     rows_sharded, local, generic = [], [], []
@@ -420,7 +428,7 @@ def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten, m
     for i in sorted(rows_sharded + local):
         meshes.setdefault(updates[i].device_mesh, []).append(i)
     for members in meshes.values():
-        _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten, matrix_shape)
+        _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten)
     for i in generic:
         U = updates[i]
         full = ns(U.full_tensor().reshape(matrix_shape(params[i].shape, flatten)))
@@ -437,7 +445,7 @@ def _as_dtensor(local: Tensor, like) -> Tensor:
     )
 
 
-def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten, matrix_shape) -> None:
+def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten) -> None:
     """Owner-based NS for Shard(0) DTensors of one 1-D mesh (see the module docstring)."""
     pg = _mesh_group(updates[members[0]])
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
@@ -581,7 +589,6 @@ def comm_bytes_per_step(
     fully_shard, Shard(0) on a 1-D mesh). Computed from the plan the optimizer executes, with the
     collective cost model of `count_comm_bytes` (ring all-gather/all-reduce/reduce-scatter).
     """
-    from .optim import matrix_shape
 
     if sharding not in ("replicated", "fsdp"):
         raise ValueError(f"sharding must be 'replicated' or 'fsdp', got {sharding!r}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import matrix_shape
+from ._shapes import matrix_shape
 from .param_groups import param_groups
 
 __all__ = [

@@ -13,13 +13,20 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 DEFAULT_RESTARTS = (2,)  # Gram NS: one restart after two steps (Zhang, Amsel, Chen, Dao 2026's default)
 
 
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """dtype="auto": bf16 on CUDA (tensor-core GEMMs), fp32 elsewhere (bf16 GEMMs are slow on CPUs)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype
+
+
 def newton_schulz(
     G: Tensor,
     steps: int | None = 5,
     coefficients="keller",
     eps: float = 1e-7,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = "auto",
     backend: str = "auto",
     algorithm: str = "standard",
     restarts=DEFAULT_RESTARTS,
@@ -35,7 +42,8 @@ def newton_schulz(
             repeated every step, or a list with one tuple per step.
         eps: added to the Frobenius norm of the (max-abs prescaled) input; presets with their own
             normalization (polar_express) use theirs.
-        dtype: compute dtype: torch.bfloat16 (default), float16 or float32 (float64 for references).
+        dtype: compute dtype: "auto" (default: bfloat16 on CUDA, float32 elsewhere), torch.bfloat16,
+            float16 or float32 (float64 for references).
         backend: "auto" (fastest available for G's device), "torch", "triton" or "cuda".
         algorithm: "standard" (three GEMMs per step on X), "gram" (Gram Newton–Schulz: the same
             polynomial iterated on the m×m Gram matrix X·Xᵀ, far fewer FLOPs when n ≫ m; torch and
@@ -79,7 +87,7 @@ def orthogonalize(
     G: Tensor,
     schedule: Schedule,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = "auto",
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
     algorithm: str = "standard",
@@ -91,6 +99,7 @@ def orthogonalize(
     algorithm/restarts: as in `newton_schulz`.
     """
     check_input(G)
+    dtype = resolve_dtype(dtype, G.device)
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     if algorithm not in ALGORITHMS:

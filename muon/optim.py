@@ -12,51 +12,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed
+from . import _engine, backends, distributed
+from ._shapes import ADJUST_LR_FNS, matrix_shape, update_scale
 from .coefficients import KELLER, Schedule, resolve_schedule
-from .newton_schulz import COMPUTE_DTYPES, orthogonalize
+from .newton_schulz import COMPUTE_DTYPES, orthogonalize, resolve_dtype
 
-ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
+__all__ = ["Muon", "matrix_shape", "update_scale"]
+
 NONFINITE_POLICIES = ("skip", "raise")
-
-
-def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
-    """The factor s(m, n) multiplying lr for an m×n (fan_out × fan_in) orthogonalized update.
-
-    "original" (Keller, the default): sqrt(max(1, m/n)); "match_rms_adamw" (Moonlight):
-    0.2·sqrt(max(m, n)), so AdamW's lr and weight decay carry over; "spectral" (muP-style):
-    sqrt(m/n). A callable gets (m, n) and returns the factor: a finite real number >= 0 (a Python or
-    NumPy number, or a one-element real tensor), else a ValueError. The optimizer calls it for every
-    matrix of a group when the group is added, so a bad factor never surfaces mid-step.
-    """
-    if callable(adjust_lr_fn):
-        value = adjust_lr_fn(m, n)
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-            value, real = value.item(), True
-        # 0 is allowed, like lr = 0 (the matrix then only decays); negative would ascend the loss.
-        if not (real and math.isfinite(value) and value >= 0):
-            raise ValueError(f"adjust_lr_fn({m}, {n}) returned {value!r}; it must return a finite number >= 0")
-        return float(value)
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, m / n))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    if adjust_lr_fn == "spectral":
-        return math.sqrt(m / n)
-    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust_lr_fn!r}")
-
-
-def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int, int]:
-    """(batch, m, n): how a parameter of `shape` is seen as a stack of matrices.
-
-    2-D: one matrix. More dims: the leading dims are a batch of independent matrices (MoE experts
-    stacked as (E, out, in)), or with flatten=True one (shape[0], prod(rest)) matrix (conv weights).
-    """
-    if len(shape) == 2 or flatten:
-        rest = math.prod(shape[1:])
-        return 1, shape[0], rest
-    return math.prod(shape[:-2]), shape[-2], shape[-1]
 
 
 def _lr_value(lr) -> float | Tensor:
@@ -80,16 +43,20 @@ def _masked(ok: Tensor, value, otherwise: float, dtype: torch.dtype) -> Tensor:
     return torch.where(ok, value, otherwise)
 
 
-def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tensor) -> None:
+def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tensor | None) -> None:
     """p = p * decay + scale * update, with the scalars in fp32 (fp64 for fp64 p), never in bf16/fp16.
 
     fp32/fp64 parameters are updated in place; bf16/fp16 ones go through one fp32 copy so that
-    lr and 1 - lr*wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16).
+    lr and 1 - lr*wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16). scale=None: the
+    update comes scaled already.
     """
     target = p if p.dtype in (torch.float32, torch.float64) else p.float()
     if decay is not None:
         target.mul_(decay)
-    target.addcmul_(update, scale)
+    if scale is None:
+        target.add_(update)
+    else:
+        target.addcmul_(update, scale)
     if target is not p:
         p.copy_(target)
 
@@ -112,13 +79,20 @@ class Muon(Optimizer):
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
       * ``ns_coefficients`` also takes a preset name ("keller", "you", "polar_express", "cans") or a
         list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
-      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda") and ``ns_dtype``
-        its compute dtype.
+      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
+        group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
+        dtype ("auto": bf16 on CUDA, fp32 on the CPU).
+
+    The step (``foreach=None`` or True) runs a plan made once (`muon._engine`): per group, buckets of
+    same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
+    handful of batched launches per bucket, AdamW through torch's multi-tensor/fused kernels, no
+    host sync (with nonfinite="skip"); it can be captured by torch.compile or CUDA graphs.
+    ``foreach=False`` runs the per-parameter loop below, the readable reference (same bits).
 
     Non-finite gradients (``nonfinite``): with "skip" (the default) a parameter whose gradient has a
     NaN or inf is left untouched that step, parameter and optimizer state alike, and
     `state[p]["nonfinite_skips"]` counts such steps; the test runs on the device, without a host sync.
-    With "raise" the step raises a RuntimeError naming the parameter before anything is modified
+    With "raise" the step raises a RuntimeError naming the parameter before any group is modified
     (one host sync per step).
 
     Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
@@ -143,13 +117,20 @@ class Muon(Optimizer):
         flatten: bool = False,
         batched: bool = True,
         backend: str = "auto",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | str = "auto",
         nonfinite: str = "skip",
         process_group=None,
+        foreach: bool | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        # None or True: the planned, batched step (muon._engine); False: the per-parameter loop
+        # below, kept as the readable reference (and used for distributed parameters).
+        self.foreach = foreach
+        self._plan: _engine.Plan | None = None
+        self._plan_version = 0  # bumped when state or groups change behind the plan's back
+        self._runs: dict = {}  # (backend, device, s, l) -> NS run function, resolved at construction
         # Replicated parameters split their NS over this group (None: the default group once
         # torch.distributed is initialized); FSDP2 (DTensor) parameters use their own mesh.
         self.process_group = process_group
@@ -178,6 +159,7 @@ class Muon(Optimizer):
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
         """Add a group, validated like the constructor's: a group that fails leaves the optimizer unchanged."""
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
         group = dict(param_group)
         use_muon = group.get("use_muon", True)
         if not isinstance(use_muon, bool):
@@ -254,6 +236,33 @@ class Muon(Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{where} must be floating point, got {p.dtype}")
 
+    def _resolve_backends(self, group: dict, index: int) -> None:
+        """Resolve the group's NS backend for each matrix shape and device now, so that an unknown or
+        unusable backend is an error at construction, and the step imports nothing."""
+        name = group["backend"]
+        if name != "auto" and name not in backends.BACKENDS:
+            raise _engine.BackendError(
+                f"param_groups[{index}] has backend={name!r}: unknown backend; choose one of "
+                f"{('auto',) + backends.BACKENDS}"
+            )
+        for p in group["params"]:
+            X = p.to_local() if distributed.is_dtensor(p) else p
+            _, m, n = matrix_shape(p.shape, group["flatten"])
+            key = (name, X.device, min(m, n), max(m, n))
+            if key in self._runs:
+                continue
+            # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
+            probe = torch.empty((1, min(m, n), max(m, n)), dtype=X.dtype, device=X.device)
+            self._runs[key] = _engine.backend_for(group, probe, f"param_groups[{index}]")
+
+    def _run_for(self, group: dict, X: Tensor):
+        key = (group["backend"], X.device, X.shape[-2], X.shape[-1])
+        run = self._runs.get(key)
+        if run is None:  # moved to another device, or options changed after construction
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            run = self._runs[key] = _engine.backend_for(group, X, f"param_groups[{index}]")
+        return run
+
     def _check_muon_group(self, group: dict, index: int | None = None) -> None:
         index = len(self.param_groups) - 1 if index is None else index
         self._check_lr(group, index)
@@ -267,9 +276,9 @@ class Muon(Optimizer):
                 f"param_groups[{index}]: adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, "
                 f"got {adjust!r}"
             )
-        if group["ns_dtype"] not in COMPUTE_DTYPES:
+        if not (group["ns_dtype"] == "auto" or group["ns_dtype"] in COMPUTE_DTYPES):
             raise ValueError(
-                f"param_groups[{index}]: ns_dtype must be one of {COMPUTE_DTYPES}, got {group['ns_dtype']}"
+                f"param_groups[{index}]: ns_dtype must be 'auto' or one of {COMPUTE_DTYPES}, got {group['ns_dtype']}"
             )
         if not isinstance(group["backend"], str):
             raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
@@ -299,6 +308,7 @@ class Muon(Optimizer):
                 raise ValueError(
                     f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {m}×{n} matrix): {error}"
                 ) from error
+        self._resolve_backends(group, index)
 
     def _check_adamw_group(self, group: dict, index: int | None = None) -> None:
         index = len(self.param_groups) - 1 if index is None else index
@@ -341,6 +351,7 @@ class Muon(Optimizer):
         and a load that fails leaves the optimizer unchanged.
         """
         super().load_state_dict(self._checked_state_dict(state_dict))
+        self._plan_version += 1  # the loaded state tensors are new: the next plan adopts them
         for group in self.param_groups:
             defaults = self.defaults if group["use_muon"] else self._adamw_defaults
             for key, value in defaults.items():
@@ -430,7 +441,8 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------------ copy and pickle
     # Attributes beyond torch's (defaults, state, param_groups) that the step needs; torch's
     # __getstate__ drops them, so deepcopy and pickle would give an optimizer that cannot step.
-    _PICKLED_ATTRS = ("nonfinite", "process_group", "_adamw_defaults")
+    # The plan and the resolved backends do not travel: they are rebuilt (the state adopted).
+    _PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -441,6 +453,9 @@ class Muon(Optimizer):
         super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("foreach", None)
+        self._plan, self._runs = None, {}
+        self._plan_version = self.__dict__.get("_plan_version", 0) + 1
         self.__dict__.setdefault("_adamw_defaults", {"lr": self.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
                                                      "weight_decay": self.defaults["weight_decay"]})
         # The dtype hooks live in torch's hook dicts, which torch does not pickle: register them again.
@@ -466,16 +481,61 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # chosen once per step, like torch.optim's foreach
+        if self.foreach is False or not self._planned_step():
+            self._loop_step()
+        return loss
+
+    def _planned_step(self) -> bool:
+        """The batched step through the plan; False when it does not apply (distributed parameters,
+        parameters on several devices), and the loop runs instead."""
+        key = _engine.plan_key(self.param_groups, self._plan_version)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._plan = self._build_plan(key)
+        if plan is None:
+            return False
+        ok = _engine.finite_flags(plan)
+        if ok is not None and self.nonfinite == "raise":
+            bad = _engine.first_nonfinite(plan, ok)  # the step's one host sync
+            if bad is not None:
+                self._raise_nonfinite(*bad)
+            ok = None  # every gradient is finite: no masking
+        _engine.execute(plan, self.param_groups, ok, fused_adamw=self.nonfinite == "raise")
+        return True
+
+    def _build_plan(self, key: tuple) -> _engine.Plan | None:
+        devices = set()
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._params_with_grad(group, index)  # raises on sparse gradients
+            if any(distributed.is_dtensor(t) for t in params + grads):
+                return None
+            if group["use_muon"] and params and distributed.replicated_group(self.process_group) is not None:
+                return None
+            devices.update(p.device for p in params)
+        if len(devices) > 1:
+            return None
+        return _engine.build_plan(self, key, self._run_for)
+
+    def _raise_nonfinite(self, index: int, i: int):
+        p = self.param_groups[index]["params"][i]
+        raise RuntimeError(
+            f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
+            f"{tuple(p.shape)}); nothing was updated this step"
+        )
+
+    def _loop_step(self) -> None:
+        """The per-parameter reference step: every group's finite flags first, then the updates."""
+        work = []
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)
-            if not params:
-                continue
-            finite = self._finite_flags(params, grads, group, index)
+            if params:
+                work.append((group, params, grads, self._finite_flags(params, grads, group, index)))
+        for group, params, grads, finite in work:
             if group["use_muon"]:
                 self._muon_group_step(group, params, grads, finite)
             else:
                 self._adamw_group_step(group, params, grads, finite)
-        return loss
 
     def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -502,11 +562,7 @@ class Muon(Optimizer):
         if self.nonfinite == "raise":
             for p, flag in zip(params, flags):
                 if flag is not None and not bool(flag):
-                    i = next(j for j, q in enumerate(group["params"]) if q is p)
-                    raise RuntimeError(
-                        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
-                        f"{tuple(p.shape)}); nothing was updated this step"
-                    )
+                    self._raise_nonfinite(index, next(j for j, q in enumerate(group["params"]) if q is p))
         return flags
 
     def _muon_group_step(self, group, params, grads, finite) -> None:
@@ -539,33 +595,42 @@ class Muon(Optimizer):
             scale = update_scale(group["adjust_lr_fn"], m, n)
             dtype = _opmath(p.dtype)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
-            _decay_and_add(p, decay, O.view(p.shape), _masked(ok, -lr * scale, 0.0, dtype))
+            # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
+            # computes on a bucket's stack before one multi-tensor add into the parameters
+            scaled = torch.mul(O.view(p.shape).to(dtype), _masked(ok, -lr * scale, 0.0, dtype))
+            _decay_and_add(p, decay, scaled, None)
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
         """NS of every update; same-shape matrices are stacked into one batched call when batched."""
-        backend, dtype = group["backend"], group["ns_dtype"]
-        out = distributed.orthogonalize_all(updates, params, schedule, group, flatten, self.process_group, matrix_shape)
-        if out is not None:  # replicated or sharded parameters: NS split across ranks
-            return out
-        out = [None] * len(updates)
-        if not group["batched"]:
-            for i, (U, p) in enumerate(zip(updates, params)):
-                if U is not None:
-                    matrices = U.reshape(matrix_shape(p.shape, flatten))
-                    out[i] = orthogonalize(matrices, schedule, dtype=dtype, backend=backend)
-            return out
+        backend = group["backend"]
+        device = next((U.device for U in updates if U is not None), None)
+        if device is None:
+            return [None] * len(updates)
+        dtype = resolve_dtype(group["ns_dtype"], device)
+        if distributed.splits_work(updates, self.process_group):  # NS split across ranks
+            return distributed.orthogonalize_all(
+                updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
+            )
+        # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
+        # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores
+        # them the same way, and both paths round alike.
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (U, p) in enumerate(zip(updates, params)):
             if U is not None:
                 _, m, n = matrix_shape(p.shape, flatten)
-                buckets[(m, n, U.device, U.dtype)].append(i)
-        for (m, n, _, _), members in buckets.items():
-            pieces = [updates[i].reshape(-1, m, n) for i in members]
+                key = (min(m, n), max(m, n), U.device, U.dtype)
+                buckets[key if group["batched"] else key + (i,)].append(i)
+        out = [None] * len(updates)
+        for members in buckets.values():
+            pieces, tall = [], []
+            for i in members:
+                matrices = updates[i].reshape(matrix_shape(params[i].shape, flatten))
+                tall.append(matrices.shape[-2] > matrices.shape[-1])
+                pieces.append(matrices.mT.contiguous() if tall[-1] else matrices)
             stack = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             result = orthogonalize(stack, schedule, dtype=dtype, backend=backend)
-            sizes = [matrix_shape(params[i].shape, flatten)[0] for i in members]
-            for i, piece in zip(members, result.split(sizes)):
-                out[i] = piece
+            for i, piece, transposed in zip(members, result.split([len(x) for x in pieces]), tall):
+                out[i] = piece.mT if transposed else piece
         return out
 
     def _adamw_group_step(self, group, params, grads, finite) -> None:

@@ -292,7 +292,7 @@ def scenario_comm_bytes(kind):
         muon_shapes = [tuple(p.shape) for g in groups if g["use_muon"] for p in g["params"]]
         adamw_shapes = [tuple(p.shape) for g in groups if not g["use_muon"] for p in g["params"]]
         model, _ = build(Net, kind)
-        opt = make_optimizer(model)
+        opt = make_optimizer(model, ns_dtype=torch.bfloat16)  # the prediction's default NS dtype
         train(model, opt, 16, 20, 1)  # the first step also checks the plan once (not counted)
         x, y = batch(7, rank, 16, 20)
         loss_fn(model, x, y).backward()

@@ -63,10 +63,11 @@ def test_cuda_backend_on_cpu_tensor_names_cause_and_fix():
 
 def test_muon_optimizer_backend_cuda_on_cpu_raises():
     p = torch.nn.Parameter(torch.randn(8, 16))
-    p.grad = torch.randn(8, 16)
-    opt = muon.Muon([p], backend="cuda")
+    # at construction, before any state: a ValueError that is also a BackendUnavailable
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*backend='cuda'"):
+        muon.Muon([p], backend="cuda")
     with pytest.raises(BackendUnavailable, match="backend='cuda'"):
-        opt.step()
+        muon.Muon([p], backend="cuda")
 
 
 @needs_ext

@@ -391,6 +391,18 @@ def test_torch_backend_is_selectable_and_unknown_backend_is_clear():
     W = torch.randn(6, 6, requires_grad=True)
     W.grad = torch.randn(6, 6)
     muon.Muon([W], backend="torch").step()
-    opt = muon.Muon([W], backend="nope")
-    with pytest.raises(muon.BackendUnavailable, match="unknown backend 'nope'"):
-        opt.step()
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*unknown backend"):
+        muon.Muon([W], backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["nope", "cuda"])
+def test_unusable_backend_is_an_error_at_construction(backend):
+    """Unknown, or unable to run on the parameters' device (CUDA kernels for CPU tensors): a
+    ValueError naming the group when the optimizer or the group is made, before any state exists."""
+    W, V = torch.randn(6, 6, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        muon.Muon([{"params": [W]}, {"params": [V], "backend": backend}])
+    opt = muon.Muon([W])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        opt.add_param_group({"params": [V], "backend": backend})
+    assert len(opt.param_groups) == 1 and not opt.state

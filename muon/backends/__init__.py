@@ -35,9 +35,18 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why and how to fix it."""
 
 
+# name -> imported backend module: the step looks modules up here, never through importlib (which
+# torch.compile cannot trace) once a backend has been imported
+_LOADED: dict = {}
+
+
 def _module(name: str):
+    module = _LOADED.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(_MODULES[name])
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+        return module
     except ModuleNotFoundError as exc:
         if exc.name == _MODULES[name]:
             raise BackendUnavailable(f"backend={name!r} is not part of this muon build") from exc

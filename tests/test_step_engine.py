@@ -1,0 +1,319 @@
+"""The planned, batched step (muon._engine) against the per-parameter reference loop (foreach=False)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import muon
+from muon.profiling import count_dispatched_ops
+
+
+def _groups(seed=0):
+    """Several groups covering what the plan must handle: same-shape and transposed-shape sharing,
+    3-D expert stacks, flatten=True conv weights (unbatched), bf16 parameters with a tensor lr,
+    AdamW in fp32 and bf16."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen).to(dtype).requires_grad_(True)
+
+    return [
+        {"params": [t(16, 24), t(24, 16), t(16, 24), t(3, 12, 20), t(20, 12), t(9, 9)]},
+        {"params": [t(8, 3, 3, 3), t(30, 2, 2, 2)], "flatten": True, "nesterov": False,
+         "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0, "batched": False},
+        {"params": [t(16, 24, dtype=torch.bfloat16), t(24, 16, dtype=torch.bfloat16)], "lr": torch.tensor(0.05)},
+        {"params": [t(7), t(5, 3), t(4)], "use_muon": False},
+        {"params": [t(9, dtype=torch.bfloat16), t(2, 3, dtype=torch.bfloat16)], "use_muon": False, "lr": 3e-3},
+    ]  # fmt: skip
+
+
+def _params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _set_grads(opt, step, bad=(), missing=()):
+    gen = torch.Generator().manual_seed(100 + step)
+    for j, p in enumerate(_params(opt)):
+        if j in missing:
+            p.grad = None
+            continue
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        if j in bad:
+            p.grad.view(-1)[j % p.numel()] = float("nan") if j % 2 else float("inf")
+
+
+def _assert_same(a, b):
+    for p, q in zip(_params(a), _params(b), strict=True):
+        assert torch.equal(p, q), p.shape
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys()
+        for key in sa[k]:
+            assert torch.equal(sa[k][key], sb[k][key]), (k, key)
+
+
+# step -> (indices of parameters with a NaN/inf gradient, indices without a gradient)
+SCHEDULE = {0: ((), ()), 1: ((1, 6, 9), ()), 2: ((), (3, 10)), 3: ((0, 8, 12), ()), 4: ((), ())}
+
+
+def test_planned_step_equals_reference_loop_bit_for_bit():
+    fast = muon.Muon(_groups(), lr=0.02, foreach=True)
+    loop = muon.Muon(_groups(), lr=0.02, foreach=False)
+    for step, (bad, missing) in SCHEDULE.items():
+        for opt in (fast, loop):
+            _set_grads(opt, step, bad, missing)
+            opt.step()
+        _assert_same(fast, loop)
+    skips = [fast.state[p]["nonfinite_skips"].item() for p in _params(fast)]
+    assert skips == [1 if j in (0, 1, 6, 8, 9, 12) else 0 for j in range(len(skips))]
+
+
+def test_switching_paths_and_resuming_keeps_the_same_bits():
+    """State made by one path is picked up by the other (and adopted into a new plan's stacks)."""
+    ref = muon.Muon(_groups(), lr=0.02, foreach=False)
+    mixed = muon.Muon(_groups(), lr=0.02)
+    for step, (bad, missing) in SCHEDULE.items():
+        mixed.foreach = step % 2 == 0
+        for opt in (ref, mixed):
+            _set_grads(opt, step, bad, missing)
+            opt.step()
+        if step == 2:  # a fresh optimizer from the state dict: state tensors are new, plan adopts them
+            fresh = muon.Muon([{**g, "params": g["params"]} for g in _groups()], lr=0.02)
+            with torch.no_grad():
+                for p, q in zip(_params(fresh), _params(mixed)):
+                    p.copy_(q)
+            fresh.load_state_dict(copy.deepcopy(mixed.state_dict()))
+            mixed = fresh
+    _assert_same(ref, mixed)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_raise_in_a_later_group_changes_no_group(foreach):
+    """nonfinite="raise": a NaN in group 1 raises before group 0 (or any state) changed; a retry with
+    fixed gradients gives exactly the step of an optimizer that never saw the NaN."""
+    opt = muon.Muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
+    twin = muon.Muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
+    for o in (opt, twin):
+        _set_grads(o, 0)
+        o.step()
+    before = copy.deepcopy(opt.state_dict())
+    params_before = [p.detach().clone() for p in _params(opt)]
+    _set_grads(opt, 1, bad=(6,))  # group 1's first parameter
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\]"):
+        opt.step()
+    for p, q in zip(_params(opt), params_before):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    for k, s in before["state"].items():
+        for key, value in s.items():
+            assert torch.equal(after["state"][k][key], value), (k, key)
+    for o in (opt, twin):
+        _set_grads(o, 1)
+        o.step()
+    _assert_same(opt, twin)
+
+
+def test_raise_mode_adamw_uses_fused_kernel_and_matches_torch():
+    """With every gradient checked up front, AdamW groups go through torch._fused_adamw_."""
+    shapes = [(7,), (5, 3), ()]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [p.clone().requires_grad_(True) for p in params]
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    hyper = {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.05}
+    opt = muon.Muon([{"params": ours, "use_muon": False, **hyper}], nonfinite="raise")
+    ref = torch.optim.AdamW(theirs, **hyper, fused=True)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        with count_dispatched_ops() as ops:
+            opt.step()
+        ref.step()
+        assert ops["aten._fused_adamw_.default"] + ops["aten._fused_adamw_.tensor_lr"] == 1
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+def _gpt_like(layers: int, d: int = 64, vocab: int = 128, ctx: int = 32):
+    """GPT-2's parameter structure at width d: per layer c_attn (3d×d), attn c_proj (d×d), c_fc (4d×d),
+    mlp c_proj (d×4d), two LayerNorms (weight, bias); embeddings and a final LayerNorm."""
+    mats, rest = [], []
+    for _ in range(layers):
+        mats += [torch.randn(3 * d, d), torch.randn(d, d), torch.randn(4 * d, d), torch.randn(d, 4 * d)]
+        rest += [torch.ones(d), torch.zeros(d), torch.ones(d), torch.zeros(d)]
+    rest += [torch.randn(vocab, d), torch.randn(ctx, d), torch.ones(d), torch.zeros(d)]
+    return [p.requires_grad_(True) for p in mats], [p.requires_grad_(True) for p in rest]
+
+
+def _ops_per_step(layers: int, foreach: bool) -> int:
+    torch.manual_seed(0)
+    mats, rest = _gpt_like(layers)
+    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch", foreach=foreach)
+    for p in mats + rest:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the plan
+    with count_dispatched_ops() as ops:
+        opt.step()
+    return ops.total
+
+
+def test_host_cost_grows_with_buckets_not_parameters():
+    """Dispatched aten ops per steady-state step (each is at least one launch on a GPU)."""
+    counts = {layers: _ops_per_step(layers, foreach=True) for layers in (8, 12, 32)}
+    assert counts[12] <= 250, counts
+    assert counts[32] < 1.15 * counts[8], counts
+    assert _ops_per_step(8, foreach=False) > 5 * counts[8]  # the per-parameter loop, for scale
+
+
+def test_plan_is_built_once_and_rebuilt_when_the_parameter_set_changes():
+    opt = muon.Muon(_groups(), lr=0.02)
+    _set_grads(opt, 0)
+    opt.step()
+    plan = opt._plan
+    _set_grads(opt, 1)
+    opt.step()
+    assert opt._plan is plan
+    _set_grads(opt, 2, missing=(2,))
+    opt.step()
+    assert opt._plan is not plan
+    # the momentum state of a parameter is a view of its bucket's stack
+    p = _params(opt)[0]
+    assert opt.state[p]["momentum_buffer"]._base is not None
+
+
+def test_state_dict_loads_into_torch_muon_and_back():
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(16, 24), (24, 16), (8, 8)]
+    ours = [torch.randn(s, generator=gen).requires_grad_(True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt = muon.Muon(ours, lr=0.02)
+    for p in ours:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    ref = torch.optim.Muon(theirs, lr=0.02)
+    with torch.no_grad():
+        for p, q in zip(theirs, ours):
+            p.copy_(q)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+
+
+def test_ns_dtype_auto_follows_the_device_and_explicit_is_honoured():
+    W = torch.randn(8, 16, requires_grad=True)
+    opt = muon.Muon([W])
+    assert opt.param_groups[0]["ns_dtype"] == "auto"
+    W.grad = torch.randn(8, 16)
+    opt.step()
+    assert opt._plan.groups[0].buckets[0].ns_dtype == torch.float32  # CPU
+    assert opt.state_dict()["param_groups"][0]["ns_dtype"] == "auto"
+    V = torch.randn(8, 16, requires_grad=True)
+    explicit = muon.Muon([V], ns_dtype=torch.bfloat16)
+    V.grad = W.grad.clone()
+    explicit.step()
+    assert explicit._plan.groups[0].buckets[0].ns_dtype == torch.bfloat16
+    assert explicit.state_dict()["param_groups"][0]["ns_dtype"] == "torch.bfloat16"
+    G = torch.randn(8, 16)
+    assert muon.newton_schulz(G).dtype == torch.float32
+    torch.testing.assert_close(
+        muon.newton_schulz(G), muon.newton_schulz(G, dtype=torch.float32), rtol=0, atol=0
+    )
+
+
+def test_compiled_step_has_no_graph_breaks():
+    """torch.compile(opt.step, fullgraph=True): no host sync, no data-dependent Python in the step."""
+    torch._dynamo.reset()
+    groups = [
+        {"params": [torch.randn(8, 12, requires_grad=True), torch.randn(12, 8, requires_grad=True)]},
+        {"params": [torch.randn(5, requires_grad=True)], "use_muon": False},
+    ]
+    twin_groups = [{**g, "params": [p.detach().clone().requires_grad_(True) for p in g["params"]]} for g in groups]
+    opt = muon.Muon(groups, lr=0.02)
+    twin = muon.Muon(twin_groups, lr=0.02)
+    compiled = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for step in (0, 1, 2):  # the first compiled step builds the plan too
+        _set_grads(opt, step, bad=(1,) if step == 2 else ())
+        _set_grads(twin, step, bad=(1,) if step == 2 else ())
+        compiled()
+        twin.step()
+        _assert_same(opt, twin)
+    assert opt.state[groups[0]["params"][1]]["nonfinite_skips"].item() == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_captures_the_whole_step():
+    """The README's recipe: static gradient buffers, warm-up steps on a side stream, capture, replay."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in [(64, 96), (96, 64), (64, 64)]]
+    bias = torch.randn(64, device="cuda", requires_grad=True)
+    twin = [p.detach().clone().requires_grad_(True) for p in params + [bias]]
+    groups = [{"params": params}, {"params": [bias], "use_muon": False}]
+    opt = muon.Muon(groups, lr=torch.tensor(0.02, device="cuda"))
+    ref = muon.Muon([{"params": twin[:3]}, {"params": twin[3:], "use_muon": False}],
+                    lr=torch.tensor(0.02, device="cuda"))  # fmt: skip
+    for p, q in zip(params + [bias], twin):
+        p.grad = torch.randn_like(p)  # static gradient buffers: backward writes into them
+        q.grad = p.grad.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()  # warm-up (real steps): builds the plan, loads the kernels
+            ref.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(3):
+        for p, q in zip(params + [bias], twin):
+            g = torch.randn_like(p)
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params + [bias], twin):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
+    """A sparse gradient in group 1 is found before group 0 is touched (parameters and momentum)."""
+    W = torch.randn(6, 8, requires_grad=True)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = muon.Muon([{"params": [W]}, {"params": list(emb.parameters()), "use_muon": False}], foreach=foreach)
+    W.grad = torch.randn(6, 8)
+    opt.step()
+    before, momentum = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
+    W.grad = torch.randn(6, 8)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*sparse"):
+        opt.step()
+    assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], momentum)
+
+
+def test_deepcopy_of_the_optimizer_steps_the_same():
+    """A deep copy keeps the options (nonfinite, foreach) and rebuilds its own plan."""
+    opt = muon.Muon(_groups(), lr=0.02, nonfinite="raise")
+    _set_grads(opt, 0)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.nonfinite == "raise" and twin._plan is None
+    for o in (opt, twin):
+        _set_grads(o, 1)
+        o.step()
+    _assert_same(opt, twin)
+    p = _params(twin)[0]
+    assert twin.state[p]["momentum_buffer"].data_ptr() != opt.state[_params(opt)[0]]["momentum_buffer"].data_ptr()
