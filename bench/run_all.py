@@ -135,7 +135,7 @@ def ns_headline(rows: list[dict]) -> list[str]:
             best = min(ours, key=lambda r: r["ms"])
             classes.setdefault(theirs.get("kind", "?"), []).append((shape, theirs["ms"] / best["ms"], best, theirs))
     if not classes:
-        return ["Newton–Schulz: no kernels rows with both muon and torch.optim.Muon (stage not run or failed in this invocation, or no shape had both)."]
+        return ["No kernels rows with both muon and torch.optim.Muon (stage not run or failed in this invocation, or no shape had both)."]
     out = ["| shape class | shapes | speed-up over torch.optim.Muon (geo. mean) | range | fastest muon backend |",
            "| --- | --- | --- | --- | --- |"]
     for kind, entries in classes.items():
@@ -146,17 +146,18 @@ def ns_headline(rows: list[dict]) -> list[str]:
                    f"| {', '.join(backends)} |")
     dtype = next(iter(peer.values())).get("dtype", "?")
     out.append("")
-    out.append(f"NS in {dtype}, torch.optim.Muon's own NS (one matrix per call) against muon's batched call "
-               "(kernels.json).")
+    out.append(f"NS in {dtype}: torch.optim.Muon's own NS (one matrix per call) time / the fastest muon backend's "
+               "(a batched call), median per shape (kernels.json); > 1: muon is faster.")
     return out
 
 
 def step_headline(rows: list[dict]) -> list[str]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
-        return ["Optimizer step: no step rows (stage not run or failed in this invocation)."]
-    out = ["| model | muon.Muon ms (backend) | NS alone ms | torch.optim.Muon + fused AdamW ms | fused AdamW ms "
-           "| vs torch.optim.Muon | vs AdamW | ops/step muon vs torch | FLOP overhead vs AdamW |",
+        return ["No step rows (stage not run or failed in this invocation)."]
+    out = ["| model | muon.Muon ms (backend) | its NS alone ms | torch.optim.Muon + fused AdamW ms | fused AdamW ms "
+           "| speed-up over torch.optim.Muon | time vs fused AdamW | ops/step muon vs torch.optim.Muon "
+           f"| FLOP overhead vs AdamW at {HEADLINE_BATCH_TOKENS:,} tokens |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in models:
         mine = [r for r in rows if r["model"] == model]
@@ -171,12 +172,13 @@ def step_headline(rows: list[dict]) -> list[str]:
         out.append(
             f"| {model} | {_ms(best.get('median_ms'))} ({best.get('backend', '—')}) | {_ms(best.get('ns_ms'))} "
             f"| {_ms(theirs.get('median_ms'))} | {_ms(adamw.get('median_ms'))} "
-            f"| {_ratio(best.get('median_ms'), theirs.get('median_ms'))} "
+            f"| {_ratio(theirs.get('median_ms'), best.get('median_ms'))} "
             f"| {_ratio(best.get('median_ms'), adamw.get('median_ms'))} "
             f"| {best.get('ops_per_step', '—')} vs {theirs.get('ops_per_step', '—')} | {overhead} |")
     out.append("")
     out.append("Step times are medians of one optimizer step on the model's parameters with fixed gradients "
-               "(step.json); \"vs\" is muon.Muon's time over the other's (< 1: muon is faster). FLOP overhead: "
+               "(step.json), the fastest muon.Muon backend shown; speed-up = torch.optim.Muon's time / muon's "
+               "(> 1: muon is faster); time vs fused AdamW = muon's time / AdamW's. FLOP overhead: "
                f"(muon.Muon step FLOPs − AdamW step FLOPs) / 6·N·B at B = {HEADLINE_BATCH_TOKENS:,} tokens "
                "(muon.flops, analytic).")
     return out

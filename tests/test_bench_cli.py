@@ -196,4 +196,4 @@ def test_summary_ignores_files_of_stages_not_run(tmp_path, capsys):
     (tmp_path / "step.json").write_text('[{"model": "stale", "optimizer": "muon.Muon", "median_ms": 1.0}]')
     assert main(["all", "--quick", "--only", "flops", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "stale" not in summary and "no step rows" in summary
+    assert "stale" not in summary and "No step rows" in summary
