@@ -19,8 +19,10 @@ One row per model × optimizer (step.json / step.csv), exactly these keys:
                    the Python + dispatch cost of issuing the step; on a CPU it includes the share of
                    the compute that runs on the calling thread)
     state_bytes    optimizer state tensors (momentum, exp_avg, ...)
-    peak_bytes     CUDA: torch.cuda.max_memory_allocated over one step (parameters + gradients + state
-                   + the step's temporaries); None on a CPU (no allocator statistics: unmeasured)
+    peak_bytes     CUDA: torch.cuda.max_memory_allocated over one step minus what was allocated before
+                   the optimizer existed (parameters, gradients, benchmark inputs): the optimizer's
+                   state plus the step's temporaries at their peak; None on a CPU (no allocator
+                   statistics: unmeasured)
 Skipped optimizers (backend unavailable, torch without torch.optim.Muon) are printed, not rows.
 
 NS compute dtype for muon.Muon: bf16 on CUDA, fp32 on a CPU (bf16 matmuls are 10-100x slower there),
@@ -184,6 +186,9 @@ def _host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> f
 def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.device, rep_ms: float) -> dict:
     for p in model.parameters():
         p.grad = grads[p].clone()
+    synchronize(device)
+    # Parameters, gradients and the benchmark's own inputs: what exists before the optimizer does.
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     opts = c.build()
 
     def step():
@@ -197,7 +202,7 @@ def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.dev
         torch.cuda.reset_peak_memory_stats(device)
         step()
         synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
     with count_dispatched_ops() as ops:
         step()
     synchronize(device)

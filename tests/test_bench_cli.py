@@ -110,7 +110,8 @@ def _hide(monkeypatch, *names):
 
 
 def test_bench_without_tqdm_or_matplotlib(tmp_path, capsys, monkeypatch):
-    _hide(monkeypatch, "tqdm", "tqdm.auto", "matplotlib", "matplotlib.pyplot")
+    # what `pip install .` leaves out: the bench and triton extras
+    _hide(monkeypatch, "tqdm", "tqdm.auto", "matplotlib", "matplotlib.pyplot", "triton")
     monkeypatch.delenv("MUON_BENCH_QUIET")
     monkeypatch.setitem(bench_common._PLOT_NOTE, "said", False)
     assert main(["flops", "--model", "tiny", "--out", str(tmp_path), "--sweep", "1024,4096"]) == 0
