@@ -237,7 +237,8 @@ def plot(result: dict, path: Path) -> None:
         cs = [e["loss"] if math.isfinite(e["loss"]) else vmax for e in st["grid"]]
         if len(names) > 1:
             sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax, s=120, marker="s")
-            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14)
+            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14, label="best of stage")
+            ax.legend(fontsize=7, loc="upper right")
             ax.set_ylabel(f"log2 {names[1]}")
         else:
             sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax)
