@@ -195,6 +195,8 @@ def summary(out: Path, meta: dict, stage_lines: list[str], ran: set[str]) -> str
     lines += ["", "### Optimizer step", ""]
     lines += step_headline(_load(out / "step.json") if "step" in ran else [])
     if "cpu" in meta["device"]:
-        lines += ["", "On a CPU these times show that everything runs; they say nothing about GPU speed."]
+        lines += ["", "On a CPU these times show that everything runs; they say nothing about GPU speed. There "
+                  "muon.Muon computes NS in fp32 and torch.optim.Muon in bf16 (its only choice), which is most "
+                  "of the step ratio: bf16 matmuls are 10-100x slower than fp32 on a CPU."]
     lines += ["", *stage_lines]
     return "\n".join(lines) + "\n"
