@@ -14,6 +14,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,11 +182,92 @@ class Results:
         return [csv_path, json_path]
 
 
-def progress(iterable, **kwargs):
-    """tqdm progress bar on stderr; silent when MUON_BENCH_QUIET is set (tests)."""
-    from tqdm import tqdm
+class _Lines:
+    """The plain-text stand-in for a tqdm bar: a few lines on stderr (start, each quarter, end), so a
+    log file gets a handful of lines instead of thousands of carriage-return redraws."""
 
-    return tqdm(iterable, disable=bool(os.environ.get("MUON_BENCH_QUIET")) or None, **kwargs)
+    def __init__(self, iterable=None, *, total=None, desc="", unit="it", disable=False, **_ignored) -> None:
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.desc, self.unit, self.disable = total, desc, unit, disable
+        self.n, self.postfix, self._start = 0, "", time.perf_counter()
+        self._quarter, self._printed = -1, None
+        self._emit()
+
+    def _emit(self, force: bool = False) -> None:
+        if self.disable:
+            return
+        quarter = int(4 * self.n / self.total) if self.total else 0
+        if not force and quarter <= self._quarter:
+            return
+        self._quarter, self._printed = quarter, self.n
+        of = f"/{self.total}" if self.total is not None else ""
+        post = f" ({self.postfix})" if self.postfix else ""
+        elapsed = time.perf_counter() - self._start
+        print(f"{self.desc}: {self.n}{of} {self.unit}, {elapsed:.0f} s{post}", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._emit()
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        items = {**(ordered_dict or {}), **kwargs}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_description(self, desc: str = "", refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self._printed != self.n:
+            self._emit(force=True)
+        self.disable = True
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
+    """A progress bar on stderr: tqdm when it is installed and stderr is a terminal; otherwise a few
+    plain lines (a bar redrawn into a log file is thousands of lines). Silent when MUON_BENCH_QUIET is
+    set (tests). Usable as an iterable wrapper or, with total=, as a context manager with update()."""
+    quiet = bool(os.environ.get("MUON_BENCH_QUIET"))
+    if not quiet and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(iterable, total=total, desc=desc, unit=unit, **kwargs)
+    return _Lines(iterable, total=total, desc=desc, unit=unit, disable=quiet)
+
+
+_PLOT_NOTE = {"said": False}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (saying once how to get plots) when matplotlib is
+    not installed: the numbers (CSV/JSON) never depend on it."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not _PLOT_NOTE["said"]:
+            print("plots skipped: matplotlib is not installed (pip install 'muon[bench]')", flush=True)
+            _PLOT_NOTE["said"] = True
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def fmt_table(rows: list[dict], columns: list[str]) -> str:

@@ -86,9 +86,9 @@ def _settings(args) -> dict:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from . import gpt as G
+    from .common import progress
 
     torch.set_num_threads(args.threads)
     s = _settings(args)
@@ -101,7 +101,7 @@ def run(args) -> int:
     runs_per_batch = sum(len(s[f"{n}_lrs"]) for n in OPTIMIZERS)
     total_steps = sum(s["tokens"] // (b * cfg.seq_len) for b in s["batches"]) * runs_per_batch
     rows = []
-    with tqdm(total=total_steps, desc="efficiency steps", unit="step") as bar:
+    with progress(total=total_steps, desc="efficiency steps", unit="step") as bar:
         for b in s["batches"]:
             steps = s["tokens"] // (b * cfg.seq_len)
             runs = {}
@@ -149,10 +149,11 @@ def run(args) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = result["batches"]
     fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), squeeze=False)
@@ -161,18 +162,19 @@ def plot(result: dict, path: Path) -> None:
             c = r[name]["curve"]
             ax.plot(c["tokens"], c["val_loss"], style, label=f"{name} (lr {r[name]['best_lr']:g})")
             if math.isfinite(r[f"{name}_tokens"]):
-                ax.axvline(r[f"{name}_tokens"], color=style[:2], ls=":", lw=1)
-        ax.axhline(r["target_loss"], color="gray", ls="--", lw=1)
+                ax.axvline(r[f"{name}_tokens"], color=style[:2], ls=":", lw=1, label=f"{name} reaches target")
+        ax.axhline(r["target_loss"], color="gray", ls="--", lw=1, label="target (worse best final loss)")
         ax.set_title(f"batch {r['batch_tokens']} tokens: ratio {r['token_ratio']:.2f}", fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("val loss")
         lo = min(min(r["muon"]["curve"]["val_loss"]), min(r["adamw"]["curve"]["val_loss"]))
         ax.set_ylim(lo - 0.05, lo + 1.0)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     ax = axes[0][-1]
-    ax.plot([r["batch_tokens"] for r in rows], [r["token_ratio"] for r in rows], "ko-")
-    ax.axhline(1.0, color="gray", lw=1)
-    ax.axhline(1.1, color="gray", ls="--", lw=1)
+    ax.plot([r["batch_tokens"] for r in rows], [r["token_ratio"] for r in rows], "ko-", label="measured")
+    ax.axhline(1.0, color="gray", lw=1, label="1.0: equal tokens")
+    ax.axhline(1.1, color="gray", ls="--", lw=1, label="1.1: the paper's ~10 %")
+    ax.legend(fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch tokens")
     ax.set_ylabel("token ratio adamw / muon")

@@ -18,7 +18,7 @@ import torch
 
 from muon import flops
 
-from .common import Results, fmt_table, progress
+from .common import Results, fmt_table, progress, pyplot
 
 PUBLISHED = [name for name, cfg in flops.PRESETS.items() if cfg.published_params is not None]
 SWEEP = [2**k for k in range(14, 26)]  # 16K ... 32M tokens per step
@@ -53,10 +53,9 @@ def compute(models: list[str], batch_tokens: int, steps: int, symmetric: bool) -
 
 
 def plot(reports: list[flops.Overhead], sweep: list[int], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     families: dict[str, list[flops.Overhead]] = {}
     for r in reports:
@@ -67,7 +66,8 @@ def plot(reports: list[flops.Overhead], sweep: list[int], path: Path) -> Path:
             color = plt.cm.viridis(i / max(1, len(members) - 1) * 0.85)
             points = [r.at(b) for b in sweep]
             ax.plot(sweep, [100 * p.overhead for p in points], color=color, label=r.model, marker=".")
-            ax.plot(sweep, [100 * p.overhead_bound for p in points], color=color, linestyle="--", linewidth=0.8)
+            ax.plot(sweep, [100 * p.overhead_bound for p in points], color=color, linestyle="--", linewidth=0.8,
+                    label=f"{r.model}: bound T·d/B")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(family)
@@ -75,7 +75,7 @@ def plot(reports: list[flops.Overhead], sweep: list[int], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("Muon FLOP overhead over AdamW (% of 6NB)")
-    fig.suptitle(f"FLOP overhead of a Muon step ({reports[0].steps} NS steps); dashed: Keller's bound T·d/B",
+    fig.suptitle(f"FLOP overhead of a Muon step ({reports[0].steps} NS steps; analytic, any device); dashed: Keller's bound T·d/B",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +95,8 @@ def write(reports: list[flops.Overhead], sweep: list[int], out: Path) -> list[Pa
     for row in results.rows:
         row["device"] = "any (analytic)"
     paths = results.write(out, "flops")
-    paths.append(plot(reports, sweep, out / "flops_overhead.png"))
-    return paths
+    png = plot(reports, sweep, out / "flops_overhead.png")
+    return paths + ([png] if png else [])
 
 
 def _count(v: int) -> str:

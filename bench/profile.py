@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +93,32 @@ def instrumented_backends():
             module.run = original
 
 
+@contextlib.contextmanager
+def quiet_kineto():
+    """Drop the "USDT: ... profiler_start/stop" lines that the profiler's C++ side (kineto) writes
+    straight to file descriptor 2; every other line written to stderr meanwhile is passed on."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("USDT:")]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument("--model", default=None, help="preset or 'custom:...' (default: gpt2-124m GPU, tiny CPU)")
@@ -99,14 +128,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", action="store_true", help="Nsight Compute mode: one NS call, --iters times")
     parser.add_argument("--shape", default="4096x4096", help="--kernel: MxN or BxMxN (default 4096x4096)")
     parser.add_argument("--iters", type=int, default=1, help="--kernel: calls between profiler start/stop")
-    parser.add_argument("--dtype", default="bf16", help="NS compute dtype (default bf16)")
+    parser.add_argument("--dtype", default="auto",
+                        help="NS compute dtype (default: bf16 on CUDA, fp32 on a CPU, where bf16 matmuls are slow)")
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype_of(name)
 
 
 def run_kernel(args: argparse.Namespace, device: torch.device) -> int:
     b, m, n = parse_shape(args.shape)
     G = torch.randn(b, m, n, device=device)
     schedule = resolve_schedule("keller", 5, 1e-7)
-    dtype = dtype_of(args.dtype)
+    dtype = ns_dtype(args.dtype, device)
 
     def call():
         return orthogonalize(G, schedule, dtype=dtype, backend=args.backend)
@@ -140,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         module = flops.build(cfg, device=device)
     else:  # a module: model built on meta; give it real (uninitialized) storage
         module = cfg.to_empty(device=device)
-    opt = muon.Muon(muon.param_groups(module), lr=0.02, backend=args.backend, adjust_lr_fn="match_rms_adamw")
+    opt = muon.Muon(muon.param_groups(module), lr=0.02, backend=args.backend, adjust_lr_fn="match_rms_adamw",
+                    ns_dtype=ns_dtype(args.dtype, device))
     torch.manual_seed(0)
     for p in module.parameters():
         p.grad = torch.randn_like(p) * 1e-3
@@ -150,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with instrumented_backends(), torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    with quiet_kineto(), instrumented_backends(), \
+            torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for i in range(args.steps):
             with stage(f"muon.step{i}"):
                 opt.step()

@@ -166,9 +166,9 @@ def _settings(args) -> dict:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from . import gpt as G
+    from .common import progress
 
     torch.set_num_threads(args.threads)
     s = _settings(args)
@@ -191,7 +191,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     n_runs = total_runs(s["n0"], len(names), len(stage_widths))
-    with tqdm(total=n_runs, desc="telescope runs", unit="run") as bar:
+    with progress(total=n_runs, desc="telescope runs", unit="run") as bar:
         result = telescope(
             objective, center=[math.log2(hparams[n]) for n in names], spacing=[args.spacing] * len(names),
             n0=s["n0"], base_width=s["base_width"], final_width=s["final_width"], names=names, progress=bar,
@@ -218,10 +218,11 @@ def run(args) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     names = result["hyperparameters"]
     stages = result["stages"]
@@ -236,7 +237,8 @@ def plot(result: dict, path: Path) -> None:
         cs = [e["loss"] if math.isfinite(e["loss"]) else vmax for e in st["grid"]]
         if len(names) > 1:
             sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax, s=120, marker="s")
-            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14)
+            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14, label="best of stage")
+            ax.legend(fontsize=7, loc="upper right")
             ax.set_ylabel(f"log2 {names[1]}")
         else:
             sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax)

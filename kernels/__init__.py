@@ -16,6 +16,18 @@ Whole NS:
                                                        folded into step 1 (kernels/persistent.py)
 """
 
+try:
+    import triton  # noqa: F401
+except ModuleNotFoundError as _exc:
+    if _exc.name != "triton":
+        raise
+    # name="triton" keeps `except ModuleNotFoundError` handlers that check exc.name working.
+    raise ModuleNotFoundError(
+        "muon.kernels needs Triton, which is not installed: pip install 'muon[triton]' (or pip install triton). "
+        "Without it, muon.newton_schulz and muon.Muon use the torch backend.",
+        name="triton",
+    ) from None
+
 from ._common import INTERPRETED
 from .normalize import normalize
 from .ns_gemm import ns_gemm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -38,6 +39,32 @@ def _route(owners: list[tuple[str, nn.Module]], name: str, ndim: int) -> str:
     return "muon"
 
 
+def _warn_unnamed_head(model: nn.Module, routed: dict[int, tuple[str, str, bool]]) -> None:
+    """Warn when no module is named like an output head and the model's last nn.Linear (in
+    registration order, e.g. the classifier at the end of an nn.Sequential) goes to Muon: it is most
+    likely the output head, which Muon should not orthogonalize."""
+    last = None
+    for module_name, module in model.named_modules():
+        if module_name.rsplit(".", 1)[-1].lower() in HEAD_NAMES and any(
+            p.ndim >= 2 for p in module.parameters(recurse=False)
+        ):
+            return  # a head found by name is routed to AdamW already
+        if isinstance(module, nn.Linear):
+            last = module
+    if last is None or id(last.weight) not in routed:
+        return
+    name, route, forced = routed[id(last.weight)]
+    if route.startswith("muon") and not forced:
+        warnings.warn(
+            f"muon.param_groups: no output head found by name ({', '.join(sorted(HEAD_NAMES))}), and the "
+            f"model's last nn.Linear, {name!r}, goes to Muon. If it is the output head (a classifier or "
+            f"LM head), route it to AdamW with muon.param_groups(model, adamw=[{name!r}]); to keep it on "
+            f"Muon and silence this warning, pass muon=[{name!r}].",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def param_groups(
     model: nn.Module,
     *,
@@ -51,7 +78,9 @@ def param_groups(
     AdamW gets embeddings (and output heads tied to them), output heads (modules named lm_head, head,
     output, classifier or logits), norms, biases and every 0-/1-D tensor. Conv weights go to Muon
     with flatten=True ((out, in·kh·kw) matrices); other >2-D weights are batches of matrices.
-    A parameter shared by several modules appears once.
+    A parameter shared by several modules appears once. Heads are found by name only: when none is
+    found and the model's last nn.Linear goes to Muon (an unnamed classifier at the end of an
+    nn.Sequential), a UserWarning names it and how to route it.
 
     Args:
         muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
@@ -65,6 +94,7 @@ def param_groups(
             owners.setdefault(id(p), []).append((module_name, module))
 
     routes: dict[str, list] = {"muon": [], "muon_flat": [], "adamw": []}
+    routed: dict[int, tuple[str, str, bool]] = {}  # id -> (name, route, forced by a pattern)
     for name, p in model.named_parameters():  # shared parameters come once, under their first name
         forced_muon = any(fnmatchcase(name, pat) for pat in muon)
         forced_adamw = any(fnmatchcase(name, pat) for pat in adamw)
@@ -78,6 +108,8 @@ def param_groups(
                 raise ValueError(f"parameter {name!r} forced to Muon has shape {tuple(p.shape)}; Muon needs >= 2 dims")
             route = route if route.startswith("muon") else "muon"
         routes[route].append(p)
+        routed[id(p)] = (name, route, forced_muon or forced_adamw)
+    _warn_unnamed_head(model, routed)
 
     groups = []
     if routes["muon"]:

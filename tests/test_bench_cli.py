@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
+import sys
 
 import pytest
 import torch
 
+from bench import common as bench_common
 from bench import profile as bench_profile
+from bench import step as bench_step
 from bench.cli import COMMANDS, main
 from muon.backends import torch_ref
 from muon.coefficients import resolve_schedule
@@ -76,18 +80,80 @@ def test_kernels_bad_shape():
 
 
 def test_step(tmp_path, capsys):
-    assert main(["step", "--device", "cpu", "--model", QUICK_MODEL, "--batch", "1", "--rep-ms", "1",
-                 "--out", str(tmp_path)]) == 0
-    all_rows = _rows(tmp_path / "step.json")
-    (fwd_bwd,) = [r for r in all_rows if r["op"] == "forward_backward"]
-    assert fwd_bwd["ms"] > 0 and fwd_bwd["batch_tokens"] == 15
-    rows = {r["provider"]: r for r in all_rows if r["op"] == "optimizer_step"}
-    for provider in ("muon.Muon[torch,batched]", "muon.Muon[torch]", "torch.optim.AdamW[foreach]",
-                     "torch.optim.Muon+AdamW[foreach]"):
-        row = rows[provider]
-        assert row["status"] == "ok" and row["ms"] > 0 and "overhead_vs_adamw" in row
-    # Muon keeps one buffer per matrix, AdamW two per parameter.
-    assert rows["muon.Muon[torch,batched]"]["state_bytes"] < rows["torch.optim.AdamW[foreach]"]["state_bytes"]
+    assert main(["step", "--device", "cpu", "--model", QUICK_MODEL, "--model", "custom:layers=1,d=16,heads=2,vocab=32",
+                 "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "step.json")
+    for row in rows:
+        assert list(row) == bench_step.COLUMNS  # exactly the documented schema, in order
+        assert row["device"].startswith("cpu") and row["torch"] == torch.__version__ and row["commit"]
+        assert row["median_ms"] > 0 and row["host_ms"] > 0 and row["ops_per_step"] > 0
+        assert row["peak_bytes"] is None  # no allocator statistics on a CPU: unmeasured, not zero
+    assert (tmp_path / "step.csv").read_text().splitlines()[0] == ",".join(bench_step.COLUMNS)
+    for model in (QUICK_MODEL, "custom:layers=1,d=16,heads=2,vocab=32"):
+        by = {r["optimizer"]: r for r in rows if r["model"] == model}
+        assert {"muon.Muon", "torch.optim.Muon+AdamW(fused)", "torch.optim.AdamW(fused)"} <= set(by)
+        assert by["muon.Muon"]["backend"] == "torch"
+        assert by["muon.Muon"]["ns_ms"] > 0 and by["torch.optim.Muon+AdamW(fused)"]["ns_ms"] > 0
+        assert by["torch.optim.AdamW(fused)"]["ns_ms"] is None
+        # Muon keeps one buffer per matrix, AdamW two per parameter.
+        assert by["muon.Muon"]["state_bytes"] < by["torch.optim.AdamW(fused)"]["state_bytes"]
+        # fused AdamW is one multi-tensor op (a few dispatches); a Muon step is many
+        assert by["torch.optim.AdamW(fused)"]["ops_per_step"] < by["muon.Muon"]["ops_per_step"]
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "skipped" in capsys.readouterr().out  # the triton/cuda backends, with the reason
+
+
+def _hide(monkeypatch, *names):
+    """Make `import name` fail as if the package were not installed."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_bench_without_tqdm_or_matplotlib(tmp_path, capsys, monkeypatch):
+    # what `pip install .` leaves out: the bench and triton extras
+    _hide(monkeypatch, "tqdm", "tqdm.auto", "matplotlib", "matplotlib.pyplot", "triton")
+    monkeypatch.delenv("MUON_BENCH_QUIET")
+    monkeypatch.setitem(bench_common._PLOT_NOTE, "said", False)
+    assert main(["flops", "--model", "tiny", "--out", str(tmp_path), "--sweep", "1024,4096"]) == 0
+    assert main(["flops", "--model", "gpt2-124m", "--batch-tokens", "524288", "--json"]) == 0
+    assert main(["kernels", "--device", "cpu", "--shapes", "8x16", "--preset", "none", "--peers", "", "--rep-ms", "1",
+                 "--gemm-size", "16", "--out", str(tmp_path)]) == 0
+    assert main(["step", "--device", "cpu", "--model", QUICK_MODEL, "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("plots skipped: matplotlib is not installed (pip install 'muon[bench]')") == 1
+    assert "Traceback" not in captured.out + captured.err
+    assert not list(tmp_path.glob("*.png"))
+    assert (tmp_path / "flops.csv").exists() and (tmp_path / "kernels.json").exists() and _rows(tmp_path / "step.json")
+    assert "flops: 1/1 model" in captured.err  # progress as plain lines instead of a bar
+
+
+def test_progress_lines_are_few(capsys, monkeypatch):
+    monkeypatch.delenv("MUON_BENCH_QUIET")
+    assert list(bench_common.progress(range(1000), desc="work", unit="item")) == list(range(1000))
+    with bench_common.progress(total=7, desc="runs", unit="run") as bar:
+        for i in range(7):
+            bar.set_postfix(lr=i)
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()  # capsys's stderr is not a terminal: plain lines
+    work = [line for line in lines if line.startswith("work:")]
+    assert work[0].startswith("work: 0/1000 item") and work[-1].startswith("work: 1000/1000 item")
+    assert len(work) == 5  # start, each quarter, end
+    runs = [line for line in lines if line.startswith("runs:")]
+    assert runs[-1].startswith("runs: 7/7 run") and runs[-1].endswith("(lr=6)") and len(runs) <= 5
+
+
+def test_progress_is_silent_when_quiet(capsys):
+    for _ in bench_common.progress(range(3), desc="quiet"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_kernels_without_triton_says_how_to_install(monkeypatch):
+    _hide(monkeypatch, "triton")
+    monkeypatch.delitem(sys.modules, "muon.kernels", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'muon\[triton\]'") as info:
+        importlib.import_module("muon.kernels")
+    assert info.value.name == "triton"  # handlers that test exc.name keep working
 
 
 def test_profile_trace_has_stage_ranges(tmp_path, capsys):
@@ -112,7 +178,23 @@ def test_staged_ns_is_the_torch_backend(dtype):
 
 
 def test_all_quick(tmp_path, capsys):
-    assert main(["all", "--quick", "--only", "flops,profile", "--out", str(tmp_path)]) == 0
+    assert main(["all", "--quick", "--only", "flops,kernels,step,profile", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| flops |" in summary and "| profile |" in summary and "failed" not in summary
+    assert summary.startswith("# muon benchmarks on cpu")
+    # the headline comes first, read from this run's kernels.json and step.json
+    assert summary.index("## Headline") < summary.index("## Stages")
+    assert "| given | 1x32x64, 2x48x16 |" in summary  # NS speed-up row of the --shapes class
+    step_row = next(line for line in summary.splitlines() if line.startswith(f"| {QUICK_MODEL} |"))
+    assert "(torch)" in step_row and step_row.count("×") == 2 and " %" in step_row
+    for stage in ("flops", "kernels", "step", "profile"):
+        assert f"| {stage} |" in summary
+    assert "failed" not in summary
     assert (tmp_path / "flops.csv").exists() and list(tmp_path.glob("profile_*.json.gz"))
+    assert (tmp_path / "step.png").exists()
+
+
+def test_summary_ignores_files_of_stages_not_run(tmp_path, capsys):
+    (tmp_path / "step.json").write_text('[{"model": "stale", "optimizer": "muon.Muon", "median_ms": 1.0}]')
+    assert main(["all", "--quick", "--only", "flops", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "stale" not in summary and "No step rows" in summary

@@ -102,3 +102,31 @@ def test_groups_train_with_muon():
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all()
         assert not torch.equal(p, before[n]), n
+
+
+def test_unnamed_last_linear_warns_with_its_name():
+    classifier = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.warns(UserWarning, match=r"'4\.weight'.*adamw=\['4\.weight'\]"):
+        groups = muon.param_groups(classifier)
+    # the warning changes nothing: the routing is still by the rules
+    muon_params = next(g for g in groups if g["use_muon"])["params"]
+    assert any(p is classifier[4].weight for p in muon_params)
+
+
+def test_routing_the_head_as_the_warning_says_silences_it(recwarn):
+    classifier = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    groups = muon.param_groups(classifier, adamw=["2.weight"])
+    adamw = next(g for g in groups if not g["use_muon"])["params"]
+    assert any(p is classifier[2].weight for p in adamw)
+    muon.param_groups(classifier, muon=["2.weight"])  # kept on Muon on purpose
+    assert not [w for w in recwarn if "param_groups" in str(w.message)]
+
+
+def test_no_warning_when_a_head_is_named(recwarn):
+    muon.param_groups(TinyLM(tied=False))
+    muon.param_groups(TinyLM(tied=True))
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(8, 8))
+    model.add_module("classifier", nn.Linear(8, 3))
+    muon.param_groups(model)
+    assert not [w for w in recwarn if "param_groups" in str(w.message)]
