@@ -32,7 +32,9 @@ def _activations_after_training(width: int, use_mup: bool, data, steps: int = 10
     model = G.build(cfg, seed=0, mup_base_width=BASE if use_mup else None)
     # muP: Muon lr and AdamW lr at the base width; without muP one lr for every group
     # (Muon "match_rms_adamw", AdamW's standard parametrization)
-    opt = G.make_optimizer(model, "muon", lr, 0.0, adamw_lr=lr, mup_base_width=BASE if use_mup else None)
+    # fp32 NS: the check is about parametrization, and bf16 GEMMs are ~100x slower on a CPU
+    opt = G.make_optimizer(model, "muon", lr, 0.0, adamw_lr=lr, mup_base_width=BASE if use_mup else None,
+                           ns_dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         x, y = D.sample_batch(data.train, 8, cfg.seq_len, gen)
