@@ -75,7 +75,8 @@ def plot(reports: list[flops.Overhead], sweep: list[int], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("Muon FLOP overhead over AdamW (% of 6NB)")
-    fig.suptitle(f"FLOP overhead of a Muon step ({reports[0].steps} NS steps; analytic, any device); dashed: Keller's bound T·d/B",
+    fig.suptitle(f"FLOP overhead of a Muon step ({reports[0].steps} NS steps; analytic, any device); "
+                 "dashed: Keller's bound T·d/B",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
                 results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind, status=f"skipped: {reason}")
                 continue
             expected = ref if not name.startswith("triton") or ref is None else ref_x
-            candidates.append((provider, args.coefficients, call, expected, version, sym_flops if symmetric else ns_flops))
+            work = sym_flops if symmetric else ns_flops
+            candidates.append((provider, args.coefficients, call, expected, version, work))
         # Gram Newton–Schulz (restart at step 2) on the default backend: "effective" TFLOP/s counts standard
         # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
         gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")

@@ -135,7 +135,8 @@ def ns_headline(rows: list[dict]) -> list[str]:
             best = min(ours, key=lambda r: r["ms"])
             classes.setdefault(theirs.get("kind", "?"), []).append((shape, theirs["ms"] / best["ms"], best, theirs))
     if not classes:
-        return ["No kernels rows with both muon and torch.optim.Muon (stage not run or failed in this invocation, or no shape had both)."]
+        return ["No kernels rows with both muon and torch.optim.Muon (stage not run or failed in this invocation, "
+                "or no shape had both)."]
     out = ["| shape class | shapes | speed-up over torch.optim.Muon (geo. mean) | range | fastest muon backend |",
            "| --- | --- | --- | --- | --- |"]
     for kind, entries in classes.items():
@@ -188,7 +189,8 @@ def summary(out: Path, meta: dict, stage_lines: list[str], ran: set[str]) -> str
     """summary.md: the headline tables from this run's kernels.json and step.json (a stage that did
     not run ok in this invocation shows as such, never as an older file's numbers), then the stages."""
     lines = [f"# muon benchmarks on {meta['device']}", "",
-             f"commit {meta['commit']}, {meta['date']}; torch {meta['torch_version']}, triton {meta['triton_version']}, "
+             f"commit {meta['commit']}, {meta['date']}; torch {meta['torch_version']}, "
+             f"triton {meta['triton_version']}, "
              f"CUDA {meta['cuda_version']}, muon {meta['muon_version']}, Python {meta['python_version']}", "",
              "## Headline", "", "### Newton–Schulz against torch.optim.Muon", ""]
     lines += ns_headline(_load(out / "kernels.json") if "kernels" in ran else [])

@@ -123,7 +123,9 @@ def candidates(model: torch.nn.Module, device: torch.device, names: list[str], e
     out, skipped = [], []
     probe = stacks[0] if stacks else torch.zeros(1, 8, 8, device=device)
     fused_reason = _fused_adamw_reason(device)
-    variants = [("muon.Muon", {})] + ([("muon.Muon(foreach=False)", {"foreach": False})] if has_foreach_option() else [])
+    variants = [("muon.Muon", {})]
+    if has_foreach_option():
+        variants.append(("muon.Muon(foreach=False)", {"foreach": False}))
     for name in names:
         reason = backends.unavailable_reason(name, probe)
         if reason is None and device.type == "cpu" and name != "torch" and name not in explicit:
@@ -215,7 +217,7 @@ def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.dev
         ns = None if c.ns is None else _cpu_times(c.ns, rep_ms)[0]
     result = {"median_ms": median, "ns_ms": ns, "ops_per_step": ops.total, "host_ms": host,
               "state_bytes": sum(state_bytes(o) for o in opts), "peak_bytes": peak}
-    del opts
+    opts.clear()  # the optimizers and their state go before the next candidate is built
     for p in model.parameters():
         p.grad = None
     return result

@@ -368,7 +368,8 @@ def sym_product(
         c.stride(0), c.stride(1), c.stride(2), O3.stride(0), O3.stride(1), O3.stride(2),
         float(alpha), float(beta), float(fro_scale), float(eps),
         HAS_C=C3 is not None, WRITE_DIAG=diag is not None, NORM_IN=norm_diag is not None, USE_TMA=use_tma,
-        PRECISION=dot_precision(dtype), BLOCK=plan.block, BLOCK_K=plan.block_k, STAGES=plan.stages, WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
+        PRECISION=dot_precision(dtype), BLOCK=plan.block, BLOCK_K=plan.block_k, STAGES=plan.stages,
+        WS=WARP_SPECIALIZE and HAS_WARP_SPECIALIZE and not INTERPRETED,
         num_warps=plan.num_warps,
     )
     return O3

@@ -10,7 +10,6 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["FlopCount", "OpCount", "count_dispatched_ops", "count_matmul_flops"]

@@ -276,7 +276,7 @@ def test_cuda_graph_captures_the_whole_step():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for step in range(3):
+    for _ in range(3):
         for p, q in zip(params + [bias], twin):
             g = torch.randn_like(p)
             p.grad.copy_(g)

@@ -14,13 +14,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from muon.kernels import persistent  # noqa: E402
 from nsref import NS_ERROR_FACTOR, NS_ERROR_FLOOR, assert_ns_close, ns_float64, rel_err, torch_ns  # noqa: E402
 from test_triton_kernels import assert_stage_close, poisoned, unit_rows  # noqa: E402
 
 import muon  # noqa: E402
 from muon.backends import triton_backend  # noqa: E402
 from muon.coefficients import resolve_schedule  # noqa: E402
-from muon.kernels import persistent  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
