@@ -116,6 +116,13 @@ class Muon(Optimizer):
       * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
         group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
         dtype ("auto": bf16 on CUDA, fp32 on the CPU).
+      * ``variant="normuon"`` (per group): NorMuon (arXiv 2510.05491, as microsoft/dion's
+        dion/normuon.py): each row (output neuron) of O is divided by sqrt(v) + ``normuon_eps``, v an
+        EMA (``normuon_beta2``, no bias correction) of the row's mean of O², kept in
+        `state[p]["normuon_v"]` (the parameter's shape without its last dim, fp32 or fp64); then the
+        Frobenius norm of O is restored and Muon's lr·s applies. Formula: `muon._engine.normuon_apply`;
+      * ``cautious_weight_decay=True`` (per group, Muon and AdamW): weight decay only where the update
+        u (W -= lr·u) and W agree in sign, u·W >= 0 (arXiv 2510.12402);
 
     The step (``foreach=None`` or True) runs a plan made once (`muon._engine`): per group, buckets of
     same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed

@@ -295,3 +295,25 @@ def test_loading_plain_muon_state_starts_normuon_moments_at_zero():
     W.grad = torch.randn(6, 10)
     opt.step()
     assert opt.state[W]["normuon_v"].shape == (6,) and bool((opt.state[W]["normuon_v"] > 0).all())
+
+
+@pytest.mark.parametrize("heading", ["### NorMuon", "### Cautious weight decay"])
+def test_readme_examples_run(heading):
+    import warnings
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```python") + len("```python")
+    code = section[start : section.index("```\n", start)]
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(code, f"README.md ({heading})", "exec"), scope)
+    opt, model = scope["opt"], scope["model"]
+    group = next(g for g in opt.param_groups if g["use_muon"])
+    assert model[0].weight in group["params"]
+    if "NorMuon" in heading:
+        assert group["variant"] == "normuon" and opt.state[model[0].weight]["normuon_v"].shape == (64,)
+    else:
+        assert all(g["cautious_weight_decay"] for g in opt.param_groups)
