@@ -319,6 +319,15 @@ class Muon(Optimizer):
         self._check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
         if group["variant"] not in VARIANTS:
             raise ValueError(f"param_groups[{index}]: variant must be one of {VARIANTS}, got {group['variant']!r}")
+        if group["variant"] == "normuon":
+            # FSDP2 parameters step on their shards (the per-parameter loop), where NorMuon's row
+            # moments and norms would need DTensor state: refused until the step handles them.
+            for i, p in enumerate(group["params"]):
+                if distributed.is_dtensor(p):
+                    raise ValueError(
+                        f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); variant='normuon' "
+                        "does not support sharded parameters yet (replicated/DDP parameters work)"
+                    )
         self._check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
         self._check_real(group, "normuon_eps", index, 0.0)
         if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
