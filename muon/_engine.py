@@ -15,6 +15,11 @@ device work). It holds, per group, buckets:
 
 Per-parameter counters (`nonfinite_skips`, AdamW `step`) are views of one vector per bucket.
 
+After NS, `muon_bucket_apply` scales the stack (NorMuon's per-neuron normalization for
+variant="normuon", `normuon_apply`), applies weight decay (cautious: a per-element factor from the
+signs of update and parameter, `cautious_decay`) and adds the update: per-bucket math that does not
+depend on where the NS ran.
+
 The step (`execute`) first computes every gradient's finite flag (one `torch._foreach_norm` over
 the whole step), then updates the buckets. Skipped parameters are handled with per-parameter masked
 scalars (0-dim tensors, built with one `torch.where` per bucket), never with host syncs, so the

@@ -541,6 +541,13 @@ class Muon(Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("foreach", None)
+        # options added later than the pickle or state dict (their defaults: the behaviour of before)
+        new_options = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False}
+        for key, value in new_options.items():
+            self.defaults.setdefault(key, value)
+        for group in self.param_groups:  # a loaded group without them takes this optimizer's defaults
+            for key in new_options if group.get("use_muon", True) else ("cautious_weight_decay",):
+                group.setdefault(key, self.defaults[key])
         self._plan, self._runs = None, {}
         self._plan_version = self.__dict__.get("_plan_version", 0) + 1
         self.__dict__.setdefault("_adamw_defaults", {"lr": self.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,

@@ -317,3 +317,19 @@ def test_readme_examples_run(heading):
         assert group["variant"] == "normuon" and opt.state[model[0].weight]["normuon_v"].shape == (64,)
     else:
         assert all(g["cautious_weight_decay"] for g in opt.param_groups)
+
+
+def test_an_optimizer_pickled_before_these_options_steps_as_plain_muon():
+    W = torch.randn(4, 6, requires_grad=True)
+    state = muon.Muon([W], lr=0.02).__getstate__()
+    for where in state["param_groups"] + [state["defaults"]]:
+        for key in ("variant", "normuon_beta2", "normuon_eps", "cautious_weight_decay"):
+            del where[key]
+    old = muon.Muon.__new__(muon.Muon)
+    old.__setstate__(state)
+    twin = muon.Muon([V := W.detach().clone().requires_grad_(True)], lr=0.02)
+    W.grad, V.grad = torch.randn(4, 6), None
+    V.grad = W.grad.clone()
+    old.step()
+    twin.step()
+    assert old.param_groups[0]["variant"] == "muon" and torch.equal(W, V)
