@@ -328,7 +328,7 @@ def test_an_optimizer_pickled_before_these_options_steps_as_plain_muon():
     old = muon.Muon.__new__(muon.Muon)
     old.__setstate__(state)
     twin = muon.Muon([V := W.detach().clone().requires_grad_(True)], lr=0.02)
-    W.grad, V.grad = torch.randn(4, 6), None
+    W.grad = torch.randn(4, 6)
     V.grad = W.grad.clone()
     old.step()
     twin.step()

@@ -67,8 +67,10 @@ APPLY_OPTIONS = [
     {"variant": "normuon"},
     {"cautious_weight_decay": True},
     {"variant": "normuon", "cautious_weight_decay": True, "normuon_beta2": 0.9, "weight_decay": 0.3},
+    {"ns_dtype": torch.bfloat16},  # O in bf16 (as on CUDA): the update is still formed in fp32
+    {"ns_dtype": torch.bfloat16, "variant": "normuon"},
 ]
-APPLY_IDS = ["muon", "normuon", "cautious", "normuon+cautious"]
+APPLY_IDS = ["muon", "normuon", "cautious", "normuon+cautious", "bf16-ns", "bf16-ns+normuon"]
 
 
 @pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
