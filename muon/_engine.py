@@ -472,8 +472,10 @@ def normuon_apply(b: MuonBucket, group: dict, O: Tensor, scale: Tensor, ok_mat: 
         d = sqrt(v) + eps
         O' = (O / d) · ‖O‖_F / max(‖O / d‖_F, eps)     (rows normalized, Frobenius norm of O kept)
 
-    The norms come from q: ‖O‖²_F = n·Σq and ‖O/d‖²_F = n·Σ q/d², so O is read twice (squares,
-    final scaling). Skipped matrices (ok_mat False) keep v; their scale is 0.
+    The norms come from q: ‖O‖²_F = n·Σq and ‖O/d‖²_F = n·Σ q/d², so after the squares and their
+    row means everything per matrix is arithmetic on (B, m) vectors; O' is O times (-lr·s), then
+    times 1/d·ratio per neuron (two elementwise passes over the stack, three for a bucket holding
+    tall and wide matrices). Skipped matrices (ok_mat False) keep v; their scale is 0.
     """
     nm = b.normuon
     beta2, eps = group["normuon_beta2"], group["normuon_eps"]
