@@ -15,6 +15,11 @@ device work). It holds, per group, buckets:
 
 Per-parameter counters (`nonfinite_skips`, AdamW `step`) are views of one vector per bucket.
 
+After NS, `muon_bucket_apply` scales the stack (NorMuon's per-neuron normalization for
+variant="normuon", `normuon_apply`), applies weight decay (cautious: a per-element factor from the
+signs of update and parameter, `cautious_decay`) and adds the update: per-bucket math that does not
+depend on where the NS ran.
+
 The step (`execute`) first computes every gradient's finite flag (one `torch._foreach_norm` over
 the whole step), then updates the buckets. Skipped parameters are handled with per-parameter masked
 scalars (0-dim tensors, built with one `torch.where` per bucket), never with host syncs, so the
@@ -39,7 +44,9 @@ from .newton_schulz import resolve_dtype
 
 # Group options that change the plan (what is stacked together, how NS runs); others (lr,
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
-MUON_PLAN_KEYS = ("flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
+MUON_PLAN_KEYS = (
+    "flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn", "variant",
+)  # fmt: skip
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
@@ -69,6 +76,23 @@ class Member:
 
 
 @dataclass
+class NorMuonStacks:
+    """NorMuon's per-neuron second moments of a bucket (`normuon_apply`).
+
+    A neuron is a row of the parameter's m×n matrix (an output feature). In the (B, s, l) stack that
+    is a stack row for matrices stored as they are (m <= n) and a stack column for tall matrices
+    stored transposed. `rows` (B, s) holds the moments of the first kind, `cols` (B, l) of the second
+    (None when the bucket has no matrix of that kind); `state[p]["normuon_v"]` is the
+    parameter's view of one of them, shaped like the parameter without its last dim (flatten: (m,)).
+    The entries of the other kind's matrices are unused (kept at zero).
+    """
+
+    rows: Tensor | None
+    cols: Tensor | None
+    row_matrices: Tensor | None  # (B, 1) bool: the matrix's neurons are stack rows; None: all or none are
+
+
+@dataclass
 class MuonBucket:
     members: list[Member]
     params: list[Tensor]
@@ -88,6 +112,7 @@ class MuonBucket:
     schedule: Schedule
     ns_dtype: torch.dtype
     opmath: torch.dtype
+    normuon: NorMuonStacks | None = None  # variant="normuon"
 
 
 @dataclass
@@ -196,6 +221,10 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
         if p.numel() == 0:  # nothing to orthogonalize; state as the reference keeps it
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            if group["variant"] == "normuon" and "normuon_v" not in state:
+                state["normuon_v"] = torch.zeros(
+                    neuron_shape(p.shape, flatten), dtype=opmath(p.dtype), device=p.device
+                )
             _init_counter(state, p.device)
             continue
         count, m, n = matrix_shape(p.shape, flatten)
@@ -227,8 +256,12 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
         # the scaled update -lr·s·O, in the parameters' opmath dtype (the gradient stack when it is that)
         out_dtype = opmath(pdtype)
         out = grad_stack if out_dtype == gdtype else torch.empty((B, s, l), dtype=out_dtype, device=device)
+        normuon = None
+        if group["variant"] == "normuon":
+            normuon = _plan_normuon(opt, members, B, s, l, opmath(pdtype), device, flatten)
         gplan.buckets.append(
             MuonBucket(
+                normuon=normuon,
                 members=members,
                 params=params,
                 grad_stack=grad_stack,
@@ -253,6 +286,26 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
                 opmath=opmath(pdtype),
             )
         )
+
+
+def neuron_shape(shape: torch.Size, flatten: bool) -> tuple[int, ...]:
+    """Shape of NorMuon's `normuon_v` for a parameter: one entry per row of each of its matrices."""
+    return tuple(shape[:1]) if flatten else tuple(shape[:-1])
+
+
+def _plan_normuon(opt, members: list[Member], B: int, s: int, l: int, dtype, device, flatten: bool) -> NorMuonStacks:
+    """The bucket's second-moment stacks (in opmath: fp32, fp64 for fp64 parameters); adopts state."""
+    tall = [mb.transposed for mb in members for _ in range(mb.count)]
+    rows = torch.zeros((B, s), dtype=dtype, device=device) if not all(tall) else None
+    cols = torch.zeros((B, l), dtype=dtype, device=device) if any(tall) else None
+    row_matrices = None
+    if rows is not None and cols is not None:
+        row_matrices = torch.tensor([not t for t in tall], device=device).view(B, 1)
+    for mb in members:
+        stack = cols if mb.transposed else rows
+        view = stack[mb.offset : mb.offset + mb.count].view(neuron_shape(mb.param.shape, flatten))
+        _adopt(opt.state[mb.param], "normuon_v", view)
+    return NorMuonStacks(rows, cols, row_matrices)
 
 
 def _plan_adamw_group(opt, gplan, group, with_grad, flag_pos) -> None:
@@ -335,8 +388,7 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
 
     ok_all None means every gradient is known finite (nonfinite="raise" checked it): no masking.
     """
-    lr = group["lr"]
-    momentum, wd = group["momentum"], group["weight_decay"]
+    momentum = group["momentum"]
     device = b.grad_stack.device
     grads = [p.grad for p in b.params]
     torch._foreach_copy_(b.grad_views, grads)
@@ -351,25 +403,109 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
     buf.lerp_(G, _per_param(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device))
     U = G.lerp_(buf, momentum) if group["nesterov"] else buf
     O = b.run(U, b.schedule, b.ns_dtype)
+    muon_bucket_apply(b, group, O, ok, ok_mat)
 
-    dtype = b.opmath
+
+def muon_bucket_apply(b: MuonBucket, group: dict, O: Tensor, ok: Tensor | None, ok_mat: Tensor | None) -> None:
+    """After NS: W = W·decay + (-lr·s·O'), O' = O (Muon) or NorMuon's normalized O, on the stack.
+
+    Per-bucket math only: it does not matter where O was computed. ok/ok_mat: (P,)/(B, 1, 1)
+    finite flags of the members/matrices, None when all are finite.
+    """
+    lr, wd = group["lr"], group["weight_decay"]
+    device, dtype = b.out.device, b.opmath
     if isinstance(lr, Tensor):
         # the reference's -lr * scale in lr's dtype (a Python factor is cast to it)
         neg_lr_scale = (-lr.to(device)) * b.scales.to(lr.dtype)
     else:
         neg_lr_scale = b.scales * -float(lr)  # in double, as Python computes -lr * scale
     scale = _per_param(ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device)
-    # -lr·s·O per matrix, rounded once to opmath (as the reference loop does), then one multi-tensor add
-    torch.mul(O, scale, out=b.out)
+    if b.normuon is not None:
+        normuon_apply(b, group, O, scale, ok_mat)
+    else:
+        # -lr·s·O per matrix, rounded once to opmath (as the reference loop does)
+        torch.mul(O, scale, out=b.out)
     target = b.work_views
     if b.work is not None:
         torch._foreach_copy_(target, b.params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
-        torch._foreach_mul_(target, _as_list(decay))
-    torch._foreach_add_(target, b.out_views)
+        if group.get("cautious_weight_decay", False):
+            # W·decay only where the update u (W -= lr·s·u, so out = -lr·s·u) agrees in sign with W
+            decay = cautious_decay(target, b.out_views, decay, against=1)
+        else:
+            decay = _as_list(decay)
+        torch._foreach_mul_(target, decay)
+    torch._foreach_add_(target, b.out_views)  # one multi-tensor add of the scaled update
     if b.work is not None:
         torch._foreach_copy_(b.params, target)
+
+
+def cautious_decay(target: list[Tensor], direction: list[Tensor], decay: Tensor, against: int) -> list[Tensor]:
+    """Per-element decay factors of cautious weight decay (Chen et al. 2025, arXiv 2510.12402):
+    `decay` where u·W >= 0, 1 where u·W < 0, u the update subtracted from W.
+
+    `direction` is u times a positive (against=-1) or a negative (against=1) per-parameter factor,
+    so the factor is 1 where sign(direction·W) == against. Computed as keep·(1 - decay) + decay with
+    keep in {0, 1}: the multi-tensor form of where(agree, decay, 1), bit-identical to it for
+    decay in [0.5, 1] (1 - decay is then exact), and what the reference loop computes too.
+    decay: (P,) or 0-dim; 1 for skipped parameters (then every factor is 1).
+    """
+    keep = torch._foreach_mul(direction, target)
+    torch._foreach_sign_(keep)  # -1, 0, 1 (0 where u or W is 0: decay there, as u·W >= 0)
+    if against == 1:
+        torch._foreach_clamp_min_(keep, 0)  # 1 where u·W < 0
+        torch._foreach_mul_(keep, _as_list(1 - decay))
+    else:
+        torch._foreach_clamp_max_(keep, 0)  # -1 where u·W < 0
+        torch._foreach_mul_(keep, _as_list(decay - 1))  # -(decay - 1) == 1 - decay, bit for bit
+    torch._foreach_add_(keep, _as_list(decay))
+    return keep
+
+
+def normuon_apply(b: MuonBucket, group: dict, O: Tensor, scale: Tensor, ok_mat: Tensor | None) -> None:
+    """NorMuon (Li et al. 2025, arXiv 2510.05491, Algorithm 1; as microsoft/dion's dion/normuon.py):
+    b.out = (-lr·s)·O', per matrix O (m×n, neurons its rows), in opmath:
+
+        q = mean over each row of O²                  (m,)
+        v = β2·v + (1 - β2)·q                          (normuon_v; no bias correction)
+        d = sqrt(v) + eps
+        O' = (O / d) · ‖O‖_F / max(‖O / d‖_F, eps)     (rows normalized, Frobenius norm of O kept)
+
+    The norms come from q: ‖O‖²_F = n·Σq and ‖O/d‖²_F = n·Σ q/d², so after the squares and their
+    row means everything per matrix is arithmetic on (B, m) vectors; O' is O times (-lr·s), then
+    times 1/d·ratio per neuron (two elementwise passes over the stack, three for a bucket holding
+    tall and wide matrices). Skipped matrices (ok_mat False) keep v; their scale is 0.
+    """
+    nm = b.normuon
+    beta2, eps = group["normuon_beta2"], group["normuon_eps"]
+    dtype = b.opmath
+    X = b.out
+    X.copy_(O)  # O in opmath (the gradient stack when that is its dtype: U is not needed any more)
+    sq = X.square()
+    B, s, l = X.shape
+
+    def factors(q: Tensor, v: Tensor, k: int, select: Tensor | None) -> Tensor:
+        weight = torch.full((B, 1), 1 - beta2, dtype=dtype, device=X.device)
+        if ok_mat is not None:
+            weight = torch.where(ok_mat.view(B, 1), weight, 0.0)
+        if select is not None:
+            weight = torch.where(select, weight, 0.0)
+        v.lerp_(q, weight)
+        d = v.sqrt().add_(eps)
+        norm = q.sum(-1, keepdim=True).mul_(k).sqrt_()
+        norm_normalized = (q / d.square()).sum(-1, keepdim=True).mul_(k).sqrt_()
+        return (norm / norm_normalized.clamp_min_(eps)) / d
+
+    X.mul_(scale)
+    if nm.rows is not None:
+        select = nm.row_matrices
+        f = factors(sq.mean(-1), nm.rows, l, select)
+        X.mul_((f if select is None else torch.where(select, f, 1.0)).unsqueeze(-1))
+    if nm.cols is not None:
+        select = None if nm.row_matrices is None else ~nm.row_matrices
+        f = factors(sq.mean(-2), nm.cols, s, select)
+        X.mul_((f if select is None else torch.where(select, f, 1.0)).unsqueeze(-2))
 
 
 def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool) -> None:
@@ -378,7 +514,8 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
     grads = [p.grad for p in b.params]
-    if fused and ok_all is None and b.fusable:
+    cautious = group.get("cautious_weight_decay", False) and wd != 0
+    if fused and ok_all is None and b.fusable and not cautious:
         torch._foreach_add_(b.step_views, 1)
         torch._fused_adamw_(
             b.params, grads, b.exp_avgs, b.exp_avg_sqs, [], b.step_views,
@@ -417,7 +554,9 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
         torch._foreach_copy_(target, b.params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
-        torch._foreach_mul_(target, _as_list(decay))
+        # cautious: updates = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+        decay = cautious_decay(target, updates, decay, against=-1) if cautious else _as_list(decay)
+        torch._foreach_mul_(target, decay)
     torch._foreach_addcmul_(target, updates, _as_list(step_size))
     if b.work is not None:
         torch._foreach_copy_(b.params, target)

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _engine, backends, distributed
+from ._engine import neuron_shape
 from ._shapes import ADJUST_LR_FNS, matrix_shape, update_scale
 from .coefficients import KELLER, Schedule, resolve_schedule
 from .newton_schulz import COMPUTE_DTYPES, orthogonalize, resolve_dtype
@@ -20,6 +21,7 @@ from .newton_schulz import COMPUTE_DTYPES, orthogonalize, resolve_dtype
 __all__ = ["Muon", "matrix_shape", "update_scale"]
 
 NONFINITE_POLICIES = ("skip", "raise")
+VARIANTS = ("muon", "normuon")
 
 
 def _lr_value(lr) -> float | Tensor:
@@ -61,6 +63,38 @@ def _decay_and_add(p: Tensor, decay: Tensor | None, update: Tensor, scale: Tenso
         p.copy_(target)
 
 
+def _cautious(decay: Tensor | None, update: Tensor, p: Tensor, against: int, cautious: bool) -> Tensor | None:
+    """Cautious weight decay: `decay` where the update u (W -= c·u, c > 0) and W agree in sign
+    (u·W >= 0), 1 elsewhere. `update` is u times a factor of sign -against (see _engine.cautious_decay).
+
+    keep·(1 - decay) + decay with keep in {0, 1} is where(u·W >= 0, decay, 1) (exactly so for
+    decay in [0.5, 1]), written as the step engine computes it with multi-tensor ops.
+    """
+    if decay is None or not cautious:
+        return decay
+    dtype = _opmath(p.dtype)
+    product = update.to(dtype) * p.to(dtype)  # in opmath, as the engine multiplies by its fp32 copy of W
+    keep = product > 0 if against == 1 else product < 0
+    return keep * (1 - decay) + decay
+
+
+def _normuon(O: Tensor, v: Tensor, ok: Tensor, neg_lr_scale: Tensor, beta2: float, eps: float,
+             dtype: torch.dtype) -> Tensor:
+    """NorMuon's scaled update -lr·s·O' of one parameter's (count, m, n) matrices O (neurons: rows),
+    updating v (count, m) in place; the formula is in `muon._engine.normuon_apply` (same bits)."""
+    X = O.to(dtype)
+    sq = X.square()
+    X = X * neg_lr_scale
+    q = sq.mean(-1)
+    v.lerp_(q, _masked(ok, 1 - beta2, 0.0, dtype))
+    d = v.sqrt().add_(eps)
+    n = O.shape[-1]
+    norm = q.sum(-1, keepdim=True).mul_(n).sqrt_()
+    norm_normalized = (q / d.square()).sum(-1, keepdim=True).mul_(n).sqrt_()
+    f = (norm / norm_normalized.clamp_min_(eps)) / d
+    return X.mul_(f.unsqueeze(-1))
+
+
 class Muon(Optimizer):
     """Muon for hidden-layer matrices, AdamW for everything else, in one optimizer.
 
@@ -82,6 +116,13 @@ class Muon(Optimizer):
       * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
         group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
         dtype ("auto": bf16 on CUDA, fp32 on the CPU).
+      * ``variant="normuon"`` (per group): NorMuon (arXiv 2510.05491, as microsoft/dion's
+        dion/normuon.py): each row (output neuron) of O is divided by sqrt(v) + ``normuon_eps``, v an
+        EMA (``normuon_beta2``, no bias correction) of the row's mean of O², kept in
+        `state[p]["normuon_v"]` (the parameter's shape without its last dim, fp32 or fp64); then the
+        Frobenius norm of O is restored and Muon's lr·s applies. Formula: `muon._engine.normuon_apply`;
+      * ``cautious_weight_decay=True`` (per group, Muon and AdamW): weight decay only where the update
+        u (W -= lr·u) and W agree in sign, u·W >= 0 (arXiv 2510.12402);
 
     The step (``foreach=None`` or True) runs a plan made once (`muon._engine`): per group, buckets of
     same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
@@ -121,6 +162,10 @@ class Muon(Optimizer):
         nonfinite: str = "skip",
         process_group=None,
         foreach: bool | None = None,
+        variant: str = "muon",
+        normuon_beta2: float = 0.95,
+        normuon_eps: float = 1e-8,
+        cautious_weight_decay: bool = False,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -135,7 +180,8 @@ class Muon(Optimizer):
         # torch.distributed is initialized); FSDP2 (DTensor) parameters use their own mesh.
         self.process_group = process_group
         # AdamW groups take these where the group does not set them.
-        self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay}
+        self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay,
+                                "cautious_weight_decay": cautious_weight_decay}
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -150,6 +196,10 @@ class Muon(Optimizer):
             batched=batched,
             backend=backend,
             ns_dtype=ns_dtype,
+            variant=variant,
+            normuon_beta2=normuon_beta2,
+            normuon_eps=normuon_eps,
+            cautious_weight_decay=cautious_weight_decay,
         )
         super().__init__(params, defaults)
         # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
@@ -267,7 +317,22 @@ class Muon(Optimizer):
         index = len(self.param_groups) - 1 if index is None else index
         self._check_lr(group, index)
         self._check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
-        for key in ("nesterov", "flatten", "batched"):
+        if group["variant"] not in VARIANTS:
+            raise ValueError(f"param_groups[{index}]: variant must be one of {VARIANTS}, got {group['variant']!r}")
+        if group["variant"] == "normuon":
+            # FSDP2 parameters step on their shards (the per-parameter loop), where NorMuon's row
+            # moments and norms would need DTensor state: refused until the step handles them.
+            for i, p in enumerate(group["params"]):
+                if distributed.is_dtensor(p):
+                    raise ValueError(
+                        f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); variant='normuon' "
+                        "does not support sharded parameters yet (replicated/DDP parameters work)"
+                    )
+        self._check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
+        self._check_real(group, "normuon_eps", index, 0.0)
+        if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
+            raise ValueError(f"param_groups[{index}]: normuon_eps must be > 0, got {group['normuon_eps']!r}")
+        for key in ("nesterov", "flatten", "batched", "cautious_weight_decay"):
             if not isinstance(group[key], bool):
                 raise ValueError(f"param_groups[{index}]: {key} must be True or False, got {group[key]!r}")
         adjust = group["adjust_lr_fn"]
@@ -319,11 +384,14 @@ class Muon(Optimizer):
         for beta in betas:
             self._check_real(group, "betas", index, 0.0, 1.0, open_high=True, value=beta)
         self._check_real(group, "eps", index, 0.0)
+        cautious = group.setdefault("cautious_weight_decay", False)
+        if not isinstance(cautious, bool):
+            raise ValueError(f"param_groups[{index}]: cautious_weight_decay must be True or False, got {cautious!r}")
         self._check_tensors(group, index, "AdamW")
 
     # ----------------------------------------------------------------------------- checkpoints
     # Keys of state[p] per group kind (torch.optim.Muon and torch.optim.AdamW keep subsets of these).
-    _STATE_KEYS = {True: frozenset({"momentum_buffer", "nonfinite_skips"}),
+    _STATE_KEYS = {True: frozenset({"momentum_buffer", "nonfinite_skips", "normuon_v"}),
                    False: frozenset({"step", "exp_avg", "exp_avg_sq", "nonfinite_skips"})}
     _CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust_lr_fn in a state dict
 
@@ -351,6 +419,7 @@ class Muon(Optimizer):
         and a load that fails leaves the optimizer unchanged.
         """
         super().load_state_dict(self._checked_state_dict(state_dict))
+        self._restore_normuon_dtype(state_dict)
         self._plan_version += 1  # the loaded state tensors are new: the next plan adopts them
         for group in self.param_groups:
             defaults = self.defaults if group["use_muon"] else self._adamw_defaults
@@ -361,6 +430,15 @@ class Muon(Optimizer):
             skips = state.get("nonfinite_skips")
             if skips is not None and skips.dtype != torch.int64:
                 state["nonfinite_skips"] = skips.to(torch.int64)
+
+    def _restore_normuon_dtype(self, state_dict: dict) -> None:
+        """torch casts loaded state to the parameter's dtype; NorMuon's second moments live in opmath
+        (fp32 for bf16/fp16 parameters): take them from the state dict as saved, bit for bit."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                value = state_dict["state"].get(pid, {}).get("normuon_v")
+                if value is not None and self.state[p]["normuon_v"].dtype != _opmath(p.dtype):
+                    self.state[p]["normuon_v"] = value.to(device=p.device, dtype=_opmath(p.dtype), copy=True)
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
         """A copy of state_dict with each group's kind (and callable adjust_lr_fn) resolved; raises on misfits."""
@@ -406,11 +484,13 @@ class Muon(Optimizer):
                 self._check_group({**merged, "params": current["params"]}, index)
             except ValueError as error:
                 raise ValueError(f"cannot load {where}: {error}") from None
-            self._check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where)
+            self._check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where,
+                                    flatten=merged.get("flatten", False))
             groups.append(group)
         return {**state_dict, "param_groups": groups}
 
-    def _check_saved_state(self, state: dict, ids: list, params: list, kind: bool, where: str) -> None:
+    def _check_saved_state(self, state: dict, ids: list, params: list, kind: bool, where: str,
+                           flatten: bool = False) -> None:
         allowed = self._STATE_KEYS[kind]
         for j, (pid, p) in enumerate(zip(ids, params)):
             saved = state.get(pid)
@@ -435,6 +515,13 @@ class Muon(Optimizer):
                     raise ValueError(
                         f"{at}: {key} is {tuple(value.shape)} {value.dtype}, the parameter is {tuple(p.shape)}"
                     )
+                if key == "normuon_v" and (
+                    tuple(value.shape) != neuron_shape(p.shape, flatten) or not value.is_floating_point()
+                ):
+                    raise ValueError(
+                        f"{at}: normuon_v is {tuple(value.shape)} {value.dtype}, NorMuon keeps one entry per "
+                        f"matrix row of the parameter: {neuron_shape(p.shape, flatten)}"
+                    )
                 if key in ("step", "nonfinite_skips") and value.numel() != 1:
                     raise ValueError(f"{at}: {key} must have one element, got shape {tuple(value.shape)}")
 
@@ -442,7 +529,7 @@ class Muon(Optimizer):
     # Attributes beyond torch's (defaults, state, param_groups) that the step needs; torch's
     # __getstate__ drops them, so deepcopy and pickle would give an optimizer that cannot step.
     # The plan and the resolved backends do not travel: they are rebuilt (the state adopted).
-    _PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
+    _PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")  # new group options live in groups
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -454,6 +541,13 @@ class Muon(Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("foreach", None)
+        # options added later than the pickle or state dict (their defaults: the behaviour of before)
+        new_options = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False}
+        for key, value in new_options.items():
+            self.defaults.setdefault(key, value)
+        for group in self.param_groups:  # a loaded group without them takes this optimizer's defaults
+            for key in new_options if group.get("use_muon", True) else ("cautious_weight_decay",):
+                group.setdefault(key, self.defaults[key])
         self._plan, self._runs = None, {}
         self._plan_version = self.__dict__.get("_plan_version", 0) + 1
         self.__dict__.setdefault("_adamw_defaults", {"lr": self.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
@@ -568,6 +662,7 @@ class Muon(Optimizer):
     def _muon_group_step(self, group, params, grads, finite) -> None:
         lr = _lr_value(group["lr"])
         momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
+        normuon, cautious = group["variant"] == "normuon", group.get("cautious_weight_decay", False)
         schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
 
         updates = []
@@ -577,6 +672,9 @@ class Muon(Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
             if "nonfinite_skips" not in state:  # absent from a torch.optim.Muon state dict
                 state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            if normuon and "normuon_v" not in state:  # per neuron (matrix row), in opmath
+                state["normuon_v"] = torch.zeros(neuron_shape(p.shape, flatten), dtype=_opmath(p.dtype),
+                                                 device=p.device)
             buf = state["momentum_buffer"]
             if ok is None:  # 0-size parameter: nothing to do
                 updates.append(None)
@@ -591,13 +689,21 @@ class Muon(Optimizer):
         for p, O, ok in zip(params, ortho, finite):
             if O is None:
                 continue
-            _, m, n = matrix_shape(p.shape, flatten)
+            count, m, n = matrix_shape(p.shape, flatten)
             scale = update_scale(group["adjust_lr_fn"], m, n)
             dtype = _opmath(p.dtype)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
+            neg_lr_scale = _masked(ok, -lr * scale, 0.0, dtype)
             # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
             # computes on a bucket's stack before one multi-tensor add into the parameters
-            scaled = torch.mul(O.view(p.shape).to(dtype), _masked(ok, -lr * scale, 0.0, dtype))
+            if normuon:
+                v = self.state[p]["normuon_v"].view(count, m)
+                scaled = _normuon(O, v, ok, neg_lr_scale, group["normuon_beta2"], group["normuon_eps"], dtype)
+                scaled = scaled.view(p.shape)
+            else:
+                scaled = torch.mul(O.view(p.shape).to(dtype), neg_lr_scale)
+            # scaled = -lr·s·u: no decay where scaled·W > 0
+            decay = _cautious(decay, scaled, p, against=1, cautious=cautious)
             _decay_and_add(p, decay, scaled, None)
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
@@ -668,4 +774,6 @@ class Muon(Optimizer):
             # out-of-place ops, same arithmetic as torch's (sqrt(v) / sqrt(bc2)) + eps.
             denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
-            _decay_and_add(p, decay, torch.div(exp_avg, denom, out=denom), step_size)
+            update = torch.div(exp_avg, denom, out=denom)  # u up to the positive lr / bias_correction1
+            decay = _cautious(decay, update, p, against=-1, cautious=group.get("cautious_weight_decay", False))
+            _decay_and_add(p, decay, update, step_size)

@@ -60,9 +60,23 @@ def _assert_same(a, b):
 SCHEDULE = {0: ((), ()), 1: ((1, 6, 9), ()), 2: ((), (3, 10)), 3: ((0, 8, 12), ()), 4: ((), ())}
 
 
-def test_planned_step_equals_reference_loop_bit_for_bit():
-    fast = muon.Muon(_groups(), lr=0.02, foreach=True)
-    loop = muon.Muon(_groups(), lr=0.02, foreach=False)
+# Options that change the apply phase: NorMuon (per-neuron second moments, on mixed (m, n)/(n, m)
+# buckets too) and cautious weight decay (Muon and AdamW groups).
+APPLY_OPTIONS = [
+    {},
+    {"variant": "normuon"},
+    {"cautious_weight_decay": True},
+    {"variant": "normuon", "cautious_weight_decay": True, "normuon_beta2": 0.9, "weight_decay": 0.3},
+    {"ns_dtype": torch.bfloat16},  # O in bf16 (as on CUDA): the update is still formed in fp32
+    {"ns_dtype": torch.bfloat16, "variant": "normuon"},
+]
+APPLY_IDS = ["muon", "normuon", "cautious", "normuon+cautious", "bf16-ns", "bf16-ns+normuon"]
+
+
+@pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
+def test_planned_step_equals_reference_loop_bit_for_bit(options):
+    fast = muon.Muon(_groups(), lr=0.02, foreach=True, **options)
+    loop = muon.Muon(_groups(), lr=0.02, foreach=False, **options)
     for step, (bad, missing) in SCHEDULE.items():
         for opt in (fast, loop):
             _set_grads(opt, step, bad, missing)
@@ -72,17 +86,18 @@ def test_planned_step_equals_reference_loop_bit_for_bit():
     assert skips == [1 if j in (0, 1, 6, 8, 9, 12) else 0 for j in range(len(skips))]
 
 
-def test_switching_paths_and_resuming_keeps_the_same_bits():
+@pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
+def test_switching_paths_and_resuming_keeps_the_same_bits(options):
     """State made by one path is picked up by the other (and adopted into a new plan's stacks)."""
-    ref = muon.Muon(_groups(), lr=0.02, foreach=False)
-    mixed = muon.Muon(_groups(), lr=0.02)
+    ref = muon.Muon(_groups(), lr=0.02, foreach=False, **options)
+    mixed = muon.Muon(_groups(), lr=0.02, **options)
     for step, (bad, missing) in SCHEDULE.items():
         mixed.foreach = step % 2 == 0
         for opt in (ref, mixed):
             _set_grads(opt, step, bad, missing)
             opt.step()
         if step == 2:  # a fresh optimizer from the state dict: state tensors are new, plan adopts them
-            fresh = muon.Muon([{**g, "params": g["params"]} for g in _groups()], lr=0.02)
+            fresh = muon.Muon([{**g, "params": g["params"]} for g in _groups()], lr=0.02, **options)
             with torch.no_grad():
                 for p, q in zip(_params(fresh), _params(mixed)):
                     p.copy_(q)
@@ -150,10 +165,11 @@ def _gpt_like(layers: int, d: int = 64, vocab: int = 128, ctx: int = 32):
     return [p.requires_grad_(True) for p in mats], [p.requires_grad_(True) for p in rest]
 
 
-def _ops_per_step(layers: int, foreach: bool) -> int:
+def _ops_per_step(layers: int, foreach: bool, **options) -> int:
     torch.manual_seed(0)
     mats, rest = _gpt_like(layers)
-    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch", foreach=foreach)
+    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch", foreach=foreach,
+                    **options)
     for p in mats + rest:
         p.grad = torch.randn_like(p)
     opt.step()  # builds the plan
@@ -168,6 +184,9 @@ def test_host_cost_grows_with_buckets_not_parameters():
     assert counts[12] <= 250, counts
     assert counts[32] < 1.15 * counts[8], counts
     assert _ops_per_step(8, foreach=False) > 5 * counts[8]  # the per-parameter loop, for scale
+    options = {"variant": "normuon", "cautious_weight_decay": True}
+    extra = {layers: _ops_per_step(layers, foreach=True, **options) for layers in (8, 32)}
+    assert extra[32] < 1.15 * extra[8], extra
 
 
 def test_plan_is_built_once_and_rebuilt_when_the_parameter_set_changes():
@@ -230,7 +249,9 @@ def test_ns_dtype_auto_follows_the_device_and_explicit_is_honoured():
     )
 
 
-def test_compiled_step_has_no_graph_breaks():
+@pytest.mark.parametrize("options", [{}, {"variant": "normuon", "cautious_weight_decay": True}],
+                         ids=["muon", "normuon+cautious"])
+def test_compiled_step_has_no_graph_breaks(options):
     """torch.compile(opt.step, fullgraph=True): no host sync, no data-dependent Python in the step."""
     torch._dynamo.reset()
     groups = [
@@ -238,8 +259,8 @@ def test_compiled_step_has_no_graph_breaks():
         {"params": [torch.randn(5, requires_grad=True)], "use_muon": False},
     ]
     twin_groups = [{**g, "params": [p.detach().clone().requires_grad_(True) for p in g["params"]]} for g in groups]
-    opt = muon.Muon(groups, lr=0.02)
-    twin = muon.Muon(twin_groups, lr=0.02)
+    opt = muon.Muon(groups, lr=0.02, **options)
+    twin = muon.Muon(twin_groups, lr=0.02, **options)
     compiled = torch.compile(opt.step, fullgraph=True, backend="eager")
     for step in (0, 1, 2):  # the first compiled step builds the plan too
         _set_grads(opt, step, bad=(1,) if step == 2 else ())
