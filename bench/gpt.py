@@ -115,12 +115,13 @@ def make_optimizer(
     *,
     adamw_lr: float | None = None,
     mup_base_width: int | None = None,
-    ns_dtype: torch.dtype = torch.bfloat16,
+    ns_dtype: torch.dtype | str = "auto",
 ) -> torch.optim.Optimizer:
     """"muon": muon.Muon over muon.param_groups(model) (muP groups with mup_base_width); "adamw": torch AdamW.
 
     Without muP, Muon uses adjust_lr_fn="match_rms_adamw" so that one lr serves its Muon and AdamW
     groups alike (Moonlight's recipe); with muP it uses "spectral" (see muon.mup) and adamw_lr.
+    ns_dtype "auto" (the optimizer's default): bf16 NS on CUDA, fp32 on a CPU.
     """
     betas = (0.9, 0.95)
     if optimizer == "adamw":
