@@ -659,13 +659,14 @@ class Muon(Optimizer):
             # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
             # computes on a bucket's stack before one multi-tensor add into the parameters. A row
             # block (split/heads) is scaled by s(rows, n) of its own shape.
-            def scaled(O, rows):
-                return torch.mul(O.to(dtype), _masked(ok, -lr * update_scale(group["adjust_lr_fn"], rows, n), 0.0, dtype))
-
-            if len(blocks) == 1:
-                update = scaled(blocks[0][0].view(p.shape), blocks[0][1])
-            else:  # one (count, rows, n) piece per block: back into the parameter's rows
-                update = torch.cat([scaled(O, rows) for O, rows in blocks], dim=-2).view(p.shape)
+            if len(blocks) == 1:  # the whole parameter, or its equal blocks stacked: the parameter's shape
+                blocks = [(blocks[0][0].view(p.shape), blocks[0][1])]
+            scaled = [
+                torch.mul(O.to(dtype), _masked(ok, -lr * update_scale(group["adjust_lr_fn"], rows, n), 0.0, dtype))
+                for O, rows in blocks
+            ]
+            # several blocks: one (count, rows, n) piece each, back into the parameter's rows
+            update = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=-2).view(p.shape)
             _decay_and_add(p, decay, update, None)
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:

@@ -158,10 +158,13 @@ def _block_options(routed: dict, named: dict, split: dict, heads: dict) -> dict[
                     continue
                 matched = True
                 if pid in chosen:
-                    raise ValueError(f"parameter {name!r} matches two split/heads patterns (the other: {chosen[pid][2]!r})")
+                    other = chosen[pid][2]
+                    raise ValueError(f"parameter {name!r} matches two split/heads patterns ({other!r} and {pattern!r})")
                 _, m, _ = matrix_shape(named[name].shape, route == "muon_flat")
                 if kind == "split" and sum(value) != m:
-                    raise ValueError(f"split[{pattern!r}]={list(value)} sums to {sum(value)}, but {name!r} has {m} rows")
+                    raise ValueError(
+                        f"split[{pattern!r}]={list(value)} sums to {sum(value)}, but {name!r} has {m} rows"
+                    )
                 if kind == "heads" and m % value:
                     raise ValueError(f"heads[{pattern!r}]={value} does not divide the {m} rows of {name!r}")
                 chosen[pid] = (kind, value, pattern)

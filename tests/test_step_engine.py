@@ -14,7 +14,9 @@ from muon.profiling import count_dispatched_ops
 def _groups(seed=0):
     """Several groups covering what the plan must handle: same-shape and transposed-shape sharing,
     3-D expert stacks, flatten=True conv weights (unbatched), bf16 parameters with a tensor lr,
-    AdamW in fp32 and bf16."""
+    AdamW in fp32 and bf16; row blocks (split/heads: equal blocks stacked as the parameter, unequal
+    and tall blocks with a mirrored momentum buffer, on 3-D, flattened and bf16 parameters) and
+    Gram NS ("gram", and "auto" resolving to it)."""
     gen = torch.Generator().manual_seed(seed)
 
     def t(*shape, dtype=torch.float32):
@@ -27,6 +29,12 @@ def _groups(seed=0):
         {"params": [t(16, 24, dtype=torch.bfloat16), t(24, 16, dtype=torch.bfloat16)], "lr": torch.tensor(0.05)},
         {"params": [t(7), t(5, 3), t(4)], "use_muon": False},
         {"params": [t(9, dtype=torch.bfloat16), t(2, 3, dtype=torch.bfloat16)], "use_muon": False, "lr": 3e-3},
+        {"params": [t(12, 8), t(12, 8)], "split": [4, 4, 4]},
+        {"params": [t(20, 6), t(2, 20, 6)], "split": [12, 4, 4], "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [t(8, 16), t(16, 16)], "heads": 4, "ns_algorithm": "gram"},
+        {"params": [t(8, 2, 2, 2)], "flatten": True, "heads": 2, "batched": False, "ns_algorithm": "auto",
+         "ns_dtype": torch.bfloat16},
+        {"params": [t(10, 8, dtype=torch.bfloat16), t(10, 8, dtype=torch.bfloat16)], "split": [6, 4]},
     ]  # fmt: skip
 
 
@@ -57,7 +65,7 @@ def _assert_same(a, b):
 
 
 # step -> (indices of parameters with a NaN/inf gradient, indices without a gradient)
-SCHEDULE = {0: ((), ()), 1: ((1, 6, 9), ()), 2: ((), (3, 10)), 3: ((0, 8, 12), ()), 4: ((), ())}
+SCHEDULE = {0: ((), ()), 1: ((1, 6, 9, 17), ()), 2: ((), (3, 10, 19)), 3: ((0, 8, 12, 22), ()), 4: ((), ())}
 
 
 def test_planned_step_equals_reference_loop_bit_for_bit():
@@ -69,7 +77,9 @@ def test_planned_step_equals_reference_loop_bit_for_bit():
             opt.step()
         _assert_same(fast, loop)
     skips = [fast.state[p]["nonfinite_skips"].item() for p in _params(fast)]
-    assert skips == [1 if j in (0, 1, 6, 8, 9, 12) else 0 for j in range(len(skips))]
+    assert skips == [1 if j in (0, 1, 6, 8, 9, 12, 17, 22) else 0 for j in range(len(skips))]
+    algorithms = {g.index: sorted(b.algorithm for b in g.buckets) for g in fast._plan.groups if g.use_muon}
+    assert algorithms[7] == ["gram", "gram"] and algorithms[8] == ["gram"]  # bf16 4×8 blocks: auto picks Gram
 
 
 def test_switching_paths_and_resuming_keeps_the_same_bits():
