@@ -305,3 +305,32 @@ def test_flops_count_split_blocks():
     # two layers: each 48×16 QKV matrix becomes three 16×16 ones
     assert split.ns_flops == whole.ns_flops - 2 * nsf(3 * D, D, 5) + 6 * nsf(D, D, 5)
     assert len(plain) == 6
+
+
+def test_compiled_step_with_split_groups_has_no_graph_breaks():
+    """Block members (views taken every step, mirrored momentum) trace with fullgraph=True."""
+    torch._dynamo.reset()
+    muon.newton_schulz(torch.randn(4, 8))  # the torch backend imported outside the trace
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(24, 16), (12, 8)]
+    a = [torch.randn(s, generator=gen).requires_grad_(True) for s in shapes]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+
+    def groups(params):
+        return [{"params": params[:1], "split": [16, 4, 4]}, {"params": params[1:], "heads": 3}]
+
+    opt, twin = muon.Muon(groups(a), lr=0.02), muon.Muon(groups(b), lr=0.02)
+    compiled = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for step in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            if step == 2 and p.shape[0] == 24:
+                p.grad[20, 0] = float("nan")
+            q.grad = p.grad.clone()
+        compiled()
+        twin.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
+    assert opt.state[a[0]]["nonfinite_skips"].item() == 1
+    torch._dynamo.reset()
