@@ -516,6 +516,12 @@ class Muon(Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("foreach", None)
+        if "defaults" in state:  # unpickled: an optimizer pickled before these group options existed
+            for key, value in (("ns_algorithm", "standard"), ("split", None), ("heads", None)):
+                self.defaults.setdefault(key, value)
+                for group in self.param_groups:
+                    if group.get("use_muon", True):
+                        group.setdefault(key, value)
         self._plan, self._runs = None, {}
         self._plan_version = self.__dict__.get("_plan_version", 0) + 1
         self.__dict__.setdefault("_adamw_defaults", {"lr": self.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
@@ -591,6 +597,8 @@ class Muon(Optimizer):
         work = []
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)
+            if params and group["use_muon"]:
+                self._check_distributed_options(group, index, grads)
             if params:
                 work.append((group, params, grads, self._finite_flags(params, grads, group, index)))
         for group, params, grads, finite in work:
@@ -598,6 +606,17 @@ class Muon(Optimizer):
                 self._muon_group_step(group, params, grads, finite)
             else:
                 self._adamw_group_step(group, params, grads, finite)
+
+    def _check_distributed_options(self, group: dict, index: int, grads: list[Tensor]) -> None:
+        """Options the distributed NS (`muon.distributed`) does not implement: refused before any
+        group is modified."""
+        if (
+            group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
+        ) and distributed.splits_work(grads, self.process_group):
+            raise NotImplementedError(
+                f"param_groups[{index}]: split, heads and ns_algorithm other than 'standard' are not supported "
+                "yet when the NS work is split across ranks (torch.distributed); use them on a single process"
+            )
 
     def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -678,12 +697,7 @@ class Muon(Optimizer):
         if device is None:
             return [None] * len(updates)
         dtype = resolve_dtype(group["ns_dtype"], device)
-        if distributed.splits_work(updates, self.process_group):  # NS split across ranks
-            if group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard":
-                raise NotImplementedError(
-                    "split, heads and ns_algorithm other than 'standard' are not supported yet when the NS "
-                    "work is split across ranks (torch.distributed); use them on a single process"
-                )
+        if distributed.splits_work(updates, self.process_group):  # NS split across ranks (see _loop_step)
             out = distributed.orthogonalize_all(
                 updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
             )

@@ -334,3 +334,18 @@ def test_compiled_step_with_split_groups_has_no_graph_breaks():
             assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
     assert opt.state[a[0]]["nonfinite_skips"].item() == 1
     torch._dynamo.reset()
+
+
+def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch):
+    """The distributed NS (muon.distributed) has no row blocks yet: the loop refuses up front."""
+    from muon import distributed
+
+    W = torch.randn(24, 8, requires_grad=True)
+    opt = muon.Muon([W], split=[8, 8, 8], foreach=False)
+    W.grad = torch.randn(24, 8)
+    opt.step()
+    before, buf = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
+    monkeypatch.setattr(distributed, "splits_work", lambda updates, pg: True)
+    with pytest.raises(NotImplementedError, match=r"param_groups\[0\]: split, heads"):
+        opt.step()
+    assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], buf)
