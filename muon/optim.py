@@ -360,7 +360,7 @@ class Muon(Optimizer):
         for i, p in enumerate(group["params"]):
             if p.ndim < 2:
                 continue  # refused with its own message
-            _, m, n = matrix_shape(p.shape, group["flatten"])
+            count, m, n = matrix_shape(p.shape, group["flatten"])
             if m * n == 0:
                 continue  # an empty parameter is never updated
             what = (
@@ -371,6 +371,16 @@ class Muon(Optimizer):
                 raise ValueError(f"{what}; split={list(split)} sums to {sum(split)}, not to its {m} rows")
             if heads is not None and m % heads:
                 raise ValueError(f"{what}; heads={heads} does not divide its {m} rows")
+            layout = block_layout(count, m, n, row_blocks(m, split, heads))
+            if layout[0][0] is not None and not distributed.is_dtensor(p):
+                try:  # unequal or tall blocks are updated through row views of the parameter
+                    p.view(count, m, n)
+                except RuntimeError:
+                    raise ValueError(
+                        f"{what}, strides {p.stride()}: its row blocks cannot be viewed in place; split/heads "
+                        "with unequal or tall blocks need a parameter viewable as (matrices, rows, columns), "
+                        "e.g. contiguous"
+                    ) from None
 
     def _check_adamw_group(self, group: dict, index: int | None = None) -> None:
         index = len(self.param_groups) - 1 if index is None else index

@@ -349,3 +349,19 @@ def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch):
     with pytest.raises(NotImplementedError, match=r"param_groups\[0\]: split, heads"):
         opt.step()
     assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], buf)
+
+
+def test_a_parameter_whose_blocks_cannot_be_viewed_is_refused():
+    conv = torch.randn(8, 3, 2, 2).to(memory_format=torch.channels_last).requires_grad_(True)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*cannot be viewed in place"):
+        muon.Muon([conv], flatten=True, split=[2, 6])
+    # equal wide blocks are stacked as the parameter: no view of it needed, and both paths agree
+    twin = conv.detach().clone().requires_grad_(True)
+    opts = [muon.Muon([w], flatten=True, heads=2, foreach=f) for w, f in ((conv, True), (twin, False))]
+    for _ in range(2):
+        g = torch.randn(8, 3, 2, 2)
+        conv.grad, twin.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(conv, twin)
+    assert torch.equal(opts[0].state[conv]["momentum_buffer"], opts[1].state[twin]["momentum_buffer"])
