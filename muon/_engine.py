@@ -10,6 +10,12 @@ device work). It holds, per group, buckets:
   call that runs on the small side. The bucket owns one (B, s, l) momentum stack, and
   `state[p]["momentum_buffer"]` is the parameter-shaped view of its rows; one (B, s, l) gradient
   stack is reused every step. `muon_bucket_step` is the whole update of a bucket.
+  With `split`/`heads` a parameter's matrices are cut into row blocks first (`muon._shapes.
+  block_layout`), and blocks of one shape (across parameters and layers) share a bucket, each with
+  the update scale of its own shape. Equal blocks that are not tall are stacked as the parameter
+  itself (one member, momentum a view, as above); unequal or tall blocks are block members, and
+  their bucket keeps each parameter's momentum_buffer as the parameter's own tensor, copied into
+  the stack before the bucket's step and back after it (`mirror_in`/`mirror_out`).
 * an AdamW bucket: the group's parameters of one device and dtype, updated with torch's
   multi-tensor (`torch._foreach_*`) or fused (`torch._fused_adamw_`) kernels.
 
