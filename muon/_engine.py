@@ -10,6 +10,12 @@ device work). It holds, per group, buckets:
   call that runs on the small side. The bucket owns one (B, s, l) momentum stack, and
   `state[p]["momentum_buffer"]` is the parameter-shaped view of its rows; one (B, s, l) gradient
   stack is reused every step. `muon_bucket_step` is the whole update of a bucket.
+  With `split`/`heads` a parameter's matrices are cut into row blocks first (`muon._shapes.
+  block_layout`), and blocks of one shape (across parameters and layers) share a bucket, each with
+  the update scale of its own shape. Equal blocks that are not tall are stacked as the parameter
+  itself (one member, momentum a view, as above); unequal or tall blocks are block members, and
+  their bucket keeps each parameter's momentum_buffer as the parameter's own tensor, copied into
+  the stack before the bucket's step and back after it (`mirror_in`/`mirror_out`).
 * an AdamW bucket: the group's parameters of one device and dtype, updated with torch's
   multi-tensor (`torch._foreach_*`) or fused (`torch._fused_adamw_`) kernels.
 
@@ -38,14 +44,16 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._shapes import matrix_shape, update_scale
+from ._shapes import block_layout, matrix_shape, row_blocks, update_scale
+from .backends.dispatch import choose_algorithm
 from .coefficients import Schedule, resolve_schedule
-from .newton_schulz import resolve_dtype
+from .newton_schulz import DEFAULT_RESTARTS, resolve_dtype
 
 # Group options that change the plan (what is stacked together, how NS runs); others (lr,
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
 MUON_PLAN_KEYS = (
     "flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn", "variant",
+    "split", "heads", "ns_algorithm",
 )  # fmt: skip
 
 
@@ -58,8 +66,12 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
 class Member:
     """A parameter's place in a Muon bucket: matrices [offset, offset + count) of the stack.
 
-    A later option (row blocks of one parameter orthogonalized separately) maps one parameter to
-    several members; `view` is the only place that knows how stack rows become parameter elements.
+    A whole member is a parameter (or one split into equal, not tall row blocks, which is then the
+    contiguous stack of its blocks): `view` gives the parameter's shape. A block member is rows
+    [row, row + rows) of each of the parameter's matrices (`split`/`heads` with unequal or tall
+    blocks): `view` gives (count, rows, n) and `source` cuts the same block out of the parameter or
+    its gradient. `view` and `source` are the only places that know how stack rows become
+    parameter elements.
     """
 
     index: int  # position in group["params"]
@@ -67,12 +79,27 @@ class Member:
     offset: int
     count: int
     transposed: bool
+    row: int | None = None  # first row of the block; None: a whole member
+    rows: int = 0
+    matrix: tuple[int, int, int] = (0, 0, 0)  # (count, m, n) of the parameter, for block members
+
+    @property
+    def owner(self) -> bool:
+        """Whether this member keeps the parameter's counters (the first block of a split parameter)."""
+        return self.row is None or self.row == 0
 
     def view(self, stack: Tensor) -> Tensor:
         rows = stack[self.offset : self.offset + self.count]
         if self.transposed:
             rows = rows.mT
-        return rows.view(self.param.shape)
+        return rows.view(self.param.shape) if self.row is None else rows
+
+    def source(self, t: Tensor, *, write: bool = False) -> Tensor:
+        """The member's part of a parameter-shaped tensor t (a view; with write=True t must be viewable)."""
+        if self.row is None:
+            return t
+        t = t.view(self.matrix) if write else t.reshape(self.matrix)
+        return t[:, self.row : self.row + self.rows]
 
 
 @dataclass
@@ -95,7 +122,7 @@ class NorMuonStacks:
 @dataclass
 class MuonBucket:
     members: list[Member]
-    params: list[Tensor]
+    whole_params: list[Tensor]  # the members' parameters (`params` cuts block members out of them)
     grad_stack: Tensor  # (B, s, l), the gathered gradients, then the Nesterov update
     momentum: Tensor  # (B, s, l), momentum buffers of all members
     grad_views: list[Tensor]
@@ -107,12 +134,34 @@ class MuonBucket:
     matrix_flag_index: Tensor  # (B,) the same per matrix
     scales: Tensor  # (B,) fp64 update_scale of each matrix
     work: Tensor | None  # (B, s, l) fp32 copy of bf16/fp16 parameters (update in fp32 opmath)
-    work_views: list[Tensor]
+    work_stack_views: list[Tensor]  # per member, its view of `work` (empty without work)
     run: BackendRun  # the backend's run(X, schedule, dtype)
     schedule: Schedule
     ns_dtype: torch.dtype
     opmath: torch.dtype
     normuon: NorMuonStacks | None = None  # variant="normuon"
+    algorithm: str = "standard"  # the NS algorithm of the bucket ("auto" resolved at plan time)
+    # Block members keep the parameter's momentum_buffer as their own tensor: (stack views, the same
+    # blocks of the momentum buffers), copied into the stack before the step and back after it.
+    mirrors: tuple[list[Tensor], list[Tensor]] | None = None
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Per member, the parameter elements it updates (block members: a view of their rows,
+        taken every step so that it follows the parameter's storage)."""
+        if self.mirrors is None:
+            return self.whole_params
+        return [mb.source(mb.param, write=True) for mb in self.members]
+
+    @property
+    def work_views(self) -> list[Tensor]:
+        """What the update is computed in: the work stack's views, or the parameters themselves."""
+        return self.work_stack_views if self.work is not None else self.params
+
+    def grads(self) -> list[Tensor]:
+        if self.mirrors is None:
+            return [p.grad for p in self.whole_params]
+        return [mb.source(mb.param.grad) for mb in self.members]
 
 
 @dataclass
@@ -186,8 +235,8 @@ def _adopt(state: dict, key: str, view: Tensor) -> None:
 def build_plan(opt, key: tuple, run_for) -> Plan:
     """Buckets and stacked state for every group; adopts existing state bit for bit.
 
-    `run_for(group, X)` returns the NS run function for the group's backend on stack X (raises a
-    ValueError naming the group when it cannot run).
+    `run_for(group, X, algorithm)` returns the NS run function for the group's backend and NS
+    algorithm ("standard" or "gram") on stack X (raises a ValueError naming the group when it cannot run).
     """
     groups, flag_params, where = [], [], []
     for gi, group in enumerate(opt.param_groups):
@@ -214,6 +263,7 @@ def _init_counter(state: dict, device) -> None:
 
 def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
     flatten = group["flatten"]
+    split, heads = group.get("split"), group.get("heads")
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
     layout: dict[tuple, list] = {}
     for i, p in with_grad:
@@ -228,64 +278,128 @@ def _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
             _init_counter(state, p.device)
             continue
         count, m, n = matrix_shape(p.shape, flatten)
-        s, l = min(m, n), max(m, n)
-        bucket = (s, l, p.dtype, p.grad.dtype, p.device)
-        if not group["batched"]:
-            bucket = bucket + (i,)
-        layout.setdefault(bucket, []).append((i, p, count, m > n, update_scale(group["adjust_lr_fn"], m, n)))
+        for row, r, matrices in block_layout(count, m, n, row_blocks(m, split, heads)):
+            s, l = min(r, n), max(r, n)
+            bucket = (s, l, p.dtype, p.grad.dtype, p.device)
+            if not group["batched"]:
+                bucket = bucket + (i,)
+            # the update scale of a block is the block's own s(rows, n): what a separate parameter
+            # of the block's shape would get
+            member = Member(i, p, 0, matrices, r > n, row, r, (count, m, n))
+            layout.setdefault(bucket, []).append((member, update_scale(group["adjust_lr_fn"], r, n)))
     for (s, l, pdtype, gdtype, device, *_), entries in layout.items():
         members, offset = [], 0
-        for i, p, count, transposed, _ in entries:
-            members.append(Member(i, p, offset, count, transposed))
-            offset += count
+        for member, _ in entries:
+            member.offset = offset
+            members.append(member)
+            offset += member.count
         B = offset
-        params = [mb.param for mb in members]
         grad_stack = torch.empty((B, s, l), dtype=gdtype, device=device)
         momentum = torch.zeros((B, s, l), dtype=gdtype, device=device)
         skips = torch.zeros(len(members), dtype=torch.int64, device=device)
         momentum_views = [mb.view(momentum) for mb in members]
+        mirrors = None
+        if any(mb.row is not None for mb in members):
+            mirrors = ([], [])
+            for mb in members:  # every member through the mirror lists: one copy each way per step
+                mirrors[0].append(momentum_views[len(mirrors[0])])
+                mirrors[1].append(mb.source(_momentum_of(opt.state[mb.param], mb.param), write=True))
+            torch._foreach_copy_(mirrors[0], mirrors[1])
         for mb, view, skip in zip(members, momentum_views, skips.unbind(), strict=True):
             state = opt.state[mb.param]
-            _adopt(state, "momentum_buffer", view)
-            _adopt(state, "nonfinite_skips", skip)
+            if mirrors is None:
+                _adopt(state, "momentum_buffer", view)
+            if mb.owner:  # a split parameter counts its skipped steps once, at its first block
+                _adopt(state, "nonfinite_skips", skip)
         work = None
         if pdtype not in (torch.float32, torch.float64):
             work = torch.empty((B, s, l), dtype=torch.float32, device=device)
         ns_dtype = resolve_dtype(group["ns_dtype"], device)
+        algorithm = _algorithm(group, grad_stack, schedule, ns_dtype)
         # NS returns a new tensor; copied into a stack whose per-parameter views are made once here
         # the scaled update -lr·s·O, in the parameters' opmath dtype (the gradient stack when it is that)
         out_dtype = opmath(pdtype)
         out = grad_stack if out_dtype == gdtype else torch.empty((B, s, l), dtype=out_dtype, device=device)
         normuon = None
-        if group["variant"] == "normuon":
+        if group["variant"] == "normuon":  # split/heads groups refuse NorMuon at construction
             normuon = _plan_normuon(opt, members, B, s, l, opmath(pdtype), device, flatten)
-        gplan.buckets.append(
-            MuonBucket(
-                normuon=normuon,
-                members=members,
-                params=params,
-                grad_stack=grad_stack,
-                momentum=momentum,
-                grad_views=[mb.view(grad_stack) for mb in members],
-                momentum_views=momentum_views,
-                out=out,
-                out_views=[mb.view(out) for mb in members],
-                skips=skips,
-                flag_index=torch.tensor([flag_pos[mb.index] for mb in members], device=device),
-                matrix_flag_index=torch.tensor(
-                    [flag_pos[mb.index] for mb in members for _ in range(mb.count)], device=device
-                ),
-                scales=torch.tensor(
-                    [e[4] for e in entries for _ in range(e[2])], dtype=torch.float64, device=device
-                ),
-                work=work,
-                work_views=[mb.view(work) for mb in members] if work is not None else params,
-                run=run_for(group, grad_stack),
-                schedule=schedule,
-                ns_dtype=ns_dtype,
-                opmath=opmath(pdtype),
-            )
+        bucket = MuonBucket(
+            normuon=normuon,
+            members=members,
+            whole_params=[mb.param for mb in members],
+            grad_stack=grad_stack,
+            momentum=momentum,
+            grad_views=[mb.view(grad_stack) for mb in members],
+            momentum_views=momentum_views,
+            out=out,
+            out_views=[mb.view(out) for mb in members],
+            skips=skips,
+            flag_index=torch.tensor([flag_pos[mb.index] for mb in members], device=device),
+            matrix_flag_index=torch.tensor(
+                [flag_pos[mb.index] for mb in members for _ in range(mb.count)], device=device
+            ),
+            scales=torch.tensor(
+                [scale for mb, scale in entries for _ in range(mb.count)], dtype=torch.float64, device=device
+            ),
+            work=work,
+            work_stack_views=[mb.view(work) for mb in members] if work is not None else [],
+            run=run_for(group, grad_stack, algorithm),
+            schedule=schedule,
+            ns_dtype=ns_dtype,
+            opmath=opmath(pdtype),
+            algorithm=algorithm,
+            mirrors=mirrors,
         )
+        if mirrors is not None:
+            _check_writable(bucket, gplan.index)
+        gplan.buckets.append(bucket)
+
+
+def _momentum_of(state: dict, p: Tensor) -> Tensor:
+    """The parameter-shaped momentum buffer a split parameter keeps as its own tensor."""
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.contiguous_format)
+    elif buf._base is not None or not buf.is_contiguous() or buf.dtype != p.grad.dtype:
+        # a view of an earlier plan's stack, or a loaded tensor: a contiguous tensor of its own
+        buf = state["momentum_buffer"] = buf.to(dtype=p.grad.dtype, memory_format=torch.contiguous_format, copy=True)
+    return buf
+
+
+def _check_writable(bucket: MuonBucket, index: int) -> None:
+    for mb in bucket.members:
+        try:
+            mb.source(mb.param, write=True)
+        except RuntimeError:
+            raise ValueError(
+                f"param_groups[{index}]['params'][{mb.index}] (shape {tuple(mb.param.shape)}, strides "
+                f"{mb.param.stride()}) cannot be cut into row blocks in place; split/heads need parameters "
+                "viewable as (matrices, rows, columns), e.g. contiguous"
+            ) from None
+
+
+def _algorithm(group: dict, X: Tensor, schedule: Schedule, ns_dtype: torch.dtype) -> str:
+    """The group's ns_algorithm for stack X; "auto" resolved as `muon.newton_schulz.orthogonalize` does."""
+    algorithm = group.get("ns_algorithm", "standard")
+    if algorithm == "auto":
+        algorithm = choose_algorithm(
+            X.shape[-2], X.shape[-1], X.device, ns_dtype, steps=schedule.steps, restarts=DEFAULT_RESTARTS
+        )
+        if algorithm == "gram" and not backends.has_gram(group["backend"], X):
+            algorithm = "standard"
+    return algorithm
+
+
+def mirror_in(b: MuonBucket) -> None:
+    """Block members: the parameters' momentum buffers into the stack (they may have been changed
+    outside the plan, e.g. by the reference loop)."""
+    if b.mirrors is not None:
+        torch._foreach_copy_(b.mirrors[0], b.mirrors[1])
+
+
+def mirror_out(b: MuonBucket) -> None:
+    if b.mirrors is not None:
+        torch._foreach_copy_(b.mirrors[1], b.mirrors[0])
 
 
 def neuron_shape(shape: torch.Size, flatten: bool) -> tuple[int, ...]:
@@ -390,7 +504,7 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
     """
     momentum = group["momentum"]
     device = b.grad_stack.device
-    grads = [p.grad for p in b.params]
+    grads = b.grads()
     torch._foreach_copy_(b.grad_views, grads)
     G, buf = b.grad_stack, b.momentum
     ok = ok_mat = None
@@ -574,7 +688,9 @@ def execute(plan: Plan, param_groups: list[dict], ok_all: Tensor | None, fused_a
         group = param_groups[gplan.index]
         for bucket in gplan.buckets:
             if gplan.use_muon:
+                mirror_in(bucket)
                 muon_bucket_step(bucket, group, ok_all)
+                mirror_out(bucket)
             else:
                 adamw_bucket_step(bucket, group, ok_all, fused_adamw)
 
@@ -585,24 +701,30 @@ class BackendError(ValueError, backends.BackendUnavailable):
 
 
 class BackendRun:
-    """The backend `muon.backends.select` chose, called through its module's `run` attribute at each
-    step, as the dispatcher does (instrumentation that replaces `run`, e.g. bench profile, sees it)."""
+    """The backend `muon.backends.select` (or `select_gram` for Gram NS) chose, called through its
+    module's `run` (`run_gram`) attribute at each step, as the dispatcher does (instrumentation that
+    replaces `run`, e.g. bench profile, sees it)."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, algorithm: str = "standard", restarts=DEFAULT_RESTARTS) -> None:
         self.fn, self.module = fn, None
+        self.attr = "run_gram" if algorithm == "gram" else "run"
+        self.extra = (tuple(restarts),) if algorithm == "gram" else ()
         for name in backends.BACKENDS:
             module = sys.modules.get(backends._MODULES[name])
-            if module is not None and getattr(module, "run", None) is fn:
+            if module is not None and getattr(module, self.attr, None) is fn:
                 self.module = module
 
     def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
-        run = self.fn if self.module is None else self.module.run
-        return run(X, schedule, dtype)
+        run = self.fn if self.module is None else getattr(self.module, self.attr)
+        return run(X, schedule, dtype, *self.extra)
 
 
-def backend_for(group: dict, X: Tensor, where: str) -> BackendRun:
-    """The NS backend of the group for stack X (resolved once); a ValueError naming the group."""
+def backend_for(group: dict, X: Tensor, where: str, algorithm: str = "standard") -> BackendRun:
+    """The NS backend of the group for stack X (resolved once); a ValueError naming the group.
+    algorithm: "standard" or "gram" (resolved already)."""
     try:
+        if algorithm == "gram":
+            return BackendRun(backends.select_gram(group["backend"], X), algorithm)
         return BackendRun(backends.select(group["backend"], X))
     except backends.BackendUnavailable as exc:
         raise BackendError(f"{where}: {exc}") from None

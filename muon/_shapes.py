@@ -50,3 +50,28 @@ def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int, int]:
         rest = math.prod(shape[1:])
         return 1, shape[0], rest
     return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def row_blocks(m: int, split=None, heads: int | None = None) -> tuple[int, ...]:
+    """Row counts of the blocks an m-row matrix is orthogonalized as: `split` (sizes summing to m),
+    `heads` (m // heads rows each) or the whole matrix. Checked by the optimizer when a group is added."""
+    if split is not None:
+        return tuple(int(r) for r in split)
+    if heads is not None:
+        return (m // heads,) * heads
+    return (m,)
+
+
+def block_layout(count: int, m: int, n: int, sizes: tuple[int, ...]) -> list[tuple[int | None, int, int]]:
+    """How `count` m×n matrices cut into row blocks of `sizes` are stacked for NS: a list of
+    (first row, rows, matrices). first row None: the parameter itself is the contiguous
+    (matrices, rows, n) stack of its blocks (one block, or equal blocks that are not tall), so the
+    step engine keeps its momentum as a view of the bucket's stack. Otherwise one entry per block,
+    each (count, rows, n), block j of every matrix in order."""
+    if len(sizes) == 1 or (len(set(sizes)) == 1 and sizes[0] <= n):
+        return [(None, sizes[0], count * len(sizes))]
+    layout, row = [], 0
+    for r in sizes:
+        layout.append((row, r, count))
+        row += r
+    return layout

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._shapes import matrix_shape
+from ._shapes import block_layout, matrix_shape, row_blocks
 from .param_groups import param_groups
 
 __all__ = [
@@ -424,13 +424,20 @@ def _as_module(model: TransformerConfig | nn.Module | str) -> nn.Module:
 def muon_matrices(model: nn.Module, **routing) -> tuple[list[tuple[int, int, int]], list[nn.Parameter], list]:
     """([(batch, m, n) per Muon parameter], Muon parameters, AdamW parameters), routed by param_groups.
 
-    `routing` goes to `muon.param_groups` (muon=/adamw= patterns).
+    `routing` goes to `muon.param_groups` (muon=/adamw= patterns, split=/heads= rules). A parameter
+    whose group has split or heads gives the (batch, rows, n) shapes of its row blocks, as NS runs them
+    (one entry per distinct block shape, so the shapes no longer pair one to one with the parameters).
     """
     shapes, muon_params, adamw_params = [], [], []
     for group in param_groups(model, **routing):
         if group["use_muon"]:
             for p in group["params"]:
-                shapes.append(matrix_shape(p.shape, group.get("flatten", False)))
+                count, m, n = matrix_shape(p.shape, group.get("flatten", False))
+                sizes = row_blocks(m, group.get("split"), group.get("heads"))
+                blocks: dict[int, int] = {}
+                for _, rows, matrices in block_layout(count, m, n, sizes):
+                    blocks[rows] = blocks.get(rows, 0) + matrices
+                shapes.extend((matrices, rows, n) for rows, matrices in blocks.items())
                 muon_params.append(p)
         else:
             adamw_params.extend(group["params"])

@@ -14,7 +14,8 @@ from torch.optim import Optimizer
 
 from . import _engine, backends, distributed
 from ._engine import neuron_shape
-from ._shapes import ADJUST_LR_FNS, matrix_shape, update_scale
+from ._shapes import ADJUST_LR_FNS, block_layout, matrix_shape, row_blocks, update_scale
+from .backends.dispatch import ALGORITHMS
 from .coefficients import KELLER, Schedule, resolve_schedule
 from .newton_schulz import COMPUTE_DTYPES, orthogonalize, resolve_dtype
 
@@ -115,7 +116,7 @@ class Muon(Optimizer):
         list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
       * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
         group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
-        dtype ("auto": bf16 on CUDA, fp32 on the CPU).
+        dtype ("auto": bf16 on CUDA, fp32 on the CPU);
       * ``variant="normuon"`` (per group): NorMuon (arXiv 2510.05491, as microsoft/dion's
         dion/normuon.py): each row (output neuron) of O is divided by sqrt(v) + ``normuon_eps``, v an
         EMA (``normuon_beta2``, no bias correction) of the row's mean of O², kept in
@@ -123,6 +124,18 @@ class Muon(Optimizer):
         Frobenius norm of O is restored and Muon's lr·s applies. Formula: `muon._engine.normuon_apply`;
       * ``cautious_weight_decay=True`` (per group, Muon and AdamW): weight decay only where the update
         u (W -= lr·u) and W agree in sign, u·W >= 0 (arXiv 2510.12402);
+      * ``ns_algorithm`` picks standard ("standard", the default) or Gram ("gram") Newton–Schulz, or
+        "auto": per bucket of same-shape matrices, `muon.backends.dispatch.choose_algorithm` for the
+        bucket's shape, device and resolved ns_dtype (Gram needs a backend that has it: torch, triton);
+      * ``split`` (row counts summing to the matrix's rows, e.g. [d, d, d] for a fused QKV weight) or
+        ``heads`` (N equal row blocks) orthogonalize row blocks of each matrix separately. A block is
+        updated exactly as a separate parameter of the block's shape would be: NS of the block, and
+        the update scale s(rows, n) of the block's shape. Rows are those of the matrices
+        `matrix_shape` sees: dim 0 of a 2-D weight, of a flatten=True conv weight (split after
+        flattening: blocks of output channels), dim -2 of each matrix of a 3-D expert stack. Blocks
+        of the same shape (across layers too) share one batched NS call. State stays per
+        parameter (momentum_buffer has the parameter's shape), and a non-finite gradient anywhere in
+        the parameter skips the whole parameter (split/heads do not combine with NorMuon yet);
 
     The step (``foreach=None`` or True) runs a plan made once (`muon._engine`): per group, buckets of
     same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
@@ -159,6 +172,9 @@ class Muon(Optimizer):
         batched: bool = True,
         backend: str = "auto",
         ns_dtype: torch.dtype | str = "auto",
+        ns_algorithm: str = "standard",
+        split: list[int] | None = None,
+        heads: int | None = None,
         nonfinite: str = "skip",
         process_group=None,
         foreach: bool | None = None,
@@ -200,6 +216,9 @@ class Muon(Optimizer):
             normuon_beta2=normuon_beta2,
             normuon_eps=normuon_eps,
             cautious_weight_decay=cautious_weight_decay,
+            ns_algorithm=ns_algorithm,
+            split=list(split) if isinstance(split, tuple) else split,
+            heads=heads,
         )
         super().__init__(params, defaults)
         # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
@@ -295,22 +314,26 @@ class Muon(Optimizer):
                 f"param_groups[{index}] has backend={name!r}: unknown backend; choose one of "
                 f"{('auto',) + backends.BACKENDS}"
             )
+        # "auto" resolves per bucket at plan time and falls back to standard NS where Gram cannot run
+        algorithms = ("standard", "gram") if group["ns_algorithm"] == "gram" else ("standard",)
         for p in group["params"]:
             X = p.to_local() if distributed.is_dtensor(p) else p
             _, m, n = matrix_shape(p.shape, group["flatten"])
-            key = (name, X.device, min(m, n), max(m, n))
-            if key in self._runs:
-                continue
-            # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
-            probe = torch.empty((1, min(m, n), max(m, n)), dtype=X.dtype, device=X.device)
-            self._runs[key] = _engine.backend_for(group, probe, f"param_groups[{index}]")
+            for r in set(row_blocks(m, group["split"], group["heads"])):
+                for algorithm in algorithms:
+                    key = (name, X.device, min(r, n), max(r, n), algorithm)
+                    if key in self._runs:
+                        continue
+                    # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
+                    probe = torch.empty((1, min(r, n), max(r, n)), dtype=X.dtype, device=X.device)
+                    self._runs[key] = _engine.backend_for(group, probe, f"param_groups[{index}]", algorithm)
 
-    def _run_for(self, group: dict, X: Tensor):
-        key = (group["backend"], X.device, X.shape[-2], X.shape[-1])
+    def _run_for(self, group: dict, X: Tensor, algorithm: str = "standard"):
+        key = (group["backend"], X.device, X.shape[-2], X.shape[-1], algorithm)
         run = self._runs.get(key)
         if run is None:  # moved to another device, or options changed after construction
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            run = self._runs[key] = _engine.backend_for(group, X, f"param_groups[{index}]")
+            run = self._runs[key] = _engine.backend_for(group, X, f"param_groups[{index}]", algorithm)
         return run
 
     def _check_muon_group(self, group: dict, index: int | None = None) -> None:
@@ -319,6 +342,11 @@ class Muon(Optimizer):
         self._check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
         if group["variant"] not in VARIANTS:
             raise ValueError(f"param_groups[{index}]: variant must be one of {VARIANTS}, got {group['variant']!r}")
+        if group["variant"] == "normuon" and (group.get("split") is not None or group.get("heads") is not None):
+            raise ValueError(
+                f"param_groups[{index}]: variant='normuon' does not combine with split/heads yet (its row "
+                "moments are per parameter, the blocks' per block); use one or the other in a group"
+            )
         if group["variant"] == "normuon":
             # FSDP2 parameters step on their shards (the per-parameter loop), where NorMuon's row
             # moments and norms would need DTensor state: refused until the step handles them.
@@ -347,6 +375,11 @@ class Muon(Optimizer):
             )
         if not isinstance(group["backend"], str):
             raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
+        if not (isinstance(group["ns_algorithm"], str) and group["ns_algorithm"] in ALGORITHMS):
+            raise ValueError(
+                f"param_groups[{index}]: ns_algorithm must be one of {ALGORITHMS}, got {group['ns_algorithm']!r}"
+            )
+        self._check_split(group, index)
         try:
             resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
         except (ValueError, TypeError) as error:
@@ -362,18 +395,62 @@ class Muon(Optimizer):
                     "AdamW group (use_muon=False): muon.param_groups(model) builds the groups for you."
                 )
         self._check_tensors(group, index, "Muon")
-        # The lr factor of every matrix is checked now, so that a step never fails half-applied.
+        # The lr factor of every matrix (every block) is checked now, so that a step never fails half-applied.
         for i, p in enumerate(group["params"]):
             _, m, n = matrix_shape(p.shape, group["flatten"])
             if m * n == 0:
                 continue  # an empty parameter is never updated
-            try:
-                update_scale(adjust, m, n)
-            except Exception as error:
-                raise ValueError(
-                    f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {m}×{n} matrix): {error}"
-                ) from error
+            for r in row_blocks(m, group["split"], group["heads"]):
+                try:
+                    update_scale(adjust, r, n)
+                except Exception as error:
+                    raise ValueError(
+                        f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
+                    ) from error
         self._resolve_backends(group, index)
+
+    @staticmethod
+    def _check_split(group: dict, index: int) -> None:
+        """split (row counts) and heads (equal row blocks): their form, then every parameter's rows."""
+        split, heads = group["split"], group["heads"]
+        where = f"param_groups[{index}]"
+        if split is not None and heads is not None:
+            raise ValueError(f"{where}: split and heads are exclusive; give one (got split={split!r}, heads={heads!r})")
+        if split is not None:
+            if not (
+                isinstance(split, (list, tuple))
+                and split
+                and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in split)
+            ):
+                raise ValueError(f"{where}: split must be a non-empty list of positive ints (rows), got {split!r}")
+        if heads is not None and not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0):
+            raise ValueError(f"{where}: heads must be a positive int, got {heads!r}")
+        if split is None and heads is None:
+            return
+        for i, p in enumerate(group["params"]):
+            if p.ndim < 2:
+                continue  # refused with its own message
+            count, m, n = matrix_shape(p.shape, group["flatten"])
+            if m * n == 0:
+                continue  # an empty parameter is never updated
+            what = (
+                f"{where}['params'][{i}] has shape {tuple(p.shape)}, seen as {m}×{n} matrices"
+                f"{' (flatten=True)' if group['flatten'] else ''}"
+            )
+            if split is not None and sum(split) != m:
+                raise ValueError(f"{what}; split={list(split)} sums to {sum(split)}, not to its {m} rows")
+            if heads is not None and m % heads:
+                raise ValueError(f"{what}; heads={heads} does not divide its {m} rows")
+            layout = block_layout(count, m, n, row_blocks(m, split, heads))
+            if layout[0][0] is not None and not distributed.is_dtensor(p):
+                try:  # unequal or tall blocks are updated through row views of the parameter
+                    p.view(count, m, n)
+                except RuntimeError:
+                    raise ValueError(
+                        f"{what}, strides {p.stride()}: its row blocks cannot be viewed in place; split/heads "
+                        "with unequal or tall blocks need a parameter viewable as (matrices, rows, columns), "
+                        "e.g. contiguous"
+                    ) from None
 
     def _check_adamw_group(self, group: dict, index: int | None = None) -> None:
         index = len(self.param_groups) - 1 if index is None else index
@@ -542,7 +619,8 @@ class Muon(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("foreach", None)
         # options added later than the pickle or state dict (their defaults: the behaviour of before)
-        new_options = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False}
+        new_options = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False,
+                       "ns_algorithm": "standard", "split": None, "heads": None}
         for key, value in new_options.items():
             self.defaults.setdefault(key, value)
         for group in self.param_groups:  # a loaded group without them takes this optimizer's defaults
@@ -623,6 +701,8 @@ class Muon(Optimizer):
         work = []
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)
+            if params and group["use_muon"]:
+                self._check_distributed_options(group, index, grads)
             if params:
                 work.append((group, params, grads, self._finite_flags(params, grads, group, index)))
         for group, params, grads, finite in work:
@@ -630,6 +710,17 @@ class Muon(Optimizer):
                 self._muon_group_step(group, params, grads, finite)
             else:
                 self._adamw_group_step(group, params, grads, finite)
+
+    def _check_distributed_options(self, group: dict, index: int, grads: list[Tensor]) -> None:
+        """Options the distributed NS (`muon.distributed`) does not implement: refused before any
+        group is modified."""
+        if (
+            group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
+        ) and distributed.splits_work(grads, self.process_group):
+            raise NotImplementedError(
+                f"param_groups[{index}]: split, heads and ns_algorithm other than 'standard' are not supported "
+                "yet when the NS work is split across ranks (torch.distributed); use them on a single process"
+            )
 
     def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -686,57 +777,78 @@ class Muon(Optimizer):
 
         ortho = self._orthogonalize_all(updates, params, schedule, group, flatten)
 
-        for p, O, ok in zip(params, ortho, finite):
-            if O is None:
+        for p, blocks, ok in zip(params, ortho, finite):
+            if blocks is None:
                 continue
             count, m, n = matrix_shape(p.shape, flatten)
-            scale = update_scale(group["adjust_lr_fn"], m, n)
             dtype = _opmath(p.dtype)
             decay = _masked(ok, 1 - lr * wd, 1.0, dtype) if wd != 0 else None
-            neg_lr_scale = _masked(ok, -lr * scale, 0.0, dtype)
             # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
-            # computes on a bucket's stack before one multi-tensor add into the parameters
-            if normuon:
+            # computes on a bucket's stack before one multi-tensor add into the parameters. A row
+            # block (split/heads) is scaled by s(rows, n) of its own shape.
+            if normuon:  # one block: split/heads groups refuse NorMuon at construction
+                neg_lr_scale = _masked(ok, -lr * update_scale(group["adjust_lr_fn"], m, n), 0.0, dtype)
                 v = self.state[p]["normuon_v"].view(count, m)
-                scaled = _normuon(O, v, ok, neg_lr_scale, group["normuon_beta2"], group["normuon_eps"], dtype)
-                scaled = scaled.view(p.shape)
+                update = _normuon(blocks[0][0], v, ok, neg_lr_scale, group["normuon_beta2"], group["normuon_eps"],
+                                  dtype).view(p.shape)
             else:
-                scaled = torch.mul(O.view(p.shape).to(dtype), neg_lr_scale)
-            # scaled = -lr·s·u: no decay where scaled·W > 0
-            decay = _cautious(decay, scaled, p, against=1, cautious=cautious)
-            _decay_and_add(p, decay, scaled, None)
+                if len(blocks) == 1:  # the whole parameter, or its equal blocks stacked: the parameter's shape
+                    blocks = [(blocks[0][0].view(p.shape), blocks[0][1])]
+                scaled = [
+                    torch.mul(O.to(dtype), _masked(ok, -lr * update_scale(group["adjust_lr_fn"], rows, n), 0.0, dtype))
+                    for O, rows in blocks
+                ]
+                # several blocks: one (count, rows, n) piece each, back into the parameter's rows
+                update = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=-2).view(p.shape)
+            # update = -lr·s·u: no decay where update·W > 0
+            decay = _cautious(decay, update, p, against=1, cautious=cautious)
+            _decay_and_add(p, decay, update, None)
 
     def _orthogonalize_all(self, updates, params, schedule: Schedule, group, flatten) -> list:
-        """NS of every update; same-shape matrices are stacked into one batched call when batched."""
+        """NS of every update, per parameter a list of (O, rows): one (matrices, rows, n) result per
+        block of `muon._shapes.block_layout` (the whole parameter without split/heads), in the
+        parameter's row order. Same-shape blocks are stacked into one batched call when batched."""
         backend = group["backend"]
         device = next((U.device for U in updates if U is not None), None)
         if device is None:
             return [None] * len(updates)
         dtype = resolve_dtype(group["ns_dtype"], device)
-        if distributed.splits_work(updates, self.process_group):  # NS split across ranks
-            return distributed.orthogonalize_all(
+        if distributed.splits_work(updates, self.process_group):  # NS split across ranks (see _loop_step)
+            out = distributed.orthogonalize_all(
                 updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
             )
+            return [None if O is None else [(O, O.shape[-2])] for O in out]
         # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
         # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores
-        # them the same way, and both paths round alike.
-        buckets: dict[tuple, list[int]] = defaultdict(list)
+        # them the same way, and both paths round alike. Blocks are laid out as the engine's stacks.
+        buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        pieces: dict[tuple[int, int], Tensor] = {}
+        block_rows: dict[tuple[int, int], int] = {}
+        tall: set[tuple[int, int]] = set()
         for i, (U, p) in enumerate(zip(updates, params)):
-            if U is not None:
-                _, m, n = matrix_shape(p.shape, flatten)
-                key = (min(m, n), max(m, n), U.device, U.dtype)
-                buckets[key if group["batched"] else key + (i,)].append(i)
-        out = [None] * len(updates)
+            if U is None:
+                continue
+            count, m, n = matrix_shape(p.shape, flatten)
+            for j, (row, rows, matrices) in enumerate(
+                block_layout(count, m, n, row_blocks(m, group["split"], group["heads"]))
+            ):
+                piece = U.reshape(matrices, rows, n) if row is None else U.reshape(count, m, n)[:, row : row + rows]
+                pieces[i, j] = piece.mT.contiguous() if rows > n else piece.contiguous()
+                block_rows[i, j] = rows
+                if rows > n:
+                    tall.add((i, j))
+                key = (min(rows, n), max(rows, n), U.device, U.dtype)
+                buckets[key if group["batched"] else key + (i,)].append((i, j))
+        results: dict[tuple[int, int], Tensor] = {}
         for members in buckets.values():
-            pieces, tall = [], []
-            for i in members:
-                matrices = updates[i].reshape(matrix_shape(params[i].shape, flatten))
-                tall.append(matrices.shape[-2] > matrices.shape[-1])
-                pieces.append(matrices.mT.contiguous() if tall[-1] else matrices)
-            stack = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-            result = orthogonalize(stack, schedule, dtype=dtype, backend=backend)
-            for i, piece, transposed in zip(members, result.split([len(x) for x in pieces]), tall):
-                out[i] = piece.mT if transposed else piece
+            stack = [pieces[ij] for ij in members]
+            stack = torch.cat(stack) if len(stack) > 1 else stack[0]
+            result = orthogonalize(stack, schedule, dtype=dtype, backend=backend, algorithm=group["ns_algorithm"])
+            for ij, piece in zip(members, result.split([len(pieces[ij]) for ij in members])):
+                results[ij] = piece.mT if ij in tall else piece
+        out: list = [None] * len(updates)
+        for (i, j), O in sorted(results.items()):
+            out[i] = (out[i] or []) + [(O, block_rows[i, j])]
         return out
 
     def _adamw_group_step(self, group, params, grads, finite) -> None:

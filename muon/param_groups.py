@@ -7,6 +7,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from ._shapes import matrix_shape
+
 # Module names (the last component of a qualified name) that mark an output head, as seen in
 # GPT-2/nanoGPT (lm_head), timm (head), Llama (output), torchvision/HF (classifier), Essential AI (logits).
 HEAD_NAMES = frozenset({"lm_head", "head", "output", "classifier", "logits"})
@@ -72,6 +74,8 @@ def param_groups(
     adamw: tuple[str, ...] | list[str] = (),
     muon_options: dict | None = None,
     adamw_options: dict | None = None,
+    split: dict[str, list[int]] | None = None,
+    heads: dict[str, int] | None = None,
 ) -> list[dict]:
     """Parameter groups for `muon.Muon`: hidden-layer matrices to Muon, everything else to AdamW.
 
@@ -86,6 +90,13 @@ def param_groups(
         muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
             that force a route, overriding the rules above; a name matching both is an error.
         muon_options, adamw_options: extra keys for the groups (lr, weight_decay, betas, ...).
+        split, heads: {fnmatch pattern: option} over qualified names: Muon parameters matching a
+            pattern go to a group of their own carrying `split=` (row counts, e.g. [d, d, d] for a
+            fused QKV weight) or `heads=` (equal row blocks), see `muon.Muon`; parameters with the
+            same option share a group, so same-shape blocks across layers are batched together.
+            Parameters routed to AdamW are left alone; a pattern that matches no Muon parameter, a
+            parameter matching two patterns, or sizes that do not fit its rows are a ValueError
+            naming it.
     Returns a list of group dicts; empty groups are left out.
     """
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
@@ -110,12 +121,53 @@ def param_groups(
         routes[route].append(p)
         routed[id(p)] = (name, route, forced_muon or forced_adamw)
     _warn_unnamed_head(model, routed)
+    blocks = _block_options(routed, dict(model.named_parameters()), split or {}, heads or {})
 
     groups = []
-    if routes["muon"]:
-        groups.append({"params": routes["muon"], "use_muon": True, **(muon_options or {})})
-    if routes["muon_flat"]:
-        groups.append({"params": routes["muon_flat"], "use_muon": True, "flatten": True, **(muon_options or {})})
+    for route, flat in (("muon", {}), ("muon_flat", {"flatten": True})):
+        plain = [p for p in routes[route] if id(p) not in blocks]
+        if plain:
+            groups.append({"params": plain, "use_muon": True, **flat, **(muon_options or {})})
+        by_option: dict[tuple, list] = {}
+        for p in routes[route]:
+            if id(p) in blocks:
+                by_option.setdefault(blocks[id(p)], []).append(p)
+        for (key, value), params in by_option.items():
+            option = {"split": list(value), "heads": None} if key == "split" else {"split": None, "heads": value}
+            groups.append({"params": params, "use_muon": True, **flat, **(muon_options or {}), **option})
     if routes["adamw"]:
         groups.append({"params": routes["adamw"], "use_muon": False, **(adamw_options or {})})
     return groups
+
+
+def _block_options(routed: dict, named: dict, split: dict, heads: dict) -> dict[int, tuple]:
+    """id(p) -> ("split", sizes) or ("heads", N) for the Muon parameters matching a pattern."""
+    chosen: dict[int, tuple] = {}
+    for kind, rules in (("split", split), ("heads", heads)):
+        for pattern, value in rules.items():
+            if kind == "split":
+                if not (isinstance(value, (list, tuple)) and value
+                        and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in value)):
+                    raise ValueError(f"split[{pattern!r}] must be a non-empty list of positive ints, got {value!r}")
+                value = tuple(value)
+            elif not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"heads[{pattern!r}] must be a positive int, got {value!r}")
+            matched = False
+            for pid, (name, route, _) in routed.items():
+                if route == "adamw" or not fnmatchcase(name, pattern):
+                    continue
+                matched = True
+                if pid in chosen:
+                    other = chosen[pid][2]
+                    raise ValueError(f"parameter {name!r} matches two split/heads patterns ({other!r} and {pattern!r})")
+                _, m, _ = matrix_shape(named[name].shape, route == "muon_flat")
+                if kind == "split" and sum(value) != m:
+                    raise ValueError(
+                        f"split[{pattern!r}]={list(value)} sums to {sum(value)}, but {name!r} has {m} rows"
+                    )
+                if kind == "heads" and m % value:
+                    raise ValueError(f"heads[{pattern!r}]={value} does not divide the {m} rows of {name!r}")
+                chosen[pid] = (kind, value, pattern)
+            if not matched:
+                raise ValueError(f"{kind} pattern {pattern!r} matches no parameter routed to Muon")
+    return {pid: (kind, value) for pid, (kind, value, _) in chosen.items()}

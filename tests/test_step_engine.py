@@ -14,7 +14,10 @@ from muon.profiling import count_dispatched_ops
 def _groups(seed=0):
     """Several groups covering what the plan must handle: same-shape and transposed-shape sharing,
     3-D expert stacks, flatten=True conv weights (unbatched), bf16 parameters with a tensor lr,
-    AdamW in fp32 and bf16."""
+    AdamW in fp32 and bf16; row blocks (split/heads: equal blocks stacked as the parameter, unequal
+    and tall blocks with a mirrored momentum buffer, on 3-D, flattened and bf16 parameters) and
+    Gram NS ("gram", and "auto" resolving to it). Row-block groups stay plain Muon (NorMuon does not
+    combine with split/heads), whatever variant the optimizer's default is."""
     gen = torch.Generator().manual_seed(seed)
 
     def t(*shape, dtype=torch.float32):
@@ -27,6 +30,14 @@ def _groups(seed=0):
         {"params": [t(16, 24, dtype=torch.bfloat16), t(24, 16, dtype=torch.bfloat16)], "lr": torch.tensor(0.05)},
         {"params": [t(7), t(5, 3), t(4)], "use_muon": False},
         {"params": [t(9, dtype=torch.bfloat16), t(2, 3, dtype=torch.bfloat16)], "use_muon": False, "lr": 3e-3},
+        {"params": [t(12, 8), t(12, 8)], "split": [4, 4, 4], "variant": "muon"},
+        {"params": [t(20, 6), t(2, 20, 6)], "split": [12, 4, 4], "adjust_lr_fn": "match_rms_adamw", "variant": "muon"},
+        # the 64×2 weight's tall 16×2 blocks share a bucket with the 8×16 weight's stacked 2×16 blocks
+        {"params": [t(8, 16), t(16, 16), t(64, 2)], "heads": 4, "ns_algorithm": "gram", "variant": "muon"},
+        {"params": [t(8, 2, 2, 2)], "flatten": True, "heads": 2, "batched": False, "ns_algorithm": "auto",
+         "ns_dtype": torch.bfloat16, "variant": "muon"},
+        {"params": [t(10, 8, dtype=torch.bfloat16), t(10, 8, dtype=torch.bfloat16)], "split": [6, 4],
+         "variant": "muon"},
     ]  # fmt: skip
 
 
@@ -57,7 +68,7 @@ def _assert_same(a, b):
 
 
 # step -> (indices of parameters with a NaN/inf gradient, indices without a gradient)
-SCHEDULE = {0: ((), ()), 1: ((1, 6, 9), ()), 2: ((), (3, 10)), 3: ((0, 8, 12), ()), 4: ((), ())}
+SCHEDULE = {0: ((), ()), 1: ((1, 6, 9, 17, 21), ()), 2: ((), (3, 10, 19)), 3: ((0, 8, 12, 23), ()), 4: ((), ())}
 
 
 # Options that change the apply phase: NorMuon (per-neuron second moments, on mixed (m, n)/(n, m)
@@ -83,7 +94,11 @@ def test_planned_step_equals_reference_loop_bit_for_bit(options):
             opt.step()
         _assert_same(fast, loop)
     skips = [fast.state[p]["nonfinite_skips"].item() for p in _params(fast)]
-    assert skips == [1 if j in (0, 1, 6, 8, 9, 12) else 0 for j in range(len(skips))]
+    assert skips == [1 if j in (0, 1, 6, 8, 9, 12, 17, 21, 23) else 0 for j in range(len(skips))]
+    algorithms = {g.index: sorted(b.algorithm for b in g.buckets) for g in fast._plan.groups if g.use_muon}
+    assert algorithms[7] == ["gram", "gram"] and algorithms[8] == ["gram"]  # bf16 4×8 blocks: auto picks Gram
+    (mixed,) = [b for b in fast._plan.groups[7].buckets if b.grad_stack.shape[-2:] == (2, 16)]
+    assert mixed.mirrors is not None and {mb.row for mb in mixed.members} == {None, 0, 16, 32, 48}
 
 
 @pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
