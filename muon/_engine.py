@@ -121,6 +121,9 @@ class Plan:
     groups: list[GroupPlan]
     flag_params: list[Tensor]  # every non-empty parameter with a gradient, in flag order
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
+    # the distributed part (muon.distributed.execute.Exchange): who orthogonalizes which rows, the
+    # all-gather buffers, the digest ranks agree on; None in a single process
+    dist: object | None = None
 
 
 def _option_key(value):
@@ -334,9 +337,18 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
     """The Muon update of one bucket: gather, momentum, NS, weight decay and update.
 
     ok_all None means every gradient is known finite (nonfinite="raise" checked it): no masking.
+    The three phases are separate functions: the distributed step (`muon.distributed.execute`)
+    runs the NS of each rank's rows of every bucket between them and gathers the results.
     """
-    lr = group["lr"]
-    momentum, wd = group["momentum"], group["weight_decay"]
+    U, masks = muon_bucket_momentum(b, group, ok_all)
+    O = bucket_ns(b, U)
+    muon_bucket_apply(b, group, O, masks)
+
+
+def muon_bucket_momentum(b: MuonBucket, group: dict, ok_all: Tensor | None) -> tuple[Tensor, tuple]:
+    """Gather the gradients into the stack, update the momentum; returns the NS input U (B, s, l)
+    and the masks (per parameter, per matrix; None when ok_all is None) the apply phase needs."""
+    momentum = group["momentum"]
     device = b.grad_stack.device
     grads = [p.grad for p in b.params]
     torch._foreach_copy_(b.grad_views, grads)
@@ -350,8 +362,20 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         b.skips.add_(~ok)
     buf.lerp_(G, _per_param(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device))
     U = G.lerp_(buf, momentum) if group["nesterov"] else buf
-    O = b.run(U, b.schedule, b.ns_dtype)
+    return U, (ok, ok_mat)
 
+
+def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
+    """Newton–Schulz of rows of the bucket's stack (all of them, or one rank's share)."""
+    return b.run(U, b.schedule, b.ns_dtype)
+
+
+def muon_bucket_apply(b: MuonBucket, group: dict, O: Tensor, masks: tuple) -> None:
+    """Weight decay and the scaled update -lr·s·O of every matrix of the bucket (O: (B, s, l))."""
+    lr = group["lr"]
+    wd = group["weight_decay"]
+    device = b.grad_stack.device
+    ok, ok_mat = masks
     dtype = b.opmath
     if isinstance(lr, Tensor):
         # the reference's -lr * scale in lr's dtype (a Python factor is cast to it)

@@ -50,8 +50,20 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
     rank1 = json.load(open(tmp_path / "rank1.json"))
     assert "injected failure" in rank1["message"]
     assert rank0["message"].startswith("muon.distributed.DistributedStepError"), rank0["message"]
-    assert "all_gather of the orthogonalized updates failed on rank 0 of 2" in rank0["message"]
+    # the step's first collective: the plan digest all-reduce, before any size-dependent one
+    assert "all_reduce of the plan digest failed on rank 0 of 2" in rank0["message"]
     assert rank0["seconds"] < 30  # the 3 s collective timeout, not a hang
+
+
+def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path):
+    codes = dist_scenarios.launch(dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), deadline_s=60)
+    assert None not in codes, "a rank hung past the deadline"
+    assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
+    for r in range(WORLD):
+        message = json.load(open(tmp_path / f"rank{r}.json"))["message"]
+        assert message.startswith("muon.distributed.DistributedStepError"), message
+        # the cause, named: which parameter has a gradient on one rank and not on the other
+        assert "param_groups[0]['params'][" in message and "no gradient" in message, message
 
 
 # ------------------------------------------------------------------- single-process pieces
