@@ -542,12 +542,16 @@ class Muon(Optimizer):
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)
             if params:
-                work.append((group, index, params, grads, self._finite_flags(params, grads)))
+                work.append((group, index, params, grads))
+        sharded = [p for w in work for p in w[2] if distributed.is_dtensor(p)]
+        if sharded:  # every mesh's ranks hold the same parameters, before any collective on them
+            distributed.check_sharded_plan(sharded, self.param_groups)
+        flags = [self._finite_flags(params, grads) for _, _, params, grads in work]
         pg = distributed.replicated_group(self.process_group)
-        if pg is not None and not any(distributed.is_dtensor(p) for w in work for p in w[2]):
+        if pg is not None and not sharded:
             # replicated parameters: the same plan check and flag agreement as the planned step
-            flags = distributed.loop_agree([w[2] for w in work], [w[4] for w in work], self.param_groups, pg)
-            work = [(*w[:4], f) for w, f in zip(work, flags, strict=True)]
+            flags = distributed.loop_agree(flags, self.param_groups, pg)
+        work = [(*w, f) for w, f in zip(work, flags, strict=True)]
         if self.nonfinite == "raise":
             for group, index, params, _, finite in work:
                 for p, flag in zip(params, finite, strict=True):

@@ -416,10 +416,14 @@ def scenario_checkpoint_plain_ddp():
     assert_ranks_identical(resumed, "ddp resume")
 
 
-def scenario_nonfinite_ddp():
+def scenario_nonfinite_ddp(foreach):
     """A NaN in rank 1's gradient only (after DDP's all-reduce): every rank skips that parameter, the
     ranks stay identical and equal a single-process run that skipped it; with nonfinite="raise"
-    every rank raises and nothing changes."""
+    every rank raises and nothing changes. foreach=False: the same through the reference loop."""
+    return lambda: _nonfinite_ddp(foreach)
+
+
+def _nonfinite_ddp(foreach):
     bad_step = 1
 
     def poison(model, rank):
@@ -442,7 +446,7 @@ def scenario_nonfinite_ddp():
     ref = {n: p.detach().clone() for n, p in solo_model.named_parameters()}
 
     model, init = build(Net, "ddp")
-    opt = make_optimizer(model, ns_dtype=torch.float64)
+    opt = make_optimizer(model, ns_dtype=torch.float64, foreach=foreach)
     for step in range(STEPS):
         x, y = batch(step, rank, 16, 20)
         loss_fn(model, x, y).backward()
@@ -454,7 +458,7 @@ def scenario_nonfinite_ddp():
     for p in (model.module.fc2.weight, model.module.head.bias):
         assert int(opt.state[p]["nonfinite_skips"]) == 1, "the parameter was not skipped on this rank"
 
-    opt = make_optimizer(model, nonfinite="raise")
+    opt = make_optimizer(model, nonfinite="raise", foreach=foreach)
     before = {n: full(p).clone() for n, p in model.named_parameters()}
     x, y = batch(9, rank, 16, 20)
     loss_fn(model, x, y).backward()
@@ -481,7 +485,8 @@ SCENARIOS = {
     "fsdp_checkpoint_dcp": scenario_checkpoint_dcp,
     "fsdp_checkpoint_full_rank0": scenario_checkpoint_full_fsdp,
     "ddp_checkpoint_plain": scenario_checkpoint_plain_ddp,
-    "ddp_nonfinite_agreed": scenario_nonfinite_ddp,
+    "ddp_nonfinite_agreed": scenario_nonfinite_ddp(None),
+    "ddp_loop_nonfinite_agreed": scenario_nonfinite_ddp(False),
 }
 _OUTDIR = ""
 
@@ -528,23 +533,26 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     os._exit(1)  # a failed rank: no orderly shutdown of the process group
 
 
-def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str) -> None:
+def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, kind: str) -> None:
     """Rank 1 drops one gradient at step 2 (after two good steps): every rank must end the step with a
-    DistributedStepError naming the cause, and exit cleanly (no abort, no hang)."""
+    DistributedStepError naming the cause, change nothing, and exit cleanly (no abort, no hang)."""
     _init(rank, world, port, timeout_s=5)
-    model, _ = build(Net, "ddp")
+    model, _ = build(Net, kind)
     opt = make_optimizer(model)
     train(model, opt, 16, 20, 2)
     x, y = batch(2, rank, 16, 20)
     loss_fn(model, x, y).backward()
     if rank == 1:
-        model.module.fc3.weight.grad = None
+        (model.module if kind == "ddp" else model).fc3.weight.grad = None
+    before = {n: full(p).clone() for n, p in model.named_parameters()}
     start = time.monotonic()
     try:
         opt.step()
         message = "stepped"
     except Exception as exc:
         message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - start
+    unchanged = all(torch.equal(full(p), before[n]) for n, p in model.named_parameters())
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump({"message": message, "seconds": time.monotonic() - start}, f)
+        json.dump({"message": message, "seconds": seconds, "unchanged": unchanged}, f)
     dist.destroy_process_group()

@@ -55,15 +55,21 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
     assert rank0["seconds"] < 30  # the 3 s collective timeout, not a hang
 
 
-def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path):
-    codes = dist_scenarios.launch(dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), deadline_s=60)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, kind):
+    codes = dist_scenarios.launch(
+        dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60
+    )
     assert None not in codes, "a rank hung past the deadline"
     assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
     for r in range(WORLD):
-        message = json.load(open(tmp_path / f"rank{r}.json"))["message"]
+        result = json.load(open(tmp_path / f"rank{r}.json"))
+        message = result["message"]
         assert message.startswith("muon.distributed.DistributedStepError"), message
         # the cause, named: which parameter has a gradient on one rank and not on the other
         assert "param_groups[0]['params'][" in message and "no gradient" in message, message
+        assert result["unchanged"], f"rank {r} changed parameters in the step that raised"
+        assert result["seconds"] < 4  # decided by the agreement, not by the 5 s collective timeout
 
 
 # ------------------------------------------------------------------- single-process pieces

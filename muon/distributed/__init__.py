@@ -24,6 +24,7 @@ from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is
 
 # used by muon.optim and the tests
 from .execute import agree_plan as agree_plan
+from .execute import check_sharded_plan as check_sharded_plan
 from .execute import execute as execute_plan
 from .execute import loop_agree as loop_agree
 from .execute import orthogonalize_all as orthogonalize_all

@@ -16,14 +16,17 @@ all-gather buffers. A step (`execute`), per Muon group:
    stay bit-identical.
 
 Before that, `agreement.agree` checks that all ranks hold the same plan and agrees the finite
-flags (two small all-reduces, one host sync).
+flags (two small all-reduces, one host sync). The loop (foreach=False, or parameters on several
+devices) does the same check and agreement (`loop_agree`) and runs the NS of replicated parameters
+on every rank, unsplit: it is the readable reference.
 
-FSDP2 (DTensor) parameters run the per-parameter loop of `muon.optim` with `orthogonalize_all`:
-momentum is a DTensor, so each rank stores only its shard (ZeRO-1 memory, one buffer). Each
-row-sharded matrix gets an owner rank (same greedy balance); per same-shape bucket one all_to_all
-gathers the owners' full momentum-corrected matrices, the owner orthogonalizes them batched, and a
-second all_to_all scatters each result's rows back to the rank holding them. The gathers of all
-buckets are issued before the first NS so that communication overlaps the NS of earlier buckets.
+FSDP2 (DTensor) parameters run the per-parameter loop of `muon.optim` with `orthogonalize_all`,
+after `check_sharded_plan` (the plan-digest all-reduce on their mesh, one host sync). Momentum is
+a DTensor, so each rank stores only its shard (ZeRO-1 memory, one buffer). Each row-sharded
+matrix gets an owner rank (same greedy balance); per same-shape bucket one all_to_all gathers the
+owners' full momentum-corrected matrices, the owner orthogonalizes them batched, and a second
+all_to_all scatters each result's rows back to the rank holding them. The gathers of all buckets
+are issued before the first NS so that communication overlaps the NS of earlier buckets.
 Expert stacks sharded on their expert dim hold whole matrices locally and need no communication.
 Other placements (Shard(1), 2-D meshes) fall back to a full gather on every rank (correct, but the
 NS work is not split).
@@ -31,7 +34,6 @@ NS work is not split).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +43,7 @@ from .. import _engine
 from .._shapes import matrix_shape
 from ..coefficients import Schedule
 from .agreement import agree
-from .collectives import DistributedStepError, _all_to_all_async, _failed, all_gather_into, dist, is_dtensor
+from .collectives import _all_to_all_async, all_gather_into, dist, is_dtensor
 from .ownership import GroupShare, _chunk_rows, digest, ns_flops, plan_sharded, plan_signature, share_buckets
 
 
@@ -149,7 +151,7 @@ def splits_work(updates: list, process_group) -> bool:
     return any(U is not None and is_dtensor(U) for U in updates)
 
 
-def loop_agree(params_by_group: list, flags_by_group: list, param_groups: list[dict], pg) -> list:
+def loop_agree(flags_by_group: list, param_groups: list[dict], pg) -> list:
     """The loop's flags agreed over `pg` (replicated parameters), same checks as the plan's."""
     flat = [f for flags in flags_by_group for f in flags if f is not None]
     device = flat[0].device if flat else None
@@ -184,29 +186,18 @@ def orthogonalize_all(updates: list, params: list, schedule: Schedule, group: di
 
 
 # ------------------------------------------------------------------------------- sharded (FSDP2)
-_CHECKED: set = set()
-
-
-def _check_same_plan(signature: tuple, pg) -> None:
-    """Once per parameter signature: all ranks must split the same matrices, or the step would hang
-    or mix updates; say so clearly (e.g. pipeline stages need process_group= their data-parallel group)."""
-    digest_ = hashlib.sha1(repr(signature).encode()).hexdigest()
-    key = (digest_, id(pg))
-    if key in _CHECKED:
-        return
-    world = dist.get_world_size(pg)
-    seen: list = [None] * world
-    try:
-        dist.all_gather_object(seen, digest_, group=pg)
-    except RuntimeError as exc:
-        raise _failed("all_gather of the parameter signature", pg, exc) from exc
-    if len(set(seen)) != 1:
-        raise DistributedStepError(
-            f"muon distributed step: ranks of the process group hold different Muon matrices with "
-            f"gradients (signatures {seen}); sharded parameters need the same parameters and "
-            "gradients on every rank of their mesh"
-        )
-    _CHECKED.add(key)
+def check_sharded_plan(params: list, param_groups: list[dict]) -> None:
+    """The plan-digest all-reduce of `agreement.agree` over every mesh of these DTensor parameters
+    (one per step for FSDP2's 1-D mesh), before the loop's first collective whose size depends on
+    the parameters with gradients: a gradient missing on one rank is a DistributedStepError on
+    every rank, never a mismatched collective."""
+    signature = plan_signature(param_groups)
+    meshes: dict = {}  # DeviceMesh -> a local shard's device; fully_shard builds equal meshes per module
+    for p in params:
+        meshes.setdefault(p.device_mesh, p.to_local().device)
+    for mesh, device in meshes.items():
+        for d in range(mesh.ndim):
+            agree(mesh.get_group(d), digest(signature), signature, None, device)
 
 
 def _row_sharded(t) -> bool:
@@ -263,8 +254,6 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
         else:
             entries.append(((m, n, updates[i].dtype), m, n))
             positions.append(i)
-    signature = tuple(e[0] for e in entries) + tuple(tuple(params[i].shape) for i in members)
-    _check_same_plan(signature, pg)
     plan = plan_sharded(entries, local_costs, world, steps)
 
     # 1. issue every bucket's gather before the first NS: communication overlaps earlier NS work

@@ -129,6 +129,9 @@ def comm_bytes_per_step(
                 if r != owner:
                     sent[r] += spans[r][1] * n * gb  # gather: my rows of j to its owner
                     sent[owner] += spans[r][1] * n * nb  # scatter: the owner returns r's rows
-    # one all-reduce of int32 non-finite flags per group (as counted: rounded per collective)
-    flags = sum(int(2 * (W - 1) / W * len(shapes) * 4) for shapes in (muon_shapes, adamw_shapes) if shapes)
+    # the plan digest (int64 [d, -d]) on the mesh, then one all-reduce of int32 non-finite flags per
+    # group (as counted: rounded per collective)
+    flags = all_reduce_bytes(2, 8, W) + sum(
+        all_reduce_bytes(len(shapes), 4, W) for shapes in (muon_shapes, adamw_shapes) if shapes
+    )
     return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
