@@ -493,10 +493,13 @@ class Muon(Optimizer):
     def _planned_step(self) -> bool:
         """The batched step through the plan; False when it does not apply (distributed parameters,
         parameters on several devices), and the loop runs instead."""
-        key = _engine.plan_key(self.param_groups, self._plan_version)
+        # the replicated process group is part of the key: a plan for one process is not a plan
+        # for many (torch.distributed initialized after a first step, process_group reassigned)
+        pg = distributed.replicated_group(self.process_group)
+        key = (_engine.plan_key(self.param_groups, self._plan_version), pg)
         plan = self._plan
         if plan is None or plan.key != key:
-            plan = self._plan = self._build_plan(key)
+            plan = self._plan = self._build_plan(key, pg)
         if plan is None:
             return False
         ok = _engine.finite_flags(plan)
@@ -511,7 +514,7 @@ class Muon(Optimizer):
         execute(plan, self.param_groups, ok, fused_adamw=self.nonfinite == "raise")
         return True
 
-    def _build_plan(self, key: tuple) -> _engine.Plan | None:
+    def _build_plan(self, key: tuple, pg) -> _engine.Plan | None:
         """The plan, with its distributed part when a process group of several ranks replicates the
         parameters (`muon.distributed.prepare`); None for DTensor (FSDP2) parameters and for
         parameters on several devices, which run the loop."""
@@ -524,7 +527,6 @@ class Muon(Optimizer):
         if len(devices) > 1:
             return None
         plan = _engine.build_plan(self, key, self._run_for)
-        pg = distributed.replicated_group(self.process_group)
         if pg is not None:
             distributed.prepare(plan, self.param_groups, pg)
         return plan

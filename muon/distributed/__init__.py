@@ -17,7 +17,6 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
 
 from __future__ import annotations
 
-from .agreement import agree as agree
 from .agreement import finite_flags
 from .checkpoint import decode_state_dict_dtypes, encode_state_dict_dtypes
 from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
