@@ -12,6 +12,8 @@ Replicated parameters (`agree`, every step of a multi-rank process group, plan o
    DistributedStepError naming the first parameter that differs; nothing was updated.
 2. a MIN all-reduce of the step's finite flags (int32, one per parameter with a gradient), so a
    NaN on one rank skips that parameter on every rank (and nonfinite="raise" raises on every rank).
+   The flags cannot ride in the digest's all-reduce: their count depends on the plan, which is
+   what the digest checks; nor in the NS all-gather: they decide the momentum update before it.
 
 Sharded (DTensor) gradients (`finite_flags`): each rank tests its local shard and the flags are
 agreed with one MIN all-reduce per mesh, without a host sync.
