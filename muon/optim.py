@@ -545,8 +545,10 @@ class Muon(Optimizer):
             params, grads = self._params_with_grad(group, index)
             if params:
                 work.append((group, index, params, grads))
-        sharded = [p for w in work for p in w[2] if distributed.is_dtensor(p)]
-        if sharded:  # every mesh's ranks hold the same parameters, before any collective on them
+        # every mesh's ranks hold the same parameters with gradients, before any collective on them
+        # (decided on all parameters: a rank without gradients must still take part)
+        sharded = [p for g in self.param_groups for p in g["params"] if distributed.is_dtensor(p)]
+        if sharded:
             distributed.check_sharded_plan(sharded, self.param_groups)
         flags = [self._finite_flags(params, grads) for _, _, params, grads in work]
         pg = distributed.replicated_group(self.process_group)
