@@ -86,7 +86,7 @@ class BuildPy(build_py):
 
 
 setup(
-    packages=["muon", "muon.backends", "muon.kernels"],
+    packages=["muon", "muon.backends", "muon.distributed", "muon.kernels"],
     package_dir={"muon": "muon", "muon.kernels": "kernels"},
     ext_modules=[CMakeExtension("muon._C")],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},

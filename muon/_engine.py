@@ -195,6 +195,9 @@ class Plan:
     groups: list[GroupPlan]
     flag_params: list[Tensor]  # every non-empty parameter with a gradient, in flag order
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
+    # the distributed part (muon.distributed.execute.Exchange): who orthogonalizes which rows, the
+    # all-gather buffers, the digest ranks agree on; None in a single process
+    dist: object | None = None
 
 
 def _option_key(value):
@@ -501,7 +504,17 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
     """The Muon update of one bucket: gather, momentum, NS, weight decay and update.
 
     ok_all None means every gradient is known finite (nonfinite="raise" checked it): no masking.
+    The three phases are separate functions: the distributed step (`muon.distributed.execute`)
+    runs the NS of each rank's rows of every bucket between them and gathers the results.
     """
+    U, masks = muon_bucket_momentum(b, group, ok_all)
+    O = bucket_ns(b, U)
+    muon_bucket_apply(b, group, O, masks)
+
+
+def muon_bucket_momentum(b: MuonBucket, group: dict, ok_all: Tensor | None) -> tuple[Tensor, tuple]:
+    """Gather the gradients into the stack, update the momentum; returns the NS input U (B, s, l)
+    and the masks (per parameter, per matrix; None when ok_all is None) the apply phase needs."""
     momentum = group["momentum"]
     device = b.grad_stack.device
     grads = b.grads()
@@ -516,17 +529,23 @@ def muon_bucket_step(b: MuonBucket, group: dict, ok_all: Tensor | None) -> None:
         b.skips.add_(~ok)
     buf.lerp_(G, _per_param(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device))
     U = G.lerp_(buf, momentum) if group["nesterov"] else buf
-    O = b.run(U, b.schedule, b.ns_dtype)
-    muon_bucket_apply(b, group, O, ok, ok_mat)
+    return U, (ok, ok_mat)
 
 
-def muon_bucket_apply(b: MuonBucket, group: dict, O: Tensor, ok: Tensor | None, ok_mat: Tensor | None) -> None:
+def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
+    """Newton–Schulz of rows of the bucket's stack (all of them, or one rank's share)."""
+    return b.run(U, b.schedule, b.ns_dtype)
+
+
+def muon_bucket_apply(b: MuonBucket, group: dict, O: Tensor, masks: tuple) -> None:
     """After NS: W = W·decay + (-lr·s·O'), O' = O (Muon) or NorMuon's normalized O, on the stack.
 
-    Per-bucket math only: it does not matter where O was computed. ok/ok_mat: (P,)/(B, 1, 1)
-    finite flags of the members/matrices, None when all are finite.
+    Per-bucket math only: it does not matter where O (B, s, l) was computed (one process, or each
+    rank's rows gathered). masks: the (P,)/(B, 1, 1) finite flags of the members/matrices from
+    `muon_bucket_momentum`, None when all are finite.
     """
     lr, wd = group["lr"], group["weight_decay"]
+    ok, ok_mat = masks
     device, dtype = b.out.device, b.opmath
     if isinstance(lr, Tensor):
         # the reference's -lr * scale in lr's dtype (a Python factor is cast to it)

@@ -150,8 +150,12 @@ class Muon(Optimizer):
     (one host sync per step).
 
     Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
-    parameters over ``process_group`` (default: the world once initialized), FSDP2 DTensor parameters
-    over their own mesh, with momentum left sharded.
+    parameters over ``process_group`` (default: the world once initialized) on the same plan as one
+    process (each rank orthogonalizes its rows of every bucket, one all-gather per group), FSDP2
+    DTensor parameters over their own mesh in the loop, with momentum left sharded. With replicated
+    parameters every step first checks that all ranks hold the same plan and agrees the finite flags
+    (two small all-reduces and one host sync per step), so a NaN on one rank skips the parameter on
+    every rank and a gradient missing on one rank is a DistributedStepError on every rank.
     """
 
     def __init__(
@@ -661,33 +665,43 @@ class Muon(Optimizer):
     def _planned_step(self) -> bool:
         """The batched step through the plan; False when it does not apply (distributed parameters,
         parameters on several devices), and the loop runs instead."""
-        key = _engine.plan_key(self.param_groups, self._plan_version)
+        # the replicated process group is part of the key: a plan for one process is not a plan
+        # for many (torch.distributed initialized after a first step, process_group reassigned)
+        pg = distributed.replicated_group(self.process_group)
+        key = (_engine.plan_key(self.param_groups, self._plan_version), pg)
         plan = self._plan
         if plan is None or plan.key != key:
-            plan = self._plan = self._build_plan(key)
+            plan = self._plan = self._build_plan(key, pg)
         if plan is None:
             return False
         ok = _engine.finite_flags(plan)
+        if plan.dist is not None:  # all ranks hold the same plan; the flags agreed (one host sync)
+            ok = distributed.agree_plan(plan, ok)
         if ok is not None and self.nonfinite == "raise":
-            bad = _engine.first_nonfinite(plan, ok)  # the step's one host sync
+            bad = _engine.first_nonfinite(plan, ok)  # a host sync
             if bad is not None:
                 self._raise_nonfinite(*bad)
             ok = None  # every gradient is finite: no masking
-        _engine.execute(plan, self.param_groups, ok, fused_adamw=self.nonfinite == "raise")
+        execute = _engine.execute if plan.dist is None else distributed.execute_plan
+        execute(plan, self.param_groups, ok, fused_adamw=self.nonfinite == "raise")
         return True
 
-    def _build_plan(self, key: tuple) -> _engine.Plan | None:
+    def _build_plan(self, key: tuple, pg) -> _engine.Plan | None:
+        """The plan, with its distributed part when a process group of several ranks replicates the
+        parameters (`muon.distributed.prepare`); None for DTensor (FSDP2) parameters and for
+        parameters on several devices, which run the loop."""
         devices = set()
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)  # raises on sparse gradients
             if any(distributed.is_dtensor(t) for t in params + grads):
                 return None
-            if group["use_muon"] and params and distributed.replicated_group(self.process_group) is not None:
-                return None
             devices.update(p.device for p in params)
         if len(devices) > 1:
             return None
-        return _engine.build_plan(self, key, self._run_for)
+        plan = _engine.build_plan(self, key, self._run_for)
+        if pg is not None:
+            distributed.prepare(plan, self.param_groups, pg)
+        return plan
 
     def _raise_nonfinite(self, index: int, i: int):
         p = self.param_groups[index]["params"][i]
@@ -704,22 +718,38 @@ class Muon(Optimizer):
             if params and group["use_muon"]:
                 self._check_distributed_options(group, index, grads)
             if params:
-                work.append((group, params, grads, self._finite_flags(params, grads, group, index)))
-        for group, params, grads, finite in work:
+                work.append((group, index, params, grads))
+        # every mesh's ranks hold the same parameters with gradients, before any collective on them
+        # (decided on all parameters: a rank without gradients must still take part)
+        sharded = [p for g in self.param_groups for p in g["params"] if distributed.is_dtensor(p)]
+        if sharded:
+            distributed.check_sharded_plan(sharded, self.param_groups)
+        flags = [self._finite_flags(params, grads) for _, _, params, grads in work]
+        pg = distributed.replicated_group(self.process_group)
+        if pg is not None and not sharded:
+            # replicated parameters: the same plan check and flag agreement as the planned step
+            flags = distributed.loop_agree(flags, self.param_groups, pg)
+        work = [(*w, f) for w, f in zip(work, flags, strict=True)]
+        if self.nonfinite == "raise":
+            for group, index, params, _, finite in work:
+                for p, flag in zip(params, finite, strict=True):
+                    if flag is not None and not bool(flag):
+                        self._raise_nonfinite(index, next(j for j, q in enumerate(group["params"]) if q is p))
+        for group, _, params, grads, finite in work:
             if group["use_muon"]:
                 self._muon_group_step(group, params, grads, finite)
             else:
                 self._adamw_group_step(group, params, grads, finite)
 
     def _check_distributed_options(self, group: dict, index: int, grads: list[Tensor]) -> None:
-        """Options the distributed NS (`muon.distributed`) does not implement: refused before any
-        group is modified."""
+        """Options the FSDP2 (DTensor) NS of `muon.distributed` does not implement: refused before any
+        group is modified (replicated parameters run them on the plan)."""
         if (
             group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
         ) and distributed.splits_work(grads, self.process_group):
             raise NotImplementedError(
                 f"param_groups[{index}]: split, heads and ns_algorithm other than 'standard' are not supported "
-                "yet when the NS work is split across ranks (torch.distributed); use them on a single process"
+                "yet for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) parameters"
             )
 
     def _params_with_grad(self, group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -736,19 +766,13 @@ class Muon(Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _finite_flags(self, params, grads, group, index) -> list[Tensor | None]:
+    def _finite_flags(self, params, grads) -> list[Tensor | None]:
         """Per parameter: a 0-dim bool device tensor, True when its gradient is finite (None: empty)."""
         if any(distributed.is_dtensor(g) for g in grads):  # sharded: local test, agreed across ranks
-            flags = distributed.finite_flags(grads)
-        else:
-            nonempty = [g for g in grads if g.numel() > 0]
-            norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
-            flags = [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
-        if self.nonfinite == "raise":
-            for p, flag in zip(params, flags):
-                if flag is not None and not bool(flag):
-                    self._raise_nonfinite(index, next(j for j, q in enumerate(group["params"]) if q is p))
-        return flags
+            return distributed.finite_flags(grads)
+        nonempty = [g for g in grads if g.numel() > 0]
+        norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
+        return [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
 
     def _muon_group_step(self, group, params, grads, finite) -> None:
         lr = _lr_value(group["lr"])
@@ -813,10 +837,8 @@ class Muon(Optimizer):
         if device is None:
             return [None] * len(updates)
         dtype = resolve_dtype(group["ns_dtype"], device)
-        if distributed.splits_work(updates, self.process_group):  # NS split across ranks (see _loop_step)
-            out = distributed.orthogonalize_all(
-                updates, params, schedule, {**group, "ns_dtype": dtype}, flatten, self.process_group
-            )
+        if distributed.splits_work(updates, self.process_group):  # DTensors: NS split across ranks
+            out = distributed.orthogonalize_all(updates, params, schedule, {**group, "ns_dtype": dtype}, flatten)
             return [None if O is None else [(O, O.shape[-2])] for O in out]
         # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
         # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores

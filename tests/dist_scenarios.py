@@ -119,10 +119,10 @@ def loss_fn(model, x, y) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def make_optimizer(model, **kw):
+def make_optimizer(model, groups_kw=None, **kw):
     from muon import Muon, param_groups
 
-    return Muon(param_groups(model), lr=LR, weight_decay=0.1, **kw)
+    return Muon(param_groups(model, **(groups_kw or {})), lr=LR, weight_decay=0.1, **kw)
 
 
 def reference_run(make, width, out, world, steps=STEPS, flops=False, **kw):
@@ -416,6 +416,81 @@ def scenario_checkpoint_plain_ddp():
     assert_ranks_identical(resumed, "ddp resume")
 
 
+def scenario_nonfinite_ddp(foreach):
+    """A NaN in rank 1's gradient only (after DDP's all-reduce): every rank skips that parameter, the
+    ranks stay identical and equal a single-process run that skipped it; with nonfinite="raise"
+    every rank raises and nothing changes. foreach=False: the same through the reference loop."""
+    return lambda: _nonfinite_ddp(foreach)
+
+
+def _nonfinite_ddp(foreach):
+    bad_step = 1
+
+    def poison(model, rank):
+        if rank == 1:
+            model.fc2.weight.grad[0, 0] = float("nan")  # a Muon matrix
+            model.head.bias.grad[1] = float("nan")  # an AdamW parameter
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # the single-process run: averaged gradients, both parameters skipped at bad_step
+    torch.manual_seed(0)
+    solo_model = Net()
+    solo = [dist.new_group([r]) for r in range(world)]
+    opt = make_optimizer(solo_model, process_group=solo[rank], ns_dtype=torch.float64)
+    for step in range(STEPS):
+        xs, ys = zip(*(batch(step, r, 16, 20) for r in range(world)), strict=True)
+        loss_fn(solo_model, torch.cat(xs), torch.cat(ys)).backward()
+        if step == bad_step:
+            poison(solo_model, 1)
+        _step(opt, False, None)
+    ref = {n: p.detach().clone() for n, p in solo_model.named_parameters()}
+
+    model, init = build(Net, "ddp")
+    opt = make_optimizer(model, ns_dtype=torch.float64, foreach=foreach)
+    for step in range(STEPS):
+        x, y = batch(step, rank, 16, 20)
+        loss_fn(model, x, y).backward()
+        if step == bad_step:
+            poison(model.module, rank)
+        _step(opt, False, None)
+    assert_ranks_identical(model, "ddp, NaN on rank 1 only")
+    assert_matches(model, ref, init, "ddp, NaN on rank 1 only")
+    for p in (model.module.fc2.weight, model.module.head.bias):
+        assert int(opt.state[p]["nonfinite_skips"]) == 1, "the parameter was not skipped on this rank"
+
+    opt = make_optimizer(model, nonfinite="raise", foreach=foreach)
+    before = {n: full(p).clone() for n, p in model.named_parameters()}
+    x, y = batch(9, rank, 16, 20)
+    loss_fn(model, x, y).backward()
+    poison(model.module, rank)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "non-finite gradient" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank} stepped although rank 1 holds a NaN gradient")
+    for n, p in model.named_parameters():
+        assert torch.equal(full(p), before[n]), f"{n} changed although the step raised"
+
+
+def scenario_ddp_row_blocks():
+    """split/heads row blocks (unequal blocks mirrored, equal ones stacked) and Gram NS on replicated
+    parameters: each rank orthogonalizes its rows of the plan's block buckets; equal to one process."""
+
+    def run():
+        world = dist.get_world_size()
+        # DDP names its parameters module.*: the patterns match both
+        kw = dict(groups_kw={"split": {"*fc2.weight": [16, 8]}, "heads": {"*fc3.weight": 4}},
+                  ns_algorithm="gram", ns_dtype=torch.float64)
+        ref, _ = reference_run(Net, 16, 20, world, **kw)
+        model, init = build(Net, "ddp")
+        train(model, make_optimizer(model, **kw), 16, 20, STEPS)
+        assert_matches(model, ref, init, "ddp, split/heads, Gram NS")
+        assert_ranks_identical(model, "ddp, split/heads, Gram NS")
+
+    return run
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -428,6 +503,9 @@ SCENARIOS = {
     "fsdp_checkpoint_dcp": scenario_checkpoint_dcp,
     "fsdp_checkpoint_full_rank0": scenario_checkpoint_full_fsdp,
     "ddp_checkpoint_plain": scenario_checkpoint_plain_ddp,
+    "ddp_nonfinite_agreed": scenario_nonfinite_ddp(None),
+    "ddp_loop_nonfinite_agreed": scenario_nonfinite_ddp(False),
+    "ddp_row_blocks_gram_matches_single": scenario_ddp_row_blocks(),
 }
 _OUTDIR = ""
 
@@ -472,3 +550,28 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
         while not os.path.exists(os.path.join(outdir, "rank0.json")) and time.monotonic() < end:
             time.sleep(0.1)
     os._exit(1)  # a failed rank: no orderly shutdown of the process group
+
+
+def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, kind: str) -> None:
+    """Rank 1 drops one gradient at step 2 (after two good steps): every rank must end the step with a
+    DistributedStepError naming the cause, change nothing, and exit cleanly (no abort, no hang)."""
+    _init(rank, world, port, timeout_s=5)
+    model, _ = build(Net, kind)
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 2)
+    x, y = batch(2, rank, 16, 20)
+    loss_fn(model, x, y).backward()
+    if rank == 1:
+        (model.module if kind == "ddp" else model).fc3.weight.grad = None
+    before = {n: full(p).clone() for n, p in model.named_parameters()}
+    start = time.monotonic()
+    try:
+        opt.step()
+        message = "stepped"
+    except Exception as exc:
+        message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - start
+    unchanged = all(torch.equal(full(p), before[n]) for n, p in model.named_parameters())
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message, "seconds": seconds, "unchanged": unchanged}, f)
+    dist.destroy_process_group()

@@ -50,8 +50,26 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
     rank1 = json.load(open(tmp_path / "rank1.json"))
     assert "injected failure" in rank1["message"]
     assert rank0["message"].startswith("muon.distributed.DistributedStepError"), rank0["message"]
-    assert "all_gather of the orthogonalized updates failed on rank 0 of 2" in rank0["message"]
+    # the step's first collective: the plan digest all-reduce, before any size-dependent one
+    assert "all_reduce of the plan digest failed on rank 0 of 2" in rank0["message"]
     assert rank0["seconds"] < 30  # the 3 s collective timeout, not a hang
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, kind):
+    codes = dist_scenarios.launch(
+        dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60
+    )
+    assert None not in codes, "a rank hung past the deadline"
+    assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
+    for r in range(WORLD):
+        result = json.load(open(tmp_path / f"rank{r}.json"))
+        message = result["message"]
+        assert message.startswith("muon.distributed.DistributedStepError"), message
+        # the cause, named: which parameter has a gradient on one rank and not on the other
+        assert "param_groups[0]['params'][" in message and "no gradient" in message, message
+        assert result["unchanged"], f"rank {r} changed parameters in the step that raised"
+        assert result["seconds"] < 4  # decided by the agreement, not by the 5 s collective timeout
 
 
 # ------------------------------------------------------------------- single-process pieces
@@ -100,3 +118,90 @@ def test_process_group_without_init_is_an_error():
     opt = Muon([W], process_group=object())
     with pytest.raises(ValueError, match="process_group"):
         opt.step()
+
+
+def test_share_buckets_contiguous_rows_balanced_like_lpt():
+    buckets = [(12, 64, 64), (4, 64, 256), (1, 16, 16), (3, 8, 24), (0, 4, 4)]
+    costs = [mdist.ns_flops(s, l, 5) for _, s, l in buckets]
+    for world in (1, 2, 3, 8):
+        load = [0] * world
+        share = mdist.share_buckets(buckets, world, 5, load)
+        for (count, _, _), spans in zip(buckets, share.rows, strict=True):
+            # each bucket's rows tiled in rank order: NS runs on a contiguous slice of the stack
+            assert spans[0][0] == 0 and spans[-1][1] == count
+            assert all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
+        per_rank = [sum((spans[r][1] - spans[r][0]) * c for spans, c in zip(share.rows, costs)) for r in range(world)]
+        assert per_rank == load
+        # the same loads as greedy LPT over every matrix (equal-cost matrices are interchangeable)
+        flat = [c for (count, _, _), c in zip(buckets, costs) for _ in range(count)]
+        lpt = [sum(c for c, o in zip(flat, mdist._assign(flat, world)) if o == r) for r in range(world)]
+        assert sorted(per_rank) == sorted(lpt)
+        # each rank's chunk: its rows of every bucket back to back; every chunk as wide as the busiest
+        used = [sum((spans[r][1] - spans[r][0]) * s * l for spans, (_, s, l) in zip(share.rows, buckets))
+                for r in range(world)]  # fmt: skip
+        assert share.width == max(used)
+        for r in range(world):
+            offset = 0
+            for spans, (_, s, l), offsets in zip(share.rows, buckets, share.offsets):
+                assert offsets[r] == offset
+                offset += (spans[r][1] - spans[r][0]) * s * l
+
+
+def test_plan_difference_is_named():
+    from muon.distributed.ownership import describe_difference, digest
+
+    a = ((True, (False, True, "'keller'", 5, "auto"), (((4, 6), "torch.float32", "torch.float32", "cpu"), None)),)
+    b = ((True, (False, True, "'keller'", 5, "auto"), (((4, 6), "torch.float32", "torch.float32", "cpu"),
+                                                     ((4, 6), "torch.float32", "torch.float32", "cpu"))),)  # fmt: skip
+    assert digest(a) != digest(b) and digest(a) == digest(a) and 0 <= digest(a) < 2**62
+    message = describe_difference([a, b])
+    assert message.startswith("param_groups[0]['params'][1]: rank 0 has no gradient, rank 1 has a gradient"), message
+
+
+@pytest.fixture
+def fake_world():
+    """A 2-rank process group faked inside this process (collectives move nothing)."""
+    FakeStore = pytest.importorskip("torch.testing._internal.distributed.fake_pg").FakeStore
+
+    def start(rank):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", rank=rank, world_size=2, store=FakeStore())
+
+    yield start
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _replicated_ops(layers: int) -> tuple[int, dict]:
+    from test_step_engine import _gpt_like  # GPT-2's parameter structure at width 64
+
+    from muon import Muon
+    from muon.profiling import count_dispatched_ops
+
+    torch.manual_seed(0)
+    mats, rest = _gpt_like(layers)
+    opt = Muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch")
+    for p in mats + rest:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the plan
+    with count_dispatched_ops() as ops, mdist.count_comm_bytes() as comm:
+        opt.step()
+    return ops.total, {"collectives": comm.collectives, "plan": opt._plan}
+
+
+def test_replicated_step_runs_on_the_plan_with_constant_host_cost(fake_world):
+    """A rank of a 2-rank group: the step is the engine's plan with an exchange; per step two small
+    all-reduces and one all-gather per Muon group, host cost independent of the parameter count."""
+    fake_world(1)
+    counts = {}
+    for layers in (8, 32):
+        counts[layers], info = _replicated_ops(layers)
+        plan = info["plan"]
+        assert plan is not None and plan.dist is not None
+        assert info["collectives"] == 3  # plan digest, finite flags, one all-gather (one Muon group)
+        gx = plan.dist.groups[0]
+        # rank 1 orthogonalizes about half of the rows of every bucket ((3d, d), (d, d), (4d, d) with (d, 4d))
+        for (start, stop), b in zip(gx.rows, plan.groups[0].buckets, strict=True):
+            assert abs((stop - start) - len(b.params) / 2) <= 1
+    assert counts[32] < 1.15 * counts[8], counts

@@ -24,5 +24,6 @@ def test_wheel_layout(tmp_path):
     top_level = {n.split("/")[0] for n in names}
     assert "muon/kernels/__init__.py" in names and "muon/__init__.py" in names
     assert "muon/backends/torch_ref.py" in names
+    assert "muon/distributed/__init__.py" in names and "muon/distributed/execute.py" in names
     # kernels/ must never become a top-level `kernels` module (PyPI's kernels is another package).
     assert top_level <= {"muon"} | {n for n in top_level if n.endswith((".dist-info", ".data"))}, top_level

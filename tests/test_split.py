@@ -337,7 +337,7 @@ def test_compiled_step_with_split_groups_has_no_graph_breaks():
 
 
 def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch):
-    """The distributed NS (muon.distributed) has no row blocks yet: the loop refuses up front."""
+    """The FSDP2 (DTensor) NS of muon.distributed has no row blocks yet: the loop refuses up front."""
     from muon import distributed
 
     W = torch.randn(24, 8, requires_grad=True)

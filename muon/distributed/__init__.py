@@ -1,0 +1,50 @@
+"""Distributed Muon on torch.distributed: replicated (DDP) and FSDP2-sharded parameters.
+
+`muon.Muon` uses this package from its step; users never call it directly except for the traffic
+model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepError`.
+
+* `collectives`: the collectives, their error wrapping (a failing rank becomes a
+  DistributedStepError naming the collective, at the process group's timeout) and byte counting;
+* `ownership`: which rank orthogonalizes which matrices (greedy balance by NS FLOPs, computed from
+  the engine's plan buckets) and the plan signature ranks agree on;
+* `agreement`: per step, the plan digest and the finite flags agreed over the ranks;
+* `execute`: replicated parameters run the engine's plan with the NS split over ranks and one
+  all-gather per Muon group; FSDP2 (DTensor) parameters run the per-parameter loop with an
+  owner-based all_to_all exchange;
+* `traffic`: the bytes-per-step model against distributed AdamW;
+* `checkpoint`: state-dict hooks that let distributed checkpoints carry ns_dtype.
+"""
+
+from __future__ import annotations
+
+from .agreement import finite_flags
+from .checkpoint import decode_state_dict_dtypes, encode_state_dict_dtypes
+from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
+
+# used by muon.optim and the tests
+from .execute import agree_plan as agree_plan
+from .execute import check_sharded_plan as check_sharded_plan
+from .execute import execute as execute_plan
+from .execute import loop_agree as loop_agree
+from .execute import orthogonalize_all as orthogonalize_all
+from .execute import prepare as prepare
+from .execute import splits_work as splits_work
+from .ownership import _assign as _assign
+from .ownership import _chunk_rows as _chunk_rows
+from .ownership import ns_flops as ns_flops
+from .ownership import share_buckets as share_buckets
+from .traffic import CommBytes, comm_bytes_per_step
+
+__all__ = [
+    "CommBytes",
+    "CommCounter",
+    "DistributedStepError",
+    "comm_bytes_per_step",
+    "count_comm_bytes",
+    "decode_state_dict_dtypes",
+    "encode_state_dict_dtypes",
+    "execute_plan",
+    "finite_flags",
+    "is_dtensor",
+    "replicated_group",
+]

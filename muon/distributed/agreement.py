@@ -1,0 +1,90 @@
+"""What the ranks agree on before they update: the plan, and which gradients are finite.
+
+Replicated parameters (`agree`, every step of a multi-rank process group, plan or loop):
+
+1. a MIN all-reduce of int64 [d, -d], d a digest of this rank's plan signature (which parameters
+   have gradients, their shapes and dtypes, the options that shape the work: `plan_signature`).
+   The result is [min d, -max d]: equal halves iff every rank has the same plan. Its size is fixed,
+   so it is safe whatever the ranks hold, and it precedes every collective whose size depends on
+   the plan. The verdict is read on the host: **one small host sync per step** (a device-to-host
+   copy of 16 bytes; it waits for the work queued before the step). On a mismatch every rank sees
+   the same verdict, gathers the signatures (pickled, size-safe) and raises the same
+   DistributedStepError naming the first parameter that differs; nothing was updated.
+2. a MIN all-reduce of the step's finite flags (int32, one per parameter with a gradient), so a
+   NaN on one rank skips that parameter on every rank (and nonfinite="raise" raises on every rank).
+   The flags cannot ride in the digest's all-reduce: their count depends on the plan, which is
+   what the digest checks; nor in the NS all-gather: they decide the momentum update before it.
+
+Sharded (DTensor) gradients (`finite_flags`): each rank tests its local shard and the flags are
+agreed with one MIN all-reduce per mesh, without a host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .collectives import DistributedStepError, all_gather_object, all_reduce, dist, is_dtensor
+from .ownership import describe_difference
+
+
+def _device(pg, like: torch.device | None) -> torch.device:
+    if like is not None:
+        return like
+    if dist.get_backend(pg) == "nccl":  # NCCL only moves CUDA tensors
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch.device | None) -> Tensor | None:
+    """The plan check, then the agreed (N,) finite flags (None when no rank has a gradient).
+
+    flags: this rank's (N,) bool flags; device: where the step's tensors live (None: no gradient
+    on this rank).
+    """
+    device = _device(pg, device if flags is None else flags.device)
+    word = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    all_reduce("all_reduce of the plan digest", pg, word, dist.ReduceOp.MIN)
+    low, neg_high = word.tolist()  # the step's host sync: the verdict decides the next collectives
+    if low != -neg_high:
+        seen = all_gather_object("all_gather of the plan signatures", pg, signature)
+        raise DistributedStepError(
+            "muon distributed step: the ranks of the process group are not stepping the same parameters: "
+            f"{describe_difference(seen)}. Replicated parameters need the same parameters with gradients on "
+            "every rank of `process_group` (for pipeline or tensor parallelism pass the data-parallel group "
+            "as Muon(..., process_group=...)); nothing was updated this step"
+        )
+    if flags is None:  # the digest says every rank has no gradient either
+        return None
+    agreed = flags.to(torch.int32)
+    all_reduce("all_reduce of the non-finite gradient flags", pg, agreed, dist.ReduceOp.MIN)
+    return agreed.bool()
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
+    """Per gradient: a 0-dim bool tensor, True when it is finite on every rank (None: 0 elements).
+
+    DTensor gradients are tested on their local shards (an empty shard is finite) and the flags are
+    agreed with one MIN all-reduce per mesh, so all ranks take the same decision without a host sync.
+    """
+    flags: list[Tensor | None] = [None] * len(grads)
+    locals_ = [(i, g.to_local() if is_dtensor(g) else g) for i, g in enumerate(grads) if g.numel() > 0]
+    nonempty = [(i, t) for i, t in locals_ if t.numel() > 0]
+    norms = torch._foreach_norm([t for _, t in nonempty], float("inf")) if nonempty else []
+    for (i, _), norm in zip(nonempty, norms, strict=True):
+        flags[i] = norm.isfinite()
+    by_mesh: dict = {}  # DeviceMesh -> members; fully_shard builds equal meshes per module
+    for i, t in locals_:
+        if flags[i] is None:  # an empty local shard of a non-empty parameter
+            flags[i] = torch.ones((), dtype=torch.bool, device=t.device)
+        if is_dtensor(grads[i]):
+            by_mesh.setdefault(grads[i].device_mesh, []).append(i)
+    for mesh, members in by_mesh.items():
+        agreed = torch.stack([flags[i] for i in members]).to(torch.int32)
+        for group in [mesh.get_group(d) for d in range(mesh.ndim)]:
+            all_reduce("all_reduce of the non-finite gradient flags", group, agreed, dist.ReduceOp.MIN)
+        for i, flag in zip(members, agreed.bool().unbind(), strict=True):
+            flags[i] = flag
+    return flags
