@@ -491,6 +491,22 @@ def scenario_ddp_row_blocks():
     return run
 
 
+def scenario_ddp_normuon_cautious():
+    """NorMuon and cautious weight decay on replicated parameters (the apply phase runs on every rank
+    after the all-gather): equal to one process, ranks identical."""
+
+    def run():
+        world = dist.get_world_size()
+        kw = dict(variant="normuon", cautious_weight_decay=True, ns_dtype=torch.float64)
+        ref, _ = reference_run(Net, 16, 20, world, **kw)
+        model, init = build(Net, "ddp")
+        train(model, make_optimizer(model, **kw), 16, 20, STEPS)
+        assert_matches(model, ref, init, "ddp, NorMuon + cautious weight decay")
+        assert_ranks_identical(model, "ddp, NorMuon + cautious weight decay")
+
+    return run
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -506,6 +522,7 @@ SCENARIOS = {
     "ddp_nonfinite_agreed": scenario_nonfinite_ddp(None),
     "ddp_loop_nonfinite_agreed": scenario_nonfinite_ddp(False),
     "ddp_row_blocks_gram_matches_single": scenario_ddp_row_blocks(),
+    "ddp_normuon_cautious_matches_single": scenario_ddp_normuon_cautious(),
 }
 _OUTDIR = ""
 

@@ -68,8 +68,9 @@ def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, k
         assert message.startswith("muon.distributed.DistributedStepError"), message
         # the cause, named: which parameter has a gradient on one rank and not on the other
         assert "param_groups[0]['params'][" in message and "no gradient" in message, message
+        # "no gradient" comes from the plan-digest agreement, never from a collective's timeout (which
+        # names the collective instead); no wall-clock bound here: a loaded CI machine must not flake
         assert result["unchanged"], f"rank {r} changed parameters in the step that raised"
-        assert result["seconds"] < 4  # decided by the agreement, not by the 5 s collective timeout
 
 
 # ------------------------------------------------------------------- single-process pieces
