@@ -218,7 +218,11 @@ def run(args: argparse.Namespace) -> int:
         # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
         gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")
         candidates.append(("muon[gram]", args.coefficients, lambda G=G: orthogonalize(
-            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "gram-v1", gram_flops))
+            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "torch", gram_flops))
+        if device.type == "cuda" and backends.unavailable_reason("triton", X) is None:
+            # muon's own Gram kernels (kernels/gram_ns.py), which auto does not pick until timed here
+            candidates.append(("muon[gram:triton]", args.coefficients, lambda G=G: orthogonalize(
+                G, schedule, dtype=dtype, backend="triton", algorithm="gram"), ref, "gram-v1", gram_flops))
         Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
         for peer in peer_names:
             try:
