@@ -161,3 +161,22 @@ def prescale(X: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Te
         _prescale_cast[grid](x, o, pm, m, n, *xs, o.stride(0), o.stride(1), o.stride(2), n_parts,
                              ROWS=rows, COLS=_COLS, PARTS=parts, num_warps=4)
     return out
+
+
+def ns_prologue(name: str, G: torch.Tensor, coefficients, fro_scale: float, eps: float, dtype: torch.dtype,
+                out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The checks and trivial cases every tiled NS driver starts with: (out, finished).
+
+    Raises on a bad compute dtype or a tall G (drivers take m <= n); finished is True when nothing is
+    left to compute: an empty G (out returned as allocated) or zero steps (out = the normalized G).
+    """
+    check_compute_dtype(dtype)
+    m, n = G.shape[-2], G.shape[-1]
+    if m > n:
+        raise ValueError(f"{name} expects m <= n (transpose tall inputs first), got {m}×{n}")
+    out = check_out(out, tuple(G.shape), dtype, G.device)
+    if G.numel() == 0:
+        return out, True
+    if len(coefficients) == 0:
+        return normalize(G, fro_scale, eps, dtype, out=out), True
+    return out, False

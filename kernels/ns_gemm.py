@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_compute_dtype, check_out
-from .normalize import normalize
+from .normalize import normalize, ns_prologue
 from .poly_apply import poly_apply
 from .syrk import gram, sym_poly
 
@@ -34,16 +33,11 @@ def ns_gemm(
     coefficients: one (a, b, c) per step. Returns a new contiguous tensor or writes `out` (which must not
     alias G). Scratch: two X-sized buffers and two m×m buffers per matrix, allocated per call.
     """
-    check_compute_dtype(dtype)
-    m, n = G.shape[-2], G.shape[-1]
-    if m > n:
-        raise ValueError(f"ns_gemm expects m <= n (transpose tall inputs first), got {m}×{n}")
-    out = check_out(out, tuple(G.shape), dtype, G.device)
-    if G.numel() == 0:
+    out, finished = ns_prologue("ns_gemm", G, coefficients, fro_scale, eps, dtype, out)
+    if finished:
         return out
+    m = G.shape[-2]
     steps = len(coefficients)
-    if steps == 0:
-        return normalize(G, fro_scale, eps, dtype, out=out)
     gram_shape = (*G.shape[:-1], m)
     A = torch.empty(gram_shape, dtype=dtype, device=G.device)
     P = torch.empty(gram_shape, dtype=dtype, device=G.device)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, as_batched, check_compute_dtype, check_out, dot_precision
+from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision
 
 VERSION = "v2"
 # Feature detection: GPU machines may carry an older Triton than the one this was written against.
@@ -419,18 +419,13 @@ def ns_persistent(
     Frobenius normalization rides on step 1 (see the module docstring). `out` must not alias G.
     tma forces the tensor-descriptor loads on (True) or off (False); None picks them per operand.
     """
-    from .normalize import normalize, prescale
+    from .normalize import ns_prologue, prescale
 
-    check_compute_dtype(dtype)
-    m, n = G.shape[-2], G.shape[-1]
-    if m > n:
-        raise ValueError(f"ns_persistent expects m <= n (transpose tall inputs first), got {m}×{n}")
-    out = check_out(out, tuple(G.shape), dtype, G.device)
-    if G.numel() == 0:
+    out, finished = ns_prologue("ns_persistent", G, coefficients, fro_scale, eps, dtype, out)
+    if finished:
         return out
+    m, n = G.shape[-2], G.shape[-1]
     steps = len(coefficients)
-    if steps == 0:
-        return normalize(G, fro_scale, eps, dtype, out=out)
     G3, O3 = as_batched(G, "G"), as_batched(out, "out")
     B = G3.shape[0]
     # scratch: contiguous (16-byte aligned rows whenever m, n are multiples of 8: TMA-eligible)
