@@ -690,12 +690,18 @@ class Muon(Optimizer):
         """The plan, with its distributed part when a process group of several ranks replicates the
         parameters (`muon.distributed.prepare`); None for DTensor (FSDP2) parameters and for
         parameters on several devices, which run the loop."""
-        devices = set()
+        devices, sharded = set(), False
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)  # raises on sparse gradients
-            if any(distributed.is_dtensor(t) for t in params + grads):
-                return None
+            sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
+        if sharded:  # FSDP2: row-sharded DTensors on one 1-D mesh run the plan over their local shards
+            mesh = distributed.plan_mesh(self.param_groups)
+            if mesh is None:
+                return None
+            plan = _engine.build_plan(self, key, self._run_for, plan_muon=distributed.plan_sharded_muon_group)
+            distributed.prepare_sharded(plan, self.param_groups, mesh)
+            return plan
         if len(devices) > 1:
             return None
         plan = _engine.build_plan(self, key, self._run_for)

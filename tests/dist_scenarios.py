@@ -251,6 +251,9 @@ def scenario_matches_single(kind):
         opt = make_optimizer(model)
         flops = train(model, opt, 16, 20, STEPS, flops=True)
         assert_matches(model, ref, init, f"{kind}, bf16 NS", bf16_bounds(ref, ref64, init))
+        # both on the engine's plan (FSDP2: over the local shards, expert stack and uneven rows included)
+        assert opt._plan is not None and opt._plan.dist is not None
+        assert opt._plan.dist.sharded == (kind == "fsdp")
         if kind == "ddp":
             assert_ranks_identical(model, kind)
         per_rank = gather_scalar(flops)
@@ -273,6 +276,8 @@ def scenario_more_ranks_than_matrices(kind):
         opt = make_optimizer(model, ns_dtype=torch.float64)
         train(model, opt, width, out, STEPS)
         assert_matches(model, ref, init, kind)
+        if kind == "fsdp_dim1":  # Shard(1): not the owner plan's layout, the loop runs
+            assert opt._plan is None
         if kind == "ddp":
             assert_ranks_identical(model, kind)
 
@@ -507,6 +512,60 @@ def scenario_ddp_normuon_cautious():
     return run
 
 
+class Deep(nn.Module):
+    """`layers` blocks of two 16×16 Muon matrices with biases (AdamW), each block its own FSDP unit."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(layers))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def scenario_fsdp_on_plan():
+    """FSDP2 parameters step through the engine's plan: momentum a DTensor over the local rows of
+    a bucket stack (ZeRO-1), a fixed number of collectives (digest, flags, one gather and one
+    scatter all_to_all per shape bucket) and dispatched ops that do not grow with the layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    from muon.distributed import count_comm_bytes
+    from muon.profiling import count_dispatched_ops
+
+    ops = {}
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        model = Deep(layers)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        opt = make_optimizer(model, ns_dtype=torch.float32)
+        train(model, opt, 16, 4, 1)
+        plan = opt._plan
+        assert plan is not None and plan.dist is not None and plan.dist.sharded, "FSDP2 step ran the loop"
+        weight = model.blocks[0][0].weight
+        buf = opt.state[weight]["momentum_buffer"]
+        assert type(buf).__name__ == "DTensor" and buf.placements == weight.placements and buf.shape == weight.shape
+        bucket = next(b for g in plan.groups if g.use_muon for b in g.buckets if b.whole_params[0] is weight)
+        # the local rows only, a view of the bucket's stack
+        assert buf.to_local().shape == weight.to_local().shape == (8, 16)
+        assert buf.to_local().data_ptr() == bucket.momentum.data_ptr()
+        assert bucket.momentum.shape == (2 * layers, 8, 16)
+        x, y = batch(9, dist.get_rank(), 16, 4)
+        loss_fn(model, x, y).backward()
+        with count_dispatched_ops() as counted, count_comm_bytes() as comm:
+            opt.step()
+        opt.zero_grad()
+        assert opt._plan is plan, "the plan was rebuilt"
+        # the plan digest, the flags, and the gather and scatter of the one (16, 16) bucket
+        assert comm.collectives == 4, comm.collectives
+        ops[layers] = counted.total
+    assert ops[8] < 1.15 * ops[2], ops
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -523,6 +582,7 @@ SCENARIOS = {
     "ddp_loop_nonfinite_agreed": scenario_nonfinite_ddp(False),
     "ddp_row_blocks_gram_matches_single": scenario_ddp_row_blocks(),
     "ddp_normuon_cautious_matches_single": scenario_ddp_normuon_cautious(),
+    "fsdp_step_on_the_plan": scenario_fsdp_on_plan,
 }
 _OUTDIR = ""
 

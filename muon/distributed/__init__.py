@@ -29,6 +29,9 @@ from .execute import loop_agree as loop_agree
 from .execute import orthogonalize_all as orthogonalize_all
 from .execute import prepare as prepare
 from .execute import splits_work as splits_work
+from .sharded import plan_mesh as plan_mesh
+from .sharded import plan_muon_group as plan_sharded_muon_group
+from .sharded import prepare as prepare_sharded
 from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops

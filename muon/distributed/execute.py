@@ -73,6 +73,7 @@ class Exchange:
     digest: int
     device: torch.device | None
     groups: dict[int, GroupExchange] = field(default_factory=dict)  # by group index
+    sharded: bool = False  # FSDP2 (DTensor) parameters: `muon.distributed.sharded` runs the step
 
 
 def prepare(plan: _engine.Plan, param_groups: list[dict], pg) -> Exchange:
@@ -121,6 +122,10 @@ def execute(plan: _engine.Plan, param_groups: list[dict], ok_all: Tensor | None,
     """`muon._engine.execute` for a plan with an Exchange: NS split over ranks, one all-gather per
     Muon group. ok_all: the agreed flags."""
     ex: Exchange = plan.dist
+    if ex.sharded:
+        from . import sharded
+
+        return sharded.execute(plan, param_groups, ok_all, fused_adamw)
     for gplan in plan.groups:
         group = param_groups[gplan.index]
         if not gplan.use_muon:
