@@ -152,8 +152,9 @@ class Muon(Optimizer):
     Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
     parameters over ``process_group`` (default: the world once initialized) on the same plan as one
     process (each rank orthogonalizes its rows of every bucket, one all-gather per group), FSDP2
-    DTensor parameters over their own mesh in the loop, with momentum left sharded. With replicated
-    parameters every step first checks that all ranks hold the same plan and agrees the finite flags
+    DTensor parameters (Shard(0), 1-D mesh) over their own mesh on a plan of their local shards, with
+    momentum left sharded (owner all-to-alls per bucket; other layouts run the loop). Every
+    multi-rank step first checks that all ranks hold the same plan and agrees the finite flags
     (two small all-reduces and one host sync per step), so a NaN on one rank skips the parameter on
     every rank and a gradient missing on one rank is a DistributedStepError on every rank.
     """
@@ -688,7 +689,8 @@ class Muon(Optimizer):
 
     def _build_plan(self, key: tuple, pg) -> _engine.Plan | None:
         """The plan, with its distributed part when a process group of several ranks replicates the
-        parameters (`muon.distributed.prepare`); None for DTensor (FSDP2) parameters and for
+        parameters (`muon.distributed.prepare`) or for row-sharded FSDP2 DTensors (over their local
+        shards, `muon.distributed.sharded`); None for other DTensor layouts (`plan_mesh`) and for
         parameters on several devices, which run the loop."""
         devices, sharded = set(), False
         for index, group in enumerate(self.param_groups):
@@ -699,7 +701,7 @@ class Muon(Optimizer):
             mesh = distributed.plan_mesh(self.param_groups)
             if mesh is None:
                 return None
-            plan = _engine.build_plan(self, key, self._run_for, plan_muon=distributed.plan_sharded_muon_group)
+            plan = _engine.build_plan(self, key, self._run_for, plan_muon=distributed.plan_muon_group)
             distributed.prepare_sharded(plan, self.param_groups, mesh)
             return plan
         if len(devices) > 1:

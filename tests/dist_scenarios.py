@@ -517,7 +517,9 @@ class Deep(nn.Module):
 
     def __init__(self, layers: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(layers)
+        )
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,6 +568,49 @@ def scenario_fsdp_on_plan():
     assert ops[8] < 1.15 * ops[2], ops
 
 
+def scenario_fsdp_plan_equals_loop():
+    """FSDP2 on the plan computes the bits of the per-parameter loop (foreach=False), parameters and
+    momentum, with a non-finite gradient shard skipped on the way; nonfinite="raise" raises on every
+    rank and changes nothing."""
+    runs = []
+    for foreach in (None, False):
+        model, _ = build(Net, "fsdp")
+        opt = make_optimizer(model, foreach=foreach)
+        for step in range(STEPS):
+            x, y = batch(step, dist.get_rank(), 16, 20)
+            loss_fn(model, x, y).backward()
+            if step == 1 and dist.get_rank() == 1:
+                model.fc3.weight.grad.to_local()[0, 1] = float("nan")
+            _step(opt, False, None)
+        assert (opt._plan is not None) == (foreach is None)
+        runs.append((model, opt))
+    (plan_model, plan_opt), (loop_model, loop_opt) = runs
+    for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
+        assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ"
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "nonfinite_skips"):
+            if key in loop_opt.state[q]:
+                a, b = plan_opt.state[p][key], loop_opt.state[q][key]
+                assert torch.equal(full(a), full(b)), f"{name}: state {key} differs between the plan and the loop"
+    assert int(plan_opt.state[plan_model.fc3.weight]["nonfinite_skips"]) == 1
+
+    opt = make_optimizer(plan_model, nonfinite="raise")
+    before = {n: full(p).clone() for n, p in plan_model.named_parameters()}
+    x, y = batch(9, dist.get_rank(), 16, 20)
+    loss_fn(plan_model, x, y).backward()
+    if dist.get_rank() == 1:
+        plan_model.head.bias.grad.to_local()[0] = float("inf")
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "non-finite gradient" in str(exc) and "params" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {dist.get_rank()} stepped although rank 1 holds an inf gradient shard")
+    assert opt._plan is not None
+    for n, p in plan_model.named_parameters():
+        assert torch.equal(full(p), before[n]), f"{n} changed although the step raised"
+    opt.zero_grad()
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -583,6 +628,7 @@ SCENARIOS = {
     "ddp_row_blocks_gram_matches_single": scenario_ddp_row_blocks(),
     "ddp_normuon_cautious_matches_single": scenario_ddp_normuon_cautious(),
     "fsdp_step_on_the_plan": scenario_fsdp_on_plan,
+    "fsdp_plan_equals_loop": scenario_fsdp_plan_equals_loop,
 }
 _OUTDIR = ""
 

@@ -20,7 +20,9 @@ flags (two small all-reduces, one host sync). The loop (foreach=False, or parame
 devices) does the same check and agreement (`loop_agree`) and runs the NS of replicated parameters
 on every rank, unsplit: it is the readable reference.
 
-FSDP2 (DTensor) parameters run the per-parameter loop of `muon.optim` with `orthogonalize_all`,
+FSDP2 (DTensor) parameters row-sharded on one 1-D mesh run the plan (`muon.distributed.sharded`,
+same exchange as below over local-shard stacks); other DTensor layouts, and foreach=False, run the
+per-parameter loop of `muon.optim` with `orthogonalize_all`,
 after `check_sharded_plan` (the plan-digest all-reduce on their mesh, one host sync). Momentum is
 a DTensor, so each rank stores only its shard (ZeRO-1 memory, one buffer). Each row-sharded
 matrix gets an owner rank (same greedy balance); per same-shape bucket one all_to_all gathers the
