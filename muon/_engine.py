@@ -153,6 +153,7 @@ class MuonBucket:
     # Row-sharded DTensor (FSDP2) members (`muon.distributed.sharded`): the stacks hold the local
     # rows only; params and gradients are the parameters' local shards, read every step.
     sharded: bool = False
+    exchange: object | None = None  # sharded row buckets: muon.distributed.sharded.RowExchange
 
     @property
     def params(self) -> list[Tensor]:

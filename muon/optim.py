@@ -353,8 +353,8 @@ class Muon(Optimizer):
                 "moments are per parameter, the blocks' per block); use one or the other in a group"
             )
         if group["variant"] == "normuon":
-            # FSDP2 parameters step on their shards (the per-parameter loop), where NorMuon's row
-            # moments and norms would need DTensor state: refused until the step handles them.
+            # FSDP2 parameters step on their row shards, where NorMuon's row moments and norms
+            # would need the owner's full rows: refused until the step handles them.
             for i, p in enumerate(group["params"]):
                 if distributed.is_dtensor(p):
                     raise ValueError(

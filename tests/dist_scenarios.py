@@ -570,12 +570,12 @@ def scenario_fsdp_on_plan():
 
 def scenario_fsdp_plan_equals_loop():
     """FSDP2 on the plan computes the bits of the per-parameter loop (foreach=False), parameters and
-    momentum, with a non-finite gradient shard skipped on the way; nonfinite="raise" raises on every
-    rank and changes nothing."""
+    momentum, with cautious weight decay and a non-finite gradient shard skipped on the way;
+    nonfinite="raise" raises on every rank and changes nothing."""
     runs = []
     for foreach in (None, False):
         model, _ = build(Net, "fsdp")
-        opt = make_optimizer(model, foreach=foreach)
+        opt = make_optimizer(model, foreach=foreach, cautious_weight_decay=True)
         for step in range(STEPS):
             x, y = batch(step, dist.get_rank(), 16, 20)
             loss_fn(model, x, y).backward()

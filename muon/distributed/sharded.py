@@ -114,8 +114,8 @@ def _adopt_local(state: dict, key: str, view: Tensor, like) -> None:
 
 
 def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
-    """`_engine._plan_muon_group` for row-sharded DTensors (module docstring). Each bucket gets an
-    `exchange` attribute: its RowExchange, or None for a local bucket."""
+    """`_engine._plan_muon_group` for row-sharded DTensors (module docstring). A row bucket's
+    `exchange` is its RowExchange; a local bucket's is None."""
     flatten = group["flatten"]
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
     layout: dict[tuple, list] = {}
@@ -198,7 +198,6 @@ def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
             opmath=out_dtype,
             sharded=True,
         )
-        bucket.exchange = None
         if kind == "rows":
             owners = [owner[j] for _, _, _, j in members]
             order = [k for q in range(world) for k, o in enumerate(owners) if o == q]
