@@ -57,6 +57,12 @@ MUON_PLAN_KEYS = (
 )  # fmt: skip
 
 
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (its `_local_tensor`, an attribute read: no dispatch, and it
+    follows FSDP2 re-pointing a parameter at new storage), or t itself."""
+    return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
+
+
 def opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-step scalars are applied in: fp64 for fp64 tensors, fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -144,11 +150,17 @@ class MuonBucket:
     # Block members keep the parameter's momentum_buffer as their own tensor: (stack views, the same
     # blocks of the momentum buffers), copied into the stack before the step and back after it.
     mirrors: tuple[list[Tensor], list[Tensor]] | None = None
+    # Row-sharded DTensor (FSDP2) members (`muon.distributed.sharded`): the stacks hold the local
+    # rows only; params and gradients are the parameters' local shards, read every step.
+    sharded: bool = False
+    exchange: object | None = None  # sharded row buckets: muon.distributed.sharded.RowExchange
 
     @property
     def params(self) -> list[Tensor]:
         """Per member, the parameter elements it updates (block members: a view of their rows,
         taken every step so that it follows the parameter's storage)."""
+        if self.sharded:
+            return [local(p) for p in self.whole_params]
         if self.mirrors is None:
             return self.whole_params
         return [mb.source(mb.param, write=True) for mb in self.members]
@@ -159,6 +171,8 @@ class MuonBucket:
         return self.work_stack_views if self.work is not None else self.params
 
     def grads(self) -> list[Tensor]:
+        if self.sharded:
+            return [local(p.grad) for p in self.whole_params]
         if self.mirrors is None:
             return [p.grad for p in self.whole_params]
         return [mb.source(mb.param.grad) for mb in self.members]
@@ -180,6 +194,14 @@ class AdamWBucket:
     work_views: list[Tensor]
     opmath: torch.dtype
     fusable: bool  # torch._fused_adamw_ applies (same parameter and gradient dtype, CPU or CUDA)
+    # DTensor (FSDP2) parameters: params holds the DTensors, everything else their local shards
+    sharded: bool = False
+
+    def local_params(self) -> list[Tensor]:
+        return [local(p) for p in self.params] if self.sharded else self.params
+
+    def targets(self, params: list[Tensor]) -> list[Tensor]:
+        return self.work_views if self.work is not None else params
 
 
 @dataclass
@@ -235,12 +257,15 @@ def _adopt(state: dict, key: str, view: Tensor) -> None:
     state[key] = view
 
 
-def build_plan(opt, key: tuple, run_for) -> Plan:
+def build_plan(opt, key: tuple, run_for, plan_muon=None) -> Plan:
     """Buckets and stacked state for every group; adopts existing state bit for bit.
 
     `run_for(group, X, algorithm)` returns the NS run function for the group's backend and NS
     algorithm ("standard" or "gram") on stack X (raises a ValueError naming the group when it cannot run).
+    plan_muon: the planner of Muon groups, `_plan_muon_group`'s signature (None: that one); FSDP2
+    (DTensor) parameters use `muon.distributed.sharded.plan_muon_group`.
     """
+    plan_muon = plan_muon or _plan_muon_group
     groups, flag_params, where = [], [], []
     for gi, group in enumerate(opt.param_groups):
         gplan = GroupPlan(gi, group["use_muon"])
@@ -253,7 +278,7 @@ def build_plan(opt, key: tuple, run_for) -> Plan:
                 flag_params.append(p)
                 where.append((gi, i))
         if group["use_muon"]:
-            _plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for)
+            plan_muon(opt, gplan, group, with_grad, flag_pos, run_for)
         else:
             _plan_adamw_group(opt, gplan, group, with_grad, flag_pos)
     return Plan(key, groups, flag_params, where)
@@ -446,18 +471,19 @@ def _plan_adamw_group(opt, gplan, group, with_grad, flag_pos) -> None:
             state = opt.state[p]
             _adopt(state, "step", step)  # a torch.optim.AdamW state keeps step on the CPU: copied here
             _adopt(state, "nonfinite_skips", skip)
-        sizes = [p.numel() for p in params]
+        shards = [local(p) for p in params]  # DTensors: the local shards (foreach over those)
+        sizes = [p.numel() for p in shards]
         grad_flat = torch.empty(sum(sizes), dtype=gdtype, device=device)
-        grad_views = [v.view(p.shape) for v, p in zip(grad_flat.split(sizes), params, strict=True)]
-        work, work_views = None, params
+        grad_views = [v.view(p.shape) for v, p in zip(grad_flat.split(sizes), shards, strict=True)]
+        work, work_views = None, []
         if pdtype not in (torch.float32, torch.float64):
             work = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-            work_views = [v.view(p.shape) for v, p in zip(work.split(sizes), params, strict=True)]
+            work_views = [v.view(p.shape) for v, p in zip(work.split(sizes), shards, strict=True)]
         gplan.buckets.append(
             AdamWBucket(
                 params=params,
-                exp_avgs=[opt.state[p]["exp_avg"] for p in params],
-                exp_avg_sqs=[opt.state[p]["exp_avg_sq"] for p in params],
+                exp_avgs=[local(opt.state[p]["exp_avg"]) for p in params],
+                exp_avg_sqs=[local(opt.state[p]["exp_avg_sq"]) for p in params],
                 steps=steps,
                 step_views=step_views,
                 skips=skips,
@@ -469,6 +495,7 @@ def _plan_adamw_group(opt, gplan, group, with_grad, flag_pos) -> None:
                 work_views=work_views,
                 opmath=opmath(pdtype),
                 fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
+                sharded=shards[0] is not params[0],
             )
         )
 
@@ -478,7 +505,14 @@ def finite_flags(plan: Plan) -> Tensor | None:
     """(N,) bool on the device: gradient j of plan.flag_params is finite. One multi-tensor norm."""
     if not plan.flag_params:
         return None
-    norms = torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))
+    # DTensor gradients: the local shard's flag; the ranks agree them
+    grads = [local(p.grad) for p in plan.flag_params]
+    if any(g.numel() == 0 for g in grads):  # a rank holding no rows of a sharded parameter: finite
+        nonempty = [g for g in grads if g.numel() > 0]
+        norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
+        zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+        return torch.stack([next(norms) if g.numel() > 0 else zero for g in grads]).isfinite()
+    norms = torch._foreach_norm(grads, float("inf"))
     return torch.stack(norms).isfinite()
 
 
@@ -646,18 +680,19 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
-    grads = [p.grad for p in b.params]
+    params = b.local_params()
+    grads = [local(p.grad) for p in b.params]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     if fused and ok_all is None and b.fusable and not cautious:
         torch._foreach_add_(b.step_views, 1)
         torch._fused_adamw_(
-            b.params, grads, b.exp_avgs, b.exp_avg_sqs, [], b.step_views,
+            params, grads, b.exp_avgs, b.exp_avg_sqs, [], b.step_views,
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
         )  # fmt: skip
         return
     device = b.steps.device
     if ok_all is None:  # known finite, not fusable: the masked arithmetic below with every flag true
-        ok = torch.ones(len(b.params), dtype=torch.bool, device=device)
+        ok = torch.ones(len(params), dtype=torch.bool, device=device)
     else:
         ok = ok_all[b.flag_index]
         torch._foreach_copy_(b.grad_views, grads)
@@ -682,9 +717,9 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
     torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(b.exp_avgs, denom)
-    target = b.work_views
+    target = b.targets(params)
     if b.work is not None:
-        torch._foreach_copy_(target, b.params)
+        torch._foreach_copy_(target, params)
     if wd != 0:
         decay = _per_param(ok, 1 - lr * wd, 1.0, dtype, device)
         # cautious: updates = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
@@ -692,7 +727,7 @@ def adamw_bucket_step(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused:
         torch._foreach_mul_(target, decay)
     torch._foreach_addcmul_(target, updates, _as_list(step_size))
     if b.work is not None:
-        torch._foreach_copy_(b.params, target)
+        torch._foreach_copy_(params, target)
 
 
 def first_nonfinite(plan: Plan, ok_all: Tensor) -> tuple[int, int] | None:

@@ -152,8 +152,9 @@ class Muon(Optimizer):
     Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
     parameters over ``process_group`` (default: the world once initialized) on the same plan as one
     process (each rank orthogonalizes its rows of every bucket, one all-gather per group), FSDP2
-    DTensor parameters over their own mesh in the loop, with momentum left sharded. With replicated
-    parameters every step first checks that all ranks hold the same plan and agrees the finite flags
+    DTensor parameters (Shard(0), 1-D mesh) over their own mesh on a plan of their local shards, with
+    momentum left sharded (owner all-to-alls per bucket; other layouts run the loop). Every
+    multi-rank step first checks that all ranks hold the same plan and agrees the finite flags
     (two small all-reduces and one host sync per step), so a NaN on one rank skips the parameter on
     every rank and a gradient missing on one rank is a DistributedStepError on every rank.
     """
@@ -352,8 +353,8 @@ class Muon(Optimizer):
                 "moments are per parameter, the blocks' per block); use one or the other in a group"
             )
         if group["variant"] == "normuon":
-            # FSDP2 parameters step on their shards (the per-parameter loop), where NorMuon's row
-            # moments and norms would need DTensor state: refused until the step handles them.
+            # FSDP2 parameters step on their row shards, where NorMuon's row moments and norms
+            # would need the owner's full rows: refused until the step handles them.
             for i, p in enumerate(group["params"]):
                 if distributed.is_dtensor(p):
                     raise ValueError(
@@ -688,14 +689,21 @@ class Muon(Optimizer):
 
     def _build_plan(self, key: tuple, pg) -> _engine.Plan | None:
         """The plan, with its distributed part when a process group of several ranks replicates the
-        parameters (`muon.distributed.prepare`); None for DTensor (FSDP2) parameters and for
+        parameters (`muon.distributed.prepare`) or for row-sharded FSDP2 DTensors (over their local
+        shards, `muon.distributed.sharded`); None for other DTensor layouts (`plan_mesh`) and for
         parameters on several devices, which run the loop."""
-        devices = set()
+        devices, sharded = set(), False
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group, index)  # raises on sparse gradients
-            if any(distributed.is_dtensor(t) for t in params + grads):
-                return None
+            sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
+        if sharded:  # FSDP2: row-sharded DTensors on one 1-D mesh run the plan over their local shards
+            mesh = distributed.plan_mesh(self.param_groups)
+            if mesh is None:
+                return None
+            plan = _engine.build_plan(self, key, self._run_for, plan_muon=distributed.plan_muon_group)
+            distributed.prepare_sharded(plan, self.param_groups, mesh)
+            return plan
         if len(devices) > 1:
             return None
         plan = _engine.build_plan(self, key, self._run_for)

@@ -251,6 +251,9 @@ def scenario_matches_single(kind):
         opt = make_optimizer(model)
         flops = train(model, opt, 16, 20, STEPS, flops=True)
         assert_matches(model, ref, init, f"{kind}, bf16 NS", bf16_bounds(ref, ref64, init))
+        # both on the engine's plan (FSDP2: over the local shards, expert stack and uneven rows included)
+        assert opt._plan is not None and opt._plan.dist is not None
+        assert opt._plan.dist.sharded == (kind == "fsdp")
         if kind == "ddp":
             assert_ranks_identical(model, kind)
         per_rank = gather_scalar(flops)
@@ -273,6 +276,8 @@ def scenario_more_ranks_than_matrices(kind):
         opt = make_optimizer(model, ns_dtype=torch.float64)
         train(model, opt, width, out, STEPS)
         assert_matches(model, ref, init, kind)
+        if kind == "fsdp_dim1":  # Shard(1): not the owner plan's layout, the loop runs
+            assert opt._plan is None
         if kind == "ddp":
             assert_ranks_identical(model, kind)
 
@@ -507,6 +512,105 @@ def scenario_ddp_normuon_cautious():
     return run
 
 
+class Deep(nn.Module):
+    """`layers` blocks of two 16×16 Muon matrices with biases (AdamW), each block its own FSDP unit."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(layers)
+        )
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def scenario_fsdp_on_plan():
+    """FSDP2 parameters step through the engine's plan: momentum a DTensor over the local rows of
+    a bucket stack (ZeRO-1), a fixed number of collectives (digest, flags, one gather and one
+    scatter all_to_all per shape bucket) and dispatched ops that do not grow with the layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    from muon.distributed import count_comm_bytes
+    from muon.profiling import count_dispatched_ops
+
+    ops = {}
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        model = Deep(layers)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        opt = make_optimizer(model, ns_dtype=torch.float32)
+        train(model, opt, 16, 4, 1)
+        plan = opt._plan
+        assert plan is not None and plan.dist is not None and plan.dist.sharded, "FSDP2 step ran the loop"
+        weight = model.blocks[0][0].weight
+        buf = opt.state[weight]["momentum_buffer"]
+        assert type(buf).__name__ == "DTensor" and buf.placements == weight.placements and buf.shape == weight.shape
+        bucket = next(b for g in plan.groups if g.use_muon for b in g.buckets if b.whole_params[0] is weight)
+        # the local rows only, a view of the bucket's stack
+        assert buf.to_local().shape == weight.to_local().shape == (8, 16)
+        assert buf.to_local().data_ptr() == bucket.momentum.data_ptr()
+        assert bucket.momentum.shape == (2 * layers, 8, 16)
+        x, y = batch(9, dist.get_rank(), 16, 4)
+        loss_fn(model, x, y).backward()
+        with count_dispatched_ops() as counted, count_comm_bytes() as comm:
+            opt.step()
+        opt.zero_grad()
+        assert opt._plan is plan, "the plan was rebuilt"
+        # the plan digest, the flags, and the gather and scatter of the one (16, 16) bucket
+        assert comm.collectives == 4, comm.collectives
+        ops[layers] = counted.total
+    assert ops[8] < 1.15 * ops[2], ops
+
+
+def scenario_fsdp_plan_equals_loop():
+    """FSDP2 on the plan computes the bits of the per-parameter loop (foreach=False), parameters and
+    momentum, with cautious weight decay and a non-finite gradient shard skipped on the way;
+    nonfinite="raise" raises on every rank and changes nothing."""
+    runs = []
+    for foreach in (None, False):
+        model, _ = build(Net, "fsdp")
+        opt = make_optimizer(model, foreach=foreach, cautious_weight_decay=True)
+        for step in range(STEPS):
+            x, y = batch(step, dist.get_rank(), 16, 20)
+            loss_fn(model, x, y).backward()
+            if step == 1 and dist.get_rank() == 1:
+                model.fc3.weight.grad.to_local()[0, 1] = float("nan")
+            _step(opt, False, None)
+        assert (opt._plan is not None) == (foreach is None)
+        runs.append((model, opt))
+    (plan_model, plan_opt), (loop_model, loop_opt) = runs
+    for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
+        assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ"
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "nonfinite_skips"):
+            if key in loop_opt.state[q]:
+                a, b = plan_opt.state[p][key], loop_opt.state[q][key]
+                assert torch.equal(full(a), full(b)), f"{name}: state {key} differs between the plan and the loop"
+    assert int(plan_opt.state[plan_model.fc3.weight]["nonfinite_skips"]) == 1
+
+    opt = make_optimizer(plan_model, nonfinite="raise")
+    before = {n: full(p).clone() for n, p in plan_model.named_parameters()}
+    x, y = batch(9, dist.get_rank(), 16, 20)
+    loss_fn(plan_model, x, y).backward()
+    if dist.get_rank() == 1:
+        plan_model.head.bias.grad.to_local()[0] = float("inf")
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "non-finite gradient" in str(exc) and "params" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {dist.get_rank()} stepped although rank 1 holds an inf gradient shard")
+    assert opt._plan is not None
+    for n, p in plan_model.named_parameters():
+        assert torch.equal(full(p), before[n]), f"{n} changed although the step raised"
+    opt.zero_grad()
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -523,6 +627,8 @@ SCENARIOS = {
     "ddp_loop_nonfinite_agreed": scenario_nonfinite_ddp(False),
     "ddp_row_blocks_gram_matches_single": scenario_ddp_row_blocks(),
     "ddp_normuon_cautious_matches_single": scenario_ddp_normuon_cautious(),
+    "fsdp_step_on_the_plan": scenario_fsdp_on_plan,
+    "fsdp_plan_equals_loop": scenario_fsdp_plan_equals_loop,
 }
 _OUTDIR = ""
 

@@ -9,8 +9,10 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
   the engine's plan buckets) and the plan signature ranks agree on;
 * `agreement`: per step, the plan digest and the finite flags agreed over the ranks;
 * `execute`: replicated parameters run the engine's plan with the NS split over ranks and one
-  all-gather per Muon group; FSDP2 (DTensor) parameters run the per-parameter loop with an
-  owner-based all_to_all exchange;
+  all-gather per Muon group; DTensor layouts other than FSDP2's row sharding run the per-parameter
+  loop with an owner-based all_to_all exchange;
+* `sharded`: row-sharded FSDP2 (DTensor) parameters on the engine's plan over their local shards,
+  with the owner all_to_all exchange per bucket;
 * `traffic`: the bytes-per-step model against distributed AdamW;
 * `checkpoint`: state-dict hooks that let distributed checkpoints carry ns_dtype.
 """
@@ -33,6 +35,9 @@ from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops
 from .ownership import share_buckets as share_buckets
+from .sharded import plan_mesh as plan_mesh
+from .sharded import plan_muon_group as plan_muon_group
+from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)
 from .traffic import CommBytes, comm_bytes_per_step
 
 __all__ = [

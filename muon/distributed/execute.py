@@ -20,7 +20,9 @@ flags (two small all-reduces, one host sync). The loop (foreach=False, or parame
 devices) does the same check and agreement (`loop_agree`) and runs the NS of replicated parameters
 on every rank, unsplit: it is the readable reference.
 
-FSDP2 (DTensor) parameters run the per-parameter loop of `muon.optim` with `orthogonalize_all`,
+FSDP2 (DTensor) parameters row-sharded on one 1-D mesh run the plan (`muon.distributed.sharded`,
+same exchange as below over local-shard stacks); other DTensor layouts, and foreach=False, run the
+per-parameter loop of `muon.optim` with `orthogonalize_all`,
 after `check_sharded_plan` (the plan-digest all-reduce on their mesh, one host sync). Momentum is
 a DTensor, so each rank stores only its shard (ZeRO-1 memory, one buffer). Each row-sharded
 matrix gets an owner rank (same greedy balance); per same-shape bucket one all_to_all gathers the
@@ -73,6 +75,7 @@ class Exchange:
     digest: int
     device: torch.device | None
     groups: dict[int, GroupExchange] = field(default_factory=dict)  # by group index
+    sharded: bool = False  # FSDP2 (DTensor) parameters: `muon.distributed.sharded` runs the step
 
 
 def prepare(plan: _engine.Plan, param_groups: list[dict], pg) -> Exchange:
@@ -121,6 +124,10 @@ def execute(plan: _engine.Plan, param_groups: list[dict], ok_all: Tensor | None,
     """`muon._engine.execute` for a plan with an Exchange: NS split over ranks, one all-gather per
     Muon group. ok_all: the agreed flags."""
     ex: Exchange = plan.dist
+    if ex.sharded:
+        from . import sharded
+
+        return sharded.execute(plan, param_groups, ok_all, fused_adamw)
     for gplan in plan.groups:
         group = param_groups[gplan.index]
         if not gplan.use_muon:

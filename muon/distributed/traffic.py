@@ -129,9 +129,8 @@ def comm_bytes_per_step(
                 if r != owner:
                     sent[r] += spans[r][1] * n * gb  # gather: my rows of j to its owner
                     sent[owner] += spans[r][1] * n * nb  # scatter: the owner returns r's rows
-    # the plan digest (int64 [d, -d]) on the mesh, then one all-reduce of int32 non-finite flags per
-    # group (as counted: rounded per collective)
-    flags = all_reduce_bytes(2, 8, W) + sum(
-        all_reduce_bytes(len(shapes), 4, W) for shapes in (muon_shapes, adamw_shapes) if shapes
-    )
+    # the agreement on the mesh, as for replicated parameters: int64 [digest, -digest], then one int32
+    # finite flag per non-empty parameter in one all-reduce
+    flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
+    flags = all_reduce_bytes(2, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
     return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
