@@ -244,10 +244,6 @@ def plan_key(param_groups: list[dict], version: int) -> tuple:
     return tuple(key)
 
 
-def _zeros(shape, like: Tensor, dtype=None) -> Tensor:
-    return torch.zeros(shape, dtype=dtype or like.dtype, device=like.device)
-
-
 def _adopt(state: dict, key: str, view: Tensor) -> None:
     """Copy an existing state tensor (a previous plan's, a loaded state dict's) into the stack view,
     and make the view the state: `state[p][key]` stays per parameter, its storage is the stack."""
