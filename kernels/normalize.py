@@ -109,6 +109,18 @@ def _row_split(m: int) -> tuple[int, int]:
     return rows, triton.cdiv(m, rows)
 
 
+def _layout(X: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None):
+    """What `normalize` and `prescale` share: checks, the (B, m, n) views of X and out, and the row split
+    of the partial reductions: (out, X3, O3, rows, n_parts, parts); X3 is None for an empty X."""
+    check_compute_dtype(dtype)
+    out = check_out(out, tuple(X.shape), dtype, X.device)
+    X3, O3 = as_batched(X, "X"), as_batched(out, "out")
+    if X3.numel() == 0:
+        return out, None, None, 0, 0, 0
+    rows, n_parts = _row_split(X3.shape[1])
+    return out, X3, O3, rows, n_parts, next_pow2(n_parts)
+
+
 def normalize(
     X: torch.Tensor, fro_scale: float, eps: float, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -117,14 +129,10 @@ def normalize(
     Returns a new contiguous tensor of X's shape, or writes into `out` (any strides) and returns it.
     fro_scale and eps are runtime arguments: changing them never recompiles.
     """
-    check_compute_dtype(dtype)
-    out = check_out(out, tuple(X.shape), dtype, X.device)
-    X3, O3 = as_batched(X, "X"), as_batched(out, "out")
-    B, m, n = X3.shape
-    if X3.numel() == 0:
+    out, X3, O3, rows, n_parts, parts = _layout(X, dtype, out)
+    if X3 is None:
         return out
-    rows, n_parts = _row_split(m)
-    parts = next_pow2(n_parts)
+    B, m, n = X3.shape
     part_max = torch.empty((B, n_parts), dtype=torch.float32, device=X.device)
     part_ss = torch.empty((B, n_parts), dtype=torch.float32, device=X.device)
     num_warps = 4
@@ -144,14 +152,10 @@ def prescale(X: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Te
     """X / max|X| per matrix (a zero matrix stays zero), in `dtype`: the first half of `normalize`, for
     kernels that take the Frobenius norm from the Gram diagonal instead (kernels/persistent.py).
     Every entry lies in [-1, 1], so the squares summed later can neither under- nor overflow."""
-    check_compute_dtype(dtype)
-    out = check_out(out, tuple(X.shape), dtype, X.device)
-    X3, O3 = as_batched(X, "X"), as_batched(out, "out")
-    B, m, n = X3.shape
-    if X3.numel() == 0:
+    out, X3, O3, rows, n_parts, parts = _layout(X, dtype, out)
+    if X3 is None:
         return out
-    rows, n_parts = _row_split(m)
-    parts = next_pow2(n_parts)
+    B, m, n = X3.shape
     part_max = torch.empty((B, n_parts), dtype=torch.float32, device=X.device)
     for lo, hi in batch_chunks(B):
         x, o, pm = X3[lo:hi], O3[lo:hi], part_max[lo:hi]

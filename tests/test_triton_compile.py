@@ -19,17 +19,24 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bf16_kernels_compile_for_sm90_without_spills():
+def _resource_usage(*args: str) -> subprocess.CompletedProcess:
+    """`python -m muon.kernels.resource_usage ARGS` compiled for sm_90a (not interpreted), or a skip
+    when this Triton wheel carries no ptxas/cuobjdump."""
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(bundled, tool)) for tool in ("ptxas", "cuobjdump")):
         pytest.skip("this Triton wheel carries no ptxas/cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "muon.kernels.resource_usage"],
+        [sys.executable, "-W", "ignore", "-m", "muon.kernels.resource_usage", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_bf16_kernels_compile_for_sm90_without_spills():
+    run = _resource_usage()
     rows = [line for line in run.stdout.splitlines() if line.startswith("bf16")]
     assert len(rows) >= 12, run.stdout
     for line in rows:
@@ -48,17 +55,7 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
 
 def test_persistent_kernels_compile_without_spills_in_every_dtype():
     """fp16 and fp32 plans of the v2 kernels too (fp32: FMA products, no wgmma, smaller tiles)."""
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bundled, tool)) for tool in ("ptxas", "cuobjdump")):
-        pytest.skip("this Triton wheel carries no ptxas/cuobjdump")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "muon.kernels.resource_usage", "--only", "persistent",
-         "--dtypes", "fp16,fp32"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _resource_usage("--only", "persistent", "--dtypes", "fp16,fp32")
     rows = [line for line in run.stdout.splitlines() if line.startswith(("fp16", "fp32"))]
     assert len(rows) == 16, run.stdout
     for line in rows:
