@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision
+from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision, store_symmetric_tile
 
 VERSION = "v2"
 # Feature detection: GPU machines may carry an older Triton than the one this was written against.
@@ -125,10 +125,7 @@ def _sym_persistent(
             acc += be * tl.load(cp, mask=valid, other=0.0).to(tl.float32)
         res = acc.to(OUT.dtype.element_ty)
         o_base = OUT + b64 * s_ob
-        lower = offs_i[:, None] >= offs_j[None, :]
-        tl.store(o_base + oi[:, None] * s_om + oj[None, :] * s_on, res, mask=valid & lower)
-        upper_t = offs_j[:, None] < offs_i[None, :]
-        tl.store(o_base + oj[:, None] * s_om + oi[None, :] * s_on, tl.trans(res), mask=tl.trans(valid) & upper_t)
+        store_symmetric_tile(o_base, res, offs_i, offs_j, valid, s_om, s_on)
 
 
 @triton.jit

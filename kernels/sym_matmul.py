@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._common import store_symmetric_tile
+
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (the batch): longer stacks launch in chunks
 
@@ -70,11 +72,7 @@ def _matmul_kernel(
     out = acc.to(C.dtype.element_ty)
     c_base = C + bid * s_cb
     if SYMMETRIC:
-        # Tiles on and below the diagonal: off the diagonal every row index exceeds every column
-        # index, so "m >= n" keeps the whole tile there and the lower half of a diagonal tile.
-        tl.store(c_base + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=valid & (rm[:, None] >= rn[None, :]))
-        # mirrored: element (m, n) also goes to (n, m), except the diagonal itself (written above)
-        tl.store(c_base + rn[None, :] * s_cm + rm[:, None] * s_cn, out, mask=valid & (rm[:, None] > rn[None, :]))
+        store_symmetric_tile(c_base, out, rm, rn, valid, s_cm, s_cn)
     else:
         tl.store(c_base + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=valid)
 

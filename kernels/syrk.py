@@ -27,6 +27,7 @@ from ._common import (
     check_out,
     dot_precision,
     next_pow2,
+    store_symmetric_tile,
 )
 
 
@@ -107,12 +108,7 @@ def _syrk_kernel(
     res = acc.to(OUT.dtype.element_ty)
 
     o_base = OUT + b * s_ob
-    lower = offs_i[:, None] >= offs_j[None, :]  # all true off the diagonal (ti > tj)
-    tl.store(o_base + oi[:, None] * s_om + oj[None, :] * s_on, res, mask=valid & lower)
-    # the mirror, stored from the transposed tile so the writes stay row-contiguous
-    upper_t = offs_j[:, None] < offs_i[None, :]
-    mirror = o_base + oj[:, None] * s_om + oi[None, :] * s_on
-    tl.store(mirror, tl.trans(res), mask=tl.trans(valid) & upper_t)
+    store_symmetric_tile(o_base, res, offs_i, offs_j, valid, s_om, s_on)
 
 
 def _launch(X3, C3, O3, alpha: float, beta: float, dtype: torch.dtype) -> None:
