@@ -26,10 +26,10 @@ from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is
 # used by muon.optim and the tests
 from .execute import agree_plan as agree_plan
 from .execute import check_sharded_plan as check_sharded_plan
-from .execute import execute as execute_plan
 from .execute import loop_agree as loop_agree
 from .execute import orthogonalize_all as orthogonalize_all
 from .execute import prepare as prepare
+from .execute import replicated_ns as replicated_ns
 from .execute import splits_work as splits_work
 from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
@@ -38,6 +38,7 @@ from .ownership import share_buckets as share_buckets
 from .sharded import plan_mesh as plan_mesh
 from .sharded import plan_muon_group as plan_muon_group
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)
+from .sharded import sharded_ns as sharded_ns
 from .traffic import CommBytes, comm_bytes_per_step
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "count_comm_bytes",
     "decode_state_dict_dtypes",
     "encode_state_dict_dtypes",
-    "execute_plan",
     "finite_flags",
     "is_dtensor",
     "replicated_group",

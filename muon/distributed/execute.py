@@ -1,7 +1,7 @@
 """Running a distributed step: replicated parameters on the engine's plan, DTensors in the loop.
 
 Replicated parameters (DDP, or plain tensors once a multi-rank process group exists) run the
-engine's plan (`muon._engine`), the same buckets and stacked state as one process. `prepare` adds
+engine's plan (`muon.engine`), the same buckets and stacked state as one process. `prepare` adds
 to the plan who orthogonalizes which rows of every Muon bucket (`ownership.share_buckets`) and the
 all-gather buffers. A step (`execute`), per Muon group:
 
@@ -36,54 +36,25 @@ NS work is not split).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
-from .. import _engine
 from .._shapes import matrix_shape
 from ..coefficients import Schedule
+from ..engine import Plan, bucket_ns
 from .agreement import agree
 from .collectives import _all_to_all_async, all_gather_into, dist, is_dtensor
-from .ownership import GroupShare, _chunk_rows, digest, ns_flops, plan_sharded, plan_signature, share_buckets
+from .exchange import Exchange, GroupExchange
+from .ownership import _chunk_rows, digest, ns_flops, plan_sharded, plan_signature, share_buckets
 
 
 # ------------------------------------------------------------------------ replicated, on the plan
-@dataclass
-class GroupExchange:
-    """One Muon group's NS split and all-gather buffers (see the module docstring)."""
-
-    share: GroupShare
-    rows: list[tuple[int, int]]  # this rank's (start, stop) rows of each bucket
-    send: Tensor  # (width,) this rank's chunk, in the NS dtype (padding stays zero)
-    gathered: Tensor  # (W·width,) every rank's chunk
-    send_views: list[Tensor]  # (stop - start, s, l) views of send, per bucket with rows here
-    results: list[Tensor]  # (B, s, l) per bucket: every rank's NS results, in plan order
-    recv_views: list[Tensor]  # pieces of gathered ...
-    result_views: list[Tensor]  # ... and where they go in results
-
-
-@dataclass
-class Exchange:
-    """The distributed part of a plan (`muon._engine.Plan.dist`)."""
-
-    pg: object
-    world: int
-    rank: int
-    signature: tuple
-    digest: int
-    device: torch.device | None
-    groups: dict[int, GroupExchange] = field(default_factory=dict)  # by group index
-    sharded: bool = False  # FSDP2 (DTensor) parameters: `muon.distributed.sharded` runs the step
-
-
-def prepare(plan: _engine.Plan, param_groups: list[dict], pg) -> Exchange:
+def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
     """Attach to `plan` who orthogonalizes which rows, and the buffers of the step's all-gathers."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     signature = plan_signature(param_groups)
     device = plan.flag_params[0].device if plan.flag_params else None
-    ex = Exchange(pg, world, rank, signature, digest(signature), device)
+    ex = Exchange(pg, world, rank, signature, digest(signature), device, ns_phase=replicated_ns)
     load = [0] * world
     for gplan in plan.groups:
         if not gplan.use_muon or not gplan.buckets:
@@ -114,44 +85,27 @@ def prepare(plan: _engine.Plan, param_groups: list[dict], pg) -> Exchange:
     return ex
 
 
-def agree_plan(plan: _engine.Plan, ok: Tensor | None) -> Tensor | None:
+def agree_plan(plan: Plan, ok: Tensor | None) -> Tensor | None:
     """`agreement.agree` with this plan's digest: the agreed flags (see muon.distributed.agreement)."""
     ex: Exchange = plan.dist
     return agree(ex.pg, ex.digest, ex.signature, ok, ex.device)
 
 
-def execute(plan: _engine.Plan, param_groups: list[dict], ok_all: Tensor | None, fused_adamw: bool) -> None:
-    """`muon._engine.execute` for a plan with an Exchange: NS split over ranks, one all-gather per
-    Muon group. ok_all: the agreed flags."""
+def replicated_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
+    """The NS phase of replicated parameters (`muon.engine.execute`): each rank orthogonalizes its
+    rows of every bucket of the group, one all-gather hands every rank every result."""
     ex: Exchange = plan.dist
-    if ex.sharded:
-        from . import sharded
-
-        return sharded.execute(plan, param_groups, ok_all, fused_adamw)
-    for gplan in plan.groups:
-        group = param_groups[gplan.index]
-        if not gplan.use_muon:
-            for bucket in gplan.buckets:
-                _engine.adamw_bucket_step(bucket, group, ok_all, fused_adamw)
-            continue
-        gx = ex.groups.get(gplan.index)
-        if gx is None:
-            continue
-        for b in gplan.buckets:  # row-block members keep their momentum outside the stack
-            _engine.mirror_in(b)
-        phases = [_engine.muon_bucket_momentum(b, group, ok_all) for b in gplan.buckets]
-        mine = [
-            _engine.bucket_ns(b, U[start:stop])
-            for b, (U, _), (start, stop) in zip(gplan.buckets, phases, gx.rows, strict=True)
-            if stop > start
-        ]
-        if mine:
-            torch._foreach_copy_(gx.send_views, mine)
-        all_gather_into("all_gather of the orthogonalized updates", ex.pg, gx.gathered, gx.send)
-        torch._foreach_copy_(gx.result_views, gx.recv_views)
-        for b, (_, masks), O in zip(gplan.buckets, phases, gx.results, strict=True):
-            _engine.muon_bucket_apply(b, group, O, masks)
-            _engine.mirror_out(b)
+    gx = ex.groups[gplan.index]
+    mine = [
+        bucket_ns(b, ph.U[start:stop])
+        for b, ph, (start, stop) in zip(gplan.buckets, phases, gx.rows, strict=True)
+        if stop > start
+    ]
+    if mine:
+        torch._foreach_copy_(gx.send_views, mine)
+    all_gather_into("all_gather of the orthogonalized updates", ex.pg, gx.gathered, gx.send)
+    torch._foreach_copy_(gx.result_views, gx.recv_views)
+    return gx.results
 
 
 # ---------------------------------------------------------------------------- the loop's hooks

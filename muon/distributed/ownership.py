@@ -1,6 +1,6 @@
 """Which rank orthogonalizes which matrices, and what every rank must agree on.
 
-Replicated parameters: the engine's plan (`muon._engine.build_plan`) groups a Muon group's matrices
+Replicated parameters: the engine's plan (`muon.engine.build_plan`) groups a Muon group's matrices
 into buckets of one shape (B matrices of s×l). `share_buckets` gives every matrix of the step an
 owner by greedy longest-processing-time over its NS FLOPs (`muon.flops.newton_schulz_flops`); the
 matrices of one bucket cost the same, so only how many each rank gets matters, and each rank owns a

@@ -33,11 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _engine
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
+from ..engine import Plan, bucket_ns
+from ..engine.plan import Member, MuonBucket, Planner, link_empty_muon, local
+from ..functional import opmath
 from ..newton_schulz import orthogonalize, resolve_dtype
 from .collectives import _all_to_all_async, dist, is_dtensor
+from .exchange import Exchange
 from .ownership import _chunk_rows, digest, ns_flops, plan_sharded, plan_signature
 
 
@@ -99,66 +102,57 @@ class _Orthogonalize:
         return orthogonalize(X, schedule, dtype=dtype, backend=self.backend)
 
 
-def _adopt_local(state: dict, key: str, view: Tensor, like) -> None:
-    """`_engine._adopt` for a DTensor state: the old value's local shard into the stack view, and
-    the state a DTensor laid out like the parameter whose local tensor is the view."""
+def _as_dtensor(view: Tensor, like) -> Tensor:
+    """A DTensor laid out like `like` whose local tensor is `view` (state of a sharded parameter)."""
     from torch.distributed.tensor import DTensor
 
-    old = state.get(key)
-    if old is not None:
-        old = old.to_local() if is_dtensor(old) else old
-        view.copy_(old.reshape(view.shape))
-    state[key] = DTensor.from_local(
-        view, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
+    return DTensor.from_local(view, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())  # fmt: skip
 
 
-def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
-    """`_engine._plan_muon_group` for row-sharded DTensors (module docstring). A row bucket's
-    `exchange` is its RowExchange; a local bucket's is None."""
+def plan_muon_group(planner: Planner, gplan, group, with_grad, flag_pos) -> None:
+    """`muon.engine.plan.plan_muon_group` for row-sharded DTensors (module docstring): buckets of
+    local rows; a row bucket's `exchange` is its RowExchange, a local bucket's None."""
     flatten = group["flatten"]
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
     layout: dict[tuple, list] = {}
     entries, world, rank = [], 1, 0
     local_costs = None
     for i, p in with_grad:
-        state = opt.state[p]
         mesh = p.device_mesh
         world, rank = mesh.size(), mesh.get_local_rank()
         if local_costs is None:
             local_costs = [0] * world
         if p.numel() == 0:  # nothing to orthogonalize; state as the loop keeps it
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            _engine._init_counter(state, p.device)
+            link_empty_muon(planner, p, group, f"param_groups[{gplan.index}]['params'][{i}]")
             continue
         batch, m, n = matrix_shape(p.shape, flatten)
         if p.ndim > 2 and not flatten:  # an expert stack: whole matrices on each rank
             for r, (_, count) in enumerate(_chunk_rows(p.shape[0], world)):
                 local_costs[r] += count * (batch // p.shape[0]) * ns_flops(m, n, schedule.steps)
-            count = _engine.local(p).numel() // (m * n)
+            count = local(p).numel() // (m * n)
             layout.setdefault(("local", m, n, p.dtype, p.grad.dtype), []).append((i, p, count, None))
         else:
             layout.setdefault(("rows", m, n, p.dtype, p.grad.dtype), []).append((i, p, 1, len(entries)))
             entries.append(((m, n, p.grad.dtype), m, n))
     owner = plan_sharded(entries, local_costs or [0] * world, world, schedule.steps).owner if entries else ()
     for (kind, m, n, pdtype, gdtype), members in layout.items():
-        device = _engine.local(members[0][1]).device
+        device = local(members[0][1]).device
         r = _chunk_rows(m, world)[rank][1] if kind == "rows" else m
         B = sum(count for _, _, count, _ in members)
         shape = (B, r, n)
         grad_stack = torch.empty(shape, dtype=gdtype, device=device)
         momentum = torch.zeros(shape, dtype=gdtype, device=device)
         skips = torch.zeros(len(members), dtype=torch.int64, device=device)
-        out_dtype = _engine.opmath(pdtype)
+        out_dtype = opmath(pdtype)
         out = grad_stack if out_dtype == gdtype else torch.empty(shape, dtype=out_dtype, device=device)
         work = torch.empty(shape, dtype=torch.float32, device=device) if pdtype not in (
             torch.float32, torch.float64) else None  # fmt: skip
         mbs, offset = [], 0
         grad_views, momentum_views, out_views, work_views = [], [], [], []
         for (i, p, count, _), skip in zip(members, skips.unbind(), strict=True):
-            mb = _engine.Member(i, p, offset, count, False)
-            local_shape = _engine.local(p).shape
+            mb = Member(i, p, offset, count, False)
+            local_shape = local(p).shape
 
             def view(stack, mb=mb, local_shape=local_shape):
                 return stack[mb.offset : mb.offset + mb.count].view(local_shape)
@@ -168,14 +162,13 @@ def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
             out_views.append(view(out))
             if work is not None:
                 work_views.append(view(work))
-            state = opt.state[p]
-            _adopt_local(state, "momentum_buffer", momentum_views[-1], p)
-            _engine._init_counter(state, p.device)
-            _engine._adopt(state, "nonfinite_skips", skip)
+            where = f"param_groups[{gplan.index}]['params'][{i}]"
+            planner.link(p, "momentum_buffer", momentum_views[-1], where, value=_as_dtensor(momentum_views[-1], p))
+            planner.link(p, "nonfinite_skips", skip, where)
             mbs.append(mb)
             offset += count
         scale = update_scale(group["adjust_lr_fn"], m, n)
-        bucket = _engine.MuonBucket(
+        bucket = MuonBucket(
             members=mbs,
             whole_params=[p for _, p, _, _ in members],
             grad_stack=grad_stack,
@@ -192,7 +185,7 @@ def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
             scales=torch.full((B,), scale, dtype=torch.float64, device=device),
             work=work,
             work_stack_views=work_views,
-            run=_Orthogonalize(group["backend"]),
+            run=_Orthogonalize(group["backend"]),  # the loop's call: its NS is bit-equal to the loop's
             schedule=schedule,
             ns_dtype=resolve_dtype(group["ns_dtype"], device),
             opmath=out_dtype,
@@ -215,70 +208,61 @@ def plan_muon_group(opt, gplan, group, with_grad, flag_pos, run_for) -> None:
         gplan.buckets.append(bucket)
 
 
-def prepare(plan: _engine.Plan, param_groups: list[dict], mesh) -> None:
-    """Attach the Exchange (the mesh's process group, the digest) to a plan of sharded groups."""
-    from .execute import Exchange
-
+def prepare(plan: Plan, param_groups: list[dict], mesh) -> None:
+    """Attach the Exchange (the mesh's process group, the digest, the NS phase) to a plan of sharded groups."""
     pg = mesh.get_group()
     signature = plan_signature(param_groups)
-    device = _engine.local(plan.flag_params[0]).device if plan.flag_params else None
+    device = local(plan.flag_params[0]).device if plan.flag_params else None
     plan.dist = Exchange(pg, dist.get_world_size(pg), dist.get_rank(pg), signature, digest(signature), device,
-                         sharded=True)  # fmt: skip
+                         sharded=True, ns_phase=sharded_ns)  # fmt: skip
 
 
-def execute(plan: _engine.Plan, param_groups: list[dict], ok_all: Tensor | None, fused_adamw: bool) -> None:
-    """The step of a sharded plan (module docstring); ok_all: the agreed flags."""
+def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
+    """The NS phase of a sharded plan (`muon.engine.execute`, module docstring): per row bucket an
+    owner all-to-all of the momentum-corrected local rows, NS of the owned full matrices, an
+    all-to-all of the results' rows back; local buckets (expert stacks) orthogonalize in place."""
     ex = plan.dist
     pg, world, rank = ex.pg, ex.world, ex.rank
-    for gplan in plan.groups:
-        group = param_groups[gplan.index]
-        if not gplan.use_muon:
-            for bucket in gplan.buckets:
-                _engine.adamw_bucket_step(bucket, group, ok_all, fused_adamw)
+    # 1. every row bucket's gather: this rank's rows of each matrix to the matrix's owner
+    gathers = []
+    for b, ph in zip(gplan.buckets, phases, strict=True):
+        x = b.exchange
+        if x is None:
             continue
-        phases = [_engine.muon_bucket_momentum(b, group, ok_all) for b in gplan.buckets]
-        # 1. every row bucket's gather: this rank's rows of each matrix to the matrix's owner
-        gathers = []
-        for b, (U, _) in zip(gplan.buckets, phases, strict=True):
-            x = b.exchange
-            if x is None:
-                continue
-            rows_me = x.spans[rank][1]
-            send = U.index_select(0, x.perm).reshape(-1)
-            send_splits = [x.sent[q] * rows_me * x.n for q in range(world)]
-            recv_splits = [x.owned * x.spans[q][1] * x.n for q in range(world)]
-            recv, work = _all_to_all_async(
-                "all_to_all gathering full matrices on their owner ranks", pg, rank, send, send_splits, recv_splits
-            )
-            gathers.append((b, work, recv, recv_splits))
-        # local buckets (expert stacks): NS where the matrices are
-        results = {}
-        for b, (U, _) in zip(gplan.buckets, phases, strict=True):
-            if b.exchange is None:
-                results[id(b)] = _engine.bucket_ns(b, U) if U.numel() else U
-        # 2. per row bucket: wait for its gather, NS of the owned matrices, scatter the rows back
-        scatters = []
-        for b, work, recv, recv_splits in gathers:
-            x = b.exchange
-            work.wait()
-            if x.owned:
-                blocks = [piece.view(x.owned, rows, x.n) for piece, (_, rows) in zip(
-                    recv.split(recv_splits), x.spans, strict=True)]  # fmt: skip
-                result = _engine.bucket_ns(b, torch.cat(blocks, dim=1))  # (owned, m, n) in ns_dtype
-                send = torch.cat([result[:, start : start + size].reshape(-1) for start, size in x.spans])
-            else:
-                send = torch.empty(0, dtype=b.ns_dtype, device=recv.device)
-            rows_me = x.spans[rank][1]
-            send_splits = [x.owned * x.spans[q][1] * x.n for q in range(world)]
-            back_splits = [x.sent[q] * rows_me * x.n for q in range(world)]
-            back, work = _all_to_all_async(
-                "all_to_all scattering orthogonalized rows back to their shards", pg, rank, send, send_splits,
-                back_splits,
-            )
-            scatters.append((b, work, back))
-        for b, work, back in scatters:
-            work.wait()
-            results[id(b)] = back.view(b.grad_stack.shape).index_select(0, b.exchange.inverse)
-        # 3. the engine's apply phase on the local stacks
-        for b, (_, masks) in zip(gplan.buckets, phases, strict=True):
-            _engine.muon_bucket_apply(b, group, results[id(b)], masks)
+        rows_me = x.spans[rank][1]
+        send = ph.U.index_select(0, x.perm).reshape(-1)
+        send_splits = [x.sent[q] * rows_me * x.n for q in range(world)]
+        recv_splits = [x.owned * x.spans[q][1] * x.n for q in range(world)]
+        recv, work = _all_to_all_async(
+            "all_to_all gathering full matrices on their owner ranks", pg, rank, send, send_splits, recv_splits
+        )
+        gathers.append((b, work, recv, recv_splits))
+    # local buckets (expert stacks): NS where the matrices are
+    results = {}
+    for b, ph in zip(gplan.buckets, phases, strict=True):
+        if b.exchange is None:
+            results[id(b)] = bucket_ns(b, ph.U) if ph.U.numel() else ph.U
+    # 2. per row bucket: wait for its gather, NS of the owned matrices, scatter the rows back
+    scatters = []
+    for b, work, recv, recv_splits in gathers:
+        x = b.exchange
+        work.wait()
+        if x.owned:
+            blocks = [piece.view(x.owned, rows, x.n) for piece, (_, rows) in zip(
+                recv.split(recv_splits), x.spans, strict=True)]  # fmt: skip
+            result = bucket_ns(b, torch.cat(blocks, dim=1))  # (owned, m, n) in ns_dtype
+            send = torch.cat([result[:, start : start + size].reshape(-1) for start, size in x.spans])
+        else:
+            send = torch.empty(0, dtype=b.ns_dtype, device=recv.device)
+        rows_me = x.spans[rank][1]
+        send_splits = [x.owned * x.spans[q][1] * x.n for q in range(world)]
+        back_splits = [x.sent[q] * rows_me * x.n for q in range(world)]
+        back, work = _all_to_all_async(
+            "all_to_all scattering orthogonalized rows back to their shards", pg, rank, send, send_splits,
+            back_splits,
+        )
+        scatters.append((b, work, back))
+    for b, work, back in scatters:
+        work.wait()
+        results[id(b)] = back.view(b.grad_stack.shape).index_select(0, b.exchange.inverse)
+    return [results[id(b)] for b in gplan.buckets]

@@ -1,0 +1,162 @@
+"""Checkpoints of `muon.Muon`: state dicts that load into muon.Muon, torch.optim.Muon and
+torch.optim.AdamW (and from them), validated before anything changes; pickling and deep copies."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import distributed, options
+from .functional import neuron_shape, opmath
+
+# Keys of state[p] per group kind (torch.optim.Muon and torch.optim.AdamW keep subsets of these).
+STATE_KEYS = {True: frozenset({"momentum_buffer", "nonfinite_skips", "normuon_v"}),
+              False: frozenset({"step", "exp_avg", "exp_avg_sq", "nonfinite_skips"})}
+CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust_lr_fn in a state dict
+# Attributes beyond torch's (defaults, state, param_groups) that the step needs; torch's
+# __getstate__ drops them, so deepcopy and pickle would give an optimizer that cannot step.
+# The plan and the resolved backends do not travel: they are rebuilt from the state.
+PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
+# Options added later than a pickle or state dict may be: their defaults give the behaviour of before.
+NEW_OPTIONS = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False,
+               "ns_algorithm": "standard", "split": None, "heads": None}
+
+
+def encode_callables(state_dict: dict) -> dict:
+    """A callable adjust_lr_fn is saved as the string "callable:<module>.<qualname>" (a function is
+    not data); loading it keeps the callable of the optimizer being loaded into, which must have one."""
+    for group in state_dict["param_groups"]:
+        fn = group.get("adjust_lr_fn")
+        if callable(fn):
+            name = getattr(fn, "__qualname__", type(fn).__qualname__)
+            group["adjust_lr_fn"] = f"{CALLABLE}{getattr(fn, '__module__', None)}.{name}"
+    return state_dict
+
+
+def after_load(opt, state_dict: dict) -> None:
+    """What torch's load_state_dict leaves to us: NorMuon moments in opmath, every group's
+    defaults, int64 counters."""
+    restore_normuon_dtype(opt, state_dict)
+    for group in opt.param_groups:
+        defaults = opt.defaults if group["use_muon"] else opt._adamw_defaults
+        for key, value in defaults.items():
+            if key != "differentiable":  # torch's __setstate__ adds it to defaults; no group of ours has it
+                group.setdefault(key, value)
+    for state in opt.state.values():  # torch casts every loaded tensor but "step" to the parameter's dtype
+        skips = state.get("nonfinite_skips")
+        if skips is not None and skips.dtype != torch.int64:
+            state["nonfinite_skips"] = skips.to(torch.int64)
+
+
+def upgrade(opt) -> None:
+    """After unpickling or torch's __setstate__: attributes and group options of older versions."""
+    opt.__dict__.setdefault("nonfinite", "skip")
+    opt.__dict__.setdefault("process_group", None)
+    opt.__dict__.setdefault("foreach", None)
+    for key, value in NEW_OPTIONS.items():
+        opt.defaults.setdefault(key, value)
+    for group in opt.param_groups:  # a loaded group without them takes this optimizer's defaults
+        for key in NEW_OPTIONS if group.get("use_muon", True) else ("cautious_weight_decay",):
+            group.setdefault(key, opt.defaults[key])
+    opt.__dict__.setdefault("_adamw_defaults", {"lr": opt.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
+                                                "weight_decay": opt.defaults["weight_decay"]})
+    # The dtype hooks live in torch's hook dicts, which torch does not pickle: register them again.
+    if distributed.encode_state_dict_dtypes not in opt._optimizer_state_dict_post_hooks.values():
+        opt.register_state_dict_post_hook(distributed.encode_state_dict_dtypes)
+    if distributed.decode_state_dict_dtypes not in opt._optimizer_load_state_dict_pre_hooks.values():
+        opt.register_load_state_dict_pre_hook(distributed.decode_state_dict_dtypes)
+
+
+def restore_normuon_dtype(opt, state_dict: dict) -> None:
+    """torch casts loaded state to the parameter's dtype; NorMuon's second moments live in opmath
+    (fp32 for bf16/fp16 parameters): take them from the state dict as saved, bit for bit."""
+    for saved, group in zip(state_dict["param_groups"], opt.param_groups):
+        for pid, p in zip(saved["params"], group["params"]):
+            value = state_dict["state"].get(pid, {}).get("normuon_v")
+            if value is not None and opt.state[p]["normuon_v"].dtype != opmath(p.dtype):
+                opt.state[p]["normuon_v"] = value.to(device=p.device, dtype=opmath(p.dtype), copy=True)
+
+def checked_state_dict(opt, state_dict: dict) -> dict:
+    """A copy of state_dict with each group's kind (and callable adjust_lr_fn) resolved; raises on misfits."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (Optimizer.state_dict())")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
+    ):
+        return state_dict  # torch's own check names the mismatch
+    decoded = distributed.decode_state_dict_dtypes(opt, state_dict)["param_groups"]
+    groups = []
+    for index, (saved, current, group) in enumerate(zip(saved_groups, opt.param_groups, decoded)):
+        where = f"state_dict['param_groups'][{index}]"
+        kind = current["use_muon"]
+        name = {True: "a Muon", False: "an AdamW"}
+        if "use_muon" in saved:
+            saved_kind = saved["use_muon"]
+        elif ("ns_coefficients" in saved) != ("betas" in saved):  # torch.optim.Muon / torch.optim.AdamW
+            saved_kind = "ns_coefficients" in saved
+        else:
+            saved_kind = kind
+        if saved_kind != kind:
+            raise ValueError(
+                f"{where} is {name[not kind]} group, but param_groups[{index}] of this optimizer is "
+                f"{name[kind]} group; build the optimizer with the groups of the saved one"
+            )
+        if saved.get("amsgrad") or saved.get("maximize"):
+            raise ValueError(f"{where} has amsgrad or maximize set; muon's AdamW groups support neither")
+        if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+            raise ValueError(f"{where} is torch.optim.Adam's (L2 weight decay); AdamW groups decouple it")
+        group = {**group, "use_muon": kind}
+        fn = group.get("adjust_lr_fn")
+        if isinstance(fn, str) and fn.startswith(CALLABLE):
+            if not callable(current.get("adjust_lr_fn")):
+                raise ValueError(
+                    f"{where} was saved with a callable adjust_lr_fn ({fn[len(CALLABLE):]}); build the "
+                    "optimizer with that callable before loading (functions are not saved in checkpoints)"
+                )
+            group["adjust_lr_fn"] = current["adjust_lr_fn"]
+        merged = {**(opt.defaults if kind else {**opt.defaults, **opt._adamw_defaults}), **group}
+        try:
+            options.check_group({**merged, "params": current["params"]}, index, opt._runs)
+        except ValueError as error:
+            raise ValueError(f"cannot load {where}: {error}") from None
+        check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where,
+                                flatten=merged.get("flatten", False))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
+
+def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: str, flatten: bool = False) -> None:
+    allowed = STATE_KEYS[kind]
+    for j, (pid, p) in enumerate(zip(ids, params)):
+        saved = state.get(pid)
+        if saved is None:
+            continue
+        at = f"{where}['params'][{j}] (state[{pid!r}])"
+        extra = set(saved) - allowed
+        if extra:
+            raise ValueError(
+                f"{at} holds {sorted(extra)}, which {'a Muon' if kind else 'an AdamW'} group does not keep "
+                f"(it keeps {sorted(allowed)}): the state was saved for another kind of group"
+            )
+        moments = {"step", "exp_avg", "exp_avg_sq"} & set(saved)
+        if not kind and moments and len(moments) != 3:  # the step would start all three afresh
+            raise ValueError(f"{at} must hold all of step, exp_avg and exp_avg_sq, or none")
+        for key, value in saved.items():
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{at}: {key} must be a Tensor, got {type(value).__name__}")
+            if key in ("momentum_buffer", "exp_avg", "exp_avg_sq") and (
+                tuple(value.shape) != tuple(p.shape) or not value.is_floating_point()
+            ):
+                raise ValueError(
+                    f"{at}: {key} is {tuple(value.shape)} {value.dtype}, the parameter is {tuple(p.shape)}"
+                )
+            if key == "normuon_v" and (
+                tuple(value.shape) != neuron_shape(p.shape, flatten) or not value.is_floating_point()
+            ):
+                raise ValueError(
+                    f"{at}: normuon_v is {tuple(value.shape)} {value.dtype}, NorMuon keeps one entry per "
+                    f"matrix row of the parameter: {neuron_shape(p.shape, flatten)}"
+                )
+            if key in ("step", "nonfinite_skips") and value.numel() != 1:
+                raise ValueError(f"{at}: {key} must have one element, got shape {tuple(value.shape)}")
+

@@ -1,0 +1,13 @@
+"""The fast step of `muon.Muon`: plan once (`plan`), then a few batched launches per shape bucket,
+computed first and committed after (`execute`). The reference it must match bit for bit is the
+per-parameter loop of `muon.reference`; both take their formulas from `muon.functional`."""
+
+from __future__ import annotations
+
+from .execute import bucket_ns, execute, finite_flags, first_nonfinite, local_ns
+from .plan import MUON_PLAN_KEYS, Plan, build_plan, current, local, plan_key
+
+__all__ = [
+    "MUON_PLAN_KEYS", "Plan", "bucket_ns", "build_plan", "current", "execute", "finite_flags", "first_nonfinite",
+    "local", "local_ns", "plan_key",
+]  # fmt: skip

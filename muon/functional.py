@@ -1,0 +1,200 @@
+"""Every formula of a Muon step, once: the reference loop (`muon.reference`), the step engine
+(`muon.engine`) and the distributed phases (`muon.distributed`) all import these.
+
+Each function computes new values without writing optimizer state or parameters: a step first
+computes everything (momentum, NS, NorMuon moments, AdamW moments, decay factors) into new or
+scratch tensors, and only then commits it with in-place copies and adds (`commit_*`), so a step
+that raises on the way changes nothing (see `muon.engine.execute`).
+
+Scalars that differ per parameter (lr·s, decay, lerp weights of skipped parameters) are 0-dim or
+(P,) device tensors built with `masked`, never host values read back, so a step has no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-step scalars are applied in: fp64 for fp64 tensors, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked(ok: Tensor | None, value, otherwise: float, dtype: torch.dtype, device) -> Tensor:
+    """A device tensor: `value` where ok, else `otherwise` (ok None: every parameter is finite).
+
+    ok is 0-dim or (P,) bool; value a Python number (rounded once from double, as a scalar argument
+    is, through torch.full), a 0-dim tensor or a tensor broadcastable against ok. Never a host sync.
+    """
+    if not isinstance(value, Tensor):
+        value = torch.full((), value, dtype=dtype, device=device)
+    else:
+        value = value.to(device=device, dtype=dtype)
+    return value if ok is None else torch.where(ok, value, otherwise)
+
+
+def as_list(values: Tensor) -> list[Tensor] | Tensor:
+    """Per-parameter 0-dim scalars for a multi-tensor op: one tensor for all, or a list of views."""
+    return list(values.unbind()) if values.ndim else values
+
+
+# ------------------------------------------------------------------------------ Muon momentum
+def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, nesterov: bool) -> tuple[Tensor, Tensor]:
+    """torch.optim.Muon's momentum, without writing the buffer: (next buffer, NS input U).
+
+        B' = lerp(B, G, 1 - momentum)          (weight: 1 - momentum, 0 for a skipped parameter)
+        U  = lerp(G, B', momentum) if nesterov else B'
+
+    G is scratch (the gathered, sanitized gradient): with nesterov it is overwritten by U.
+    `torch.lerp(B, G, w)` is bit for bit `B.lerp_(G, w)`; the caller commits B' with a copy.
+    """
+    nxt = torch.lerp(buf, G, weight)
+    return nxt, (G.lerp_(nxt, momentum) if nesterov else nxt)
+
+
+# ------------------------------------------------------------------------------------ NorMuon
+def normuon_update(
+    X: Tensor, scale: Tensor, beta2: float, eps: float, rows: Tensor | None, cols: Tensor | None = None,
+    row_matrices: Tensor | None = None, ok_mat: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """NorMuon (Li et al. 2025, arXiv 2510.05491, Algorithm 1; as microsoft/dion's dion/normuon.py):
+    X (B, s, l), O in opmath, becomes (-lr·s)·O' in place; returns the next moments (rows', cols').
+
+        q = mean over each neuron of O²                (a neuron: a row of the m×n matrix)
+        v = β2·v + (1 - β2)·q                          (normuon_v; no bias correction)
+        d = sqrt(v) + eps
+        O' = (O / d) · ‖O‖_F / max(‖O / d‖_F, eps)     (neurons normalized, Frobenius norm of O kept)
+
+    The norms come from q: ‖O‖²_F = n·Σq and ‖O/d‖²_F = n·Σ q/d², so after the squares and their
+    means everything per matrix is arithmetic on (B, m) vectors. rows (B, s): moments of matrices
+    whose neurons are stack rows; cols (B, l): of matrices stored transposed (neurons are stack
+    columns); row_matrices (B, 1) bool says which is which when both are present. Skipped matrices
+    (ok_mat False) keep v; their scale is 0. The moments are returned, not written.
+    """
+    sq = X.square()
+    B, s, l = X.shape
+    dtype = X.dtype
+
+    def factors(q: Tensor, v: Tensor, k: int, select: Tensor | None) -> tuple[Tensor, Tensor]:
+        weight = torch.full((B, 1), 1 - beta2, dtype=dtype, device=X.device)
+        if ok_mat is not None:
+            weight = torch.where(ok_mat.reshape(-1, 1), weight, 0.0)
+        if select is not None:
+            weight = torch.where(select, weight, 0.0)
+        v = torch.lerp(v, q, weight)
+        d = v.sqrt().add_(eps)
+        norm = q.sum(-1, keepdim=True).mul_(k).sqrt_()
+        norm_normalized = (q / d.square()).sum(-1, keepdim=True).mul_(k).sqrt_()
+        return v, (norm / norm_normalized.clamp_min_(eps)) / d
+
+    X.mul_(scale)
+    if rows is not None:
+        select = row_matrices
+        rows, f = factors(sq.mean(-1), rows, l, select)
+        X.mul_((f if select is None else torch.where(select, f, 1.0)).unsqueeze(-1))
+    if cols is not None:
+        select = None if row_matrices is None else ~row_matrices
+        cols, f = factors(sq.mean(-2), cols, s, select)
+        X.mul_((f if select is None else torch.where(select, f, 1.0)).unsqueeze(-2))
+    return rows, cols
+
+
+def neuron_shape(shape: torch.Size, flatten: bool) -> tuple[int, ...]:
+    """Shape of NorMuon's `normuon_v` for a parameter: one entry per row of each of its matrices."""
+    return tuple(shape[:1]) if flatten else tuple(shape[:-1])
+
+
+# ------------------------------------------------------------------------------ weight decay
+def cautious_decay(target: list[Tensor], direction: list[Tensor], decay: Tensor, against: int) -> list[Tensor]:
+    """Per-element decay factors of cautious weight decay (Chen et al. 2025, arXiv 2510.12402):
+    `decay` where u·W >= 0, 1 where u·W < 0, u the update subtracted from W.
+
+    `direction` is u times a positive (against=-1) or a negative (against=1) per-parameter factor,
+    so the factor is 1 where sign(direction·W) == against. Computed as keep·(1 - decay) + decay with
+    keep in {0, 1}: the multi-tensor form of where(agree, decay, 1), bit-identical to it for
+    decay in [0.5, 1] (1 - decay is then exact). decay: (P,) or 0-dim; 1 for skipped parameters.
+    """
+    keep = torch._foreach_mul(direction, target)
+    torch._foreach_sign_(keep)  # -1, 0, 1 (0 where u or W is 0: decay there, as u·W >= 0)
+    if against == 1:
+        torch._foreach_clamp_min_(keep, 0)  # 1 where u·W < 0
+        torch._foreach_mul_(keep, as_list(1 - decay))
+    else:
+        torch._foreach_clamp_max_(keep, 0)  # -1 where u·W < 0
+        torch._foreach_mul_(keep, as_list(decay - 1))  # -(decay - 1) == 1 - decay, bit for bit
+    torch._foreach_add_(keep, as_list(decay))
+    return keep
+
+
+def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, target: list[Tensor],
+                  direction: list[Tensor], against: int, dtype: torch.dtype, device) -> list[Tensor] | Tensor | None:
+    """W's multiplier: 1 - lr·wd per parameter (1 where skipped), per element when cautious; None
+    without weight decay."""
+    if weight_decay == 0:
+        return None
+    decay = masked(ok, 1 - lr * weight_decay, 1.0, dtype, device)
+    return cautious_decay(target, direction, decay, against) if cautious else as_list(decay)
+
+
+# ------------------------------------------------------------------------------------- AdamW
+def adamw_moments(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], steps: Tensor,
+                  ok: Tensor, beta1: float, beta2: float, eps: float, lr, dtype: torch.dtype, device):
+    """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
+    without writing state: (next exp_avgs, next exp_avg_sqs, next steps, updates, step sizes).
+
+    The parameter then gets W·decay + step_size·update (`commit_update`). ok (P,) bool: a skipped
+    parameter keeps its moments and step (lerp weight 0, multiplier 1, step size 0); its gradient
+    must already be sanitized (0 * NaN is NaN). Bias corrections in fp64 for fp64 parameters;
+    clamp: a parameter whose every step was skipped has t = 0 and must not divide 0 by 0.
+    """
+    ea_dtype = exp_avgs[0].dtype
+    exp_avgs = torch._foreach_lerp(exp_avgs, grads, as_list(masked(ok, 1 - beta1, 0.0, ea_dtype, device)))
+    exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, as_list(masked(ok, beta2, 1.0, ea_dtype, device)))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    steps = steps + ok
+    t = steps.to(dtype).clamp_min(1)
+    bias_correction1 = 1 - beta1**t
+    bias_correction2_sqrt = (1 - beta2**t).sqrt()
+    step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device)
+    # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    return exp_avgs, exp_avg_sqs, steps, updates, step_size
+
+
+# ------------------------------------------------------------------------------------ commit
+def commit_update(params: list[Tensor], work: list[Tensor] | None, decay, updates: list[Tensor],
+                  step_size: Tensor | None = None) -> None:
+    """W = W·decay + step_size·update (step_size None: the update comes scaled), in place.
+
+    fp32/fp64 parameters are updated in place; bf16/fp16 ones through `work`, fp32 copies of
+    them filled before the commit by `opmath_view` (so the commit allocates nothing): lr and
+    1 - lr·wd are not rounded to 8 or 11 bits (0.99998 is 1.0 in bf16).
+    """
+    target = params if work is None else work
+    if decay is not None:
+        torch._foreach_mul_(target, decay)
+    if step_size is None:
+        torch._foreach_add_(target, updates)
+    else:
+        torch._foreach_addcmul_(target, updates, as_list(step_size))
+    if work is not None:
+        torch._foreach_copy_(params, work)
+
+
+def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]:
+    """The parameters as the update sees them before the commit: in opmath (work holds fp32
+    copies of bf16/fp16 parameters, filled here)."""
+    if work is None:
+        return params
+    torch._foreach_copy_(work, params)
+    return work
+
+
+__all__ = [
+    "adamw_moments", "as_list", "cautious_decay", "commit_update", "decay_factors", "masked", "muon_momentum",
+    "neuron_shape", "normuon_update", "opmath",
+]  # fmt: skip

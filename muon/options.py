@@ -1,0 +1,300 @@
+"""Validation of `muon.Muon`'s options and groups: every check runs when a group is added (or a
+state dict is loaded), so a bad option is a ValueError naming the group and key before anything
+changes, and a step never fails half-applied on a bad setting."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from ._shapes import ADJUST_LR_FNS, block_layout, matrix_shape, row_blocks, update_scale
+from .backends import BACKENDS, BackendUnavailable
+from .backends.dispatch import ALGORITHMS
+from .backends.runner import resolve
+from .coefficients import resolve_schedule
+from .newton_schulz import COMPUTE_DTYPES, resolve_dtype
+
+NONFINITE_POLICIES = ("skip", "raise")
+VARIANTS = ("muon", "normuon")
+# Keys a group may carry beyond its kind's options: names for logging, torch's param_names, and
+# what learning-rate schedulers write into groups (initial_lr, OneCycleLR's and CyclicLR's bounds,
+# SWALR's swa_lr).
+METADATA_KEYS = frozenset({"params", "use_muon", "name", "param_names", "initial_lr", "max_lr", "min_lr",
+                           "base_lr", "base_momentum", "max_momentum", "swa_lr"})  # fmt: skip
+# AdamW groups read `momentum` as beta1 when a scheduler that cycles momentum wrote it
+# (OneCycleLR / CyclicLR with cycle_momentum=True set `momentum` on every group of an optimizer
+# whose defaults have no `betas`): their beta1 then cycles as it would on torch.optim.AdamW.
+SCHEDULED_BETA1 = "momentum"
+
+
+class BackendError(ValueError, BackendUnavailable):
+    """A group's backend is unknown or cannot run on its parameters: a ValueError of the group's
+    options, raised when the group is added (still a BackendUnavailable for code that catches that)."""
+
+
+def check_options(nonfinite, foreach) -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(
+            f"foreach must be None (the planned step), True (the same) or False (the per-parameter reference "
+            f"loop), got {foreach!r}"
+        )
+
+
+def check_keys(group: dict, index: int, muon_keys, adamw_keys) -> None:
+    """Every key of the group is an option of its kind or metadata: a misspelt key, or one of the
+    other kind of group, is an error naming the key and the closest valid one."""
+    mine, other = (muon_keys, adamw_keys) if group.get("use_muon", True) else (adamw_keys, muon_keys)
+    kind = "a Muon group (use_muon=True)" if group.get("use_muon", True) else "an AdamW group (use_muon=False)"
+    valid = set(mine) | METADATA_KEYS
+    for key in group:
+        if key in valid:
+            continue
+        where = f"param_groups[{index}]: unknown key {key!r} in {kind}"
+        if not isinstance(key, str):
+            raise ValueError(f"{where}; group keys are option names")
+        if key in other:
+            theirs = "AdamW groups (use_muon=False)" if group.get("use_muon", True) else "Muon groups"
+            raise ValueError(
+                f"{where}: {key!r} is an option of {theirs}, which this group would ignore; put those "
+                "parameters in a group of that kind, or drop the key"
+            )
+        close = difflib.get_close_matches(key, sorted(valid - METADATA_KEYS), n=1, cutoff=0.6)
+        suggestion = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(mine)}"
+        raise ValueError(f"{where}{suggestion}")
+
+
+def check_unique(param_groups: list[dict], params) -> None:
+    """A tensor twice in the optimizer would be stepped twice (torch only warns within a group)."""
+    if isinstance(params, (Tensor, set)):
+        return  # torch's add_param_group wraps a Tensor and refuses a set
+    index = len(param_groups)
+    seen = {id(p): f"param_groups[{i}]['params'][{j}]" for i, g in enumerate(param_groups)
+            for j, p in enumerate(g["params"])}
+    for j, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs
+        where = f"param_groups[{index}]['params'][{j}]"
+        if id(p) in seen:
+            raise ValueError(f"{where} is the same tensor as {seen[id(p)]}; each parameter may appear once")
+        seen[id(p)] = where
+
+
+def check_group(group: dict, index: int, runs: dict) -> None:
+    if group["use_muon"]:
+        check_muon_group(group, index, runs)
+    else:
+        check_adamw_group(group, index)
+
+
+def resolve_runs(group: dict, index: int, runs: dict) -> None:
+    """Resolve the group's NS backend for each matrix shape and device now, so that an unknown or
+    unusable backend is an error at construction, and the step imports nothing."""
+    name = group["backend"]
+    if name != "auto" and name not in BACKENDS:
+        raise BackendError(
+            f"param_groups[{index}] has backend={name!r}: unknown backend; choose one of {('auto',) + BACKENDS}"
+        )
+    # "auto" resolves per bucket at plan time and falls back to standard NS where Gram cannot run
+    algorithms = ("standard", "gram") if group["ns_algorithm"] == "gram" else ("standard",)
+    steps = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"]).steps
+    for p in group["params"]:
+        X = p.to_local() if distributed.is_dtensor(p) else p
+        _, m, n = matrix_shape(p.shape, group["flatten"])
+        for r in set(row_blocks(m, group["split"], group["heads"])):
+            for algorithm in algorithms:
+                # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
+                probe = torch.empty((1, min(r, n), max(r, n)), dtype=X.dtype, device=X.device)
+                run_for(runs, group, index, probe, resolve_dtype(group["ns_dtype"], X.device), steps, algorithm)
+
+
+def run_for(runs: dict, group: dict, index: int, X: Tensor, ns_dtype: torch.dtype, steps: int,
+            algorithm: str | None = None):
+    """(algorithm, run) of the group's backend for stack X, cached in `runs`; a BackendError naming
+    the group when it cannot run."""
+    algorithm = algorithm or group["ns_algorithm"]
+    key = (group["backend"], algorithm, X.device, X.shape[-2], X.shape[-1], ns_dtype, steps)
+    run = runs.get(key)
+    if run is None:
+        try:
+            run = runs[key] = resolve(group["backend"], algorithm, X, ns_dtype, steps)
+        except BackendUnavailable as exc:
+            raise BackendError(f"param_groups[{index}]: {exc}") from None
+    return run.algorithm, run
+
+
+def check_real(group: dict, key: str, index: int, low: float, high: float = math.inf, *, open_high=False,
+                value=None) -> None:
+    value = group[key] if value is None else value
+    where = f"param_groups[{index}]: {key}"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    inside = low <= value < high if open_high else low <= value <= high
+    if not (math.isfinite(value) and inside):
+        span = f"[{low}, {high})" if open_high else f">= {low}" if high == math.inf else f"[{low}, {high}]"
+        raise ValueError(f"{where} must be finite and {span}, got {value!r}")
+
+def check_lr(group: dict, index: int | None = None) -> None:
+    index = "?" if index is None else index
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(
+                f"param_groups[{index}]: a Tensor lr must have one element and be floating, got shape "
+                f"{tuple(lr.shape)} {lr.dtype}"
+            )
+        lr = lr.item()
+    check_real(group, "lr", index, 0.0, value=lr)
+    check_real(group, "weight_decay", index, 0.0)
+
+def check_tensors(group: dict, index: int, kind: str) -> None:
+    for i, p in enumerate(group["params"]):
+        where = f"param_groups[{index}]['params'][{i}]"
+        if p.layout != torch.strided:
+            raise ValueError(f"{where} is a {p.layout} tensor; {kind} groups take dense (strided) parameters")
+        if p.is_complex():
+            raise ValueError(f"{where} is complex ({p.dtype}); {kind} groups take real floating parameters")
+        if not p.is_floating_point():
+            raise ValueError(f"{where} must be floating point, got {p.dtype}")
+
+def check_muon_group(group: dict, index: int, runs: dict) -> None:
+    check_lr(group, index)
+    check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
+    steps = group["ns_steps"]
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(
+            f"param_groups[{index}]: ns_steps must be >= 1, got {steps}; without Newton–Schulz Muon's update is "
+            "its (Nesterov) momentum, i.e. momentum SGD: for that ablation use torch.optim.SGD(momentum=..., "
+            "nesterov=...) on these parameters"
+        )
+    if group["variant"] not in VARIANTS:
+        raise ValueError(f"param_groups[{index}]: variant must be one of {VARIANTS}, got {group['variant']!r}")
+    if group["variant"] == "normuon" and (group.get("split") is not None or group.get("heads") is not None):
+        raise ValueError(
+            f"param_groups[{index}]: variant='normuon' does not combine with split/heads yet (its row "
+            "moments are per parameter, the blocks' per block); use one or the other in a group"
+        )
+    if group["variant"] == "normuon":
+        # FSDP2 parameters step on their row shards, where NorMuon's row moments and norms
+        # would need the owner's full rows: refused until the step handles them.
+        for i, p in enumerate(group["params"]):
+            if distributed.is_dtensor(p):
+                raise ValueError(
+                    f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); variant='normuon' "
+                    "does not support sharded parameters yet (replicated/DDP parameters work)"
+                )
+    check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
+    check_real(group, "normuon_eps", index, 0.0)
+    if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
+        raise ValueError(f"param_groups[{index}]: normuon_eps must be > 0, got {group['normuon_eps']!r}")
+    for key in ("nesterov", "flatten", "batched", "cautious_weight_decay"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"param_groups[{index}]: {key} must be True or False, got {group[key]!r}")
+    adjust = group["adjust_lr_fn"]
+    if not (adjust is None or callable(adjust) or (isinstance(adjust, str) and adjust in ADJUST_LR_FNS)):
+        raise ValueError(
+            f"param_groups[{index}]: adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, "
+            f"got {adjust!r}"
+        )
+    if not (group["ns_dtype"] == "auto" or group["ns_dtype"] in COMPUTE_DTYPES):
+        raise ValueError(
+            f"param_groups[{index}]: ns_dtype must be 'auto' or one of {COMPUTE_DTYPES}, got {group['ns_dtype']}"
+        )
+    if not isinstance(group["backend"], str):
+        raise ValueError(f"param_groups[{index}]: backend must be a name, got {group['backend']!r}")
+    if not (isinstance(group["ns_algorithm"], str) and group["ns_algorithm"] in ALGORITHMS):
+        raise ValueError(
+            f"param_groups[{index}]: ns_algorithm must be one of {ALGORITHMS}, got {group['ns_algorithm']!r}"
+        )
+    check_split(group, index)
+    try:
+        resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"param_groups[{index}]: invalid Newton–Schulz settings (ns_coefficients={group['ns_coefficients']!r},"
+            f" ns_steps={group['ns_steps']!r}, eps={group['eps']!r}): {error}"
+        ) from None
+    for i, p in enumerate(group["params"]):
+        if p.ndim < 2:
+            raise ValueError(
+                f"Muon orthogonalizes matrices, but param_groups[{index}]['params'][{i}] has shape "
+                f"{tuple(p.shape)} ({p.ndim}-D). Biases, norms and other 0-/1-D parameters belong in an "
+                "AdamW group (use_muon=False): muon.param_groups(model) builds the groups for you."
+            )
+    check_tensors(group, index, "Muon")
+    # The lr factor of every matrix (every block) is checked now, so that a step never fails half-applied.
+    for i, p in enumerate(group["params"]):
+        _, m, n = matrix_shape(p.shape, group["flatten"])
+        if m * n == 0:
+            continue  # an empty parameter is never updated
+        for r in row_blocks(m, group["split"], group["heads"]):
+            try:
+                update_scale(adjust, r, n)
+            except Exception as error:
+                raise ValueError(
+                    f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
+                ) from error
+    resolve_runs(group, index, runs)
+
+def check_split(group: dict, index: int) -> None:
+    """split (row counts) and heads (equal row blocks): their form, then every parameter's rows."""
+    split, heads = group["split"], group["heads"]
+    where = f"param_groups[{index}]"
+    if split is not None and heads is not None:
+        raise ValueError(f"{where}: split and heads are exclusive; give one (got split={split!r}, heads={heads!r})")
+    if split is not None:
+        if not (
+            isinstance(split, (list, tuple))
+            and split
+            and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in split)
+        ):
+            raise ValueError(f"{where}: split must be a non-empty list of positive ints (rows), got {split!r}")
+    if heads is not None and not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0):
+        raise ValueError(f"{where}: heads must be a positive int, got {heads!r}")
+    if split is None and heads is None:
+        return
+    for i, p in enumerate(group["params"]):
+        if p.ndim < 2:
+            continue  # refused with its own message
+        count, m, n = matrix_shape(p.shape, group["flatten"])
+        if m * n == 0:
+            continue  # an empty parameter is never updated
+        what = (
+            f"{where}['params'][{i}] has shape {tuple(p.shape)}, seen as {m}×{n} matrices"
+            f"{' (flatten=True)' if group['flatten'] else ''}"
+        )
+        if split is not None and sum(split) != m:
+            raise ValueError(f"{what}; split={list(split)} sums to {sum(split)}, not to its {m} rows")
+        if heads is not None and m % heads:
+            raise ValueError(f"{what}; heads={heads} does not divide its {m} rows")
+        layout = block_layout(count, m, n, row_blocks(m, split, heads))
+        if layout[0][0] is not None and not distributed.is_dtensor(p):
+            try:  # unequal or tall blocks are updated through row views of the parameter
+                p.view(count, m, n)
+            except RuntimeError:
+                raise ValueError(
+                    f"{what}, strides {p.stride()}: its row blocks cannot be viewed in place; split/heads "
+                    "with unequal or tall blocks need a parameter viewable as (matrices, rows, columns), "
+                    "e.g. contiguous"
+                ) from None
+
+def check_adamw_group(group: dict, index: int) -> None:
+    check_lr(group, index)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"param_groups[{index}]: AdamW betas must be a pair (beta1, beta2), got {betas!r}")
+    for beta in betas:
+        check_real(group, "betas", index, 0.0, 1.0, open_high=True, value=beta)
+    check_real(group, "eps", index, 0.0)
+    if SCHEDULED_BETA1 in group:
+        check_real(group, SCHEDULED_BETA1, index, 0.0, 1.0, open_high=True)
+    cautious = group.setdefault("cautious_weight_decay", False)
+    if not isinstance(cautious, bool):
+        raise ValueError(f"param_groups[{index}]: cautious_weight_decay must be True or False, got {cautious!r}")
+    check_tensors(group, index, "AdamW")
+

@@ -1,0 +1,297 @@
+"""The per-parameter reference step of `muon.Muon` (foreach=False): readable, one parameter at a
+time, and bit for bit what the step engine (`muon.engine`) computes. Both take every formula from
+`muon.functional`; this path differs only in how it walks the parameters (no stacking, no cached
+plan: it reads and writes `opt.state` directly) and it is the path for parameters on several
+devices and for DTensor layouts the engine's plan does not take.
+
+Like the engine it computes everything first and commits after, so a step that raises changes
+nothing, and a refused first step creates no state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from . import functional as F
+from ._shapes import block_layout, matrix_shape, row_blocks, update_scale
+from .coefficients import Schedule, resolve_schedule
+from .engine.plan import local
+from .newton_schulz import orthogonalize, resolve_dtype
+
+
+def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
+    params, grads = [], []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "
+                "groups need dense gradients (use a dense nn.Embedding, or SparseAdam for that parameter)"
+            )
+        params.append(p)
+        grads.append(p.grad)
+    return params, grads
+
+
+def raise_nonfinite(param_groups: list[dict], index: int, i: int):
+    p = param_groups[index]["params"][i]
+    raise RuntimeError(
+        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
+        f"{tuple(p.shape)}); nothing was updated this step"
+    )
+
+
+class _Pending:
+    """What a reference step writes at its commit: new state entries and in-place updates."""
+
+    def __init__(self, state) -> None:
+        self.state, self.installs, self.commits = state, [], []
+
+    def get(self, p: Tensor, key: str, make):
+        """state[p][key], or a new tensor from make() that is installed at the commit."""
+        value = (self.state.get(p) or {}).get(key)
+        if value is None:
+            value = make()
+            self.installs.append((p, key, value))
+        return value
+
+    def commit(self) -> None:
+        for p, key, value in self.installs:
+            self.state[p][key] = value
+        for commit in self.commits:
+            commit()
+
+
+def reference_step(param_groups: list[dict], state, nonfinite: str, process_group) -> None:
+    """One step of every group, the per-parameter way: every group's finite flags first, then the
+    updates computed, then committed."""
+    work = []
+    for index, group in enumerate(param_groups):
+        params, grads = params_with_grad(group, index)
+        if params and group["use_muon"]:
+            _check_distributed_options(group, index, grads, process_group)
+        if params:
+            work.append((group, index, params, grads))
+    # every mesh's ranks hold the same parameters with gradients, before any collective on them
+    # (decided on all parameters: a rank without gradients must still take part)
+    sharded = [p for g in param_groups for p in g["params"] if distributed.is_dtensor(p)]
+    if sharded:
+        distributed.check_sharded_plan(sharded, param_groups)
+    flags = [_finite_flags(grads) for _, _, _, grads in work]
+    pg = distributed.replicated_group(process_group)
+    if pg is not None and not sharded:
+        # replicated parameters: the same plan check and flag agreement as the planned step
+        flags = distributed.loop_agree(flags, param_groups, pg)
+    if nonfinite == "raise":
+        for (group, index, params, _), finite in zip(work, flags, strict=True):
+            for p, flag in zip(params, finite, strict=True):
+                if flag is not None and not bool(flag):
+                    raise_nonfinite(param_groups, index, next(j for j, q in enumerate(group["params"]) if q is p))
+    pending = _Pending(state)
+    for (group, _, params, grads), finite in zip(work, flags, strict=True):
+        if group["use_muon"]:
+            _muon_group(pending, group, params, grads, finite, process_group)
+        else:
+            _adamw_group(pending, group, params, grads, finite, fused=nonfinite == "raise")
+    pending.commit()
+
+
+def _check_distributed_options(group: dict, index: int, grads: list[Tensor], process_group) -> None:
+    """Options the FSDP2 (DTensor) NS of `muon.distributed` does not implement: refused before any
+    group is modified (replicated parameters run them on the plan)."""
+    if (
+        group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
+    ) and distributed.splits_work(grads, process_group):
+        raise NotImplementedError(
+            f"param_groups[{index}]: split, heads and ns_algorithm other than 'standard' are not supported "
+            "yet for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) parameters"
+        )
+
+
+def _finite_flags(grads) -> list[Tensor | None]:
+    """Per parameter: a 0-dim bool device tensor, True when its gradient is finite (None: empty)."""
+    if any(distributed.is_dtensor(g) for g in grads):  # sharded: local test, agreed across ranks
+        return distributed.finite_flags(grads)
+    nonempty = [g for g in grads if g.numel() > 0]
+    norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
+    return [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
+
+
+def _work_copy(p: Tensor) -> list[Tensor] | None:
+    """An fp32 copy of a bf16/fp16 parameter (the update runs in opmath); None for fp32/fp64."""
+    return None if p.dtype in (torch.float32, torch.float64) else [p.float()]
+
+
+def _muon_group(pending: _Pending, group, params, grads, finite, process_group) -> None:
+    lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
+    momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
+    normuon, cautious = group["variant"] == "normuon", group.get("cautious_weight_decay", False)
+    schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+    updates, phases = [], []
+    for p, g, ok in zip(params, grads, finite):
+        buf = pending.get(p, "momentum_buffer", lambda g=g: torch.zeros_like(g, memory_format=torch.preserve_format))
+        # absent from a torch.optim.Muon state dict
+        skips = pending.get(p, "nonfinite_skips", lambda p=p: torch.zeros((), dtype=torch.int64, device=p.device))
+        v = None
+        if normuon:  # per neuron (matrix row), in opmath
+            v = pending.get(p, "normuon_v", lambda p=p: torch.zeros(F.neuron_shape(p.shape, flatten),
+                                                                    dtype=F.opmath(p.dtype), device=p.device))
+        if ok is None:  # 0-size parameter: nothing to do
+            updates.append(None)
+            phases.append(None)
+            continue
+        g = torch.where(ok, g, 0)  # a placeholder where not finite; its lerp weight is 0 below
+        weight = F.masked(ok, 1.0 - momentum, 0.0, buf.dtype, ok.device)
+        nxt, U = F.muon_momentum(buf, g, weight, momentum, group["nesterov"])
+        updates.append(U)
+        phases.append((buf, nxt, skips, ~ok, v))
+
+    ortho = _orthogonalize_all(updates, params, schedule, group, flatten, process_group)
+
+    for p, blocks, ok, phase in zip(params, ortho, finite, phases):
+        if blocks is None:
+            continue
+        count, m, n = matrix_shape(p.shape, flatten)
+        dtype = F.opmath(p.dtype)
+        # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
+        # computes on a bucket's stack before one multi-tensor add into the parameters. A row
+        # block (split/heads) is scaled by s(rows, n) of its own shape.
+        moments = None
+        if normuon:  # one block: split/heads groups refuse NorMuon at construction
+            neg_lr_scale = F.masked(ok, -lr * update_scale(group["adjust_lr_fn"], m, n), 0.0, dtype, p.device)
+            v = phase[4]
+            X = blocks[0][0].to(dtype).reshape(count, m, n)
+            (moments, _) = F.normuon_update(X, neg_lr_scale, group["normuon_beta2"], group["normuon_eps"],
+                                            v.view(count, m), ok_mat=ok)  # fmt: skip
+            moments = (v, moments.view(v.shape))
+            update = X.view(p.shape)
+        else:
+            if len(blocks) == 1:  # the whole parameter, or its equal blocks stacked: the parameter's shape
+                blocks = [(blocks[0][0].view(p.shape), blocks[0][1])]
+            scaled = [
+                torch.mul(O.to(dtype),
+                          F.masked(ok, -lr * update_scale(group["adjust_lr_fn"], rows, n), 0.0, dtype, p.device))
+                for O, rows in blocks
+            ]
+            # several blocks: one (count, rows, n) piece each, back into the parameter's rows
+            update = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=-2).view(p.shape)
+        work = _work_copy(p)
+        target = [p] if work is None else work
+        # update = -lr·s·u: no decay where update·W > 0
+        decay = F.decay_factors(ok, lr, wd, cautious, target, [update], 1, dtype, p.device)
+        buf, nxt, skips, skipped, _ = phase
+
+        def commit(p=p, work=work, decay=decay, update=update, buf=buf, nxt=nxt, skips=skips, skipped=skipped,
+                   moments=moments) -> None:
+            buf.copy_(nxt)
+            skips.add_(skipped)
+            if moments is not None:
+                moments[0].copy_(moments[1])
+            F.commit_update([p], work, decay, [update])
+
+        pending.commits.append(commit)
+
+
+def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, process_group) -> list:
+    """NS of every update, per parameter a list of (O, rows): one (matrices, rows, n) result per
+    block of `muon._shapes.block_layout` (the whole parameter without split/heads), in the
+    parameter's row order. Same-shape blocks are stacked into one batched call when batched."""
+    backend = group["backend"]
+    device = next((U.device for U in updates if U is not None), None)
+    if device is None:
+        return [None] * len(updates)
+    dtype = resolve_dtype(group["ns_dtype"], device)
+    if distributed.splits_work(updates, process_group):  # DTensors: NS split across ranks
+        out = distributed.orthogonalize_all(updates, params, schedule, {**group, "ns_dtype": dtype}, flatten)
+        return [None if O is None else [(O, O.shape[-2])] for O in out]
+    # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
+    # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores
+    # them the same way, and both paths round alike. Blocks are laid out as the engine's stacks.
+    buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    pieces: dict[tuple[int, int], Tensor] = {}
+    block_rows: dict[tuple[int, int], int] = {}
+    tall: set[tuple[int, int]] = set()
+    for i, (U, p) in enumerate(zip(updates, params)):
+        if U is None:
+            continue
+        count, m, n = matrix_shape(p.shape, flatten)
+        for j, (row, rows, matrices) in enumerate(
+            block_layout(count, m, n, row_blocks(m, group["split"], group["heads"]))
+        ):
+            piece = U.reshape(matrices, rows, n) if row is None else U.reshape(count, m, n)[:, row : row + rows]
+            pieces[i, j] = piece.mT.contiguous() if rows > n else piece.contiguous()
+            block_rows[i, j] = rows
+            if rows > n:
+                tall.add((i, j))
+            key = (min(rows, n), max(rows, n), U.device, U.dtype)
+            buckets[key if group["batched"] else key + (i,)].append((i, j))
+    results: dict[tuple[int, int], Tensor] = {}
+    for members in buckets.values():
+        stack = [pieces[ij] for ij in members]
+        stack = torch.cat(stack) if len(stack) > 1 else stack[0]
+        result = orthogonalize(stack, schedule, dtype=dtype, backend=backend, algorithm=group["ns_algorithm"])
+        for ij, piece in zip(members, result.split([len(pieces[ij]) for ij in members])):
+            results[ij] = piece.mT if ij in tall else piece
+    out: list = [None] * len(updates)
+    for (i, j), O in sorted(results.items()):
+        out[i] = (out[i] or []) + [(O, block_rows[i, j])]
+    return out
+
+
+def _adamw_group(pending: _Pending, group, params, grads, finite, fused: bool) -> None:
+    """torch.optim.AdamW's update, per parameter, with the engine's formula (`muon.functional`)."""
+    lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
+    beta1, beta2 = group["betas"]
+    wd, eps = group["weight_decay"], group["eps"]
+    cautious = group.get("cautious_weight_decay", False) and wd != 0
+    for p, g, ok in zip(params, grads, finite):
+        step = pending.get(p, "step", lambda p=p: torch.zeros((), dtype=torch.float32, device=p.device))
+        ea = pending.get(p, "exp_avg", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format))
+        eas = pending.get(p, "exp_avg_sq", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format))
+        skips = pending.get(p, "nonfinite_skips", lambda p=p: torch.zeros((), dtype=torch.int64, device=p.device))
+        if ok is None:
+            continue
+        if step.device != p.device:  # a state loaded from torch.optim.AdamW keeps step on the CPU
+            step = step.to(p.device)
+            pending.installs.append((p, "step", step))
+        steps = step.view(1)
+        if fused and p.dtype == g.dtype == ea.dtype == eas.dtype and local(p).device.type in ("cpu", "cuda") \
+                and not cautious:
+            # every gradient is known finite (nonfinite="raise"): the engine's fused kernel
+            def commit_fused(p=p, g=g, ea=ea, eas=eas, steps=steps) -> None:
+                steps.add_(1)
+                torch._fused_adamw_(
+                    [local(p)], [local(g)], [local(ea)], [local(eas)], [], [steps.view(())],
+                    lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                )  # fmt: skip
+
+            pending.commits.append(commit_fused)
+            continue
+        dtype = F.opmath(p.dtype)
+        g = torch.where(ok, g, 0)
+        oks = ok.view(1)
+        new_ea, new_eas, new_steps, updates, step_size = F.adamw_moments(
+            [ea], [eas], [g], steps, oks, beta1, beta2, eps, lr, dtype, p.device
+        )
+        work = _work_copy(p)
+        target = [p] if work is None else work
+        decay = F.decay_factors(oks, lr, wd, cautious, target, updates, -1, dtype, p.device)
+
+        def commit(p=p, ea=ea, eas=eas, steps=steps, skips=skips, new=(new_ea, new_eas, new_steps), work=work,
+                   decay=decay, updates=updates, step_size=step_size, skipped=~ok) -> None:
+            ea.copy_(new[0][0])
+            eas.copy_(new[1][0])
+            steps.copy_(new[2])
+            skips.add_(skipped)
+            F.commit_update([p], work, decay, updates, step_size)
+
+        pending.commits.append(commit)
+
+
+__all__ = ["params_with_grad", "raise_nonfinite", "reference_step"]
