@@ -175,7 +175,7 @@ def fake_world():
 
 
 def _replicated_ops(layers: int) -> tuple[int, dict]:
-    from test_step_engine import _gpt_like  # GPT-2's parameter structure at width 64
+    from helpers import gpt_like as _gpt_like  # GPT-2's parameter structure at width 64
 
     from muon import Muon
     from muon.profiling import count_dispatched_ops
