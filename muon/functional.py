@@ -39,6 +39,26 @@ def as_list(values: Tensor) -> list[Tensor] | Tensor:
     return list(values.unbind()) if values.ndim else values
 
 
+# ------------------------------------------------------------------------------------- state
+def state_dtype(key: str, p: Tensor) -> torch.dtype:
+    """The dtype of state entry `key` of parameter p: momentum and moments in the gradient's /
+    parameter's dtype (as torch.optim.Muon and AdamW keep them), NorMuon's moments in opmath, torch's
+    fp32 `step`, an int64 skip counter."""
+    if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        return (p.grad if key == "momentum_buffer" and p.grad is not None else p).dtype
+    return {"normuon_v": opmath(p.dtype), "step": torch.float32, "nonfinite_skips": torch.int64}[key]
+
+
+def zero_state(key: str, p: Tensor, flatten: bool = False) -> Tensor:
+    """A fresh state entry of parameter p, the value every path starts from (stacks in the engine
+    are zeros of the same dtype)."""
+    if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        like = p.grad if key == "momentum_buffer" and p.grad is not None else p
+        return torch.zeros_like(like, memory_format=torch.preserve_format)
+    shape = neuron_shape(p.shape, flatten) if key == "normuon_v" else ()
+    return torch.zeros(shape, dtype=state_dtype(key, p), device=p.device)
+
+
 # ------------------------------------------------------------------------------ Muon momentum
 def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, nesterov: bool) -> tuple[Tensor, Tensor]:
     """torch.optim.Muon's momentum, without writing the buffer: (next buffer, NS input U).
@@ -196,5 +216,5 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 
 __all__ = [
     "adamw_moments", "as_list", "cautious_decay", "commit_update", "decay_factors", "masked", "muon_momentum",
-    "neuron_shape", "normuon_update", "opmath",
+    "neuron_shape", "normuon_update", "opmath", "state_dtype", "zero_state",
 ]  # fmt: skip

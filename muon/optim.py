@@ -40,9 +40,8 @@ class Muon(Optimizer):
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
       * ``ns_coefficients`` also takes a preset name ("keller", "you", "polar_express", "cans") or a
         list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
-      * ``backend`` picks the NS implementation ("auto", "torch", "triton", "cuda"; resolved when the
-        group is added, an unusable one is a ValueError naming the group) and ``ns_dtype`` its compute
-        dtype ("auto": bf16 on CUDA, fp32 on the CPU);
+      * ``backend`` ("auto", "torch", "triton", "cuda"; an unusable one is a ValueError naming the
+        group when it is added) and ``ns_dtype`` ("auto": bf16 on CUDA, fp32 on the CPU) pick the NS;
       * ``variant="normuon"`` (per group): NorMuon (arXiv 2510.05491, as microsoft/dion's
         dion/normuon.py): each row (output neuron) of O is divided by sqrt(v) + ``normuon_eps``, v an
         EMA (``normuon_beta2``, no bias correction) of the row's mean of O², kept in
@@ -53,15 +52,9 @@ class Muon(Optimizer):
       * ``ns_algorithm`` picks standard ("standard", the default) or Gram ("gram") Newton–Schulz, or
         "auto": per bucket of same-shape matrices, `muon.backends.dispatch.choose_algorithm` for the
         bucket's shape, device and resolved ns_dtype (Gram needs a backend that has it: torch, triton);
-      * ``split`` (row counts summing to the matrix's rows, e.g. [d, d, d] for a fused QKV weight) or
-        ``heads`` (N equal row blocks) orthogonalize row blocks of each matrix separately. A block is
-        updated exactly as a separate parameter of the block's shape would be: NS of the block, and
-        the update scale s(rows, n) of the block's shape. Rows are those of the matrices
-        `matrix_shape` sees: dim 0 of a 2-D weight, of a flatten=True conv weight (split after
-        flattening: blocks of output channels), dim -2 of each matrix of a 3-D expert stack. Blocks
-        of the same shape (across layers too) share one batched NS call. State stays per
-        parameter (momentum_buffer has the parameter's shape), and a non-finite gradient anywhere in
-        the parameter skips the whole parameter (split/heads do not combine with NorMuon yet);
+      * ``split`` (row counts summing to the rows, e.g. [d, d, d] for a fused QKV weight) or ``heads``
+        (N equal row blocks): each row block is orthogonalized and scaled (s(rows, n)) exactly as a
+        separate parameter of its shape; state stays per parameter (see docs, "split").
 
     The step (``foreach=None`` or True) runs a plan made once (`muon.engine`): per group, buckets of
     same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
@@ -82,14 +75,12 @@ class Muon(Optimizer):
     With "raise" the step raises a RuntimeError naming the parameter before any group is modified
     (one host sync per step).
 
-    Under torch.distributed the NS work is split across ranks (see `muon.distributed`): replicated
-    parameters over ``process_group`` (default: the world once initialized) on the same plan as one
-    process (each rank orthogonalizes its rows of every bucket, one all-gather per group), FSDP2
-    DTensor parameters (Shard(0), 1-D mesh) over their own mesh on a plan of their local shards, with
-    momentum left sharded (owner all-to-alls per bucket; other layouts run the loop). Every
-    multi-rank step first checks that all ranks hold the same plan and agrees the finite flags
-    (two small all-reduces and one host sync per step), so a NaN on one rank skips the parameter on
-    every rank and a gradient missing on one rank is a DistributedStepError on every rank.
+    Under torch.distributed the NS work is split across ranks (`muon.distributed`): replicated
+    (DDP) parameters over ``process_group`` (default: the world once initialized) and FSDP2
+    (Shard(0), 1-D mesh) DTensors over their mesh run on the plan; other layouts run the loop.
+    Every multi-rank step agrees the plan and the finite flags first (one host sync), so a NaN on
+    one rank skips the parameter everywhere and a gradient missing on one rank is a
+    DistributedStepError on every rank.
     """
 
     def __init__(

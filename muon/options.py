@@ -23,9 +23,11 @@ NONFINITE_POLICIES = ("skip", "raise")
 VARIANTS = ("muon", "normuon")
 # Keys a group may carry beyond its kind's options: names for logging, torch's param_names, and
 # what learning-rate schedulers write into groups (initial_lr, OneCycleLR's and CyclicLR's bounds,
-# SWALR's swa_lr).
-METADATA_KEYS = frozenset({"params", "use_muon", "name", "param_names", "initial_lr", "max_lr", "min_lr",
-                           "base_lr", "base_momentum", "max_momentum", "swa_lr"})  # fmt: skip
+# SWALR's swa_lr), and the muP role and scale `muon.mup.param_groups` records.
+METADATA_KEYS = frozenset({
+    "params", "use_muon", "name", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+    "max_momentum", "swa_lr", "mup_role", "mup_lr_scale",
+})  # fmt: skip
 # AdamW groups read `momentum` as beta1 when a scheduler that cycles momentum wrote it
 # (OneCycleLR / CyclicLR with cycle_momentum=True set `momentum` on every group of an optimizer
 # whose defaults have no `betas`): their beta1 then cycles as it would on torch.optim.AdamW.

@@ -52,11 +52,11 @@ class _Pending:
     def __init__(self, state) -> None:
         self.state, self.installs, self.commits = state, [], []
 
-    def get(self, p: Tensor, key: str, make):
-        """state[p][key], or a new tensor from make() that is installed at the commit."""
+    def get(self, p: Tensor, key: str, flatten: bool = False):
+        """state[p][key], or a fresh entry (`muon.functional.zero_state`) installed at the commit."""
         value = (self.state.get(p) or {}).get(key)
         if value is None:
-            value = make()
+            value = F.zero_state(key, p, flatten)
             self.installs.append((p, key, value))
         return value
 
@@ -135,13 +135,9 @@ def _muon_group(pending: _Pending, group, params, grads, finite, process_group) 
 
     updates, phases = [], []
     for p, g, ok in zip(params, grads, finite):
-        buf = pending.get(p, "momentum_buffer", lambda g=g: torch.zeros_like(g, memory_format=torch.preserve_format))
-        # absent from a torch.optim.Muon state dict
-        skips = pending.get(p, "nonfinite_skips", lambda p=p: torch.zeros((), dtype=torch.int64, device=p.device))
-        v = None
-        if normuon:  # per neuron (matrix row), in opmath
-            v = pending.get(p, "normuon_v", lambda p=p: torch.zeros(F.neuron_shape(p.shape, flatten),
-                                                                    dtype=F.opmath(p.dtype), device=p.device))
+        buf = pending.get(p, "momentum_buffer")
+        skips = pending.get(p, "nonfinite_skips")  # absent from a torch.optim.Muon state dict
+        v = pending.get(p, "normuon_v", flatten) if normuon else None  # per neuron (matrix row)
         if ok is None:  # 0-size parameter: nothing to do
             updates.append(None)
             phases.append(None)
@@ -251,10 +247,7 @@ def _adamw_group(pending: _Pending, group, params, grads, finite, fused: bool) -
     wd, eps = group["weight_decay"], group["eps"]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     for p, g, ok in zip(params, grads, finite):
-        step = pending.get(p, "step", lambda p=p: torch.zeros((), dtype=torch.float32, device=p.device))
-        ea = pending.get(p, "exp_avg", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format))
-        eas = pending.get(p, "exp_avg_sq", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format))
-        skips = pending.get(p, "nonfinite_skips", lambda p=p: torch.zeros((), dtype=torch.int64, device=p.device))
+        step, ea, eas, skips = (pending.get(p, key) for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips"))
         if ok is None:
             continue
         if step.device != p.device:  # a state loaded from torch.optim.AdamW keeps step on the CPU

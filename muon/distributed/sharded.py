@@ -37,7 +37,7 @@ from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
 from ..engine import Plan, bucket_ns
 from ..engine.plan import Member, MuonBucket, Planner, link_empty_muon, local
-from ..functional import opmath
+from ..functional import opmath, state_dtype
 from ..newton_schulz import orthogonalize, resolve_dtype
 from .collectives import _all_to_all_async, dist, is_dtensor
 from .exchange import Exchange
@@ -142,8 +142,8 @@ def plan_muon_group(planner: Planner, gplan, group, with_grad, flag_pos) -> None
         B = sum(count for _, _, count, _ in members)
         shape = (B, r, n)
         grad_stack = torch.empty(shape, dtype=gdtype, device=device)
-        momentum = torch.zeros(shape, dtype=gdtype, device=device)
-        skips = torch.zeros(len(members), dtype=torch.int64, device=device)
+        momentum = torch.zeros(shape, dtype=state_dtype("momentum_buffer", members[0][1]), device=device)
+        skips = torch.zeros(len(members), dtype=state_dtype("nonfinite_skips", members[0][1]), device=device)
         out_dtype = opmath(pdtype)
         out = grad_stack if out_dtype == gdtype else torch.empty(shape, dtype=out_dtype, device=device)
         work = torch.empty(shape, dtype=torch.float32, device=device) if pdtype not in (

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .._shapes import block_layout, matrix_shape, row_blocks, update_scale
 from ..coefficients import Schedule, resolve_schedule
-from ..functional import neuron_shape, opmath
+from ..functional import neuron_shape, opmath, state_dtype, zero_state
 from ..newton_schulz import resolve_dtype
 
 # Group options that change the plan (what is stacked together, how NS runs); others (lr,
@@ -348,14 +348,10 @@ def build_plan(param_groups: list[dict], state, key: tuple, resolve_run, plan_mu
 
 def link_empty_muon(planner: Planner, p: Tensor, group: dict, where: str) -> None:
     """A 0-element Muon parameter: nothing to orthogonalize; its state as the reference keeps it."""
-    st = planner.read(p)
-    if "momentum_buffer" not in st:
-        planner.link(p, "momentum_buffer", torch.zeros_like(p.grad, memory_format=torch.preserve_format), where)
-    if group["variant"] == "normuon" and "normuon_v" not in st:
-        v = torch.zeros(neuron_shape(p.shape, group["flatten"]), dtype=opmath(p.dtype), device=p.device)
-        planner.link(p, "normuon_v", v, where)
-    if "nonfinite_skips" not in st:
-        planner.link(p, "nonfinite_skips", torch.zeros((), dtype=torch.int64, device=p.device), where)
+    keys = ("momentum_buffer", "nonfinite_skips") + (("normuon_v",) if group["variant"] == "normuon" else ())
+    for key in keys:
+        if key not in planner.read(p):
+            planner.link(p, key, zero_state(key, p, group["flatten"]), where)
 
 
 def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, flag_pos) -> None:
@@ -385,8 +381,8 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
             offset += member.count
         B = offset
         grad_stack = torch.empty((B, s, l), dtype=gdtype, device=device)
-        momentum = torch.zeros((B, s, l), dtype=gdtype, device=device)
-        skips = torch.zeros(len(members), dtype=torch.int64, device=device)
+        momentum = torch.zeros((B, s, l), dtype=state_dtype("momentum_buffer", members[0].param), device=device)
+        skips = torch.zeros(len(members), dtype=state_dtype("nonfinite_skips", members[0].param), device=device)
         momentum_views = [mb.view(momentum) for mb in members]
         mirrors = None
         if any(mb.row is not None for mb in members):
@@ -453,7 +449,7 @@ def _own_momentum(planner: Planner, p: Tensor, where: str) -> Tensor:
     if buf is not None and buf._base is None and buf.is_contiguous() and buf.dtype == p.grad.dtype:
         planner.link(p, "momentum_buffer", buf, where, fill=False)  # the state's tensor itself
         return buf
-    fresh = torch.zeros_like(p.grad, memory_format=torch.contiguous_format)
+    fresh = zero_state("momentum_buffer", p).contiguous()
     planner.link(p, "momentum_buffer", fresh, where)  # a view of an earlier plan's stack, or loaded
     return fresh
 
@@ -494,15 +490,15 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
         if p.numel() == 0:
             if "step" not in planner.read(p):
                 _link_moments(planner, p, where)
-                planner.link(p, "step", torch.zeros((), dtype=torch.float32, device=p.device), where)
+                planner.link(p, "step", zero_state("step", p), where)
             if "nonfinite_skips" not in planner.read(p):
-                planner.link(p, "nonfinite_skips", torch.zeros((), dtype=torch.int64, device=p.device), where)
+                planner.link(p, "nonfinite_skips", zero_state("nonfinite_skips", p), where)
             continue
         layout.setdefault((local(p).device, p.dtype, p.grad.dtype), []).append((i, p))
     for (device, pdtype, gdtype), entries in layout.items():
         params = [p for _, p in entries]
-        steps = torch.zeros(len(params), dtype=torch.float32, device=device)
-        skips = torch.zeros(len(params), dtype=torch.int64, device=device)
+        steps = torch.zeros(len(params), dtype=state_dtype("step", params[0]), device=device)
+        skips = torch.zeros(len(params), dtype=state_dtype("nonfinite_skips", params[0]), device=device)
         step_views, skip_views = list(steps.unbind()), list(skips.unbind())
         exp_avgs, exp_avg_sqs = [], []
         for (i, p), step, skip in zip(entries, step_views, skip_views, strict=True):
@@ -555,7 +551,7 @@ def _link_moments(planner: Planner, p: Tensor, where: str) -> tuple[Tensor, Tens
                 "reset (del opt.state[p]) or a state of the new shape"
             )
         if t is None:  # a DTensor like a DTensor parameter (FSDP2)
-            t = torch.zeros_like(p, memory_format=torch.preserve_format)
+            t = zero_state(key, p)
         planner.link(p, key, local(t), where, value=t, fill=False)
         moments.append(local(t))
     return moments[0], moments[1]
