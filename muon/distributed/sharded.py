@@ -36,8 +36,7 @@ from torch import Tensor
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
 from ..engine import Plan, bucket_ns
-from ..engine.plan import Member, MuonBucket, Planner, link_empty_muon, local
-from ..functional import opmath, state_dtype
+from ..engine.plan import Member, Planner, link_empty_muon, local, muon_bucket
 from ..newton_schulz import orthogonalize, resolve_dtype
 from .collectives import _all_to_all_async, dist, is_dtensor
 from .exchange import Exchange
@@ -139,58 +138,12 @@ def plan_muon_group(planner: Planner, gplan, group, with_grad, flag_pos) -> None
     for (kind, m, n, pdtype, gdtype), members in layout.items():
         device = local(members[0][1]).device
         r = _chunk_rows(m, world)[rank][1] if kind == "rows" else m
-        B = sum(count for _, _, count, _ in members)
-        shape = (B, r, n)
-        grad_stack = torch.empty(shape, dtype=gdtype, device=device)
-        momentum = torch.zeros(shape, dtype=state_dtype("momentum_buffer", members[0][1]), device=device)
-        skips = torch.zeros(len(members), dtype=state_dtype("nonfinite_skips", members[0][1]), device=device)
-        out_dtype = opmath(pdtype)
-        out = grad_stack if out_dtype == gdtype else torch.empty(shape, dtype=out_dtype, device=device)
-        work = torch.empty(shape, dtype=torch.float32, device=device) if pdtype not in (
-            torch.float32, torch.float64) else None  # fmt: skip
-        mbs, offset = [], 0
-        grad_views, momentum_views, out_views, work_views = [], [], [], []
-        for (i, p, count, _), skip in zip(members, skips.unbind(), strict=True):
-            mb = Member(i, p, offset, count, False)
-            local_shape = local(p).shape
-
-            def view(stack, mb=mb, local_shape=local_shape):
-                return stack[mb.offset : mb.offset + mb.count].view(local_shape)
-
-            grad_views.append(view(grad_stack))
-            momentum_views.append(view(momentum))
-            out_views.append(view(out))
-            if work is not None:
-                work_views.append(view(work))
-            where = f"param_groups[{gplan.index}]['params'][{i}]"
-            planner.link(p, "momentum_buffer", momentum_views[-1], where, value=_as_dtensor(momentum_views[-1], p))
-            planner.link(p, "nonfinite_skips", skip, where)
-            mbs.append(mb)
-            offset += count
         scale = update_scale(group["adjust_lr_fn"], m, n)
-        bucket = MuonBucket(
-            members=mbs,
-            whole_params=[p for _, p, _, _ in members],
-            grad_stack=grad_stack,
-            momentum=momentum,
-            grad_views=grad_views,
-            momentum_views=momentum_views,
-            out=out,
-            out_views=out_views,
-            skips=skips,
-            flag_index=torch.tensor([flag_pos[i] for i, _, _, _ in members], device=device),
-            matrix_flag_index=torch.tensor(
-                [flag_pos[i] for i, _, count, _ in members for _ in range(count)], device=device, dtype=torch.int64
-            ),
-            scales=torch.full((B,), scale, dtype=torch.float64, device=device),
-            work=work,
-            work_stack_views=work_views,
-            run=_Orthogonalize(group["backend"]),  # the loop's call: its NS is bit-equal to the loop's
-            schedule=schedule,
-            ns_dtype=resolve_dtype(group["ns_dtype"], device),
-            opmath=out_dtype,
-            sharded=True,
-        )
+        entries_of = [(Member(i, p, 0, count, False), scale) for i, p, count, _ in members]
+        bucket = muon_bucket(planner, gplan.index, group, entries_of, (r, n), pdtype, gdtype, device, flag_pos,
+                             schedule, _Orthogonalize(group["backend"]), resolve_dtype(group["ns_dtype"], device),
+                             state_value=_as_dtensor, sharded=True)  # fmt: skip
+        B = bucket.grad_stack.shape[0]
         if kind == "rows":
             owners = [owner[j] for _, _, _, j in members]
             order = [k for q in range(world) for k, o in enumerate(owners) if o == q]

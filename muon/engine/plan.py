@@ -102,7 +102,7 @@ class Member:
         rows = stack[self.offset : self.offset + self.count]
         if self.transposed:
             rows = rows.mT
-        return rows.view(self.param.shape) if self.row is None else rows
+        return rows.view(local(self.param).shape) if self.row is None else rows  # DTensors: the local shard
 
     def source(self, t: Tensor, *, write: bool = False) -> Tensor:
         """The member's part of a parameter-shaped tensor t (a view; with write=True t must be viewable)."""
@@ -374,72 +374,85 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
             member = Member(i, p, 0, matrices, r > n, row, r, (count, m, n))
             layout.setdefault(bucket, []).append((member, update_scale(group["adjust_lr_fn"], r, n)))
     for (s, l, pdtype, gdtype, device, *_), entries in layout.items():
-        members, offset = [], 0
-        for member, _ in entries:
-            member.offset = offset
-            members.append(member)
-            offset += member.count
-        B = offset
-        grad_stack = torch.empty((B, s, l), dtype=gdtype, device=device)
-        momentum = torch.zeros((B, s, l), dtype=state_dtype("momentum_buffer", members[0].param), device=device)
-        skips = torch.zeros(len(members), dtype=state_dtype("nonfinite_skips", members[0].param), device=device)
-        momentum_views = [mb.view(momentum) for mb in members]
-        mirrors = None
-        if any(mb.row is not None for mb in members):
-            mirrors = (momentum_views, [])
-            for mb in members:
-                buf = planner.owned.get(id(mb.param))  # one momentum_buffer per parameter, across buckets
-                if buf is None:
-                    where = f"param_groups[{gplan.index}]['params'][{mb.index}]"
-                    buf = planner.owned[id(mb.param)] = _own_momentum(planner, mb.param, where)
-                mirrors[1].append(mb.source(buf, write=True))
-        for mb, view, skip in zip(members, momentum_views, skips.unbind(), strict=True):
-            where = f"param_groups[{gplan.index}]['params'][{mb.index}]"
-            if mirrors is None:
-                planner.link(mb.param, "momentum_buffer", view, where)
-            if mb.owner:  # a split parameter counts its skipped steps once, at its first block
-                planner.link(mb.param, "nonfinite_skips", skip, where)
-        work = None
-        if pdtype not in (torch.float32, torch.float64):
-            work = torch.empty((B, s, l), dtype=torch.float32, device=device)
         ns_dtype = resolve_dtype(group["ns_dtype"], device)
-        algorithm, run = planner.resolve_run(gplan.index, group, grad_stack, ns_dtype, schedule)
-        # the scaled update -lr·s·O, in the parameters' opmath dtype (the gradient stack when it is that)
-        out_dtype = opmath(pdtype)
-        out = grad_stack if out_dtype == gdtype else torch.empty((B, s, l), dtype=out_dtype, device=device)
-        normuon = None
-        if group["variant"] == "normuon":  # split/heads groups refuse NorMuon at construction
-            normuon = _plan_normuon(planner, gplan.index, members, B, s, l, out_dtype, device, flatten)
-        bucket = MuonBucket(
-            normuon=normuon,
-            members=members,
-            whole_params=[mb.param for mb in members],
-            grad_stack=grad_stack,
-            momentum=momentum,
-            grad_views=[mb.view(grad_stack) for mb in members],
-            momentum_views=momentum_views,
-            out=out,
-            out_views=[mb.view(out) for mb in members],
-            skips=skips,
-            flag_index=torch.tensor([flag_pos[mb.index] for mb in members], device=device),
-            matrix_flag_index=torch.tensor(
-                [flag_pos[mb.index] for mb in members for _ in range(mb.count)], device=device
-            ),
-            scales=torch.tensor(
-                [scale for mb, scale in entries for _ in range(mb.count)], dtype=torch.float64, device=device
-            ),
-            work=work,
-            work_stack_views=[mb.view(work) for mb in members] if work is not None else [],
-            run=run,
-            schedule=schedule,
-            ns_dtype=ns_dtype,
-            opmath=out_dtype,
-            algorithm=algorithm,
-            mirrors=mirrors,
-        )
-        if mirrors is not None:
-            _check_writable(bucket, gplan.index)
-        gplan.buckets.append(bucket)
+        probe = torch.empty((1, s, l), dtype=gdtype, device=device)  # backends look at device and dtype
+        algorithm, run = planner.resolve_run(gplan.index, group, probe, ns_dtype, schedule)
+        gplan.buckets.append(muon_bucket(planner, gplan.index, group, entries, (s, l), pdtype, gdtype, device,
+                                         flag_pos, schedule, run, ns_dtype, algorithm))  # fmt: skip
+
+
+def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix: tuple[int, int], pdtype, gdtype,
+                device, flag_pos: dict, schedule: Schedule, run, ns_dtype: torch.dtype, algorithm: str = "standard",
+                state_value=None, sharded: bool = False) -> MuonBucket:
+    """One Muon bucket: the stacks of its members ((Member, update scale) entries, in stack order),
+    the state links, the backend's run. state_value(view, param): how a momentum view is held in
+    the state (DTensor parameters: a DTensor over the local view); sharded: members are local shards."""
+    members, offset = [], 0
+    for member, _ in entries:
+        member.offset = offset
+        members.append(member)
+        offset += member.count
+    shape = (offset, *matrix)
+    grad_stack = torch.empty(shape, dtype=gdtype, device=device)
+    momentum = torch.zeros(shape, dtype=state_dtype("momentum_buffer", members[0].param), device=device)
+    skips = torch.zeros(len(members), dtype=state_dtype("nonfinite_skips", members[0].param), device=device)
+    momentum_views = [mb.view(momentum) for mb in members]
+    mirrors = None
+    if any(mb.row is not None for mb in members):
+        mirrors = (momentum_views, [])
+        for mb in members:
+            buf = planner.owned.get(id(mb.param))  # one momentum_buffer per parameter, across buckets
+            if buf is None:
+                where = f"param_groups[{index}]['params'][{mb.index}]"
+                buf = planner.owned[id(mb.param)] = _own_momentum(planner, mb.param, where)
+            mirrors[1].append(mb.source(buf, write=True))
+    for mb, view, skip in zip(members, momentum_views, skips.unbind(), strict=True):
+        where = f"param_groups[{index}]['params'][{mb.index}]"
+        if mirrors is None:
+            value = None if state_value is None else state_value(view, mb.param)
+            planner.link(mb.param, "momentum_buffer", view, where, value=value)
+        if mb.owner:  # a split parameter counts its skipped steps once, at its first block
+            planner.link(mb.param, "nonfinite_skips", skip, where)
+    work = None
+    if pdtype not in (torch.float32, torch.float64):
+        work = torch.empty(shape, dtype=torch.float32, device=device)
+    # the scaled update -lr·s·O, in the parameters' opmath dtype (the gradient stack when it is that)
+    out_dtype = opmath(pdtype)
+    out = grad_stack if out_dtype == gdtype else torch.empty(shape, dtype=out_dtype, device=device)
+    normuon = None
+    if group["variant"] == "normuon":  # split/heads groups refuse NorMuon at construction
+        normuon = _plan_normuon(planner, index, members, *shape, out_dtype, device, group["flatten"])
+    bucket = MuonBucket(
+        normuon=normuon,
+        members=members,
+        whole_params=[mb.param for mb in members],
+        grad_stack=grad_stack,
+        momentum=momentum,
+        grad_views=[mb.view(grad_stack) for mb in members],
+        momentum_views=momentum_views,
+        out=out,
+        out_views=[mb.view(out) for mb in members],
+        skips=skips,
+        flag_index=torch.tensor([flag_pos[mb.index] for mb in members], device=device),
+        matrix_flag_index=torch.tensor(
+            [flag_pos[mb.index] for mb in members for _ in range(mb.count)], dtype=torch.int64, device=device
+        ),
+        scales=torch.tensor(
+            [scale for mb, scale in entries for _ in range(mb.count)], dtype=torch.float64, device=device
+        ),
+        work=work,
+        work_stack_views=[mb.view(work) for mb in members] if work is not None else [],
+        run=run,
+        schedule=schedule,
+        ns_dtype=ns_dtype,
+        opmath=out_dtype,
+        algorithm=algorithm,
+        mirrors=mirrors,
+        sharded=sharded,
+    )
+    if mirrors is not None:
+        _check_writable(bucket, index)
+    return bucket
 
 
 def _own_momentum(planner: Planner, p: Tensor, where: str) -> Tensor:
