@@ -158,31 +158,39 @@ def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, ta
 
 
 # ------------------------------------------------------------------------------------- AdamW
-def adamw_moments(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], steps: Tensor,
-                  ok: Tensor, beta1: float, beta2: float, eps: float, lr, dtype: torch.dtype, device):
+def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tensor, ok: Tensor | None,
+                  ok_elem: Tensor | None, sizes: Tensor | None, beta1: float, beta2: float, eps: float, lr,
+                  dtype: torch.dtype, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
-    without writing state: (next exp_avgs, next exp_avg_sqs, next steps, updates, step sizes).
+    without writing state: (next exp_avg, next exp_avg_sq, next steps, step sizes); the update
+    m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out`.
 
-    The parameter then gets W·decay + step_size·update (`commit_update`). ok (P,) bool: a skipped
-    parameter keeps its moments and step (lerp weight 0, multiplier 1, step size 0); its gradient
-    must already be sanitized (0 * NaN is NaN). Bias corrections in fp64 for fp64 parameters;
-    clamp: a parameter whose every step was skipped has t = 0 and must not divide 0 by 0.
+    The moments and the gradient are the flat concatenation of P parameters (the step engine's
+    AdamW stacks; `sizes` (P,) their element counts) or one parameter (sizes None, P = 1); steps,
+    ok: (P,). ok None: every parameter is finite; else a skipped parameter keeps its moments and
+    step (lerp weight 0, multiplier 1, step size 0; ok_elem is ok per element) and its gradient
+    must already be sanitized (0 * NaN is NaN). The parameter then gets W·decay + step_size·update
+    (`commit_update`). Bias corrections in fp64 for fp64 parameters; clamp: a parameter whose
+    every step was skipped has t = 0 and must not divide 0 by 0.
     """
-    ea_dtype = exp_avgs[0].dtype
-    exp_avgs = torch._foreach_lerp(exp_avgs, grads, as_list(masked(ok, 1 - beta1, 0.0, ea_dtype, device)))
-    exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, as_list(masked(ok, beta2, 1.0, ea_dtype, device)))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    steps = steps + ok
+    device = exp_avg.device
+    exp_avg = torch.lerp(exp_avg, grad, masked(ok_elem, 1 - beta1, 0.0, exp_avg.dtype, device))
+    # out of place: torch.compile traces an in-place addcmul_ on an intermediate to other bits
+    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_elem, beta2, 1.0, exp_avg_sq.dtype, device))
+    exp_avg_sq = torch.addcmul(exp_avg_sq, grad, grad, value=1 - beta2)
+    steps = steps + (1 if ok is None else ok)
     t = steps.to(dtype).clamp_min(1)
     bias_correction1 = 1 - beta1**t
     bias_correction2_sqrt = (1 - beta2**t).sqrt()
+    if sizes is not None:  # per parameter -> per element
+        bias_correction2_sqrt = bias_correction2_sqrt.repeat_interleave(sizes, output_size=grad.numel())
+    else:  # one parameter, of any shape (0-dim too)
+        bias_correction2_sqrt = bias_correction2_sqrt.view(())
     step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device)
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
-    torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, denom)
-    return exp_avgs, exp_avg_sqs, steps, updates, step_size
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    torch.div(exp_avg, denom, out=out)
+    return exp_avg, exp_avg_sq, steps, step_size
 
 
 # ------------------------------------------------------------------------------------ commit

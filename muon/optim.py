@@ -222,7 +222,7 @@ class Muon(Optimizer):
             if mesh is None:
                 return None
             plan = engine.build_plan(self.param_groups, self.state, key, self._resolve_run,
-                                     plan_muon=distributed.plan_muon_group)  # fmt: skip
+                                     plan_muon=distributed.plan_muon_group, wrap=distributed.as_dtensor)
             distributed.prepare_sharded(plan, self.param_groups, mesh)
             return plan
         if len(devices) > 1:

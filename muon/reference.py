@@ -268,21 +268,21 @@ def _adamw_group(pending: _Pending, group, params, grads, finite, fused: bool) -
             continue
         dtype = F.opmath(p.dtype)
         g = torch.where(ok, g, 0)
-        oks = ok.view(1)
-        new_ea, new_eas, new_steps, updates, step_size = F.adamw_moments(
-            [ea], [eas], [g], steps, oks, beta1, beta2, eps, lr, dtype, p.device
+        oks, update = ok.view(1), torch.empty_like(ea)
+        new_ea, new_eas, new_steps, step_size = F.adamw_moments(
+            ea, eas, g, steps, oks, ok, None, beta1, beta2, eps, lr, dtype, update
         )
         work = _work_copy(p)
         target = [p] if work is None else work
-        decay = F.decay_factors(oks, lr, wd, cautious, target, updates, -1, dtype, p.device)
+        decay = F.decay_factors(oks, lr, wd, cautious, target, [update], -1, dtype, p.device)
 
         def commit(p=p, ea=ea, eas=eas, steps=steps, skips=skips, new=(new_ea, new_eas, new_steps), work=work,
-                   decay=decay, updates=updates, step_size=step_size, skipped=~ok) -> None:
-            ea.copy_(new[0][0])
-            eas.copy_(new[1][0])
+                   decay=decay, update=update, step_size=step_size, skipped=~ok) -> None:
+            ea.copy_(new[0])
+            eas.copy_(new[1])
             steps.copy_(new[2])
             skips.add_(skipped)
-            F.commit_update([p], work, decay, updates, step_size)
+            F.commit_update([p], work, decay, [update], step_size)
 
         pending.commits.append(commit)
 

@@ -35,6 +35,7 @@ from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops
 from .ownership import share_buckets as share_buckets
+from .sharded import as_dtensor as as_dtensor
 from .sharded import plan_mesh as plan_mesh
 from .sharded import plan_muon_group as plan_muon_group
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)

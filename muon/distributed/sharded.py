@@ -101,7 +101,7 @@ class _Orthogonalize:
         return orthogonalize(X, schedule, dtype=dtype, backend=self.backend)
 
 
-def _as_dtensor(view: Tensor, like) -> Tensor:
+def as_dtensor(view: Tensor, like) -> Tensor:
     """A DTensor laid out like `like` whose local tensor is `view` (state of a sharded parameter)."""
     from torch.distributed.tensor import DTensor
 
@@ -142,7 +142,7 @@ def plan_muon_group(planner: Planner, gplan, group, with_grad, flag_pos) -> None
         entries_of = [(Member(i, p, 0, count, False), scale) for i, p, count, _ in members]
         bucket = muon_bucket(planner, gplan.index, group, entries_of, (r, n), pdtype, gdtype, device, flag_pos,
                              schedule, _Orthogonalize(group["backend"]), resolve_dtype(group["ns_dtype"], device),
-                             state_value=_as_dtensor, sharded=True)  # fmt: skip
+                             state_value=as_dtensor, sharded=True)  # fmt: skip
         B = bucket.grad_stack.shape[0]
         if kind == "rows":
             owners = [owner[j] for _, _, _, j in members]

@@ -144,7 +144,7 @@ def muon_update(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase):
 
 
 def adamw_update(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool):
-    """torch.optim.AdamW's update of one bucket, multi-tensor; returns its commit."""
+    """torch.optim.AdamW's update of one bucket on its flat stacks; returns its commit."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
@@ -157,37 +157,35 @@ def adamw_update(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool
         def commit_fused() -> None:
             torch._foreach_add_(b.step_views, 1)
             torch._fused_adamw_(
-                params, grads, b.exp_avgs, b.exp_avg_sqs, [], b.step_views,
+                params, grads, b.exp_avg_views, b.exp_avg_sq_views, [], b.step_views,
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
 
         return commit_fused
-    device = b.steps.device
-    if ok_all is None:  # known finite, not fusable: the masked arithmetic below with every flag true
-        ok = torch.ones(len(params), dtype=torch.bool, device=device)
-    else:
+    torch._foreach_copy_(b.grad_views, grads)
+    ok = ok_elem = None
+    if ok_all is not None:
         ok = ok_all[b.flag_index]
-        torch._foreach_copy_(b.grad_views, grads)
         # zero the gradients of skipped parameters (their lerp/mul weights are 0/1, and 0 * NaN is NaN)
         ok_elem = ok.repeat_interleave(b.sizes, output_size=b.grad_flat.numel())
         b.grad_flat.masked_fill_(~ok_elem, 0)
-        grads = b.grad_views
     dtype = b.opmath
-    exp_avgs, exp_avg_sqs, steps, updates, step_size = F.adamw_moments(
-        b.exp_avgs, b.exp_avg_sqs, grads, b.steps, ok, beta1, beta2, eps, lr, dtype, device
+    exp_avg, exp_avg_sq, steps, step_size = F.adamw_moments(
+        b.exp_avg, b.exp_avg_sq, b.grad_flat, b.steps, ok, ok_elem, b.sizes, beta1, beta2, eps, lr, dtype, b.update
     )
     work = b.work_views if b.work is not None else None
     target = F.opmath_view(params, work)
-    # cautious: updates = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-    decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
-    skipped = ~ok
+    # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+    decay = F.decay_factors(ok, lr, wd, cautious, target, b.update_views, -1, dtype, b.steps.device)
+    skipped = None if ok is None else ~ok
 
     def commit() -> None:
-        torch._foreach_copy_(b.exp_avgs, exp_avgs)
-        torch._foreach_copy_(b.exp_avg_sqs, exp_avg_sqs)
+        b.exp_avg.copy_(exp_avg)
+        b.exp_avg_sq.copy_(exp_avg_sq)
         b.steps.copy_(steps)
-        b.skips.add_(skipped)
-        F.commit_update(params, work, decay, updates, step_size)
+        if skipped is not None:
+            b.skips.add_(skipped)
+        F.commit_update(params, work, decay, b.update_views, step_size)
 
     return commit
 

@@ -178,16 +178,23 @@ class MuonBucket:
 
 @dataclass
 class AdamWBucket:
+    """The AdamW parameters of a group with one device and dtypes: their moments are one flat
+    stack each (`state[p]["exp_avg"]` a view of it), updated with a handful of whole-stack ops."""
+
     params: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
+    exp_avg: Tensor  # (N,) every parameter's first moment, flat and concatenated
+    exp_avg_sq: Tensor
+    exp_avg_views: list[Tensor]  # per parameter, its (local) shape
+    exp_avg_sq_views: list[Tensor]
     steps: Tensor  # (P,) fp32, torch's per-parameter `step`
     step_views: list[Tensor]
     skips: Tensor
     flag_index: Tensor
-    grad_flat: Tensor  # all gradients, flattened and concatenated (the sanitized copy of a skip step)
+    grad_flat: Tensor  # all gradients, flattened and concatenated (sanitized where not finite)
     grad_views: list[Tensor]
-    sizes: Tensor  # (P,) numel per parameter, to expand per-parameter flags to elements
+    update: Tensor  # (N,) m̂ / (sqrt(v̂) + eps) of every parameter, in the moments' dtype
+    update_views: list[Tensor]
+    sizes: Tensor  # (P,) numel per parameter, to expand per-parameter values to elements
     work: Tensor | None  # fp32 copy of bf16/fp16 parameters
     work_views: list[Tensor]
     opmath: torch.dtype
@@ -215,7 +222,8 @@ class Plan:
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
     links: list[StateLink] = field(default_factory=list)
     installed: bool = False
-    # (param, its state dict or None, ((key, tensor or None), ...)): what `current` compares
+    # what `current` compares: the state's (param, dict) items, and (dict, key, tensor or None)
+    items: list = field(default_factory=list)
     expected: list = field(default_factory=list)
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
@@ -225,8 +233,8 @@ class Plan:
 class Planner:
     """What a group planner gets: the state (read only), where to record links, the NS resolver."""
 
-    def __init__(self, state, resolve_run) -> None:
-        self.state, self.resolve_run, self.links = state, resolve_run, []
+    def __init__(self, state, resolve_run, wrap=None) -> None:
+        self.state, self.resolve_run, self.links, self.wrap = state, resolve_run, [], wrap
         self.owned: dict[int, Tensor] = {}  # split parameters' own momentum buffers, by id
 
     def read(self, p: Tensor) -> dict:
@@ -276,29 +284,31 @@ def _option_key(value):
 
 
 def current(plan: Plan, state) -> bool:
-    """Whether `state` still holds what the plan installed (before that: what it read); no device work."""
-    if state is not plan.state:
+    """Whether `state` still holds what the plan installed (before that: what it read); no device work.
+
+    Walks the state's items in order (no tensor hashing: Tensor.__hash__ is Python code) against the
+    snapshot, then the plan's entries of each per-parameter dict; any difference, even in a
+    parameter outside the plan, rebuilds the plan."""
+    if state is not plan.state or len(state) != len(plan.items):
         return False
-    get = state.get
-    for p, d, entries in plan.expected:
-        if get(p) is not d:
+    for (p, d), (q, e) in zip(state.items(), plan.items):
+        if p is not q or d is not e:
             return False
-        if d is not None:
-            for key, t in entries:
-                if d.get(key) is not t:
-                    return False
+    for d, key, t in plan.expected:
+        if d.get(key) is not t:
+            return False
     return True
 
 
 def _expect(plan: Plan) -> None:
-    by_param: dict[int, tuple] = {}
+    """Snapshot what `current` compares: the state's (parameter, dict) items, and per link the
+    tensor the state holds under its key (None where it holds none)."""
+    plan.items = list(plan.state.items())
+    plan.expected = []
     for link in plan.links:
-        p = link.param
-        if id(p) not in by_param:
-            by_param[id(p)] = (p, plan.state.get(p), [])
-        d = by_param[id(p)][1]
-        by_param[id(p)][2].append((link.key, d.get(link.key) if d is not None else None))
-    plan.expected = [(p, d, tuple(entries)) for p, d, entries in by_param.values()]
+        d = plan.state.get(link.param)
+        if d is not None:
+            plan.expected.append((d, link.key, d.get(link.key)))
 
 
 def fill(plan: Plan) -> None:
@@ -316,16 +326,17 @@ def install(plan: Plan) -> None:
     _expect(plan)
 
 
-def build_plan(param_groups: list[dict], state, key: tuple, resolve_run, plan_muon=None) -> Plan:
+def build_plan(param_groups: list[dict], state, key: tuple, resolve_run, plan_muon=None, wrap=None) -> Plan:
     """Buckets and stacked state for every group (module docstring); writes nothing.
 
     `resolve_run(index, group, X, ns_dtype, schedule)` returns (algorithm, the NS run function) of
     group `index` for stack X (a ValueError naming the group when it cannot run). plan_muon: the
     planner of Muon groups, `plan_muon_group`'s signature (FSDP2 DTensor parameters use
-    `muon.distributed.sharded.plan_muon_group`).
+    `muon.distributed.sharded.plan_muon_group`). wrap(local view, param): how a state view of a
+    DTensor parameter is held in the state (a DTensor laid out like it); None: plain tensors.
     """
     plan_muon = plan_muon or plan_muon_group
-    planner = Planner(state, resolve_run)
+    planner = Planner(state, resolve_run, wrap)
     groups, flag_params, where = [], [], []
     for gi, group in enumerate(param_groups):
         gplan = GroupPlan(gi, group["use_muon"])
@@ -501,73 +512,58 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
     for i, p in with_grad:
         where = f"param_groups[{gplan.index}]['params'][{i}]"
         if p.numel() == 0:
-            if "step" not in planner.read(p):
-                _link_moments(planner, p, where)
-                planner.link(p, "step", zero_state("step", p), where)
-            if "nonfinite_skips" not in planner.read(p):
-                planner.link(p, "nonfinite_skips", zero_state("nonfinite_skips", p), where)
+            for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips"):
+                if key not in planner.read(p):
+                    planner.link(p, key, zero_state(key, p), where)
             continue
         layout.setdefault((local(p).device, p.dtype, p.grad.dtype), []).append((i, p))
     for (device, pdtype, gdtype), entries in layout.items():
         params = [p for _, p in entries]
-        steps = torch.zeros(len(params), dtype=state_dtype("step", params[0]), device=device)
-        skips = torch.zeros(len(params), dtype=state_dtype("nonfinite_skips", params[0]), device=device)
-        step_views, skip_views = list(steps.unbind()), list(skips.unbind())
-        exp_avgs, exp_avg_sqs = [], []
-        for (i, p), step, skip in zip(entries, step_views, skip_views, strict=True):
-            where = f"param_groups[{gplan.index}]['params'][{i}]"
-            ea, eas = _link_moments(planner, p, where)
-            exp_avgs.append(ea)
-            exp_avg_sqs.append(eas)
-            planner.link(p, "step", step, where)  # a torch.optim.AdamW state keeps step on the CPU: copied
-            planner.link(p, "nonfinite_skips", skip, where)
-        shards = [local(p) for p in params]  # DTensors: the local shards (foreach over those)
+        shards = [local(p) for p in params]  # DTensors: the local shards
         sizes = [p.numel() for p in shards]
-        grad_flat = torch.empty(sum(sizes), dtype=gdtype, device=device)
-        grad_views = [v.view(p.shape) for v, p in zip(grad_flat.split(sizes), shards, strict=True)]
-        work, work_views = None, []
-        if pdtype not in (torch.float32, torch.float64):
-            work = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-            work_views = [v.view(p.shape) for v, p in zip(work.split(sizes), shards, strict=True)]
+        N, first = sum(sizes), params[0]
+
+        def flat(dtype, shards=shards, sizes=sizes, N=N, device=device):
+            stack = torch.zeros(N, dtype=dtype, device=device)
+            return stack, [v.view(p.shape) for v, p in zip(stack.split(sizes), shards, strict=True)]
+
+        exp_avg, exp_avg_views = flat(state_dtype("exp_avg", first))
+        exp_avg_sq, exp_avg_sq_views = flat(state_dtype("exp_avg_sq", first))
+        update, update_views = flat(state_dtype("exp_avg", first))
+        grad_flat, grad_views = flat(gdtype)
+        steps = torch.zeros(len(params), dtype=state_dtype("step", first), device=device)
+        skips = torch.zeros(len(params), dtype=state_dtype("nonfinite_skips", first), device=device)
+        step_views, skip_views = list(steps.unbind()), list(skips.unbind())
+        for (i, p), *views in zip(entries, exp_avg_views, exp_avg_sq_views, step_views, skip_views, strict=True):
+            where = f"param_groups[{gplan.index}]['params'][{i}]"
+            for key, view in zip(("exp_avg", "exp_avg_sq", "step", "nonfinite_skips"), views, strict=True):
+                # (a torch.optim.AdamW state keeps step on the CPU: its value is copied in)
+                value = planner.wrap(view, p) if planner.wrap is not None and key.startswith("exp") else None
+                planner.link(p, key, view, where, value=value)
+        work, work_views = flat(torch.float32) if pdtype not in (torch.float32, torch.float64) else (None, [])
         gplan.buckets.append(
             AdamWBucket(
                 params=params,
-                exp_avgs=exp_avgs,
-                exp_avg_sqs=exp_avg_sqs,
+                exp_avg=exp_avg,
+                exp_avg_sq=exp_avg_sq,
+                exp_avg_views=exp_avg_views,
+                exp_avg_sq_views=exp_avg_sq_views,
                 steps=steps,
                 step_views=step_views,
                 skips=skips,
                 flag_index=torch.tensor([flag_pos[i] for i, _ in entries], device=device),
                 grad_flat=grad_flat,
                 grad_views=grad_views,
+                update=update,
+                update_views=update_views,
                 sizes=torch.tensor(sizes, device=device),
                 work=work,
                 work_views=work_views,
                 opmath=opmath(pdtype),
-                fusable=pdtype == gdtype and device.type in ("cpu", "cuda")
-                and all(t.dtype == pdtype for t in exp_avgs + exp_avg_sqs),
+                fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
                 sharded=shards[0] is not params[0],
             )
         )
-
-
-def _link_moments(planner: Planner, p: Tensor, where: str) -> tuple[Tensor, Tensor]:
-    """AdamW's exp_avg and exp_avg_sq of p: the state's own tensors (checked to fit), or new zeros."""
-    st = planner.read(p)
-    moments = []
-    for key in ("exp_avg", "exp_avg_sq"):
-        t = st.get(key)
-        if t is not None and (tuple(local(t).shape) != tuple(local(p).shape) or local(t).device != local(p).device):
-            raise ValueError(
-                f"{where}: state[{key!r}] is {tuple(local(t).shape)} on {local(t).device}, but the parameter is "
-                f"{tuple(local(p).shape)} on {local(p).device}; a parameter whose shape changed needs its state "
-                "reset (del opt.state[p]) or a state of the new shape"
-            )
-        if t is None:  # a DTensor like a DTensor parameter (FSDP2)
-            t = zero_state(key, p)
-        planner.link(p, key, local(t), where, value=t, fill=False)
-        moments.append(local(t))
-    return moments[0], moments[1]
 
 
 __all__ = [
