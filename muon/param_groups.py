@@ -21,6 +21,12 @@ _NORMS = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+# Group options only Muon groups read (muon.Muon's constructor arguments for them); an AdamW group reads
+# lr, betas, eps, weight_decay and cautious_weight_decay. tests/test_param_groups.py checks the list.
+MUON_ONLY_OPTIONS = frozenset({
+    "momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "flatten", "batched", "backend",
+    "ns_dtype", "ns_algorithm", "split", "heads", "variant", "normuon_beta2", "normuon_eps",
+})
 _CONVS = (nn.modules.conv._ConvNd,)
 
 
@@ -135,7 +141,11 @@ def param_groups(
     Args:
         muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
             that force a route, overriding the rules above; a name matching both is an error.
-        muon_options, adamw_options: extra keys for the groups (lr, weight_decay, betas, ...).
+        muon_options, adamw_options: extra keys for the groups, e.g. muon_options={"lr": 0.02} and
+            adamw_options={"lr": 3e-3, "weight_decay": 0.0}: each group kind its own learning rate
+            (a key a group does not set comes from muon.Muon's arguments). The AdamW group holds
+            only params, use_muon=False and adamw_options, whose keys must be AdamW's (lr, betas, eps,
+            weight_decay, cautious_weight_decay); a Muon-only key there is a ValueError.
         split, heads: {fnmatch pattern: option} over qualified names: Muon parameters matching a
             pattern go to a group of their own carrying `split=` (row counts, e.g. [d, d, d] for a
             fused QKV weight) or `heads=` (equal row blocks), see `muon.Muon`; parameters with the
@@ -145,6 +155,12 @@ def param_groups(
             naming it.
     Returns a list of group dicts; empty groups are left out.
     """
+    misplaced = sorted(MUON_ONLY_OPTIONS & set(adamw_options or {}))
+    if misplaced:
+        raise ValueError(
+            f"adamw_options has Muon-only keys {misplaced}: AdamW groups take lr, betas, eps, weight_decay and "
+            "cautious_weight_decay (Muon's momentum is AdamW's betas[0])"
+        )
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):

@@ -206,3 +206,21 @@ def test_routing_a_detected_head_either_way_silences_it(recwarn):
     groups = muon.param_groups(tied)
     assert any(p is tied.tok.weight for g in groups if not g["use_muon"] for p in g["params"])
     assert not _head_warnings(recwarn)
+
+
+def test_adamw_groups_hold_only_adamw_keys():
+    options = {"muon_options": {"lr": 0.02}, "adamw_options": {"lr": 3e-3, "betas": (0.9, 0.99)}}
+    groups = muon.param_groups(TinyLM(tied=False), **options)
+    adamw = [g for g in groups if not g["use_muon"]]
+    assert adamw and all(set(g) == {"params", "use_muon", "lr", "betas"} for g in adamw)
+    with pytest.raises(ValueError, match=r"Muon-only keys \['momentum', 'nesterov'\]"):
+        muon.param_groups(TinyLM(), adamw_options={"momentum": 0.9, "nesterov": False})
+
+
+def test_muon_only_options_are_muons_group_options():
+    """MUON_ONLY_OPTIONS is every option muon.Muon gives a Muon group beyond the ones both kinds of group share."""
+    from muon.param_groups import MUON_ONLY_OPTIONS
+
+    opt = muon.Muon([torch.zeros(2, 2, requires_grad=True)])
+    shared = {"lr", "weight_decay", "eps", "cautious_weight_decay", "use_muon"}
+    assert set(opt.defaults) - shared == MUON_ONLY_OPTIONS
