@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from docblocks import MARKERS, PAGES, ROOT, all_blocks, blocks, run
+from docblocks import MARKERS, PAGES, ROOT, all_blocks, blocks, one_thread, run  # noqa: F401 (one_thread: autouse)
 
 # Pages whose blocks another test runs (and checks): that test must cover every block of the page.
 RUN_ELSEWHERE = {"docs/recipes.md": "tests/test_recipes.py"}

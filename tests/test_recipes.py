@@ -9,25 +9,14 @@ A missing framework skips with what to install outside CI and fails in CI and un
 
 from __future__ import annotations
 
-import pytest
 import torch
-from docblocks import block, blocks, require, run
+from docblocks import block, blocks, one_thread, require, run  # noqa: F401 (one_thread: autouse)
 
 import muon
 
 PAGE = "docs/recipes.md"
 HEADINGS = ("transformers' `Trainer`", "PyTorch Lightning", "A plain loop")
 TRANSFORMERS = "'fused-muon[test]' (or pip install transformers accelerate)"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second intra-op thread, and on a shared 2-core machine two
-    threads spin against other jobs (the Trainer recipe: 24.6 s of CPU with two under load, 1.5 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fell(losses: list[float], by: float) -> bool:
