@@ -45,7 +45,7 @@ class BuildExt(build_ext):
         if nvcc is None:
             print(
                 "muon: nvcc not found (PATH, CUDACXX, CUDA_HOME); installing without the CUDA extension "
-                "muon._C. backend='cuda' will need CuPy (pip install 'muon[cupy]') or a rebuild with nvcc."
+                "muon._C. backend='cuda' will need CuPy (pip install 'fused-muon[cupy]') or a rebuild with nvcc."
             )
             return
         if shutil.which("cmake") is None:

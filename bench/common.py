@@ -261,7 +261,7 @@ def pyplot():
         import matplotlib
     except ImportError:
         if not _PLOT_NOTE["said"]:
-            print("plots skipped: matplotlib is not installed (pip install 'muon[bench]')", flush=True)
+            print("plots skipped: matplotlib is not installed (pip install 'fused-muon[bench]')", flush=True)
             _PLOT_NOTE["said"] = True
         return None
     matplotlib.use("Agg")

@@ -23,7 +23,7 @@ except ModuleNotFoundError as _exc:
         raise
     # name="triton" keeps `except ModuleNotFoundError` handlers that check exc.name working.
     raise ModuleNotFoundError(
-        "muon.kernels needs Triton, which is not installed: pip install 'muon[triton]' (or pip install triton). "
+        "muon.kernels needs Triton, which is not installed: pip install 'fused-muon[triton]' (or pip install triton). "
         "Without it, muon.newton_schulz and muon.Muon use the torch backend.",
         name="triton",
     ) from None

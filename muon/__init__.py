@@ -28,6 +28,7 @@ __all__ = [
     "qk_clip_",
     "update_scale",
 ]
+# The one place the version lives: pyproject.toml reads it (tool.setuptools.dynamic), CHANGELOG.md records it.
 __version__ = "0.1.0"
 
 

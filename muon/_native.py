@@ -24,10 +24,10 @@ def load() -> ModuleType | None:
             _state["error"] = (
                 "muon's CUDA extension muon._C is not built (the install found no nvcc, or "
                 "MUON_SKIP_CUDA_BUILD=1 was set); reinstall with the CUDA toolkit on PATH "
-                "(pip install --no-build-isolation --force-reinstall muon) or pip install 'muon[cupy]'"
+                "(pip install --no-build-isolation --force-reinstall fused-muon) or pip install 'fused-muon[cupy]'"
                 if missing
                 else f"muon's CUDA extension muon._C failed to load ({exc}); "
-                "rebuild it (pip install --force-reinstall muon)"
+                "rebuild it (pip install --force-reinstall fused-muon)"
             )
     return _state["module"]  # type: ignore[return-value]
 

@@ -37,11 +37,16 @@ def after_load(opt, state_dict: dict) -> None:
     """What torch's load_state_dict leaves to us: NorMuon moments in opmath, every group's
     defaults, int64 counters."""
     restore_normuon_dtype(opt, state_dict)
+    # ("momentum" stays: in an AdamW group it is a scheduler's beta1, muon.options.SCHEDULED_BETA1)
+    muon_only = opt.defaults.keys() - opt._adamw_defaults.keys() - {"use_muon", options.SCHEDULED_BETA1}
     for group in opt.param_groups:
         defaults = opt.defaults if group["use_muon"] else opt._adamw_defaults
         for key, value in defaults.items():
             if key != "differentiable":  # torch's __setstate__ adds it to defaults; no group of ours has it
                 group.setdefault(key, value)
+        if not group["use_muon"]:  # checkpoints of older versions carried Muon keys in AdamW groups
+            for key in muon_only:
+                group.pop(key, None)
     for state in opt.state.values():  # torch casts every loaded tensor but "step" to the parameter's dtype
         skips = state.get("nonfinite_skips")
         if skips is not None and skips.dtype != torch.int64:

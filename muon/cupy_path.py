@@ -35,9 +35,9 @@ def unavailable_reason(X: Tensor) -> str | None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed either (pip install 'muon[cupy]' compiles the kernels at run time)"
+        return "CuPy is not installed either (pip install 'fused-muon[cupy]' compiles the kernels at run time)"
     if not (SOURCE_DIR / "ns_rtc.cu").exists():
-        return f"the CUDA sources for the CuPy path are missing ({SOURCE_DIR}); reinstall muon"
+        return f"the CUDA sources for the CuPy path are missing ({SOURCE_DIR}); reinstall fused-muon"
     major, minor = torch.cuda.get_device_capability(X.device)
     if major < 8:
         return (

@@ -21,6 +21,12 @@ _NORMS = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+# Group options only Muon groups read (muon.Muon's constructor arguments for them); an AdamW group reads
+# lr, betas, eps, weight_decay and cautious_weight_decay. tests/test_param_groups.py checks the list.
+MUON_ONLY_OPTIONS = frozenset({
+    "momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "flatten", "batched", "backend",
+    "ns_dtype", "ns_algorithm", "split", "heads", "variant", "normuon_beta2", "normuon_eps",
+})
 _CONVS = (nn.modules.conv._ConvNd,)
 
 
@@ -41,30 +47,73 @@ def _route(owners: list[tuple[str, nn.Module]], name: str, ndim: int) -> str:
     return "muon"
 
 
+def _hidden_widths(model: nn.Module) -> set[int]:
+    """Feature sizes some layer of the model reads: an nn.Linear output of one of these sizes can feed
+    the rest of the network (a residual-stream or MLP projection), so it is not taken for an output."""
+    widths: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            widths.add(module.in_features)
+        elif isinstance(module, _EMBEDDINGS):
+            widths.add(module.embedding_dim)
+        elif isinstance(module, _CONVS):
+            widths.add(module.in_channels)
+        elif isinstance(module, (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))):
+            if module.normalized_shape:
+                widths.add(module.normalized_shape[-1])
+    return widths
+
+
+def _unnamed_heads(model: nn.Module) -> list[tuple[nn.Linear, str]]:
+    """(nn.Linear, why it looks like an output head) for the heads that no head name marks.
+
+    An output head's outputs are read by no layer of the model (logits, class scores), so a candidate
+    is an nn.Linear whose out_features no layer reads (see `_hidden_widths`). Among those, a head is
+      * one whose out_features equals the rows of the model's largest embedding (an untied LM head:
+        its outputs are the embedding's vocabulary), wherever it is registered;
+      * the model's last nn.Linear in registration order (a classifier at the end of an nn.Sequential).
+    So an attention output projection or an MLP's down projection (their outputs feed the residual
+    stream, which other layers read) is never one, and neither is anything in a model that has none.
+    A head tied to an embedding is routed to AdamW by `_route` already.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    embeddings = [(name, m) for name, m in model.named_modules() if isinstance(m, _EMBEDDINGS)]
+    widths = _hidden_widths(model)
+    vocab_name, vocab = max(((n, e.num_embeddings) for n, e in embeddings), key=lambda x: x[1], default=(None, None))
+    heads: dict[int, tuple[nn.Linear, str]] = {}
+    for module in linears:
+        if module.out_features in widths:
+            continue
+        if module.out_features == vocab:
+            heads[id(module)] = (module, f"its {module.out_features} outputs match the {vocab} rows of the "
+                                         f"embedding {vocab_name!r}")
+        elif module is linears[-1]:
+            heads[id(module)] = (module, f"it is the model's last nn.Linear and no layer reads its "
+                                         f"{module.out_features} outputs")
+    return list(heads.values())
+
+
 def _warn_unnamed_head(model: nn.Module, routed: dict[int, tuple[str, str, bool]]) -> None:
-    """Warn when no module is named like an output head and the model's last nn.Linear (in
-    registration order, e.g. the classifier at the end of an nn.Sequential) goes to Muon: it is most
-    likely the output head, which Muon should not orthogonalize."""
-    last = None
+    """Warn for each output head (see `_unnamed_heads`) that no head name marks and goes to Muon by the
+    rules (not by a `muon=` pattern): Muon should not orthogonalize an output head."""
     for module_name, module in model.named_modules():
         if module_name.rsplit(".", 1)[-1].lower() in HEAD_NAMES and any(
             p.ndim >= 2 for p in module.parameters(recurse=False)
         ):
             return  # a head found by name is routed to AdamW already
-        if isinstance(module, nn.Linear):
-            last = module
-    if last is None or id(last.weight) not in routed:
-        return
-    name, route, forced = routed[id(last.weight)]
-    if route.startswith("muon") and not forced:
-        warnings.warn(
-            f"muon.param_groups: no output head found by name ({', '.join(sorted(HEAD_NAMES))}), and the "
-            f"model's last nn.Linear, {name!r}, goes to Muon. If it is the output head (a classifier or "
-            f"LM head), route it to AdamW with muon.param_groups(model, adamw=[{name!r}]); to keep it on "
-            f"Muon and silence this warning, pass muon=[{name!r}].",
-            UserWarning,
-            stacklevel=3,
-        )
+    for module, why in _unnamed_heads(model):
+        if id(module.weight) not in routed:
+            continue
+        name, route, forced = routed[id(module.weight)]
+        if route.startswith("muon") and not forced:
+            warnings.warn(
+                f"muon.param_groups: {name!r} looks like the output head ({why}) but no head name marks it "
+                f"({', '.join(sorted(HEAD_NAMES))}), so it goes to Muon. If it is the output head (a "
+                f"classifier or LM head), route it to AdamW with muon.param_groups(model, adamw=[{name!r}]); "
+                f"to keep it on Muon and silence this warning, pass muon=[{name!r}].",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def param_groups(
@@ -82,14 +131,21 @@ def param_groups(
     AdamW gets embeddings (and output heads tied to them), output heads (modules named lm_head, head,
     output, classifier or logits), norms, biases and every 0-/1-D tensor. Conv weights go to Muon
     with flatten=True ((out, in·kh·kw) matrices); other >2-D weights are batches of matrices.
-    A parameter shared by several modules appears once. Heads are found by name only: when none is
-    found and the model's last nn.Linear goes to Muon (an unnamed classifier at the end of an
-    nn.Sequential), a UserWarning names it and how to route it.
+    A parameter shared by several modules appears once. Heads are routed by name or tying only: when
+    no module has a head name and an nn.Linear that looks like an output head goes to Muon — its
+    outputs are read by no layer, and it is the model's last nn.Linear (an unnamed classifier at the
+    end of an nn.Sequential) or it has as many outputs as the largest embedding has rows (an untied
+    LM head) — a UserWarning names it and how to route it. Attention output and MLP projections,
+    whose outputs other layers read, never warn.
 
     Args:
         muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
             that force a route, overriding the rules above; a name matching both is an error.
-        muon_options, adamw_options: extra keys for the groups (lr, weight_decay, betas, ...).
+        muon_options, adamw_options: extra keys for the groups, e.g. muon_options={"lr": 0.02} and
+            adamw_options={"lr": 3e-3, "weight_decay": 0.0}: each group kind its own learning rate
+            (a key a group does not set comes from muon.Muon's arguments). The AdamW group holds
+            only params, use_muon=False and adamw_options, whose keys must be AdamW's (lr, betas, eps,
+            weight_decay, cautious_weight_decay); a Muon-only key there is a ValueError.
         split, heads: {fnmatch pattern: option} over qualified names: Muon parameters matching a
             pattern go to a group of their own carrying `split=` (row counts, e.g. [d, d, d] for a
             fused QKV weight) or `heads=` (equal row blocks), see `muon.Muon`; parameters with the
@@ -99,6 +155,12 @@ def param_groups(
             naming it.
     Returns a list of group dicts; empty groups are left out.
     """
+    misplaced = sorted(MUON_ONLY_OPTIONS & set(adamw_options or {}))
+    if misplaced:
+        raise ValueError(
+            f"adamw_options has Muon-only keys {misplaced}: AdamW groups take lr, betas, eps, weight_decay and "
+            "cautious_weight_decay (Muon's momentum is AdamW's betas[0])"
+        )
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):

@@ -120,7 +120,7 @@ def test_bench_without_tqdm_or_matplotlib(tmp_path, capsys, monkeypatch):
                  "--gemm-size", "16", "--out", str(tmp_path)]) == 0
     assert main(["step", "--device", "cpu", "--model", QUICK_MODEL, "--rep-ms", "1", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out.count("plots skipped: matplotlib is not installed (pip install 'muon[bench]')") == 1
+    assert captured.out.count("plots skipped: matplotlib is not installed (pip install 'fused-muon[bench]')") == 1
     assert "Traceback" not in captured.out + captured.err
     assert not list(tmp_path.glob("*.png"))
     assert (tmp_path / "flops.csv").exists() and (tmp_path / "kernels.json").exists() and _rows(tmp_path / "step.json")
@@ -151,7 +151,7 @@ def test_progress_is_silent_when_quiet(capsys):
 def test_kernels_without_triton_says_how_to_install(monkeypatch):
     _hide(monkeypatch, "triton")
     monkeypatch.delitem(sys.modules, "muon.kernels", raising=False)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'muon\[triton\]'") as info:
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fused-muon\[triton\]'") as info:
         importlib.import_module("muon.kernels")
     assert info.value.name == "triton"  # handlers that test exc.name keep working
 

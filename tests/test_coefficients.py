@@ -241,7 +241,7 @@ def test_fp32_singular_values_follow_the_scalar_composition(name):
 
 
 # Measured bf16 bands (min, max singular value after the preset's steps) over the Gaussian inputs,
-# and the largest singular value on the edge and equal inputs (see README, "Coefficient presets").
+# and the largest singular value on the edge and equal inputs (see docs/newton-schulz.md, "Coefficient presets").
 # Bounds are the measured values widened by 0.01 (≈ bf16 rounding noise between runs of other
 # summation orders); the scalar composition gives the fp32 value each sits near.
 BF16_BANDS = {
@@ -279,10 +279,10 @@ def test_presets_without_margin_overshoot_at_the_edge():
 def test_readme_example_runs():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Coefficient presets and safety factors") :]
+    text = (Path(__file__).resolve().parents[1] / "docs" / "newton-schulz.md").read_text()
+    section = text[text.index("## Coefficient presets and safety factors") :]
     start = section.index("```python") + len("```python")
     scope: dict = {}
-    exec(compile(section[start : section.index("```\n", start)], "README.md (presets)", "exec"), scope)
+    exec(compile(section[start : section.index("```\n", start)], "docs/newton-schulz.md (presets)", "exec"), scope)
     assert scope["O"].shape == (64, 128) and torch.isfinite(scope["O"]).all()
     _close(scope["derived"], MODDED_NANOGPT, 1e-12)

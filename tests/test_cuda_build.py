@@ -87,7 +87,7 @@ def test_missing_extension_message(monkeypatch):
     monkeypatch.setattr(_native.importlib, "import_module", fail)
     assert _native.load() is None
     msg = _native.load_error()
-    assert "muon._C is not built" in msg and "nvcc" in msg and "muon[cupy]" in msg
+    assert "muon._C is not built" in msg and "nvcc" in msg and "fused-muon[cupy]" in msg
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setattr(_native.importlib, "import_module",
                         lambda name: (_ for _ in ()).throw(ImportError("undefined symbol: cudaFoo")))

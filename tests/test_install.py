@@ -1,14 +1,20 @@
-"""Packaging: a built wheel installs everything under the `muon` import name."""
+"""Packaging: a built wheel is the `fused-muon` distribution and installs everything under the `muon` import name."""
 
 from __future__ import annotations
 
+import email
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import muon
+
 ROOT = Path(__file__).resolve().parent.parent
+# PyPI's `muon` (scverse) and `muon-optimizer` (Keller Jordan) are other projects with the same import name.
+DISTRIBUTION = "fused-muon"
 
 
 def test_wheel_layout(tmp_path):
@@ -19,11 +25,25 @@ def test_wheel_layout(tmp_path):
         env=env,
         cwd=tmp_path,
     )
-    (wheel,) = tmp_path.glob("muon-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    (wheel,) = tmp_path.glob("*.whl")
+    # the wheel's file name and metadata carry the distribution name and muon.__version__
+    assert wheel.name.startswith(f"fused_muon-{muon.__version__}-"), wheel.name
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    meta = email.message_from_bytes(archive.read(metadata))
+    assert (meta["Name"], meta["Version"]) == (DISTRIBUTION, muon.__version__)
     top_level = {n.split("/")[0] for n in names}
     assert "muon/kernels/__init__.py" in names and "muon/__init__.py" in names
     assert "muon/backends/torch_ref.py" in names
     assert "muon/distributed/__init__.py" in names and "muon/distributed/execute.py" in names
     # kernels/ must never become a top-level `kernels` module (PyPI's kernels is another package).
     assert top_level <= {"muon"} | {n for n in top_level if n.endswith((".dist-info", ".data"))}, top_level
+
+
+def test_changelog_records_this_version():
+    """CHANGELOG.md has a section for muon.__version__, and the README says how to install the distribution."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## {re.escape(muon.__version__)}\b", changelog, re.M), "no CHANGELOG section for this version"
+    head = (ROOT / "README.md").read_text()[:1500]
+    assert f"pip install {DISTRIBUTION}" in head and "muon-optimizer" in head and "scverse" in head

@@ -104,7 +104,7 @@ def test_adamw_group_defaults():
 def test_hybrid_optimizer_equals_separate_optimizers():
     model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 6))
     twin = copy.deepcopy(model)
-    opt = muon.Muon(muon.param_groups(model, adamw_options={"lr": 1e-3}), lr=0.02)
+    opt = muon.Muon(muon.param_groups(model, muon=["2.weight"], adamw_options={"lr": 1e-3}), lr=0.02)
     matrices = [model[0].weight, model[2].weight]
     assert [g["params"] for g in opt.param_groups if g["use_muon"]] == [matrices]
     twin_matrices = [twin[0].weight, twin[2].weight]
@@ -199,7 +199,7 @@ def test_state_dict_resume_is_bit_exact():
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.Linear(16, 16), torch.nn.LayerNorm(16),
                                     torch.nn.Linear(16, 10))
-        return model, muon.Muon(muon.param_groups(model), lr=0.02)
+        return model, muon.Muon(muon.param_groups(model, adamw=["3.weight"]), lr=0.02)
 
     def train(model, opt, steps, seed):
         gen = torch.Generator().manual_seed(seed)

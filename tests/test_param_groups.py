@@ -130,3 +130,105 @@ def test_no_warning_when_a_head_is_named(recwarn):
     model.add_module("classifier", nn.Linear(8, 3))
     muon.param_groups(model)
     assert not [w for w in recwarn if "param_groups" in str(w.message)]
+
+
+class Attention(nn.Module):
+    """The docs' QK-clip model: q, k, v, o projections and nothing else (o feeds the residual stream)."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        d = dim // heads
+        self.q, self.k = nn.Linear(dim, heads * d), nn.Linear(dim, kv_heads * d)
+        self.v, self.o = nn.Linear(dim, kv_heads * d), nn.Linear(heads * d, dim)
+
+
+class UntiedLM(nn.Module):
+    """An LM whose untied head has no head name and is registered before the blocks."""
+
+    def __init__(self, vocab=96, d=16, head_name="decoder", ffn=64):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(8, d)
+        self.add_module(head_name, nn.Linear(d, vocab, bias=False))
+        self.up, self.down = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.ln = nn.LayerNorm(d)
+
+
+def _head_warnings(recwarn):
+    return [str(w.message) for w in recwarn if "looks like the output head" in str(w.message)]
+
+
+def test_attention_output_projection_is_not_a_head(recwarn):
+    """The QK-clip example's last nn.Linear is `o`, the attention output: no warning, o stays on Muon."""
+    model = Attention()
+    groups = muon.param_groups(model)
+    assert not _head_warnings(recwarn)
+    assert any(p is model.o.weight for g in groups if g["use_muon"] for p in g["params"])
+
+
+def test_projections_into_the_residual_stream_are_not_heads(recwarn):
+    # an embedding, an up projection and a last down projection back to the embedding width (test_flops' model)
+    model = nn.Sequential()
+    model.add_module("embed", nn.Embedding(10, 8))
+    model.add_module("up", nn.Linear(8, 4))
+    model.add_module("down", nn.Linear(4, 8, bias=False))
+    muon.param_groups(model)
+    # an MLP whose hidden width equals the vocabulary: its up projection's outputs are read by `down`
+    encoder = nn.ModuleDict({"tok": nn.Embedding(64, 16), "up": nn.Linear(16, 64), "down": nn.Linear(64, 16)})
+    muon.param_groups(encoder)
+    # a model without any output layer: blocks of Linear(d, d)
+    muon.param_groups(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)))
+    assert not _head_warnings(recwarn)
+
+
+def test_vocabulary_sized_head_warns_wherever_it_is_registered():
+    model = UntiedLM()
+    with pytest.warns(UserWarning, match=r"'decoder\.weight' looks like the output head \(its 96 outputs match "
+                                         r"the 96 rows of the embedding 'tok'\).*adamw=\['decoder\.weight'\]"):
+        groups = muon.param_groups(model)
+    assert any(p is model.decoder.weight for g in groups if g["use_muon"] for p in g["params"])  # routing unchanged
+
+
+def test_an_unnamed_classifier_after_an_embedding_warns():
+    """A sequence classifier (Hugging Face calls it `score`): few outputs that no layer reads, registered last."""
+    model = UntiedLM(head_name="lm_head")
+    model.lm_head = nn.Identity()  # no head-named module with weights left
+    model.score = nn.Linear(16, 2)
+    with pytest.warns(UserWarning, match=r"'score\.weight'.*last nn\.Linear and no layer reads its 2 outputs"):
+        muon.param_groups(model)
+
+
+def test_routing_a_detected_head_either_way_silences_it(recwarn):
+    muon.param_groups(UntiedLM(), adamw=["decoder.weight"])
+    muon.param_groups(UntiedLM(), muon=["decoder.weight"])
+    tied = UntiedLM()
+    tied.decoder.weight = tied.tok.weight  # tied to the embedding: AdamW by the rules
+    groups = muon.param_groups(tied)
+    assert any(p is tied.tok.weight for g in groups if not g["use_muon"] for p in g["params"])
+    assert not _head_warnings(recwarn)
+
+
+def test_adamw_groups_hold_only_adamw_keys():
+    options = {"muon_options": {"lr": 0.02}, "adamw_options": {"lr": 3e-3, "betas": (0.9, 0.99)}}
+    groups = muon.param_groups(TinyLM(tied=False), **options)
+    adamw = [g for g in groups if not g["use_muon"]]
+    assert adamw and all(set(g) == {"params", "use_muon", "lr", "betas"} for g in adamw)
+    with pytest.raises(ValueError, match=r"Muon-only keys \['momentum', 'nesterov'\]"):
+        muon.param_groups(TinyLM(), adamw_options={"momentum": 0.9, "nesterov": False})
+
+
+def test_muon_only_options_are_muons_group_options():
+    """MUON_ONLY_OPTIONS is every option muon.Muon gives a Muon group beyond the ones both kinds of group share."""
+    from muon.param_groups import MUON_ONLY_OPTIONS
+
+    opt = muon.Muon([torch.zeros(2, 2, requires_grad=True)])
+    shared = {"lr", "weight_decay", "eps", "cautious_weight_decay", "use_muon"}
+    assert set(opt.defaults) - shared == MUON_ONLY_OPTIONS
+
+
+def test_optimizer_adamw_groups_hold_only_adamw_keys():
+    opt = muon.Muon(muon.param_groups(TinyLM(tied=False), adamw_options={"lr": 3e-3}), lr=0.02)
+    adamw_keys = {"params", "use_muon", "lr", "betas", "eps", "weight_decay", "cautious_weight_decay"}
+    for group in opt.param_groups:
+        if not group["use_muon"]:
+            assert set(group) <= adamw_keys, sorted(set(group) - adamw_keys)

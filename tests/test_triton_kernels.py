@@ -320,7 +320,7 @@ def test_unavailable_without_triton_names_the_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     reason = triton_backend.unavailable_reason(torch.randn(4, 4))
-    assert reason is not None and "pip install triton" in reason and "muon[triton]" in reason
+    assert reason is not None and "pip install triton" in reason and "fused-muon[triton]" in reason
 
 
 def test_unavailable_on_other_devices():

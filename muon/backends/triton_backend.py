@@ -41,7 +41,7 @@ def kernel_version(path: str) -> str:
 GRAPH_MAX_FLOPS = 1e11
 USE_GRAPHS = True
 
-_INSTALL = "pip install triton (or pip install 'muon[triton]')"
+_INSTALL = "pip install triton (or pip install 'fused-muon[triton]')"
 
 
 def _env_interpreting() -> bool:
