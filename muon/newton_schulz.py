@@ -30,6 +30,7 @@ def newton_schulz(
     backend: str = "auto",
     algorithm: str = "standard",
     restarts=DEFAULT_RESTARTS,
+    precondition: str | None = None,
 ) -> Tensor:
     """Orthogonalize G (m×n, or a batch (..., m, n) of independent matrices) by Newton–Schulz.
 
@@ -50,9 +51,19 @@ def newton_schulz(
             triton backends) or "auto" (Gram where muon.backends.dispatch.choose_algorithm says so).
         restarts: Gram NS only: 0-based steps before which X and X·Xᵀ are recomputed from the running
             product (default (2,): after two steps), what keeps Gram NS accurate in half precision.
+        precondition: how X0 is formed: None (the preset's own: "frobenius" for the named presets),
+            "frobenius" (X0 = G / (‖G‖_F + eps)) or "aol" (Turbo-Muon: the Frobenius start rescaled
+            row by row from |X0·X0ᵀ|, the Gram product the first step forms anyway, so no extra
+            matmul; its start is closer to orthogonal, so fewer steps reach the same quality). With
+            "aol" a per-step preset shorter than `steps` takes its last `steps` tuples
+            (`muon.coefficients.resolve_schedule`); `precondition="aol", steps=4` is Turbo-Muon's
+            setting. Every backend but "cuda" has it; see docs/newton-schulz-quality.md for its error
+            per FLOP against the float64 polar factor.
 
-    Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
-    matrix maps to zero. Tall inputs are transposed so the work runs on the small side.
+    Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range (in every
+    compute dtype, fp16 included: the start is formed in fp32 before the cast), and a zero matrix
+    maps to zero; a matrix with a NaN or inf entry comes out non-finite (its neighbours in a batch
+    are unaffected). Tall inputs are transposed so the work runs on the small side.
     A CuPy array is accepted too (zero-copy through DLPack) and a CuPy array is returned.
     """
     if type(G).__module__.split(".")[0] == "cupy":
@@ -60,11 +71,11 @@ def newton_schulz(
 
         result = newton_schulz(
             torch.from_dlpack(G), steps, coefficients, eps, dtype=dtype, backend=backend,
-            algorithm=algorithm, restarts=restarts,
+            algorithm=algorithm, restarts=restarts, precondition=precondition,
         )
         return cupy.from_dlpack(result)
     check_input(G)
-    schedule = resolve_schedule(coefficients, steps, eps)
+    schedule = resolve_schedule(coefficients, steps, eps, precondition=precondition)
     return orthogonalize(
         G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype, algorithm=algorithm, restarts=restarts
     )
