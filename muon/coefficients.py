@@ -332,6 +332,26 @@ def resolve_schedule(coefficients, steps: int | None, eps: float, precondition: 
     return Schedule(tuple(schedule), normalization.fro_scale, eps_used, precondition)
 
 
+def preconditioned(coefficients, precondition: str) -> Preset:
+    """`coefficients` (a preset name, a Preset, one (a, b, c) tuple or a list of them) as a Preset whose
+    normalization carries `precondition`: the form any API that takes `coefficients` accepts, e.g.
+    `Muon(params, ns_coefficients=preconditioned("you", "aol"), ns_steps=4)` (Turbo-Muon's setting)."""
+    precondition = check_precondition(precondition)
+    if precondition is None:
+        raise ValueError(f"precondition must be one of {PRECONDITIONS}, got None")
+    if isinstance(coefficients, str):
+        resolve_schedule(coefficients, None, 0.0)  # a clear error for an unknown name
+        base = PRESETS[coefficients]
+    elif isinstance(coefficients, Preset):
+        base = coefficients
+    else:
+        per_step = resolve_schedule(coefficients, None, 0.0).coefficients
+        base = Preset(per_step[:1] if len(set(per_step)) == 1 else per_step)
+    norm = base.normalization
+    return Preset(base.steps, Normalization(norm.fro_scale, norm.eps, precondition), base.safety,
+                  (base.source + f"; precondition {precondition}").lstrip("; "))
+
+
 def _allow_in_checkpoints() -> None:
     # A Preset in a param group travels in optimizer.state_dict(); torch.load(weights_only=True), the
     # default since torch 2.6, refuses any class it was not told about.
