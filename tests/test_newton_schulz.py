@@ -337,3 +337,23 @@ def test_import_is_lazy_and_never_initializes_cuda():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_muon_takes_aol_through_a_preconditioned_preset():
+    """muon.coefficients.preconditioned: AOL in a Muon group today, through ns_coefficients (what
+    bench/efficiency.py --ns precondition=aol passes); the update is NS with AOL of the gradient."""
+    from muon.coefficients import preconditioned
+
+    g = torch.randn(32, 80)
+    W = torch.nn.Parameter(torch.zeros(32, 80))
+    opt = muon.Muon([W], lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, ns_steps=4,
+                    ns_coefficients=preconditioned("you", "aol"), ns_dtype=torch.float32)
+    W.grad = g.clone()
+    opt.step()
+    expected = muon.newton_schulz(g, steps=4, coefficients="you", precondition="aol", dtype=torch.float32)
+    torch.testing.assert_close(-W.detach(), expected, rtol=0, atol=1e-5)
+    assert (expected - muon.newton_schulz(g, steps=4, coefficients="you", dtype=torch.float32)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="precondition must be one of"):
+        preconditioned("you", "spectral")
+    with pytest.raises(ValueError, match="not a preset"):
+        preconditioned("quintic", "aol")
