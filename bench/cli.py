@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("bench.profile", "the optimizer step under torch.profiler / Nsight Compute"),
     "telescope": ("bench.telescope", "telescoping muP hyperparameter sweep"),
     "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
+    "quality": ("bench.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
     "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),
 }
 

@@ -65,7 +65,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evals", type=int, help="validation evaluations per run")
     p.add_argument("--val-count", type=int, help="validation batches of 16 sequences per evaluation")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--ns", default="", metavar="KEY=VALUE,...",
+                   help="Muon's Newton–Schulz: coefficients=PRESET, steps=N, precondition=frobenius|aol, "
+                   "dtype=bf16|fp16|fp32|auto, algorithm=standard|gram|auto (default: muon.Muon's)")
     D.add_run_arguments(p, "bench/results/efficiency")
+
+
+NS_KEYS = ("coefficients", "steps", "precondition", "dtype", "algorithm")
+
+
+def ns_options(text: str) -> tuple[dict, dict]:
+    """--ns as (muon.Muon keyword arguments, the options as given). precondition travels inside the
+    coefficients (muon.coefficients.preconditioned), which every Muon accepts."""
+    from muon.coefficients import KELLER, preconditioned
+
+    from .common import dtype_of
+
+    given = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in NS_KEYS:
+            raise SystemExit(f"--ns: expected KEY=VALUE with KEY in {NS_KEYS}, got {item!r}")
+        given[key] = value
+    kwargs: dict = {}
+    coefficients = given.get("coefficients", KELLER)
+    if "precondition" in given:
+        try:
+            coefficients = preconditioned(coefficients, given["precondition"])
+        except ValueError as exc:
+            raise SystemExit(f"--ns: {exc}") from None
+    if "coefficients" in given or "precondition" in given:
+        kwargs["ns_coefficients"] = coefficients
+    if "steps" in given:
+        kwargs["ns_steps"] = int(given["steps"])
+    if "dtype" in given:
+        kwargs["ns_dtype"] = given["dtype"] if given["dtype"] == "auto" else dtype_of(given["dtype"])
+    if "algorithm" in given:
+        kwargs["ns_algorithm"] = given["algorithm"]
+    return kwargs, given
 
 
 def _settings(args) -> dict:
@@ -92,6 +129,8 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     s = _settings(args)
+    ns_kwargs, ns_given = ns_options(args.ns)
+    ns_dtype = ns_kwargs.pop("ns_dtype", "auto")
     data = D.load(args.data, max_bytes=args.max_bytes)
     cfg = G.GPTConfig(width=s["width"], depth=s["depth"], heads=s["width"] // s["head_dim"], seq_len=s["seq_len"])
     val = D.val_batches(data.val, 16, cfg.seq_len, s["val_count"])
@@ -111,7 +150,9 @@ def run(args) -> int:
                 for lr in lrs:
                     bar.set_postfix(batch=b, opt=opt_name, lr=lr)
                     model = G.build(cfg, seed=args.seed)
-                    opt = G.make_optimizer(model, opt_name, lr, args.weight_decay)
+                    opt = (G.make_optimizer(model, opt_name, lr, args.weight_decay, ns_dtype=ns_dtype,
+                                            ns_options=ns_kwargs) if opt_name == "muon"
+                           else G.make_optimizer(model, opt_name, lr, args.weight_decay))
                     h = G.train(model, opt, data, batch=b, steps=steps, seed=args.seed, warmup=max(1, steps // 20),
                                 eval_every=max(1, steps // s["evals"]), val_count=s["val_count"], progress=bar)
                     bar.update(steps - round(h["tokens"][-1] / (b * cfg.seq_len)))  # diverged runs stop early
@@ -136,6 +177,7 @@ def run(args) -> int:
         "batches": rows, "settings": s, "model": G.config_dict(cfg), "weight_decay": args.weight_decay,
         "initial_val_loss": initial_loss, "data": data.describe(), "device": "cpu", "torch_threads": args.threads,
         "seed": args.seed, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
+        "muon_ns": ns_given or "muon.Muon defaults",
         "token_ratio_definition": "adamw_tokens / muon_tokens to reach the worse of the two best final val losses",
     }
     D.write_result(args, result, "efficiency", plot)

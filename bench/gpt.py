@@ -116,13 +116,16 @@ def make_optimizer(
     adamw_lr: float | None = None,
     mup_base_width: int | None = None,
     ns_dtype: torch.dtype | str = "auto",
+    ns_options: dict | None = None,
 ) -> torch.optim.Optimizer:
     """"muon": muon.Muon over muon.param_groups(model) (muP groups with mup_base_width); "adamw": torch AdamW.
 
     Without muP, Muon uses adjust_lr_fn="match_rms_adamw" so that one lr serves its Muon and AdamW
     groups alike (Moonlight's recipe); with muP it uses "spectral" (see muon.mup) and adamw_lr.
-    ns_dtype "auto" (the optimizer's default): bf16 NS on CUDA, fp32 on a CPU.
+    ns_dtype "auto" (the optimizer's default): bf16 NS on CUDA, fp32 on a CPU. ns_options: further
+    muon.Muon keyword arguments of the Newton–Schulz step (ns_coefficients, ns_steps, ns_algorithm).
     """
+    ns_options = dict(ns_options or {})
     betas = (0.9, 0.95)
     if optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
@@ -131,9 +134,9 @@ def make_optimizer(
     if mup_base_width is not None:
         groups = muon.mup.param_groups(model, mup_base_width, model.cfg.width, lr=lr, adamw_lr=adamw_lr,
                                        input=MUP_INPUT, output=MUP_OUTPUT)
-        return muon.Muon(groups, lr=lr, weight_decay=weight_decay, betas=betas, ns_dtype=ns_dtype)
+        return muon.Muon(groups, lr=lr, weight_decay=weight_decay, betas=betas, ns_dtype=ns_dtype, **ns_options)
     return muon.Muon(muon.param_groups(model), lr=lr, weight_decay=weight_decay, betas=betas,
-                     adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype)
+                     adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype, **ns_options)
 
 
 @torch.no_grad()

@@ -7,7 +7,10 @@ Shapes: the shapes of the H100 measurement the dispatch table comes from (bench/
 a few small-side classes, and the batched same-shape groups the optimizer forms for model presets.
 Providers: every muon path — muon[torch], muon[auto] (what backend="auto" runs), muon[triton] (the
 Triton backend's default, kernel v1), the forced muon[triton:small] / [triton:gemm] /
-[triton:persistent] paths, muon[cuda] — each with its `kernel_version`, every importable peer
+[triton:persistent] paths, muon[cuda] — each with its `kernel_version`; the NS variants of issue 21
+on the torch backend and the Triton default path: muon[torch:aol] / muon[triton:aol] (AOL
+preconditioning at --aol-steps, default one step fewer: Turbo-Muon's setting) and muon[torch:fp16] /
+muon[triton:fp16] (fp16 compute, rows with dtype float16); every importable peer
 (bench/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
 square GEMM as the device's ceiling.
 
@@ -64,6 +67,9 @@ MUON_PROVIDERS = [("torch", "torch", None), ("auto", "auto", None), ("triton", "
                   ("triton:persistent", "triton", "persistent"), ("cuda", "cuda", None)]
 # kernels that compute one triangle of the two symmetric products (count muon.flops symmetric=True)
 SYMMETRIC = {"triton:gemm", "triton:persistent", "cuda"}
+# NS variants (issue 21): name -> (the MUON_PROVIDERS entry it varies, what it changes)
+VARIANTS = {"torch:aol": ("torch", "aol"), "triton:aol": ("triton", "aol"), "torch:fp16": ("torch", "fp16"),
+            "triton:fp16": ("triton", "fp16")}
 # Below this many NS FLOPs a GPU run is launch bound: time CUDA-graph replays instead.
 GRAPH_BELOW_FLOPS = 2e9
 
@@ -76,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'none' for no preset groups")
     parser.add_argument("--dtype", default="bf16", help="NS compute dtype (default bf16)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--aol-steps", type=int, default=None,
+                        help="steps of the AOL providers (default: --steps - 1, Turbo-Muon's setting)")
     parser.add_argument("--coefficients", default="keller", help="muon coefficient preset (default keller)")
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated from {backends.BACKENDS} (default: all; on a CPU only torch "
@@ -109,7 +117,7 @@ def shape_list(args, device: torch.device) -> list[tuple[tuple[int, int, int], s
 
 
 def _providers(args, device: torch.device) -> list[str]:
-    known = [p[0] for p in MUON_PROVIDERS]
+    known = [p[0] for p in MUON_PROVIDERS] + list(VARIANTS)
     names = args.backends.split(",") if args.backends else known
     for name in names:
         if name not in known:
@@ -121,6 +129,7 @@ def _muon_call(name: str, G: torch.Tensor, X: torch.Tensor, schedule, dtype: tor
     """(reason it cannot run or None, the call, kernel version, symmetric-FLOP kernel?) of a muon provider."""
     from muon.backends import dispatch
 
+    name = VARIANTS[name][0] if name in VARIANTS else name
     _, backend, path = next(p for p in MUON_PROVIDERS if p[0] == name)
     X3 = X.reshape(-1, *X.shape[-2:])
     if backend == "auto":
@@ -158,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     dtype = dtype_of(args.dtype)
     schedule = resolve_schedule(args.coefficients, args.steps, 1e-7)
+    aol_steps = args.steps - 1 if args.aol_steps is None else args.aol_steps
+    if aol_steps < 0:
+        raise SystemExit(f"--aol-steps must be >= 0, got {aol_steps}")
+    aol_schedule = resolve_schedule(args.coefficients, aol_steps, 1e-7, precondition="aol")
     rep_ms = args.rep_ms or (100.0 if device.type == "cuda" else 300.0)
     results = Results(device)
     explicit = set(args.backends.split(",")) if args.backends else set()
@@ -193,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
         graph = device.type == "cuda" and ns_flops < GRAPH_BELOW_FLOPS
         ref = None if args.no_check else orthogonalize(G, schedule, dtype=torch.float64, backend="torch")
         ref_x = None if ref is None else (ref.mT if m > n else ref)  # for peers, which get X (m <= n)
+        aol_ref = None if args.no_check else orthogonalize(G, aol_schedule, dtype=torch.float64, backend="torch")
+        aol_flops = b * flops.newton_schulz_flops(m, n, aol_steps, precondition="aol")
+        aol_sym_flops = b * flops.newton_schulz_flops(m, n, aol_steps, symmetric=True, precondition="aol")
 
         Xd = X.to(dtype).contiguous()
         gemm_ms = time_ms(lambda Xd=Xd: torch.matmul(Xd, Xd.mT), device, rep_ms=rep_ms, graph=graph)
@@ -201,28 +217,40 @@ def run(args: argparse.Namespace) -> int:
                     status="ok", note="X·Xᵀ of this shape")
         del Xd
 
-        # (provider, coefficients, call, expected output, kernel version, FLOPs the kernel really does)
-        candidates: list[tuple[str, str, object, torch.Tensor | None, str, int]] = []
+        # (provider, coefficients, call, expected output, kernel version, FLOPs the kernel really does,
+        #  extra row fields)
+        candidates: list[tuple[str, str, object, torch.Tensor | None, str, int, dict]] = []
         for provider in _providers(args, device):
             name = provider[5:-1]
-            reason, call, version, symmetric = _muon_call(name, G, X, schedule, dtype)
-            if reason is None and device.type == "cpu" and name not in ("torch", "auto") and name not in explicit:
+            variant = VARIANTS.get(name, (None, None))[1]
+            v_schedule = aol_schedule if variant == "aol" else schedule
+            v_dtype = torch.float16 if variant == "fp16" else dtype
+            extra = {"dtype": dtype_name(v_dtype), "ns_steps": v_schedule.steps,
+                     "precondition": v_schedule.precondition}
+            reason, call, version, symmetric = _muon_call(name, G, X, v_schedule, v_dtype)
+            base = VARIANTS[name][0] if name in VARIANTS else name
+            if reason is None and device.type == "cpu" and base not in ("torch", "auto") and name not in explicit:
                 reason = "not timed on a CPU unless named in --backends (it would run in an interpreter)"
             if reason is not None:
-                results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind, status=f"skipped: {reason}")
+                results.add("newton_schulz", provider, shape, extra["dtype"], kind=kind, status=f"skipped: {reason}")
                 continue
-            expected = ref if not name.startswith("triton") or ref is None else ref_x
-            work = sym_flops if symmetric else ns_flops
-            candidates.append((provider, args.coefficients, call, expected, version, work))
+            v_ref = aol_ref if variant == "aol" else ref
+            expected = v_ref if not name.startswith("triton") or v_ref is None else v_ref.mT if m > n else v_ref
+            if variant == "aol":
+                work = aol_sym_flops if symmetric else aol_flops
+            else:
+                work = sym_flops if symmetric else ns_flops
+            candidates.append((provider, args.coefficients, call, expected, version, work, extra))
         # Gram Newton–Schulz (restart at step 2) on the default backend: "effective" TFLOP/s counts standard
         # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
         gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")
+        plain = {"dtype": dtype_name(dtype), "ns_steps": schedule.steps, "precondition": schedule.precondition}
         candidates.append(("muon[gram]", args.coefficients, lambda G=G: orthogonalize(
-            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "torch", gram_flops))
+            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "torch", gram_flops, plain))
         if device.type == "cuda" and backends.unavailable_reason("triton", X) is None:
             # muon's own Gram kernels (kernels/gram_ns.py), which auto does not pick until timed here
             candidates.append(("muon[gram:triton]", args.coefficients, lambda G=G: orthogonalize(
-                G, schedule, dtype=dtype, backend="triton", algorithm="gram"), ref, "gram-v1", gram_flops))
+                G, schedule, dtype=dtype, backend="triton", algorithm="gram"), ref, "gram-v1", gram_flops, plain))
         Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
         for peer in peer_names:
             try:
@@ -231,9 +259,10 @@ def run(args: argparse.Namespace) -> int:
                 results.add("newton_schulz", peer, shape, dtype_name(dtype), kind=kind, status=f"skipped: {exc}")
                 continue
             candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x,
-                               peers.version(peer), sym_flops if peers.PEERS[peer][2] else ns_flops))
+                               peers.version(peer), sym_flops if peers.PEERS[peer][2] else ns_flops, plain))
 
-        for provider, coefficients, fn, expected, version, work_flops in candidates:
+        for provider, coefficients, fn, expected, version, work_flops, extra in candidates:
+            row_dtype = extra["dtype"]
             try:
                 out = fn()
                 synchronize(device)
@@ -244,14 +273,15 @@ def run(args: argparse.Namespace) -> int:
                 except Exception:  # not graph-capturable: time eager launches instead
                     ms = time_ms(fn, device, rep_ms=rep_ms)
             except Exception as exc:
-                results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind,
+                results.add("newton_schulz", provider, shape, row_dtype, kind=kind,
                             status=f"error: {type(exc).__name__}: {exc}")
                 continue
             rate = tflops(ns_flops, ms)
             actual = tflops(work_flops, ms)
-            results.add("newton_schulz", provider, shape, dtype_name(dtype), kind=kind, ms=ms, tflops=rate,
+            results.add("newton_schulz", provider, shape, row_dtype, kind=kind, ms=ms, tflops=rate,
                         actual_tflops=actual, pct_cublas=100 * actual / peak_rate, kernel_version=version,
                         vs_gemm=rate / gemm_rate, rel_err_fp64=err, coefficients=coefficients,
+                        ns_steps=extra["ns_steps"], precondition=extra["precondition"],
                         ns_flops=ns_flops, timer="cuda-graph" if graph else ("do_bench" if device.type == "cuda"
                                                                              else "median wall clock"),
                         status="ok")

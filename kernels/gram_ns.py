@@ -15,14 +15,19 @@ from .sym_matmul import matmul, sym_matmul
 
 
 def gram_ns(G: torch.Tensor, coefficients, fro_scale: float, eps: float, dtype: torch.dtype,
-            restarts=(2,)) -> torch.Tensor:
+            restarts=(2,), precondition: str = "frobenius") -> torch.Tensor:
     """Gram NS of a (B, m, n) stack with m <= n (any strides) in `dtype`; returns (B, m, n) in `dtype`.
 
     restarts: 0-based steps before which X = Q·X and R = X·Xᵀ are recomputed (0 and indices past the
     last step do nothing). Normalization is the torch reference's (scale-safe; one elementwise pass).
+    precondition="aol": the first R = X·Xᵀ rescales X and itself (kernels/aol.py), no extra product.
     """
     from muon.backends.torch_ref import normalize
     from muon.coefficients import Schedule
+
+    from .aol import aol_rescale_, check_precondition
+
+    check_precondition(precondition)
 
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bf16, fp16 or fp32 for the Triton kernels, got {dtype}")
@@ -35,6 +40,8 @@ def gram_ns(G: torch.Tensor, coefficients, fro_scale: float, eps: float, dtype: 
         return X
     cuts = {int(i) for i in restarts if 0 < int(i) < steps}
     R = sym_matmul(X, X.mT)
+    if precondition == "aol":
+        aol_rescale_(X, R, fro_scale, eps)
     Q = None
     for i, (a, b, c) in enumerate(coefficients):
         if i in cuts:

@@ -16,6 +16,10 @@ fp32-accumulated product). Two variants, chosen by the launcher (constexpr ONE_C
   place — column chunks of a·X + B·X depend only on the same chunk of X, so in-place is exact; a CTA
   barrier separates the passes.
 
+precondition="aol" (constexpr AOL): the first step's Gram tile also gives the AOL row scales d, and
+x <- D·x, A <- D·A·D (fp32, one rounding each) before that step's polynomial, in registers or, in the
+chunked variant, on the update pass's loads (kernels/aol.py has the formula).
+
 Coefficients come from a (steps, 3) fp32 tensor on the device: runtime values, never constexpr, so
 a new schedule never recompiles and no host sync happens between steps.
 """
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype, check_out, dot_precision, next_pow2
+from .aol import check_precondition
 
 MAX_SMALL_SIDE = 128
 # fp32 has no tensor-core path (input_precision="ieee" runs on FMA units) and its 128×128 products spill
@@ -60,12 +65,61 @@ def _ns_step(x, a, b, c, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _aol_scales(A, fro_scale, eps):
+    """AOL row scales of an on-chip Gram tile: d_i = 1 / (fro_scale·sqrt(max(Σ_j |A_ij|, eps))), fp32
+    (muon/backends/torch_ref.py `aol_scales`); zero-padded rows get a finite scale and stay zero."""
+    rows = tl.sum(tl.abs(A.to(tl.float32)), axis=1)
+    floor = tl.maximum(eps, 1.1754943508222875e-38)
+    return tl.math.div_rn(1.0, fro_scale * tl.sqrt_rn(tl.maximum(rows, floor)))
+
+
+@triton.jit
+def _aol_step(x, a, b, c, fro_scale, eps, PRECISION: tl.constexpr):
+    """The first NS step with AOL preconditioning: its Gram tile A rescales x and itself (D·x, D·A·D,
+    each rounded once), then the step goes on with them; no product beyond the step's three."""
+    dt = x.dtype
+    A = tl.dot(x, tl.trans(x), input_precision=PRECISION).to(dt)
+    d = _aol_scales(A, fro_scale, eps)
+    x = (x.to(tl.float32) * d[:, None]).to(dt)
+    A = (A.to(tl.float32) * (d[:, None] * d[None, :])).to(dt)
+    Bp = (b * A.to(tl.float32) + c * tl.dot(A, A, input_precision=PRECISION)).to(dt)
+    return (a * x.to(tl.float32) + tl.dot(Bp, x, input_precision=PRECISION)).to(dt)
+
+
+@triton.jit
+def _gram_pass(o, M, N, s_om, s_on, MP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """A = X·Xᵀ (rounded to X's dtype) of the matrix held in memory at o, over its column chunks."""
+    acc = tl.zeros((MP, MP), dtype=tl.float32)
+    for c0 in range(0, N, BN):
+        op, mask = _load_tile(o, M, N, s_om, s_on, c0, MP, BN)
+        x = tl.load(op, mask=mask, other=0.0)
+        acc = tl.dot(x, tl.trans(x), acc, input_precision=PRECISION)
+    return acc.to(o.dtype.element_ty)
+
+
+@triton.jit
+def _update_pass(o, Bp, a, d, M, N, s_om, s_on, SCALE: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """X <- a·X + Bp·X chunk by chunk in place (SCALE: X first replaced by D·X, rounded, as the AOL
+    step does); column chunks depend only on the same chunk of X, so in place is exact."""
+    dt = o.dtype.element_ty
+    for c0 in range(0, N, BN):
+        op, mask = _load_tile(o, M, N, s_om, s_on, c0, MP, BN)
+        x = tl.load(op, mask=mask, other=0.0)
+        if SCALE:
+            x = (x.to(tl.float32) * d[:, None]).to(dt)
+        y = a * x.to(tl.float32) + tl.dot(Bp, x, input_precision=PRECISION)
+        tl.store(op, y.to(dt), mask=mask)
+
+
+@triton.jit
 def _ns_small_kernel(
     G, OUT, COEF, steps, M, N,
     s_gb, s_gm, s_gn, s_ob, s_om, s_on,
     fro_scale, eps,
-    MP: tl.constexpr, BN: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    MP: tl.constexpr, BN: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, AOL: tl.constexpr,
 ):
+    """AOL (constexpr, set only when steps >= 1): the first step is the preconditioned one."""
     pid = tl.program_id(0).to(tl.int64)
     g = G + pid * s_gb
     o = OUT + pid * s_ob
@@ -89,7 +143,11 @@ def _ns_small_kernel(
     if ONE_CHUNK:
         p, mask = _load_tile(g, M, N, s_gm, s_gn, 0, MP, BN)
         x = tl.math.div_rn(tl.math.div_rn(tl.load(p, mask=mask, other=0.0).to(tl.float32), amax), denom).to(dt)
-        for s in range(steps):
+        first = 0
+        if AOL:
+            x = _aol_step(x, tl.load(COEF), tl.load(COEF + 1), tl.load(COEF + 2), fro_scale, eps, PRECISION)
+            first = 1
+        for s in range(first, steps):
             a = tl.load(COEF + 3 * s)
             b = tl.load(COEF + 3 * s + 1)
             c = tl.load(COEF + 3 * s + 2)
@@ -104,22 +162,23 @@ def _ns_small_kernel(
             tl.store(op, x.to(dt), mask=mask)
         # stores of one thread are read by others below: a CTA barrier orders global memory in the block
         tl.debug_barrier()
-        for s in range(steps):
+        first = 0
+        if AOL:
+            A = _gram_pass(o, M, N, s_om, s_on, MP, BN, PRECISION)
+            d = _aol_scales(A, fro_scale, eps)
+            A = (A.to(tl.float32) * (d[:, None] * d[None, :])).to(dt)
+            Bp = (tl.load(COEF + 1) * A.to(tl.float32) + tl.load(COEF + 2) * tl.dot(A, A, input_precision=PRECISION)
+                  ).to(dt)
+            _update_pass(o, Bp, tl.load(COEF), d, M, N, s_om, s_on, True, MP, BN, PRECISION)
+            tl.debug_barrier()
+            first = 1
+        for s in range(first, steps):
             a = tl.load(COEF + 3 * s)
             b = tl.load(COEF + 3 * s + 1)
             c = tl.load(COEF + 3 * s + 2)
-            acc = tl.zeros((MP, MP), dtype=tl.float32)
-            for c0 in range(0, N, BN):
-                op, mask = _load_tile(o, M, N, s_om, s_on, c0, MP, BN)
-                x = tl.load(op, mask=mask, other=0.0)
-                acc = tl.dot(x, tl.trans(x), acc, input_precision=PRECISION)
-            A = acc.to(dt)
+            A = _gram_pass(o, M, N, s_om, s_on, MP, BN, PRECISION)
             Bp = (b * A.to(tl.float32) + c * tl.dot(A, A, input_precision=PRECISION)).to(dt)
-            for c0 in range(0, N, BN):
-                op, mask = _load_tile(o, M, N, s_om, s_on, c0, MP, BN)
-                x = tl.load(op, mask=mask, other=0.0)
-                y = a * x.to(tl.float32) + tl.dot(Bp, x, input_precision=PRECISION)
-                tl.store(op, y.to(dt), mask=mask)
+            _update_pass(o, Bp, a, Bp, M, N, s_om, s_on, False, MP, BN, PRECISION)
             tl.debug_barrier()
 
 
@@ -160,13 +219,17 @@ def ns_small(
     dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
     one_chunk: bool | None = None,
+    precondition: str = "frobenius",
 ) -> torch.Tensor:
     """Fused NS of G ((m, n) or (B, m, n), m <= n, m <= 128, any strides/float dtype) in `dtype`.
 
-    coefficients: one (a, b, c) per step. Returns a new contiguous tensor in `dtype` or writes `out`.
-    one_chunk forces the in-register (True) or in-memory (False) variant; None picks by size.
+    coefficients: one (a, b, c) per step; precondition "frobenius" or "aol" (the first step's Gram tile
+    rescales X and itself in registers, muon.coefficients). Returns a new contiguous tensor in `dtype`
+    or writes `out`. one_chunk forces the in-register (True) or in-memory (False) variant; None picks
+    by size.
     """
     check_compute_dtype(dtype)
+    check_precondition(precondition)
     m, n = G.shape[-2], G.shape[-1]
     if m > n:
         raise ValueError(f"ns_small expects m <= n (transpose tall inputs first), got {m}×{n}")
@@ -194,6 +257,7 @@ def ns_small(
             g.stride(0), g.stride(1), g.stride(2), o.stride(0), o.stride(1), o.stride(2),
             float(fro_scale), float(eps),
             MP=mp, BN=bn, ONE_CHUNK=use_regs, PRECISION=dot_precision(dtype),
+            AOL=precondition == "aol" and steps > 0,
             num_warps=num_warps, num_stages=2,
         )
     return out

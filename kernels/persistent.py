@@ -409,15 +409,21 @@ def ns_persistent(
     dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
     tma: bool | None = None,
+    precondition: str = "frobenius",
 ) -> torch.Tensor:
     """NS of G ((m, n) or (B, m, n), m <= n, any strides/float dtype) in `dtype` by the persistent kernels.
 
     2 + 3·steps launches: prescale (max-abs, 2 launches), then per step Gram / polynomial / update; the
     Frobenius normalization rides on step 1 (see the module docstring). `out` must not alias G.
     tma forces the tensor-descriptor loads on (True) or off (False); None picks them per operand.
+    precondition="aol": after step 1's Gram product, kernels/aol.py turns its row sums and fp32
+    diagonal into scales that apply the normalization and AOL at once (X and A rescaled in place,
+    3 elementwise launches); the polynomial and update stages of step 1 then run unscaled.
     """
+    from .aol import aol_rescale_, check_precondition
     from .normalize import ns_prologue, prescale
 
+    check_precondition(precondition)
     out, finished = ns_prologue("ns_persistent", G, coefficients, fro_scale, eps, dtype, out)
     if finished:
         return out
@@ -431,12 +437,16 @@ def ns_persistent(
     A = _scratch((B, m, m), dtype, G.device)
     P = _scratch((B, m, m), dtype, G.device)
     diag = torch.empty((B, m), dtype=torch.float32, device=G.device)
+    aol = precondition == "aol"
     for i, (a, b, c) in enumerate(coefficients):
         first = i == 0
         sym_product(X, A, 1.0, diag=diag if first else None, tma=tma)
-        sym_product(A, P, c, A, b, norm_diag=diag if first else None, fro_scale=fro_scale, eps=eps, tma=tma)
+        if first and aol:
+            aol_rescale_(X, A, fro_scale, eps, diag=diag)
+        folded = first and not aol  # the 1/d of the normalization still to apply in this step's stages
+        sym_product(A, P, c, A, b, norm_diag=diag if folded else None, fro_scale=fro_scale, eps=eps, tma=tma)
         target = O3 if i == steps - 1 else spare
-        apply_product(P, X, target, a, norm_diag=diag if first else None, fro_scale=fro_scale, eps=eps, tma=tma)
+        apply_product(P, X, target, a, norm_diag=diag if folded else None, fro_scale=fro_scale, eps=eps, tma=tma)
         X, spare = target, X
     return out
 

@@ -96,8 +96,26 @@ def specializations(dtype: str = "bf16"):
             continue
         mp, bn, regs = small.small_layout(m, n, getattr(torch, torch_dtype))
         warps = 8 if mp >= 128 or (dtype == "fp32" and mp >= 64) else 4
-        consts = dict(MP=mp, BN=bn, ONE_CHUNK=regs, PRECISION=prec)
-        yield f"ns_small m={m} n={n} (BN={bn}, in registers={regs})", small._ns_small_kernel, sig, consts, warps, 2
+        for aol in (False, True):
+            consts = dict(MP=mp, BN=bn, ONE_CHUNK=regs, PRECISION=prec, AOL=aol)
+            yield (f"ns_small m={m} n={n} (BN={bn}, in registers={regs}{', aol' if aol else ''})",
+                   small._ns_small_kernel, sig, consts, warps, 2)
+    yield from aol_specializations(dtype)
+
+
+def aol_specializations(dtype: str = "bf16"):
+    """The AOL row-scale and rescale kernels (kernels/aol.py) of the tiled drivers: elementwise, no MMA."""
+    aol = _mod("aol")
+    p = f"*{dtype}"
+    sig = dict(A=p, D="*fp32", DIAG="*fp32", M="i32", s_ab="i32", s_am="i32", s_an="i32", fro_scale="fp32",
+               eps="fp32")
+    for diag in (False, True):
+        consts = dict(HAS_DIAG=diag, ROWS=aol._ROWS, COLS=aol._COLS, CH=1024)
+        yield f"aol scales diag={diag}", aol._aol_scales_kernel, sig, consts, 4, 1
+    sig = dict(T=p, D="*fp32", M="i32", N="i32", s_tb="i32", s_tm="i32", s_tn="i32")
+    for symmetric in (False, True):
+        consts = dict(SYMMETRIC=symmetric, ROWS=aol._ROWS, COLS=aol._COLS)
+        yield f"aol scale symmetric={symmetric}", aol._scale_kernel, sig, consts, 4, 1
 
 
 def persistent_specializations(dtype: str = "bf16"):

@@ -66,16 +66,27 @@ _CANS: tuple[Coefficient, ...] = (
 )
 
 
+# How X0 is formed from G (`Normalization.precondition`, `resolve_schedule(..., precondition=)`):
+# "frobenius": X0 = G / (fro_scale·‖G‖_F + eps), the classic start;
+# "aol": the Frobenius start, then the first step's Gram matrix A = X0·X0ᵀ rescales it (Turbo-Muon,
+#   Boissin et al. 2025, arXiv 2512.04632, after Prach & Lampert's AOL bound): X1 = D·X0, A1 = D·A·D
+#   with D = diag(d), d_i = 1 / (fro_scale·sqrt(max(Σ_j |A_ij|, eps))) — no extra product.
+PRECONDITIONS = ("frobenius", "aol")
+
+
 @dataclass(frozen=True)
 class Normalization:
     """X0 = G / (fro_scale * ||G||_F + eps), applied after an exact max-abs prescale (see below).
 
     `eps=None` means "use the caller's eps". Polar Express divides by ||G||_F * 1.02 + 1e-6 so that
     its aggressive first step never sees a singular value above 1 after bf16 rounding.
+    `precondition="aol"` adds the AOL rescaling on top (see PRECONDITIONS): a Preset can carry it, so
+    `Muon(ns_coefficients=Preset(..., Normalization(precondition="aol")))` uses it.
     """
 
     fro_scale: float = 1.0
     eps: float | None = None
+    precondition: str = "frobenius"
 
 
 @dataclass(frozen=True)
@@ -224,11 +235,17 @@ PRESETS["polar_express_1.02"] = PRESETS["polar_express"]
 
 @dataclass(frozen=True)
 class Schedule:
-    """A resolved NS schedule: the (a, b, c) of every step and how X0 is normalized."""
+    """A resolved NS schedule: the (a, b, c) of every step and how X0 is normalized.
+
+    precondition "aol" rescales the Frobenius-normalized X0 by the row sums of |X0·X0ᵀ| inside the
+    first step, reusing that step's Gram product (PRECONDITIONS); with zero steps there is no product
+    to reuse and X0 is the Frobenius start whatever the precondition.
+    """
 
     coefficients: tuple[Coefficient, ...]
     fro_scale: float
     eps: float
+    precondition: str = "frobenius"
 
     @property
     def steps(self) -> int:
@@ -247,11 +264,25 @@ def _as_triple(value, what: str) -> Coefficient:
     return triple  # type: ignore[return-value]
 
 
-def resolve_schedule(coefficients, steps: int | None, eps: float) -> Schedule:
+def check_precondition(precondition) -> str | None:
+    """None (the preset's own) or one of PRECONDITIONS, else a ValueError naming the choices."""
+    if precondition is None or (isinstance(precondition, str) and precondition in PRECONDITIONS):
+        return precondition
+    raise ValueError(f"precondition must be one of {PRECONDITIONS} or None (the preset's own), got {precondition!r}")
+
+
+def resolve_schedule(coefficients, steps: int | None, eps: float, precondition: str | None = None) -> Schedule:
     """Turn the user's `coefficients` (preset name, one tuple, or one tuple per step) into a Schedule.
 
     steps=None takes the preset's own length (5 for the named presets, 5 for a single tuple).
+    precondition: None takes the preset's (`Normalization.precondition`: "frobenius" for every named
+    preset), "frobenius" or "aol" overrides it. With "aol" a per-step list longer than `steps` gives
+    its last `steps` tuples, not its first: the AOL start is already close to orthogonal, so the
+    steps dropped are the first, most aggressive ones, built to lift the tiny singular values of a
+    Frobenius start (Turbo-Muon's rule; `python -m bench quality` measures both, see
+    docs/newton-schulz-quality.md).
     """
+    precondition = check_precondition(precondition)
     if isinstance(steps, bool) or (steps is not None and not isinstance(steps, int)):
         raise ValueError(f"steps must be an int, got {steps!r}")
     if steps is not None and not 0 <= steps < 100:
@@ -293,8 +324,32 @@ def resolve_schedule(coefficients, steps: int | None, eps: float) -> Schedule:
                 "pass one tuple per step or a single tuple to repeat"
             )
         schedule = per_step[:n]
+    if precondition is None:
+        precondition = check_precondition(getattr(normalization, "precondition", "frobenius"))
+    if precondition == "aol" and len(per_step) > 1:
+        schedule = per_step[len(per_step) - n:]
     eps_used = float(eps) if normalization.eps is None else normalization.eps
-    return Schedule(tuple(schedule), normalization.fro_scale, eps_used)
+    return Schedule(tuple(schedule), normalization.fro_scale, eps_used, precondition)
+
+
+def preconditioned(coefficients, precondition: str) -> Preset:
+    """`coefficients` (a preset name, a Preset, one (a, b, c) tuple or a list of them) as a Preset whose
+    normalization carries `precondition`: the form any API that takes `coefficients` accepts, e.g.
+    `Muon(params, ns_coefficients=preconditioned("you", "aol"), ns_steps=4)` (Turbo-Muon's setting)."""
+    precondition = check_precondition(precondition)
+    if precondition is None:
+        raise ValueError(f"precondition must be one of {PRECONDITIONS}, got None")
+    if isinstance(coefficients, str):
+        resolve_schedule(coefficients, None, 0.0)  # a clear error for an unknown name
+        base = PRESETS[coefficients]
+    elif isinstance(coefficients, Preset):
+        base = coefficients
+    else:
+        per_step = resolve_schedule(coefficients, None, 0.0).coefficients
+        base = Preset(per_step[:1] if len(set(per_step)) == 1 else per_step)
+    norm = base.normalization
+    return Preset(base.steps, Normalization(norm.fro_scale, norm.eps, precondition), base.safety,
+                  (base.source + f"; precondition {precondition}").lstrip("; "))
 
 
 def _allow_in_checkpoints() -> None:
@@ -308,3 +363,23 @@ def _allow_in_checkpoints() -> None:
 
 
 _allow_in_checkpoints()
+
+
+# Gram Newton–Schulz restarts: 0-based steps before which X and X·Xᵀ are recomputed.
+DEFAULT_RESTARTS = (2,)  # one restart after two steps (Zhang, Amsel, Chen, Dao 2026's default)
+
+
+def check_restarts(restarts) -> tuple[int, ...]:
+    """Gram NS restart steps as a sorted tuple of distinct ints >= 1 (indices past the last step do nothing)."""
+    try:
+        values = tuple(restarts)
+    except TypeError:
+        raise TypeError(f"restarts must be a sequence of step indices, got {restarts!r}") from None
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"restarts must hold ints (0-based step indices), got {r!r} in {restarts!r}")
+        if r < 1:
+            raise ValueError(
+                f"restarts must be >= 1 (a restart before step 0 is the start itself), got {r} in {restarts!r}"
+            )
+    return tuple(sorted(set(values)))

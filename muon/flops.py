@@ -56,9 +56,14 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 # ------------------------------------------------------------------------------- closed forms
 def newton_schulz_flops(
-    m: int, n: int, steps: int = 5, symmetric: bool = False, algorithm: str = "standard", restarts=(2,)
+    m: int, n: int, steps: int = 5, symmetric: bool = False, algorithm: str = "standard", restarts=(2,),
+    precondition: str = "frobenius",
 ) -> int:
     """Matmul FLOPs of `steps` NS iterations on one m×n matrix (exact int).
+
+    precondition ("frobenius" or "aol") does not change the count: AOL's row scales come from the
+    first step's Gram product, which that step forms anyway (elementwise work only:
+    `newton_schulz_elementwise_flops`). Fewer FLOPs with AOL come from running fewer steps.
 
     With s = min(m, n), l = max(m, n) (tall inputs are transposed first):
 
@@ -77,9 +82,10 @@ def newton_schulz_flops(
     _check_int(m, "m", 0)
     _check_int(n, "n", 0)
     _check_int(steps, "steps", 0)
+    _check_precondition(precondition)
     short, long = min(m, n), max(m, n)
     if algorithm == "gram":
-        from .newton_schulz import check_restarts
+        from .coefficients import check_restarts
 
         if steps == 0:
             return 0
@@ -94,15 +100,27 @@ def newton_schulz_flops(
     return steps * (4 * short * short * long + 2 * short**3)
 
 
-def newton_schulz_elementwise_flops(m: int, n: int, steps: int = 5) -> int:
+def newton_schulz_elementwise_flops(m: int, n: int, steps: int = 5, precondition: str = "frobenius") -> int:
     """Non-matmul FLOPs of NS on one m×n matrix: the normalization and the per-step scalings.
 
     Normalization (scale-safe, see muon.backends.torch_ref.normalize): |x|, max, divide, square,
     accumulate, divide = 6 per element. Per step: B = b·A + c·(A·A) is 3 per element of the s×s
-    Gram matrix and X = a·X + B·X is 2 per element of X.
+    Gram matrix and X = a·X + B·X is 2 per element of X. precondition="aol" (with steps >= 1, see
+    muon.backends.torch_ref.aol_rescale) adds, on the s×s Gram matrix A, |A| and the row sums (2 per
+    element), d_i·d_j and the product (2 per element), per row max, sqrt, times fro_scale and the
+    reciprocal (4), and one multiply per element of X.
     """
+    _check_precondition(precondition)
     short = min(m, n)
-    return 6 * m * n + steps * (3 * short * short + 2 * m * n)
+    aol = 4 * short * short + 4 * short + m * n if precondition == "aol" and steps > 0 else 0
+    return 6 * m * n + steps * (3 * short * short + 2 * m * n) + aol
+
+
+def _check_precondition(precondition) -> None:
+    from .coefficients import PRECONDITIONS
+
+    if precondition not in PRECONDITIONS:
+        raise ValueError(f"precondition must be one of {PRECONDITIONS}, got {precondition!r}")
 
 
 def overhead_bound(model_dim: int, batch_tokens: int, steps: int = 5) -> float:

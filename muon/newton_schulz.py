@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
-from .backends.dispatch import ALGORITHMS, choose_algorithm
-from .coefficients import Schedule, resolve_schedule
+from .backends import runner
+from .backends.dispatch import ALGORITHMS
+from .coefficients import DEFAULT_RESTARTS, Schedule, check_restarts, resolve_schedule
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-DEFAULT_RESTARTS = (2,)  # Gram NS: one restart after two steps (Zhang, Amsel, Chen, Dao 2026's default)
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -30,6 +29,7 @@ def newton_schulz(
     backend: str = "auto",
     algorithm: str = "standard",
     restarts=DEFAULT_RESTARTS,
+    precondition: str | None = None,
 ) -> Tensor:
     """Orthogonalize G (m×n, or a batch (..., m, n) of independent matrices) by Newton–Schulz.
 
@@ -50,9 +50,19 @@ def newton_schulz(
             triton backends) or "auto" (Gram where muon.backends.dispatch.choose_algorithm says so).
         restarts: Gram NS only: 0-based steps before which X and X·Xᵀ are recomputed from the running
             product (default (2,): after two steps), what keeps Gram NS accurate in half precision.
+        precondition: how X0 is formed: None (the preset's own: "frobenius" for the named presets),
+            "frobenius" (X0 = G / (‖G‖_F + eps)) or "aol" (Turbo-Muon: the Frobenius start rescaled
+            row by row from |X0·X0ᵀ|, the Gram product the first step forms anyway, so no extra
+            matmul; its start is closer to orthogonal, so fewer steps reach the same quality). With
+            "aol" a per-step preset shorter than `steps` takes its last `steps` tuples
+            (`muon.coefficients.resolve_schedule`); `precondition="aol", steps=4` is Turbo-Muon's
+            setting. Every backend but "cuda" has it; see docs/newton-schulz-quality.md for its error
+            per FLOP against the float64 polar factor.
 
-    Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range, and a zero
-    matrix maps to zero. Tall inputs are transposed so the work runs on the small side.
+    Scale invariant: NS(s·G) equals NS(G) up to rounding for s across the fp32 range (in every
+    compute dtype, fp16 included: the start is formed in fp32 before the cast), and a zero matrix
+    maps to zero; a matrix with a NaN or inf entry comes out non-finite (its neighbours in a batch
+    are unaffected). Tall inputs are transposed so the work runs on the small side.
     A CuPy array is accepted too (zero-copy through DLPack) and a CuPy array is returned.
     """
     if type(G).__module__.split(".")[0] == "cupy":
@@ -60,11 +70,11 @@ def newton_schulz(
 
         result = newton_schulz(
             torch.from_dlpack(G), steps, coefficients, eps, dtype=dtype, backend=backend,
-            algorithm=algorithm, restarts=restarts,
+            algorithm=algorithm, restarts=restarts, precondition=precondition,
         )
         return cupy.from_dlpack(result)
     check_input(G)
-    schedule = resolve_schedule(coefficients, steps, eps)
+    schedule = resolve_schedule(coefficients, steps, eps, precondition=precondition)
     return orthogonalize(
         G, schedule, dtype=dtype, backend=backend, out_dtype=G.dtype, algorithm=algorithm, restarts=restarts
     )
@@ -113,30 +123,8 @@ def orthogonalize(
     transposed = m > n
     if transposed:
         X = X.mT
-    if algorithm == "auto":
-        algorithm = choose_algorithm(m, n, G.device, dtype, steps=schedule.steps, restarts=restarts)
-        if algorithm == "gram" and not backends.has_gram(backend, X):
-            algorithm = "standard"
-    if algorithm == "gram":
-        X = backends.select_gram(backend, X)(X, schedule, dtype, restarts)
-    else:
-        X = backends.select(backend, X)(X, schedule, dtype)
+    # "auto" (backend and algorithm) is decided in one place, as for the optimizer's plan
+    X = runner.resolve(backend, algorithm, X, dtype, schedule.steps, restarts)(X, schedule, dtype)
     if transposed:
         X = X.mT
     return X.reshape(G.shape).to(out_dtype)
-
-
-def check_restarts(restarts) -> tuple[int, ...]:
-    """Gram NS restart steps as a sorted tuple of distinct ints >= 1 (indices past the last step do nothing)."""
-    try:
-        values = tuple(restarts)
-    except TypeError:
-        raise TypeError(f"restarts must be a sequence of step indices, got {restarts!r}") from None
-    for r in values:
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"restarts must hold ints (0-based step indices), got {r!r} in {restarts!r}")
-        if r < 1:
-            raise ValueError(
-                f"restarts must be >= 1 (a restart before step 0 is the start itself), got {r} in {restarts!r}"
-            )
-    return tuple(sorted(set(values)))

@@ -27,27 +27,34 @@ NS_ERROR_FLOOR = {
 }
 
 
-def ns_float64(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7) -> torch.Tensor:
-    schedule = resolve_schedule(coefficients, steps, eps)
+def ns_float64(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7, precondition=None) -> torch.Tensor:
+    schedule = resolve_schedule(coefficients, steps, eps, precondition=precondition)
     return orthogonalize(G.double(), schedule, dtype=torch.float64, backend="torch")
 
 
-def torch_ns(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7, dtype=torch.bfloat16) -> torch.Tensor:
+def torch_ns(G: torch.Tensor, coefficients="keller", steps=5, eps=1e-7, dtype=torch.bfloat16,
+             precondition=None) -> torch.Tensor:
     """torch's own NS at `dtype`: torch.optim.Muon's function for bf16 and a single (a, b, c);
-    otherwise the same plain loop (normalize in `dtype`, three GEMMs) for each matrix."""
-    schedule = resolve_schedule(coefficients, steps, eps)
+    otherwise the same plain loop (normalize in `dtype`, three GEMMs) for each matrix. With
+    precondition="aol" the plain loop rescales as Turbo-Muon's torch code does (thib-s/flash-newton-schulz):
+    d = rsqrt(max(Σ_j |A_ij|, eps)) from the first A, X = d·X, A = d·A·d, all in `dtype`."""
+    schedule = resolve_schedule(coefficients, steps, eps, precondition=precondition)
+    aol = schedule.precondition == "aol"
     single = len(set(schedule.coefficients)) <= 1 and schedule.fro_scale == 1.0
     out = []
     for M in G.reshape(-1, *G.shape[-2:]):
-        if dtype == torch.bfloat16 and single and schedule.steps > 0:
+        if dtype == torch.bfloat16 and single and schedule.steps > 0 and not aol:
             out.append(_zeropower_via_newtonschulz(M, schedule.coefficients[0], schedule.steps, eps).double())
             continue
         X = M.to(dtype)
         if M.shape[0] > M.shape[1]:
             X = X.T
         X = X / (X.norm() * schedule.fro_scale + schedule.eps)
-        for a, b, c in schedule.coefficients:
+        for i, (a, b, c) in enumerate(schedule.coefficients):
             A = X @ X.T
+            if aol and i == 0:
+                d = torch.rsqrt(A.abs().sum(dim=-1).clamp_min(schedule.eps)) / schedule.fro_scale
+                X, A = X * d[:, None], A * d[:, None] * d[None, :]
             X = a * X + (b * A + c * A @ A) @ X
         out.append((X.T if M.shape[0] > M.shape[1] else X).double())
     return torch.stack(out).reshape(G.shape)
@@ -58,12 +65,14 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def assert_ns_close(out, G, dtype, coefficients="keller", steps=5, eps=1e-7, factor=None):
-    """out (a backend's NS of G at `dtype`) is within the tolerance rule of the float64 reference."""
-    ref = ns_float64(G, coefficients, steps, eps)
+def assert_ns_close(out, G, dtype, coefficients="keller", steps=5, eps=1e-7, factor=None, precondition=None):
+    """out (a backend's NS of G at `dtype`) is within the tolerance rule of the float64 reference
+    (with `precondition`, the float64 reference and torch's plain loop both precondition alike)."""
+    ref = ns_float64(G, coefficients, steps, eps, precondition)
     ours = rel_err(out, ref)
-    theirs = rel_err(torch_ns(G, coefficients, steps, eps, dtype), ref)
+    theirs = rel_err(torch_ns(G, coefficients, steps, eps, dtype, precondition), ref)
     k = NS_ERROR_FACTOR[dtype] if factor is None else factor
     bound = k * theirs + NS_ERROR_FLOOR[dtype]
-    assert ours <= bound, f"NS error {ours:.3e} > {k} × torch's {theirs:.3e} + floor ({dtype}, {tuple(G.shape)})"
+    assert ours <= bound, (f"NS error {ours:.3e} > {k} × torch's {theirs:.3e} + floor ({dtype}, {tuple(G.shape)}, "
+                           f"precondition {precondition})")
     return ours, theirs

@@ -198,3 +198,37 @@ def test_summary_ignores_files_of_stages_not_run(tmp_path, capsys):
     assert main(["all", "--quick", "--only", "flops", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "stale" not in summary and "No step rows" in summary
+
+
+def test_kernels_times_the_aol_and_fp16_variants(tmp_path):
+    """Issue 21's NS variants are providers of their own: AOL at one step fewer, fp16 compute."""
+    assert main(["kernels", "--device", "cpu", "--shapes", "16x48", "--preset", "none", "--peers", "",
+                 "--backends", "torch,torch:aol,torch:fp16", "--rep-ms", "1", "--gemm-size", "32", "--no-plot",
+                 "--out", str(tmp_path)]) == 0
+    rows = {r["provider"]: r for r in _rows(tmp_path / "kernels.json") if r["op"] == "newton_schulz"}
+    base, aol, fp16 = rows["muon[torch]"], rows["muon[torch:aol]"], rows["muon[torch:fp16]"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in (base, aol, fp16))
+    assert (aol["ns_steps"], aol["precondition"], aol["dtype"]) == (4, "aol", "bfloat16")
+    assert (fp16["ns_steps"], fp16["precondition"], fp16["dtype"]) == (5, "frobenius", "float16")
+    assert aol["actual_tflops"] == pytest.approx(aol["tflops"] * 0.8)  # 4 of 5 steps' FLOPs done
+    assert aol["rel_err_fp64"] < 0.05 and fp16["rel_err_fp64"] < 0.01  # fp16: 3 more mantissa bits than bf16
+    # the dispatch table reads only the providers auto may pick
+    from muon.backends.dispatch import table_from_csv
+
+    assert {e.winner for e in table_from_csv(tmp_path / "kernels.csv")} <= {"muon[torch]"}
+
+
+def test_efficiency_ns_options():
+    from bench.efficiency import ns_options
+    from muon.coefficients import resolve_schedule
+
+    kwargs, given = ns_options("coefficients=you,steps=4,precondition=aol,dtype=bf16,algorithm=gram")
+    assert given == {"coefficients": "you", "steps": "4", "precondition": "aol", "dtype": "bf16", "algorithm": "gram"}
+    assert kwargs["ns_steps"] == 4 and kwargs["ns_dtype"] is torch.bfloat16 and kwargs["ns_algorithm"] == "gram"
+    schedule = resolve_schedule(kwargs["ns_coefficients"], 4, 1e-7)
+    assert schedule.precondition == "aol" and schedule.coefficients == resolve_schedule("you", 5, 1e-7).coefficients[1:]
+    assert ns_options("") == ({}, {})
+    assert ns_options("precondition=aol")[0]["ns_coefficients"].steps == ((3.4445, -4.775, 2.0315),)
+    for bad in ("colour=red", "steps", "precondition=spectral"):
+        with pytest.raises(SystemExit, match="--ns"):
+            ns_options(bad)

@@ -106,6 +106,7 @@ def test_graph_key_separates_what_a_capture_depends_on():
     assert k != graph_key(X, resolve_schedule("keller", 4, 1e-7), BF16, "ns_small")
     assert k != graph_key(X, resolve_schedule("keller", 5, 1e-6), BF16, "ns_small")
     assert k != graph_key(X, s, BF16, "ns_persistent")
+    assert k != graph_key(X, resolve_schedule("keller", 5, 1e-7, precondition="aol"), BF16, "ns_small")
     assert unusable_reason(X) == "not a CUDA tensor"
     assert len(GraphCache(capacity=2)) == 0
 
@@ -155,3 +156,13 @@ def test_graph_cache_copies_in_and_out_and_evicts_least_recently_used(monkeypatc
     assert len(cache) == 2 and set(cache._entries) == {"a", "c"}
     cache.run("b", X, double)
     assert cache.captures == 4
+
+
+def test_cuda_backend_refuses_aol_by_name():
+    """The CUDA C++ kernels form the Frobenius start only: AOL is an error naming the backends that have
+    it (raised before anything touches a GPU), not a silent Frobenius run."""
+    from muon.backends import cuda_backend
+
+    schedule = resolve_schedule("you", 4, 1e-7, precondition="aol")
+    with pytest.raises(ValueError, match="precondition='aol' is not supported by backend='cuda'.*triton"):
+        cuda_backend.run(torch.randn(1, 4, 8), schedule, BF16)

@@ -27,15 +27,33 @@ def test_newton_schulz_flops_hand_counts():
     assert isinstance(big, int) and big == 5 * (4 * 16384**2 * 53248 + 2 * 16384**3)
 
 
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
 @pytest.mark.parametrize("shape", [(3, 7, 19), (1, 33, 8), (2, 16, 16)])
-def test_newton_schulz_flops_match_torch_flop_counter(shape):
-    """The formula counts exactly the matmul FLOPs the torch backend executes."""
+def test_newton_schulz_flops_match_torch_flop_counter(shape, precondition):
+    """The formula counts exactly the matmul FLOPs the torch backend executes; AOL adds none (its
+    scales come from the first step's Gram product)."""
     b, m, n = shape
-    schedule = resolve_schedule("keller", 3, 1e-7)
+    schedule = resolve_schedule("keller", 3, 1e-7, precondition=precondition)
     G = torch.randn(shape)
     with FlopCounterMode(display=False) as counter:
         orthogonalize(G, schedule, dtype=torch.float32, backend="torch")
-    assert counter.get_total_flops() == b * flops.newton_schulz_flops(m, n, steps=3)
+    expected = b * flops.newton_schulz_flops(m, n, steps=3, precondition=precondition)
+    assert counter.get_total_flops() == expected == b * flops.newton_schulz_flops(m, n, steps=3)
+
+
+def test_aol_flops():
+    # the same matmul count; fewer FLOPs only from fewer steps: 4 AOL steps are 0.8x of 5
+    assert flops.newton_schulz_flops(64, 256, 4, precondition="aol") == flops.newton_schulz_flops(64, 256, 4)
+    assert flops.newton_schulz_flops(512, 512, 4, precondition="aol") / flops.newton_schulz_flops(512, 512) == 0.8
+    # elementwise: |A|, row sums, d_i·d_j and the product on the s×s Gram matrix (4 per element), 4 per
+    # row, one multiply per element of X — once, in the first step
+    base = flops.newton_schulz_elementwise_flops(6, 10, 3)
+    assert flops.newton_schulz_elementwise_flops(6, 10, 3, precondition="aol") == base + 4 * 36 + 4 * 6 + 60
+    assert flops.newton_schulz_elementwise_flops(10, 6, 3, precondition="aol") == base + 4 * 36 + 4 * 6 + 60
+    assert flops.newton_schulz_elementwise_flops(6, 10, 0, precondition="aol") == 6 * 60  # no step: no AOL
+    for fn in (flops.newton_schulz_flops, flops.newton_schulz_elementwise_flops):
+        with pytest.raises(ValueError, match="precondition must be one of"):
+            fn(8, 32, 5, precondition="spectral")
 
 
 def test_symmetric_saving_ratio():
@@ -189,30 +207,34 @@ def test_gram_flops_hand_counts():
         flops.newton_schulz_flops(8, 32, algorithm="fast")
 
 
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
 @pytest.mark.parametrize("steps", [0, 1, 2, 5])
 @pytest.mark.parametrize("restarts", [(2,), (), (1, 3), (2, 9)])
 @pytest.mark.parametrize("shape", [(3, 12, 40), (1, 50, 9)])
-def test_gram_flops_match_counted_execution(shape, restarts, steps):
+def test_gram_flops_match_counted_execution(shape, restarts, steps, precondition):
     """The model counts exactly the matmul FLOPs the torch backend's Gram NS dispatches (a
     TorchDispatchMode summing 2·m·n·k over mm/bmm/addmm/baddbmm), and torch's own FLOP counter agrees."""
     from muon.profiling import count_matmul_flops
 
     b, m, n = shape
-    schedule = resolve_schedule("polar_express", steps, 1e-7)
+    schedule = resolve_schedule("polar_express", steps, 1e-7, precondition=precondition)
     G = torch.randn(shape)
     with count_matmul_flops() as counted, FlopCounterMode(display=False) as torch_counter:
         orthogonalize(G, schedule, dtype=torch.float32, backend="torch", algorithm="gram", restarts=restarts)
-    expected = b * flops.newton_schulz_flops(m, n, steps, algorithm="gram", restarts=restarts)
+    expected = b * flops.newton_schulz_flops(m, n, steps, algorithm="gram", restarts=restarts,
+                                             precondition=precondition)
     assert counted.total == expected
     assert torch_counter.get_total_flops() == expected
 
 
-def test_standard_flops_match_counted_execution():
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
+def test_standard_flops_match_counted_execution(precondition):
     from muon.profiling import count_matmul_flops
 
+    schedule = resolve_schedule("keller", 4, 1e-7, precondition=precondition)
     with count_matmul_flops() as counted:
-        orthogonalize(torch.randn(2, 10, 30), resolve_schedule("keller", 4, 1e-7), dtype=torch.float32, backend="torch")
-    assert counted.total == 2 * flops.newton_schulz_flops(10, 30, steps=4)
+        orthogonalize(torch.randn(2, 10, 30), schedule, dtype=torch.float32, backend="torch")
+    assert counted.total == 2 * flops.newton_schulz_flops(10, 30, steps=4, precondition=precondition)
 
 
 def test_gram_flop_ratio():

@@ -114,13 +114,60 @@ def test_gram_equals_standard_in_float64():
         torch.testing.assert_close(gram(G, dtype=torch.float64, restarts=restarts), std, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("scale", [1e-25, 1e-12, 1e5, 1e25])
-def test_gram_scale_invariant(scale):
+def test_gram_scale_invariant(scale, dtype, precondition):
     G = torch.randn(24, 72)
-    base = gram(G)
-    scaled = gram(G * scale)
+    base = gram(G, dtype=dtype, precondition=precondition)
+    scaled = gram(G * scale, dtype=dtype, precondition=precondition)
     assert torch.isfinite(scaled).all()
-    assert rel_err(scaled, base) < 0.25 * rel_err(base, ns_float64(G))
+    assert rel_err(scaled, base) < 0.25 * rel_err(base, ns_float64(G, precondition=precondition))
+
+
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_gram_non_finite_input_stays_in_its_matrix(dtype, precondition):
+    G = torch.randn(3, 12, 40)
+    G[1, 2, 3] = float("nan")
+    G[2, 0, 0] = float("inf")
+    out = gram(G, dtype=dtype, precondition=precondition)
+    assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[2]).any()
+    assert torch.equal(out[0], gram(G[0], dtype=dtype, precondition=precondition))
+
+
+# ------------------------------------------------------------------------------------ AOL
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gram_aol_matches_float64_reference(shape, dtype):
+    G = torch.randn(shape)
+    kw = dict(steps=4, coefficients="polar_express", precondition="aol")
+    out = gram(G, dtype=dtype, **kw)
+    assert out.shape == G.shape and torch.isfinite(out).all()
+    assert_ns_close(out, G, dtype, factor=GRAM_FACTOR[dtype], **kw)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_gram_aol_presets(preset):
+    G = torch.randn(2, 24, 80)
+    for dtype in HALF:
+        out = gram(G, steps=4, coefficients=preset, dtype=dtype, precondition="aol")
+        assert_ns_close(out, G, dtype, coefficients=preset, steps=4, precondition="aol", factor=GRAM_FACTOR[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_gram_aol_ill_conditioned(dtype):
+    G = ill_conditioned(2, 24, 120, seed=2)
+    out = gram(G, steps=4, coefficients="you", dtype=dtype, precondition="aol")
+    assert_ns_close(out, G, dtype, coefficients="you", steps=4, precondition="aol", factor=GRAM_FACTOR[dtype])
+
+
+def test_gram_aol_equals_standard_aol_in_float64():
+    G = torch.randn(2, 12, 50, dtype=torch.float64)
+    kw = dict(steps=4, coefficients="you", precondition="aol", dtype=torch.float64)
+    std = muon.newton_schulz(G, **kw)
+    for restarts in [(), (2,), (1, 3)]:
+        torch.testing.assert_close(gram(G, restarts=restarts, **kw), std, rtol=0, atol=1e-12)
 
 
 def test_gram_power_of_two_scaling_is_exact_and_zero_maps_to_zero():
@@ -277,6 +324,18 @@ def test_triton_gram_follows_the_torch_reference_in_fp32():
     for restarts in [(2,), ()]:
         torch.testing.assert_close(gram(G, dtype=torch.float32, backend="triton", restarts=restarts),
                                    gram(G, dtype=torch.float32, restarts=restarts), rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, dtype", [((2, 12, 40), torch.bfloat16), ((30, 17), torch.float16)])
+def test_triton_gram_aol_matches_float64_reference(shape, dtype):
+    G = torch.randn(shape, device=DEVICE)
+    kw = dict(steps=4, coefficients="you", precondition="aol")
+    out = gram(G, dtype=dtype, backend="triton", **kw)
+    assert out.shape == G.shape and torch.isfinite(out).all()
+    assert_ns_close(out.cpu(), G.cpu(), dtype, factor=GRAM_FACTOR[dtype], **kw)
+    torch.testing.assert_close(gram(G, dtype=torch.float32, backend="triton", **kw),
+                               gram(G, dtype=torch.float32, **kw), rtol=1e-4, atol=1e-5)
 
 
 @needs_triton

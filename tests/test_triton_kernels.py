@@ -170,16 +170,17 @@ def test_launches_split_long_batches(monkeypatch, device):
 # ------------------------------------------------------------------------------------ whole Newton–Schulz
 
 
-def _backend_ns(G, dtype, path, coefficients="keller", steps=5, eps=1e-7):
+def _backend_ns(G, dtype, path, coefficients="keller", steps=5, eps=1e-7, precondition=None):
     """NS of G (any (..., m, n)) by one kernel path, forced; the output is poisoned through `out` first.
     Tall matrices are transposed as the dispatcher does (the kernels take m <= n)."""
-    schedule = resolve_schedule(coefficients, steps, eps)
+    schedule = resolve_schedule(coefficients, steps, eps, precondition=precondition)
     m, n = G.shape[-2:]
     X = G.reshape(-1, m, n)
     X = X.mT if m > n else X
     out = poisoned(X.shape, dtype, G.device)
     fn = kernels.ns_small if path == "small" else kernels.ns_gemm
-    assert fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, out=out) is out
+    assert fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, out=out,
+              precondition=schedule.precondition) is out
     return (out.mT if m > n else out).reshape(G.shape)
 
 
@@ -213,23 +214,94 @@ def test_small_path_register_and_memory_variants(one_chunk, dtype, device):
 
 
 ODD_SHAPES = [(1, 1), (7, 7), (1, 33), (13, 37), (40, 17), (3, 5, 61), (2, 3, 11, 9)]
+# (compute dtype, precondition): bf16 as the GPU default, fp16 and AOL (with 4 steps) like it
+VARIANTS = [(torch.bfloat16, "frobenius"), (torch.float16, "frobenius"), (torch.bfloat16, "aol")]
+VARIANT_IDS = ["bf16", "fp16", "bf16-aol"]
 
 
+def _variant_kwargs(precondition: str) -> dict:
+    return dict(coefficients="you", steps=4, precondition="aol") if precondition == "aol" else {}
+
+
+@pytest.mark.parametrize("dtype, precondition", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("path", ["small", "gemm"])
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_odd_shapes(shape, path, device):
-    dtype = torch.bfloat16
+def test_odd_shapes(shape, path, dtype, precondition, device):
     G = torch.randn(shape, device=device)
-    out = _backend_ns(G, dtype, path)
-    assert_ns_close(out, G, dtype)
+    kw = _variant_kwargs(precondition)
+    out = _backend_ns(G, dtype, path, **kw)
+    assert_ns_close(out, G, dtype, **kw)
 
 
+@pytest.mark.parametrize("dtype, precondition", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("shape", [(40, 17), (2, 3, 11, 9)])
-def test_tall_and_batched_through_newton_schulz(shape, device):
+def test_tall_and_batched_through_newton_schulz(shape, dtype, precondition, device):
     G = torch.randn(shape, device=device)
-    out = muon.newton_schulz(G, dtype=torch.bfloat16, backend="triton")
+    kw = _variant_kwargs(precondition)
+    out = muon.newton_schulz(G, dtype=dtype, backend="triton", **kw)
     assert out.shape == G.shape and out.dtype == G.dtype
-    assert_ns_close(out, G, torch.bfloat16)
+    assert_ns_close(out, G, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["small", "gemm"])
+def test_aol_both_paths_forced(path, dtype, device):
+    G = torch.randn(3, 33, 70, device=device)
+    kw = dict(coefficients="polar_express", steps=4, precondition="aol")
+    assert_ns_close(_backend_ns(G, dtype, path, **kw), G, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("one_chunk", [True, False])
+def test_aol_small_path_register_and_memory_variants(one_chunk, dtype, device):
+    G = torch.randn(3, 24, 90, device=device)
+    schedule = resolve_schedule("you", 4, 1e-7, precondition="aol")
+    out = poisoned(G.shape, dtype, device)
+    kernels.ns_small(G, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, out=out, one_chunk=one_chunk,
+                     precondition="aol")
+    assert_ns_close(out, G, dtype, coefficients="you", steps=4, precondition="aol")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aol_rescale_stage_matches_the_torch_reference(dtype, device):
+    """kernels/aol.py against muon.backends.torch_ref.aol_rescale: the same fp32 arithmetic, so at most
+    one rounding of `dtype` apart; a zero row stays zero; D·A·D stays exactly symmetric."""
+    from muon.kernels.aol import aol_rescale_
+    from muon.kernels.aol import aol_scales as kernel_scales
+
+    from muon.backends.torch_ref import aol_rescale, aol_scales
+
+    schedule = resolve_schedule("polar_express", 4, 1e-7, precondition="aol")  # fro_scale 1.02
+    X = unit_rows((3, 37, 70), torch.float64, device)
+    X[1, 5] = 0
+    X = X.to(dtype)
+    A = X.double() @ X.double().mT
+    A = ((A + A.mT) / 2).to(dtype)
+    d = kernel_scales(A, schedule.fro_scale, schedule.eps)
+    torch.testing.assert_close(d.double(), aol_scales(A.double(), schedule), rtol=1e-6, atol=0)
+    X_ref, A_ref = aol_rescale(X.double(), A.double(), schedule)
+    X1, A1 = aol_rescale_(X.clone(), A.clone(), schedule.fro_scale, schedule.eps)
+    for ours, ref, what in ((X1, X_ref, "D·X"), (A1, A_ref, "D·A·D")):
+        assert torch.isfinite(ours).all(), what
+        assert rel_err(ours, ref) <= torch.finfo(dtype).eps, what
+    assert torch.equal(A1, A1.mT) and torch.equal(X1[1, 5], torch.zeros_like(X1[1, 5]))
+    # strided views are scaled in place too
+    Xt = X.double().mT.contiguous().to(dtype).mT  # (3, 37, 70) with row stride 1
+    aol_rescale_(Xt, A.clone(), schedule.fro_scale, schedule.eps)
+    assert rel_err(Xt, X_ref) <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("precondition", ["frobenius", "aol"])
+@pytest.mark.parametrize("path", ["small", "gemm"])
+def test_non_finite_input_stays_in_its_matrix(path, precondition, device):
+    G = torch.randn(3, 12, 40, device=device)
+    G[1, 3, 4] = float("nan")
+    G[2, 0, 1] = float("inf")
+    kw = _variant_kwargs(precondition)
+    out = _backend_ns(G, torch.float16, path, **kw)
+    assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[2]).any()
+    assert torch.isfinite(out[0]).all()
+    assert_ns_close(out[0], G[0], torch.float16, **kw)
 
 
 @pytest.mark.parametrize("path", ["small", "gemm"])
@@ -242,16 +314,17 @@ def test_views_transposed_and_strided(path, device):
         assert_ns_close(_backend_ns(G, dtype, path), G, dtype)
 
 
+@pytest.mark.parametrize("dtype, precondition", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("path", ["small", "gemm"])
-def test_scale_invariance_and_zero_matrix(path, device):
-    dtype = torch.bfloat16
+def test_scale_invariance_and_zero_matrix(path, dtype, precondition, device):
+    kw = _variant_kwargs(precondition)
     G = torch.randn(3, 20, 40, device=device)
     G[1] = 0  # a zero matrix in the stack stays zero and does not disturb its neighbours
-    ref = ns_float64(G)
-    theirs = rel_err(torch_ns(G[[0, 2]]), ref[[0, 2]])
+    ref = ns_float64(G, **kw)
+    theirs = rel_err(torch_ns(G[[0, 2]], dtype=dtype, **kw), ref[[0, 2]])
     bound = NS_ERROR_FACTOR[dtype] * theirs + NS_ERROR_FLOOR[dtype]
     for s in (1e-25, 1e-10, 1.0, 1e10, 1e25):
-        out = _backend_ns(G * s, dtype, path)
+        out = _backend_ns(G * s, dtype, path, **kw)
         assert torch.equal(out[1], torch.zeros_like(out[1])), f"zero matrix at scale {s}"
         err = rel_err(out[[0, 2]], ref[[0, 2]])
         assert err <= bound, f"scale {s}: error {err:.3e} > bound {bound:.3e}"
@@ -262,8 +335,10 @@ def test_zero_steps_is_the_normalization(device):
     schedule = resolve_schedule("keller", 0, 1e-7)
     ref = torch_normalize(G.double(), schedule)
     for fn in (kernels.ns_small, kernels.ns_gemm):
-        out = fn(G, (), 1.0, 1e-7, torch.float32, out=poisoned(G.shape, torch.float32, device))
-        assert rel_err(out, ref) <= 4 * torch.finfo(torch.float32).eps
+        for precondition in ("frobenius", "aol"):  # no step, no Gram product to precondition from
+            out = fn(G, (), 1.0, 1e-7, torch.float32, out=poisoned(G.shape, torch.float32, device),
+                     precondition=precondition)
+            assert rel_err(out, ref) <= 4 * torch.finfo(torch.float32).eps
 
 
 def test_muon_optimizer_with_triton_backend(device):
@@ -302,6 +377,9 @@ def test_bad_arguments_are_named(device):
         kernels.ns_small(torch.randn(200, 300, device=device), ((1.0, 0.0, 0.0),), 1.0, 0.0)
     with pytest.raises(ValueError, match="dtype"):
         kernels.normalize(X, 1.0, 0.0, torch.float64)
+    for fn in (kernels.ns_small, kernels.ns_gemm, kernels.ns_persistent):
+        with pytest.raises(ValueError, match="precondition"):
+            fn(X, ((1.0, 0.0, 0.0),), 1.0, 0.0, precondition="spectral")
 
 
 # ------------------------------------------------------------------------------------------ availability

@@ -32,16 +32,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _ns(G, dtype, tma=None, coefficients="keller", steps=5):
+def _ns(G, dtype, tma=None, coefficients="keller", steps=5, precondition=None):
     if tma and not persistent.HAS_TMA:
         pytest.skip("this Triton has no tl.make_tensor_descriptor")
-    schedule = resolve_schedule(coefficients, steps, 1e-7)
+    schedule = resolve_schedule(coefficients, steps, 1e-7, precondition=precondition)
     m, n = G.shape[-2:]
     X = G.reshape(-1, m, n)
     X = X.mT if m > n else X
     out = poisoned(X.shape, dtype, G.device)
     res = persistent.ns_persistent(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, out=out,
-                                   tma=tma)
+                                   tma=tma, precondition=schedule.precondition)
     assert res is out
     return (out.mT if m > n else out).reshape(G.shape)
 
@@ -105,6 +105,18 @@ def test_pointer_loads_take_any_strides(device):
 def test_whole_ns_both_load_paths(tma, dtype, device):
     G = torch.randn(2, 33, 72, device=device)
     assert_ns_close(_ns(G, dtype, tma, "polar_express", None), G, dtype, coefficients="polar_express", steps=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tma", [True, False])
+def test_whole_ns_with_aol(tma, dtype, device):
+    """AOL from the first Gram product of the prescaled X: its scales carry the folded normalization."""
+    G = torch.randn(2, 33, 72, device=device)
+    G[1, 4] = 0
+    kw = dict(coefficients="polar_express", steps=4, precondition="aol")
+    out = _ns(G * 1e20, dtype, tma, **kw)  # scale-safe (the reference below, like torch's fp16 loop, is not)
+    assert torch.equal(out[1, 4], torch.zeros_like(out[1, 4]))
+    assert_ns_close(out, G, dtype, **kw)
 
 
 ODD = [(1, 1), (1, 7), (7, 7), (33, 33), (7, 199), (199, 33), (1, 1000), (7, 4097), (3, 5, 61), (2, 3, 11, 9)]

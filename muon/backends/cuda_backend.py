@@ -55,6 +55,11 @@ def run(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
             f"dtype={dtype} is not supported by backend='cuda', which computes in torch.bfloat16 "
             "(bf16 tensor cores, fp32 accumulation); pass dtype=torch.bfloat16 or use backend='triton'/'torch'"
         )
+    if schedule.precondition != "frobenius":
+        raise ValueError(
+            f"precondition={schedule.precondition!r} is not supported by backend='cuda' (its kernels form the "
+            "Frobenius start only); use backend='triton' or 'torch', which have it"
+        )
     if X.dtype not in _DTYPE_CODES:
         X = X.float()
     ext = _native.load()

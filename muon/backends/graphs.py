@@ -27,10 +27,11 @@ CAPACITY = 32
 def graph_key(X: Tensor, schedule: Schedule, dtype: torch.dtype, variant: str) -> tuple:
     """What a captured graph depends on: device, input dtype and shape (strides do not matter: the
     input is copied into a contiguous static buffer), compute dtype, coefficients and scalars, and the
-    kernel variant. The coefficients are baked into the captured launches as arguments."""
+    kernel variant and the preconditioning (it changes the launches). The coefficients are baked into
+    the captured launches as arguments."""
     coeffs = tuple(tuple(float(v) for v in abc) for abc in schedule.coefficients)
     return (str(X.device), X.dtype, tuple(X.shape), dtype, coeffs, float(schedule.fro_scale), float(schedule.eps),
-            variant)
+            variant, schedule.precondition)
 
 
 def unusable_reason(X: Tensor) -> str | None:

@@ -13,11 +13,9 @@ import sys
 import torch
 from torch import Tensor
 
-from ..coefficients import Schedule
+from ..coefficients import DEFAULT_RESTARTS, Schedule
 from . import _MODULES, BACKENDS, BackendUnavailable, has_gram, select, select_gram
 from .dispatch import choose_algorithm
-
-DEFAULT_RESTARTS = (2,)  # Gram NS: one restart after two steps (Zhang, Amsel, Chen, Dao 2026's default)
 
 
 def resolve_algorithm(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, steps: int,

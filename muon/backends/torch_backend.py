@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..coefficients import Schedule
+from ..coefficients import DEFAULT_RESTARTS, Schedule
+from .torch_ref import aol_rescale, normalize
 from .torch_ref import newton_schulz_torch as run  # noqa: F401
-from .torch_ref import normalize
-
-DEFAULT_RESTARTS = (2,)
 
 
 def unavailable_reason(X: Tensor) -> str | None:
@@ -41,7 +39,9 @@ def run_gram(X: Tensor, schedule: Schedule, dtype: torch.dtype, restarts=DEFAULT
     (small eigenvalues of R go negative and the polynomial amplifies them); a restart before step i
     (i in `restarts`, 0-based: the default (2,) restarts after two of the five steps) sets
     X = Q·X, R = X·Xᵀ, Q = I. Restart indices of 0 or >= the step count have no effect.
-    Same normalization as standard NS (scale-safe, zero maps to zero).
+    Same normalization as standard NS (scale-safe, zero maps to zero); schedule.precondition "aol"
+    rescales X and the first R = X·Xᵀ (`torch_ref.aol_rescale`): the product is reused, as in
+    standard NS.
     """
     X = normalize(X, schedule).to(dtype)
     steps = schedule.steps
@@ -49,6 +49,8 @@ def run_gram(X: Tensor, schedule: Schedule, dtype: torch.dtype, restarts=DEFAULT
         return X
     cuts = {i for i in restarts if 0 < i < steps}
     R = torch.bmm(X, X.mT)
+    if schedule.precondition == "aol":
+        X, R = aol_rescale(X, R, schedule)
     Q = None
     for i, (a, b, c) in enumerate(schedule.coefficients):
         if i in cuts:

@@ -30,15 +30,45 @@ def normalize(X: Tensor, schedule: Schedule) -> Tensor:
     return X / denom
 
 
+def aol_scales(A: Tensor, schedule: Schedule) -> Tensor:
+    """The AOL row scales d (B, m) of a Gram stack A = X0·X0ᵀ (B, m, m), in fp32 (fp64 for fp64 A).
+
+    d_i = 1 / (fro_scale·sqrt(max(Σ_j |A_ij|, eps))). By the Schur test ‖D·A·D‖_2 <= max_i d_i²·Σ_j |A_ij|
+    <= 1/fro_scale², so X1 = D·X0 has spectral norm <= 1/fro_scale (Prach & Lampert 2022's AOL bound,
+    used by Turbo-Muon on the small side of X). X0 is the scale-safe Frobenius start, so Σ_j |A_ij| <=
+    sqrt(m) and eps acts relative to the matrix: a row with less than eps of ‖X0‖_F² is amplified at
+    most 1/sqrt(eps) (a zero row stays zero); the smallest normal number guards eps = 0.
+    """
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    rows = A.to(work).abs().sum(dim=-1)
+    floor = max(float(schedule.eps), torch.finfo(work).tiny)
+    return 1.0 / (schedule.fro_scale * torch.sqrt(rows.clamp_min(floor)))
+
+
+def aol_rescale(X: Tensor, A: Tensor, schedule: Schedule) -> tuple[Tensor, Tensor]:
+    """(D·X, D·A·D) in X's and A's dtypes, D from `aol_scales(A)`: the AOL start, from the Gram product
+    the first NS step formed anyway (no extra matmul). D·A·D is computed as A_ij·(d_i·d_j), so it stays
+    exactly symmetric; both are rounded once from fp32."""
+    d = aol_scales(A, schedule)
+    work = d.dtype
+    X1 = (X.to(work) * d[..., :, None]).to(X.dtype)
+    A1 = (A.to(work) * (d[..., :, None] * d[..., None, :])).to(A.dtype)
+    return X1, A1
+
+
 def newton_schulz_torch(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
     """NS on a (B, m, n) stack with m <= n (any strides), in `dtype`. Returns (B, m, n) in `dtype`.
 
     Per step: A = X Xᵀ; B = b A + c A A; X = a X + B X — three batched GEMMs, exactly as
     torch.optim.Muon does them (addmm with beta/alpha folds the scalars into the GEMM).
+    schedule.precondition "aol": the first step's A also rescales X and A (`aol_rescale`).
     """
     X = normalize(X, schedule).to(dtype)
-    for a, b, c in schedule.coefficients:
+    aol = schedule.precondition == "aol"
+    for i, (a, b, c) in enumerate(schedule.coefficients):
         A = torch.bmm(X, X.mT)
+        if aol and i == 0:
+            X, A = aol_rescale(X, A, schedule)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     return X

@@ -104,7 +104,8 @@ def run(
 
     path: "auto" (v1 by shape), "small" (fused, m <= 128), "gemm" (tiled v1 kernels) or "persistent"
     (v2 persistent/TMA kernels); float64, the reference precision, has no kernels and runs the torch
-    reference on the same device. graphs: replay a cached CUDA graph (True), never (False), or when the
+    reference on the same device. schedule.precondition "aol" runs in every path (kernels/aol.py; the
+    fused path in registers). graphs: replay a cached CUDA graph (True), never (False), or when the
     call is launch-bound (None); ignored off CUDA, under an outer capture and under torch.compile.
     """
     if dtype == torch.float64:
@@ -121,7 +122,8 @@ def run(
     else:
         small = use_small_path(B, m, n, dtype) if path == "auto" else path == "small"
         fn = kernels.ns_small if small else kernels.ns_gemm
-    call = lambda X: fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype)
+    call = lambda X: fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype,
+                        precondition=schedule.precondition)
     if use_graph(X, schedule, graphs):
         from . import graphs as _graphs
 
@@ -138,4 +140,5 @@ def run_gram(X: Tensor, schedule: Schedule, dtype: torch.dtype, restarts=(2,)) -
         return reference(X, schedule, dtype, restarts)
     from muon.kernels.gram_ns import gram_ns
 
-    return gram_ns(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, restarts)
+    return gram_ns(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype, restarts,
+                   precondition=schedule.precondition)
