@@ -34,6 +34,10 @@ in fp32 and the result is rounded once to the half dtype — what tensor cores a
 do, at the same rounding points as the torch backend; everything else runs natively in the half dtype.
 `--native` runs torch's own half GEMMs instead (on CUDA they are native anyway).
 
+AOL is not only a better start: D·G has another polar factor than G unless the rows of G have equal
+weight, so converged AOL NS reaches polar(D·G); each spectrum's `aol_target_shift` in the provenance is
+‖polar(D·G) − polar(G)‖_F / ‖polar(G)‖_F, the part of an AOL row's error no step count removes.
+
 Output: quality.csv (the columns in COLUMNS, one row per configuration and spectrum), quality.json
 (the rows, provenance — commit, versions, device, emulation — and the done-when check of issue 21:
 `frontier_check`), quality.png (error against FLOPs, one marker per configuration, a panel per spectrum).
@@ -115,17 +119,37 @@ class Spectrum:
     U_k: torch.Tensor  # fp32 (m, k): the input's left singular vectors with σ >= SIGMA_CUT·σ_max
     V_k: torch.Tensor  # fp32 (n, k)
     cond_kept: float  # σ_max / σ_k over the kept part
+    aol_shift: float  # ‖polar(D·G) − polar(G)‖_F / ‖polar(G)‖_F, D the AOL scales: the target AOL moves to
 
     @property
     def shape(self) -> str:
         return f"{self.G.shape[0]}x{self.G.shape[1]}"
 
 
+def aol_target_shift(G: torch.Tensor, polar: torch.Tensor) -> float:
+    """How far AOL moves the target: D·G (D the AOL row scales of the small side, float64) has another
+    polar factor than G unless D is a multiple of I; converged NS with AOL reaches polar(D·G), so this
+    is the error AOL keeps however many steps run."""
+    from muon.backends.torch_ref import aol_scales, normalize
+    from muon.coefficients import resolve_schedule
+
+    tall = G.shape[0] > G.shape[1]
+    X = G.mT if tall else G
+    schedule = resolve_schedule("keller", 1, 1e-7, precondition="aol")
+    X0 = normalize(X[None], schedule)[0]
+    d = aol_scales((X0 @ X0.mT)[None], schedule)[0]
+    U, _, Vh = torch.linalg.svd(d[:, None] * X, full_matrices=False)
+    P = U @ Vh
+    P = P.mT if tall else P
+    return float(torch.linalg.vector_norm(P - polar) / torch.linalg.vector_norm(polar))
+
+
 def _spectrum(name: str, G: torch.Tensor) -> Spectrum:
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     k = int((S >= SIGMA_CUT * S[0]).sum())
-    return Spectrum(name, G, U @ Vh, U[:, :k].float().contiguous(), Vh[:k].mT.float().contiguous(),
-                    float(S[0] / S[k - 1]))
+    polar = U @ Vh
+    return Spectrum(name, G, polar, U[:, :k].float().contiguous(), Vh[:k].mT.float().contiguous(),
+                    float(S[0] / S[k - 1]), aol_target_shift(G, polar))
 
 
 def synthetic(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -341,7 +365,8 @@ def run(args) -> int:
                           "one rounding to the half dtype per GEMM (bench/quality.py emulated_half_matmuls)",
             "settings": s, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
             "spectra": {sp.name: {"shape": sp.shape, "kept_directions": sp.U_k.shape[1],
-                                  "cond_of_kept": sp.cond_kept} for sp in spectra}, **provenance}
+                                  "cond_of_kept": sp.cond_kept, "aol_target_shift": sp.aol_shift}
+                        for sp in spectra}, **provenance}
     out.mkdir(parents=True, exist_ok=True)
     with (out / "quality.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
