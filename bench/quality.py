@@ -60,6 +60,7 @@ import torch
 
 COLUMNS = ("algorithm", "preset", "steps", "precondition", "dtype", "shape", "spectrum", "rel_err", "sigma_min",
            "sigma_max", "flops", "flops_vs_keller5")
+Y_MAX = 1.0  # plot: errors above this (diverged schedules) are drawn on the top edge
 SIGMA_CUT = 1e-3  # singular directions of the input kept for sigma_min/max, relative to its largest
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -392,7 +393,9 @@ def run(args) -> int:
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
     """Error against FLOPs (relative to Keller-5), a panel per spectrum, one marker per configuration:
     colour = preset, shape = algorithm and preconditioning, filled = bf16 / open = fp16, the step count
-    written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line."""
+    written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line. Errors
+    above Y_MAX (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
+    edge, marked with an upward arrow."""
     from .common import pyplot
 
     plt = pyplot()
@@ -407,20 +410,23 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     nrows = math.ceil(len(spectra) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
     for ax, spectrum in zip(axes.flat, spectra, strict=False):
-        here = [r for r in rows if r["spectrum"] == spectrum and math.isfinite(r["rel_err"])]
+        here = [r for r in rows if r["spectrum"] == spectrum]
         for r in here:
             filled = r["dtype"] != "fp16"
             colour = colours[r["preset"]]
-            ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker=markers[(r["algorithm"], r["precondition"])],
+            y = r["rel_err"] if math.isfinite(r["rel_err"]) and r["rel_err"] <= Y_MAX else Y_MAX
+            ax.scatter(r["flops_vs_keller5"], y, marker=markers[(r["algorithm"], r["precondition"])],
                        s=30, facecolors=colour if filled else "none", edgecolors=colour, linewidths=1.0, zorder=3)
-            ax.annotate(str(r["steps"]), (r["flops_vs_keller5"], r["rel_err"]), fontsize=5, xytext=(3, 2),
-                        textcoords="offset points", color=colour)
+            label = str(r["steps"]) + ("↑" if y == Y_MAX else "")
+            ax.annotate(label, (r["flops_vs_keller5"], y), fontsize=5, xytext=(3, 2), textcoords="offset points",
+                        color=colour)
             if Config(r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference:
                 ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker="o", s=160, facecolors="none",
                            edgecolors="black", linewidths=1.2, zorder=4)
                 ax.axhline(r["rel_err"], color="black", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_ylim(top=Y_MAX * 1.15)
         ax.set_title(f"{spectrum} ({here[0]['shape'] if here else ''})", fontsize=9)
         ax.set_xlabel("matmul FLOPs / Keller-5's (same shape)")
         ax.set_ylabel("rel. Frobenius error vs float64 U·Vᵀ")
