@@ -34,6 +34,10 @@ in fp32 and the result is rounded once to the half dtype — what tensor cores a
 do, at the same rounding points as the torch backend; everything else runs natively in the half dtype.
 `--native` runs torch's own half GEMMs instead (on CUDA they are native anyway).
 
+AOL is not only a better start: D·G has another polar factor than G unless the rows of G have equal
+weight, so converged AOL NS reaches polar(D·G); each spectrum's `aol_target_shift` in the provenance is
+‖polar(D·G) − polar(G)‖_F / ‖polar(G)‖_F, the part of an AOL row's error no step count removes.
+
 Output: quality.csv (the columns in COLUMNS, one row per configuration and spectrum), quality.json
 (the rows, provenance — commit, versions, device, emulation — and the done-when check of issue 21:
 `frontier_check`), quality.png (error against FLOPs, one marker per configuration, a panel per spectrum).
@@ -56,6 +60,7 @@ import torch
 
 COLUMNS = ("algorithm", "preset", "steps", "precondition", "dtype", "shape", "spectrum", "rel_err", "sigma_min",
            "sigma_max", "flops", "flops_vs_keller5")
+Y_MAX = 1.0  # plot: errors above this (diverged schedules) are drawn on the top edge
 SIGMA_CUT = 1e-3  # singular directions of the input kept for sigma_min/max, relative to its largest
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -115,17 +120,37 @@ class Spectrum:
     U_k: torch.Tensor  # fp32 (m, k): the input's left singular vectors with σ >= SIGMA_CUT·σ_max
     V_k: torch.Tensor  # fp32 (n, k)
     cond_kept: float  # σ_max / σ_k over the kept part
+    aol_shift: float  # ‖polar(D·G) − polar(G)‖_F / ‖polar(G)‖_F, D the AOL scales: the target AOL moves to
 
     @property
     def shape(self) -> str:
         return f"{self.G.shape[0]}x{self.G.shape[1]}"
 
 
+def aol_target_shift(G: torch.Tensor, polar: torch.Tensor) -> float:
+    """How far AOL moves the target: D·G (D the AOL row scales of the small side, float64) has another
+    polar factor than G unless D is a multiple of I; converged NS with AOL reaches polar(D·G), so this
+    is the error AOL keeps however many steps run."""
+    from muon.backends.torch_ref import aol_scales, normalize
+    from muon.coefficients import resolve_schedule
+
+    tall = G.shape[0] > G.shape[1]
+    X = G.mT if tall else G
+    schedule = resolve_schedule("keller", 1, 1e-7, precondition="aol")
+    X0 = normalize(X[None], schedule)[0]
+    d = aol_scales((X0 @ X0.mT)[None], schedule)[0]
+    U, _, Vh = torch.linalg.svd(d[:, None] * X, full_matrices=False)
+    P = U @ Vh
+    P = P.mT if tall else P
+    return float(torch.linalg.vector_norm(P - polar) / torch.linalg.vector_norm(polar))
+
+
 def _spectrum(name: str, G: torch.Tensor) -> Spectrum:
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     k = int((S >= SIGMA_CUT * S[0]).sum())
-    return Spectrum(name, G, U @ Vh, U[:, :k].float().contiguous(), Vh[:k].mT.float().contiguous(),
-                    float(S[0] / S[k - 1]))
+    polar = U @ Vh
+    return Spectrum(name, G, polar, U[:, :k].float().contiguous(), Vh[:k].mT.float().contiguous(),
+                    float(S[0] / S[k - 1]), aol_target_shift(G, polar))
 
 
 def synthetic(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -341,7 +366,8 @@ def run(args) -> int:
                           "one rounding to the half dtype per GEMM (bench/quality.py emulated_half_matmuls)",
             "settings": s, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
             "spectra": {sp.name: {"shape": sp.shape, "kept_directions": sp.U_k.shape[1],
-                                  "cond_of_kept": sp.cond_kept} for sp in spectra}, **provenance}
+                                  "cond_of_kept": sp.cond_kept, "aol_target_shift": sp.aol_shift}
+                        for sp in spectra}, **provenance}
     out.mkdir(parents=True, exist_ok=True)
     with (out / "quality.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -367,7 +393,9 @@ def run(args) -> int:
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
     """Error against FLOPs (relative to Keller-5), a panel per spectrum, one marker per configuration:
     colour = preset, shape = algorithm and preconditioning, filled = bf16 / open = fp16, the step count
-    written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line."""
+    written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line. Errors
+    above Y_MAX (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
+    edge, marked with an upward arrow."""
     from .common import pyplot
 
     plt = pyplot()
@@ -382,20 +410,23 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     nrows = math.ceil(len(spectra) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
     for ax, spectrum in zip(axes.flat, spectra, strict=False):
-        here = [r for r in rows if r["spectrum"] == spectrum and math.isfinite(r["rel_err"])]
+        here = [r for r in rows if r["spectrum"] == spectrum]
         for r in here:
             filled = r["dtype"] != "fp16"
             colour = colours[r["preset"]]
-            ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker=markers[(r["algorithm"], r["precondition"])],
+            y = r["rel_err"] if math.isfinite(r["rel_err"]) and r["rel_err"] <= Y_MAX else Y_MAX
+            ax.scatter(r["flops_vs_keller5"], y, marker=markers[(r["algorithm"], r["precondition"])],
                        s=30, facecolors=colour if filled else "none", edgecolors=colour, linewidths=1.0, zorder=3)
-            ax.annotate(str(r["steps"]), (r["flops_vs_keller5"], r["rel_err"]), fontsize=5, xytext=(3, 2),
-                        textcoords="offset points", color=colour)
+            label = str(r["steps"]) + ("↑" if y == Y_MAX else "")
+            ax.annotate(label, (r["flops_vs_keller5"], y), fontsize=5, xytext=(3, 2), textcoords="offset points",
+                        color=colour)
             if Config(r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference:
                 ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker="o", s=160, facecolors="none",
                            edgecolors="black", linewidths=1.2, zorder=4)
                 ax.axhline(r["rel_err"], color="black", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_ylim(top=Y_MAX * 1.15)
         ax.set_title(f"{spectrum} ({here[0]['shape'] if here else ''})", fontsize=9)
         ax.set_xlabel("matmul FLOPs / Keller-5's (same shape)")
         ax.set_ylabel("rel. Frobenius error vs float64 U·Vᵀ")

@@ -80,6 +80,17 @@ def test_emulated_half_gemms_match_torchs_own(dtype):
     assert torch.equal(fp32, orthogonalize(sp.G.float(), schedule, dtype=torch.float32, backend="torch"))
 
 
+def test_aol_target_shift():
+    """Equal row weights (a scaled orthogonal matrix): AOL's D is a multiple of I, no shift; rows of
+    very different norms: polar(D·G) is another matrix."""
+    Q = torch.linalg.qr(torch.randn(40, 12, dtype=torch.float64))[0].mT * 3.0  # 12×40, orthonormal rows
+    assert quality._spectrum("q", Q).aol_shift < 1e-12
+    G = torch.randn(12, 40, dtype=torch.float64) * torch.logspace(0, 1, 12, dtype=torch.float64)[:, None]
+    G += 0.5 * torch.randn(12, 1, dtype=torch.float64) * torch.randn(1, 40, dtype=torch.float64)
+    assert quality._spectrum("g", G).aol_shift > 0.01
+    assert quality._spectrum("gt", G.mT.contiguous()).aol_shift == pytest.approx(quality._spectrum("g", G).aol_shift)
+
+
 def test_frontier_check_picks_the_cheapest_no_worse_bf16_config():
     def row(algorithm, preset, steps, precondition, dtype, err, lo, hi, ratio):
         return dict(algorithm=algorithm, preset=preset, steps=steps, precondition=precondition, dtype=dtype,
