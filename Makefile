@@ -16,8 +16,9 @@ $(VENV)/.done: pyproject.toml setup.py
 
 setup: $(VENV)/.done
 
+# One pytest-xdist worker per core; the multi-process tests share one worker (xdist_group).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 test-interpret: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret

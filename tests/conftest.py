@@ -11,6 +11,8 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one pytest-xdist worker per core (make test): no oversubscription
 if not HAS_CUDA:
     # Kernels are decorated at import time: the interpreter must be chosen before muon.kernels loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")

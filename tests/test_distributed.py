@@ -16,9 +16,14 @@ import torch.distributed as dist
 
 from muon import distributed as mdist
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    ),
+    # one pytest-xdist worker runs every multi-process test, one at a time (and the module's shared
+    # two-rank job once)
+    pytest.mark.xdist_group("processes"),
+]
 WORLD = 2
 
 

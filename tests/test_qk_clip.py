@@ -451,6 +451,7 @@ def _two_rank_job(rank, world, port, outdir):
 
 
 @pytest.mark.slow  # two spawned processes: ~8 s of start-up on two cores
+@pytest.mark.xdist_group("processes")  # with the other multi-process tests (tests/test_distributed.py)
 def test_two_gloo_ranks_clip_identically_from_their_own_records(tmp_path):
     import json
 
