@@ -652,11 +652,15 @@ def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str
 
 def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     """Rank 1 raises before its step and lingers (as a rank unwinding an exception does); rank 0,
-    inside the optimizer's collectives, must end with a clear error at the collective timeout."""
-    _init(rank, world, port, timeout_s=3)
+    inside the optimizer's collectives, must end with a clear error at the collective timeout.
+    Set-up and the good step run under a generous timeout (a loaded machine's skew between ranks
+    must not fail them); the short one is set only once both ranks are past them."""
+    _init(rank, world, port, timeout_s=30)
     model, _ = build(Net, "ddp")
     opt = make_optimizer(model)
     train(model, opt, 16, 20, 1)  # one good step: the failure hits the step's own collectives
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=3))
     x, y = batch(1, rank, 16, 20)
     start = time.monotonic()
     try:
