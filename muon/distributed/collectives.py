@@ -8,16 +8,20 @@ bandwidth-optimal (ring / pairwise) model NCCL uses: all-gather (W-1)·chunk, al
 `muon.distributed.traffic` predicts with the same formulas, so counted and predicted bytes agree.
 
 A collective is finished only when the backend has let go of its tensors. gloo runs collectives on
-worker threads, and a worker drops its reference to the work object (and with it to the tensors)
-only after the caller's `wait()` has returned; in a fraction of collectives (one in five to one in
-twenty, measured on two cores) the caller drops its references first, and the worker then
-releases the tensors' Python objects itself, taking the GIL. When that happens while the
-interpreter shuts down (a DistributedStepError, or the last step, followed by the end of the
-process), CPython ends the worker thread inside a C++ destructor and the process aborts
-("terminate called without an active exception"). So every collective here waits, then drops the
-work and waits (GIL released) until the tensors' use counts are back to what they were before it
-started; and none is left pending: a failing collective first finishes every other one still in
-flight (as does an exit handler, for work a caller abandoned).
+worker threads (`ProcessGroupGloo::runLoop`), and a worker destroys the finished work object, with
+its vectors of tensors, only after the caller's `wait()` has returned. In a fraction of collectives
+(one in five to one in twenty, measured on two cores) the caller has dropped its references by
+then, so the worker drops the last C++ reference to a tensor, which releases the tensor's Python
+object and takes the GIL (torch checks `Py_IsInitialized` there, which stays true during
+finalization: pytorch/pytorch#190489). If the main thread is already in `Py_FinalizeEx` (a
+DistributedStepError, or the last step, followed by the end of the process), `take_gil` ends the
+worker with `pthread_exit`, whose forced unwind through the work's destructor calls
+`std::terminate`: the process aborts ("terminate called without an active exception"; the core
+dump's worker stack reads runLoop → ~AsyncAllgatherWork → THPVariable_dealloc → take_gil →
+pthread_exit). So every collective here waits, then drops the work and waits (GIL released) until
+the tensors' use counts are back to what they were before it started; and none is left pending: a
+failing collective first finishes every other one still in flight (as does an exit handler, for
+work a caller abandoned).
 """
 
 from __future__ import annotations
