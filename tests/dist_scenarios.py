@@ -9,6 +9,7 @@ step; the short collective timeout then fails the following ones instead of hang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -651,11 +652,15 @@ def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str
 
 def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     """Rank 1 raises before its step and lingers (as a rank unwinding an exception does); rank 0,
-    inside the optimizer's collectives, must end with a clear error at the collective timeout."""
-    _init(rank, world, port, timeout_s=3)
+    inside the optimizer's collectives, must end with a clear error at the collective timeout.
+    Set-up and the good step run under a generous timeout (a loaded machine's skew between ranks
+    must not fail them); the short one is set only once both ranks are past them."""
+    _init(rank, world, port, timeout_s=30)
     model, _ = build(Net, "ddp")
     opt = make_optimizer(model)
     train(model, opt, 16, 20, 1)  # one good step: the failure hits the step's own collectives
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=3))
     x, y = batch(1, rank, 16, 20)
     start = time.monotonic()
     try:
@@ -675,11 +680,20 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     os._exit(1)  # a failed rank: no orderly shutdown of the process group
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's values of a parameter (its shard for a DTensor): read without a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return (p.to_local() if isinstance(p, DTensor) else p).detach()
+
+
 def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, kind: str) -> None:
     """Rank 1 drops one gradient at step 2 (after two good steps): every rank must end the step with a
     DistributedStepError naming the cause, change nothing, and exit cleanly (no abort, no hang).
     The collective timeout only bounds a hang (the test's 60 s deadline catches one): generous, so
-    that a loaded machine's start-up skew between ranks never times out the good steps."""
+    that a loaded machine's start-up skew between ranks never times out the good steps. After the
+    error the rank runs no collective of its own (the check reads local shards): it exits right
+    after Muon's collectives, as a training script that crashes on the error does."""
     _init(rank, world, port, timeout_s=30)
     model, _ = build(Net, kind)
     opt = make_optimizer(model)
@@ -688,7 +702,7 @@ def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, 
     loss_fn(model, x, y).backward()
     if rank == 1:
         (model.module if kind == "ddp" else model).fc3.weight.grad = None
-    before = {n: full(p).clone() for n, p in model.named_parameters()}
+    before = {n: _local(p).clone() for n, p in model.named_parameters()}
     start = time.monotonic()
     try:
         opt.step()
@@ -696,7 +710,85 @@ def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, 
     except Exception as exc:
         message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     seconds = time.monotonic() - start
-    unchanged = all(torch.equal(full(p), before[n]) for n, p in model.named_parameters())
+    unchanged = all(torch.equal(_local(p), before[n]) for n, p in model.named_parameters())
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"message": message, "seconds": seconds, "unchanged": unchanged}, f)
+    dist.destroy_process_group()
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "all_to_all_single")
+
+
+@contextlib.contextmanager
+def backend_references(log: list):
+    """Within the block, every torch.distributed collective appends (tensor, use count before the
+    collective) to `log` for each tensor it is given."""
+    import torch.distributed.distributed_c10d as c10d
+
+    def tensors(args) -> list:
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(tensors(a))
+        return out
+
+    def wrap(fn):
+        def recorded(*args, **kwargs):
+            log.extend((t, t._use_count()) for t in tensors([*args, *kwargs.values()]))
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    saved = []
+    for module in (dist, c10d):  # torch.distributed re-exports distributed_c10d's functions
+        for name in _COLLECTIVES:
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, wrap(getattr(module, name)))
+    try:
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def collectives_finished_when_step_raises(rank: int, world: int, port: int, outdir: str, kind: str,
+                                          repeats: int = 40) -> None:  # fmt: skip
+    """The missing-gradient error of `gradient_missing_on_one_rank`, `repeats` times: each time the
+    step raises, the backend (gloo's worker threads) must hold no reference left to a tensor of
+    the step's collectives. A worker that still holds one releases it later, taking the GIL: if the
+    process is exiting by then (as it does after such an error), the worker thread is ended inside
+    a C++ destructor and the process aborts ("terminate called without an active exception"). The
+    check runs right after the step raised, before this rank blocks or sleeps: the moment a
+    crashing script would start its exit. A worker holds on after its caller in a fraction of
+    collectives only, hence the repeats (each step with the error takes milliseconds)."""
+    _init(rank, world, port, timeout_s=30)
+    model, _ = build(Net, kind)
+    opt = make_optimizer(model)
+    train(model, opt, 16, 20, 2)
+    x, y = batch(2, rank, 16, 20)
+    loss_fn(model, x, y).backward()
+    if rank == 1:
+        (model.module if kind == "ddp" else model).fc3.weight.grad = None
+    messages, held, tracked = set(), [], 0
+    for i in range(repeats):
+        log: list = []
+        with backend_references(log):
+            try:
+                opt.step()
+                message = "stepped"
+            except Exception as exc:
+                message = f"{type(exc).__module__}.{type(exc).__name__}"
+            still = [(tuple(t.shape), t.dtype, t._use_count(), count) for t, count in log if t._use_count() > count]
+        tracked += len(log)
+        messages.add(message)
+        if still:
+            held.append(f"step {i}: {len(still)} of {len(log)} tensors still held by the backend "
+                        f"(shape, dtype, use count, before): {still}")  # fmt: skip
+        del log
+        time.sleep(0.01)  # lets a held reference go before the next step
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"messages": sorted(messages), "held": held, "tracked": tracked}, f)
     dist.destroy_process_group()

@@ -78,6 +78,23 @@ def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, k
         assert result["unchanged"], f"rank {r} changed parameters in the step that raised"
 
 
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_step_that_raises_leaves_no_collective_to_the_backend(tmp_path, kind):
+    """When the step raises (here: a gradient missing on one rank), gloo's worker threads hold no
+    tensor of the step's collectives any more: one that still did would release it during the
+    process's exit and abort it (see muon.distributed.collectives)."""
+    codes = dist_scenarios.launch(
+        dist_scenarios.collectives_finished_when_step_raises, WORLD, str(tmp_path), args=(kind,), deadline_s=90
+    )
+    assert None not in codes, "a rank hung past the deadline"
+    for r in range(WORLD):
+        result = json.load(open(tmp_path / f"rank{r}.json"))
+        assert result["messages"] == ["muon.distributed.DistributedStepError"], result["messages"]
+        assert result["tracked"] > 0, "no collective was recorded"
+        assert not result["held"], f"rank {r}:\n" + "\n".join(result["held"][:5])
+    assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
+
+
 # ------------------------------------------------------------------- single-process pieces
 def test_assignment_balances_flops():
     costs = [mdist.ns_flops(m, n, 5) for m, n in [(64, 64), (64, 64), (32, 64), (16, 16), (64, 256), (8, 8)]]
@@ -151,6 +168,35 @@ def test_share_buckets_contiguous_rows_balanced_like_lpt():
             for spans, (_, s, l), offsets in zip(share.rows, buckets, share.offsets):
                 assert offsets[r] == offset
                 offset += (spans[r][1] - spans[r][0]) * s * l
+
+
+def test_failing_collective_finishes_every_pending_one_first(monkeypatch):
+    """A collective that fails raises only after every other collective still in flight has been
+    finished: none is left to a backend thread while the error ends the process."""
+    from muon.distributed import collectives
+
+    waited = []
+
+    class Work:
+        def __init__(self, name, fails=False):
+            self.name, self.fails = name, fails
+
+        def wait(self):
+            waited.append(self.name)
+            if self.fails:
+                raise RuntimeError(f"{self.name} timed out")
+
+    monkeypatch.setattr(collectives.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(collectives.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(collectives, "_PENDING", [])
+    first = collectives._Pending(Work("first"), "all_to_all one", None, [], None)
+    second = collectives._Pending(Work("second", fails=True), "all_to_all two", None, [], None)
+    collectives._Pending(Work("third", fails=True), "all_to_all three", None, [], None)  # abandoned
+    with pytest.raises(mdist.DistributedStepError, match="all_to_all two failed on rank 0 of 2"):
+        second.wait()
+    assert sorted(waited) == ["first", "second", "third"] and not collectives._PENDING
+    first.wait()  # already finished: a no-op
+    assert len(waited) == 3
 
 
 def test_plan_difference_is_named():
