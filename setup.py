@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -86,7 +86,8 @@ class BuildPy(build_py):
 
 
 setup(
-    packages=["muon", "muon.backends", "muon.distributed", "muon.kernels"],
+    # every package under muon/ (found, not listed: a new subpackage cannot be left out of the wheel)
+    packages=["muon", *(f"muon.{name}" for name in find_packages("muon")), "muon.kernels"],
     package_dir={"muon": "muon", "muon.kernels": "kernels"},
     ext_modules=[CMakeExtension("muon._C")],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
