@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import docblocks
 import pytest
 import torch
 from helpers import adamw_reference, normuon_reference, run_history, run_steps
@@ -234,19 +235,13 @@ def test_loading_plain_muon_state_starts_normuon_moments_at_zero():
     assert opt.state[W]["normuon_v"].shape == (6,) and bool((opt.state[W]["normuon_v"] > 0).all())
 
 
-@pytest.mark.parametrize("heading", ["## NorMuon", "## Cautious weight decay"])
+@pytest.mark.parametrize("heading", ["NorMuon", "Cautious weight decay"])
 def test_readme_examples_run(heading):
     import warnings
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "optimizer.md").read_text()
-    section = text[text.index(heading) :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    scope: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        exec(compile(code, f"docs/optimizer.md ({heading})", "exec"), scope)
+        scope = docblocks.run(docblocks.block("docs/optimizer.md", heading))
     opt, model = scope["opt"], scope["model"]
     group = next(g for g in opt.param_groups if g["use_muon"])
     assert model[0].weight in group["params"]
