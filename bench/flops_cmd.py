@@ -19,8 +19,9 @@ import torch
 from muon import flops
 
 from .common import Results, fmt_table, progress, pyplot
+from .models import PRESETS, overhead
 
-PUBLISHED = [name for name, cfg in flops.PRESETS.items() if cfg.published_params is not None]
+PUBLISHED = [name for name, cfg in PRESETS.items() if cfg.published_params is not None]
 SWEEP = [2**k for k in range(14, 26)]  # 16K ... 32M tokens per step
 COLUMNS = ["model", "params", "muon_params", "batch_tokens", "ns_flops", "ns_flops_gram", "gram_vs_standard",
            "muon_flops", "adamw_flops", "training_flops", "overhead", "overhead_bound", "overhead_with_attention"]
@@ -45,8 +46,7 @@ def compute(models: list[str], batch_tokens: int, steps: int, symmetric: bool) -
     results = []
     for spec in progress(models, desc="flops", unit="model"):
         try:
-            model = flops.parse_model(spec)
-            results.append(flops.overhead(model, batch_tokens, steps, symmetric=symmetric))
+            results.append(overhead(spec, batch_tokens, steps, symmetric=symmetric))
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"--model {spec}: {exc}") from None
     return results

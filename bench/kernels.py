@@ -34,7 +34,7 @@ from muon import backends, flops
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize
 
-from . import peers
+from . import models, peers
 from .common import (
     Results,
     default_out,
@@ -110,7 +110,7 @@ def shape_list(args, device: torch.device) -> list[tuple[tuple[int, int, int], s
     for name in presets:
         if name == "none":
             continue
-        report = flops.overhead(name, 1, args.steps)
+        report = models.overhead(name, 1, args.steps)
         for group in report.groups:
             shapes.append((tuple(group["shape"]), f"preset:{name}"))
     return shapes

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 import muon
-from muon import backends, flops
+from muon import backends
 from muon.backends.torch_ref import normalize
 from muon.coefficients import Schedule, resolve_schedule
 from muon.newton_schulz import orthogonalize
 
 from .common import default_out, dtype_of, parse_shape, pick_device, shape_str, synchronize
+from .models import TransformerConfig, build, parse_model
 
 _NVTX = {"on": False}
 
@@ -171,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kernel:
         return run_kernel(args, device)
     spec = args.model or ("gpt2-124m" if device.type == "cuda" else "tiny")
-    cfg = flops.parse_model(spec)
-    if isinstance(cfg, flops.TransformerConfig):
-        module = flops.build(cfg, device=device)
+    cfg = parse_model(spec)
+    if isinstance(cfg, TransformerConfig):
+        module = build(cfg, device=device)
     else:  # a module: model built on meta; give it real (uninitialized) storage
         module = cfg.to_empty(device=device)
     opt = muon.Muon(muon.param_groups(module), lr=0.02, backend=args.backend, adjust_lr_fn="match_rms_adamw",

@@ -22,10 +22,9 @@ import time
 import traceback
 from pathlib import Path
 
-from muon import flops
-
 from . import efficiency, flops_cmd, kernels, profile, step, telescope
 from .common import Results, default_out, pick_device
+from .models import overhead as flop_overhead
 
 # The batch at which the headline states the FLOP overhead: GPT-2's 0.5M tokens per step.
 HEADLINE_BATCH_TOKENS = 524288
@@ -167,7 +166,7 @@ def step_headline(rows: list[dict]) -> list[str]:
         theirs = next((r for r in mine if r["optimizer"].startswith("torch.optim.Muon")), {})
         adamw = next((r for r in mine if r["optimizer"] == "torch.optim.AdamW(fused)"), {})
         try:
-            overhead = f"{100 * flops.overhead(model, HEADLINE_BATCH_TOKENS).overhead:.2f} %"
+            overhead = f"{100 * flop_overhead(model, HEADLINE_BATCH_TOKENS).overhead:.2f} %"
         except (ValueError, TypeError):
             overhead = "—"
         out.append(

@@ -42,13 +42,15 @@ from pathlib import Path
 import torch
 
 import muon
-from muon import backends, flops
+from muon import backends
 from muon.coefficients import KELLER, resolve_schedule
 from muon.newton_schulz import orthogonalize
 from muon.optim import matrix_shape
 from muon.profiling import count_dispatched_ops
 
 from .common import Results, default_out, dtype_of, fmt_table, pick_device, progress, pyplot, synchronize, time_ms
+from .models import TransformerConfig, parse_model
+from .models import build as build_model
 
 COLUMNS = ["model", "optimizer", "backend", "device", "torch", "triton", "commit", "median_ms", "ns_ms",
            "ops_per_step", "host_ms", "state_bytes", "peak_bytes"]
@@ -242,13 +244,13 @@ def run(args: argparse.Namespace) -> int:
 
     for spec in specs:
         try:
-            cfg = flops.parse_model(spec)
+            cfg = parse_model(spec)
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"--model {spec}: {exc}") from None
-        if not isinstance(cfg, flops.TransformerConfig):
+        if not isinstance(cfg, TransformerConfig):
             raise SystemExit(f"--model {spec}: the step benchmark takes a preset or a custom: transformer")
         torch.manual_seed(0)
-        model = flops.build(cfg, device=device)
+        model = build_model(cfg, device=device)
         grads = {p: torch.randn_like(p) * 1e-3 for p in model.parameters()}
         found, skipped = candidates(model, device, names, explicit, ns_dtype)
         skipped_all += [f"{spec}: {s}" for s in skipped]

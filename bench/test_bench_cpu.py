@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import muon
+from bench import models
 from muon import flops
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize
@@ -31,7 +32,7 @@ def test_newton_schulz_torch(benchmark, shape, dtype):
 
 def _model_with_grads():
     torch.manual_seed(0)
-    model = flops.build(flops.PRESETS["tiny"], device="cpu")
+    model = models.build(models.PRESETS["tiny"], device="cpu")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model

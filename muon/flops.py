@@ -1,39 +1,34 @@
-"""FLOP model of a Muon step against AdamW and against training, with model presets from real shapes.
+"""FLOP model of a Muon step against AdamW and against training.
 
 `newton_schulz_flops` and `overhead_bound` are the closed forms; `overhead(model, batch_tokens)` counts
-a whole model exactly: every parameter is routed by `muon.param_groups` (hidden matrices to Muon, the
-rest to AdamW), same-shape matrices form the batched NS groups the optimizer runs, and the preset
-models are real `nn.Module`s built on the `meta` device, so nothing is allocated even for Llama 3 405B.
+a whole `nn.Module` exactly: every parameter is routed by `muon.param_groups` (hidden matrices to Muon,
+the rest to AdamW) and same-shape matrices form the batched NS groups the optimizer runs. A model built
+on the `meta` device allocates nothing, so counting Llama 3 405B is cheap. The benchmark's model presets
+(GPT-2, Llama 3, Essential AI, Moonlight) and their command-line specs ("gpt2-124m",
+"custom:layers=..,d=..,heads=..") live in the repository's bench/models.py, which builds them as modules.
 
 FLOPs count a multiply and an add as 2 (a fused multiply-add is 2). Training FLOPs per step are
 6·N·B (forward 2·N·B, backward 4·N·B) with N the weights multiplied per token: every parameter
 except embedding lookups (a tied output head is counted once, as the head's matmul); attention's
-QKᵀ and AV are reported separately (Kaplan et al. 2020's 6·L·ctx·d_attn·B, no causal halving).
+QKᵀ and AV, which depend on the architecture and not on the parameters, are reported separately when
+the caller gives them per token (a transformer's 6·L·ctx·d_attn, Kaplan et al. 2020, no causal halving).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._shapes import block_layout, matrix_shape, row_blocks
-from .param_groups import param_groups
+from .param_groups import HEAD_NAMES, param_groups
 
 __all__ = [
     "ADAMW_FLOPS_PER_ELEMENT",
     "MUON_FLOPS_PER_ELEMENT",
-    "PRESETS",
     "Overhead",
-    "Transformer",
-    "TransformerConfig",
-    "build",
     "matmul_params",
     "nonembedding_params",
     "muon_matrices",
@@ -41,7 +36,6 @@ __all__ = [
     "newton_schulz_flops",
     "overhead",
     "overhead_bound",
-    "parse_model",
     "total_params",
 ]
 
@@ -145,298 +139,22 @@ ADAMW_FLOPS_PER_ELEMENT = 14
 MUON_FLOPS_PER_ELEMENT = 9
 
 
-# ------------------------------------------------------------------------------------- models
-@dataclass(frozen=True)
-class TransformerConfig:
-    """A decoder-only transformer, enough to reproduce the parameter shapes of the presets.
-
-    mlp="gelu": two matrices d->d_mlp->d (GPT-2); "swiglu": three (gate, up, down; Llama).
-    fused_qkv: one d x 3·d_attn matrix (GPT-2's c_attn) instead of q, k, v (as in nanoGPT/HF GPT-2).
-    """
-
-    name: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int | None = None  # None: n_heads (no grouped-query attention)
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_mlp: int | None = None  # None: 4·d_model
-    mlp: str = "gelu"
-    vocab: int = 50257
-    seq_len: int = 1024
-    tied: bool = False
-    bias: bool = False
-    fused_qkv: bool = False
-    learned_pos: bool = False  # a learned position table (GPT-2); otherwise rotary (no parameters)
-    norm: str = "rms"  # "layer" (LayerNorm, with bias when bias=True) or "rms"
-    published_params: int | None = None  # the published total, where a source gives it
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        for field in ("n_layers", "d_model", "n_heads", "vocab", "seq_len"):
-            _check_int(getattr(self, field), field, 1)
-        for field in ("n_kv_heads", "head_dim", "d_mlp"):
-            if getattr(self, field) is not None:
-                _check_int(getattr(self, field), field, 1)
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
-        if self.norm not in ("layer", "rms"):
-            raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); give head_dim")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.d_mlp or 4 * self.d_model
-
-    @property
-    def d_attn(self) -> int:
-        return self.n_heads * self.hd
-
-
-class _Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        d, q, kv = cfg.d_model, cfg.d_attn, cfg.kv_heads * cfg.hd
-        if cfg.fused_qkv:
-            self.qkv = nn.Linear(d, q + 2 * kv, bias=cfg.bias)
-        else:
-            self.q = nn.Linear(d, q, bias=cfg.bias)
-            self.k = nn.Linear(d, kv, bias=cfg.bias)
-            self.v = nn.Linear(d, kv, bias=cfg.bias)
-        self.o = nn.Linear(q, d, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q_dim, kv_dim = cfg.d_attn, cfg.kv_heads * cfg.hd
-        if cfg.fused_qkv:
-            q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(b, t, cfg.n_heads, cfg.hd).transpose(1, 2)
-        k = k.view(b, t, cfg.kv_heads, cfg.hd).transpose(1, 2)
-        v = v.view(b, t, cfg.kv_heads, cfg.hd).transpose(1, 2)
-        if cfg.kv_heads != cfg.n_heads:
-            k = k.repeat_interleave(cfg.n_heads // cfg.kv_heads, dim=1)
-            v = v.repeat_interleave(cfg.n_heads // cfg.kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, t, q_dim))
-
-
-class _MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=cfg.bias)
-        if self.swiglu:
-            self.gate = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=cfg.bias)
-        self.down = nn.Linear(cfg.mlp_dim, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
-        return self.down(h)
-
-
-def _norm(cfg: TransformerConfig) -> nn.Module:
-    if cfg.norm == "layer":
-        return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-    return nn.RMSNorm(cfg.d_model)
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.norm1, self.attn = _norm(cfg), _Attention(cfg)
-        self.norm2, self.mlp = _norm(cfg), _MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    """A pre-norm decoder-only transformer with the parameter shapes of a `TransformerConfig`.
-
-    Its forward runs (causal attention, no rotary embedding: the benchmark times shapes, not model
-    quality), so the same module gives FLOP counts on `meta` and measured step times on a device.
-    """
-
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tok_embed = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.learned_pos else None
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
-        if cfg.tied:
-            self.lm_head.weight = self.tok_embed.weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok_embed(idx)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm_f(x))
-
-
-def build(cfg: TransformerConfig, device: torch.device | str = "meta", dtype: torch.dtype | None = None) -> Transformer:
-    """The preset as an nn.Module; on "meta" (the default) no memory is allocated."""
-    with torch.device(device):
-        model = Transformer(cfg)
-    return model if dtype is None else model.to(dtype)
-
-
-def _gpt2(name: str, layers: int, d: int, heads: int, published: int) -> TransformerConfig:
-    return TransformerConfig(
-        name, layers, d, heads, vocab=50257, seq_len=1024, tied=True, bias=True, fused_qkv=True,
-        learned_pos=True, norm="layer", mlp="gelu", published_params=published,
-        source="GPT-2 (Radford et al. 2019); totals as counted by nanoGPT / HF transformers",
-    )
-
-
-def _llama3(name: str, layers: int, d: int, mlp: int, heads: int, published: int) -> TransformerConfig:
-    return TransformerConfig(
-        name, layers, d, heads, n_kv_heads=8, d_mlp=mlp, mlp="swiglu", vocab=128256, seq_len=8192,
-        published_params=published, source="Llama 3 (Grattafiori et al. 2024); totals from the released weights",
-    )
-
-
-def _essential(name: str, d: int, mlp: int, heads: int, kv: int, published: int) -> TransformerConfig:
-    # The paper gives depth, width, MLP width, heads and head dim; a 65,536-token untied vocabulary
-    # with a SwiGLU MLP reproduces the stated sizes: within 0.5 % for 0.20B-3.67B, 4.3 % for the
-    # rounded "0.07B" (67.0M).
-    return TransformerConfig(
-        name, 34, d, heads, n_kv_heads=kv, head_dim=128, d_mlp=mlp, mlp="swiglu", vocab=65536,
-        seq_len=8192, published_params=published,
-        source="Essential AI, Practical Efficiency of Muon for Pretraining (arXiv 2505.02222); vocab 65,536 inferred",
-    )
-
-
-def _moonlight(name: str, layers: int, d: int, published: int) -> TransformerConfig:
-    # The paper's table gives layers, hidden size and heads (= layers) only; a 4·d MLP block
-    # (12·L·d² weights, which an 8/3·d SwiGLU also gives) and Moonlight's 163,840-token vocabulary
-    # are assumptions. The stated sizes match the non-embedding weights to within 15 % (they do not
-    # match any total with embeddings), so the sizes are read as non-embedding counts.
-    return TransformerConfig(
-        name, layers, d, layers, d_mlp=4 * d, mlp="gelu", vocab=163840, seq_len=8192,
-        published_params=published,
-        source="Moonlight scaling-law models (arXiv 2502.16982); MLP width and vocab assumed",
-    )
-
-
-PRESETS: dict[str, TransformerConfig] = {
-    cfg.name: cfg
-    for cfg in (
-        _gpt2("gpt2-124m", 12, 768, 12, 124_439_808),
-        _gpt2("gpt2-350m", 24, 1024, 16, 354_823_168),
-        _gpt2("gpt2-774m", 36, 1280, 20, 774_030_080),
-        _gpt2("gpt2-1.5b", 48, 1600, 25, 1_557_611_200),
-        _essential("essential-0.07b", 256, 1024, 2, 1, 70_000_000),
-        _essential("essential-0.20b", 512, 2048, 4, 2, 200_000_000),
-        _essential("essential-0.67b", 1024, 4096, 8, 4, 670_000_000),
-        _essential("essential-2.40b", 2048, 8192, 16, 8, 2_400_000_000),
-        _essential("essential-3.67b", 2560, 10240, 20, 10, 3_670_000_000),
-        _moonlight("moonlight-399m", 12, 1536, 399_000_000),
-        _moonlight("moonlight-545m", 14, 1792, 545_000_000),
-        _moonlight("moonlight-822m", 16, 2048, 822_000_000),
-        _moonlight("moonlight-1.1b", 18, 2304, 1_100_000_000),
-        _moonlight("moonlight-1.5b", 20, 2560, 1_500_000_000),
-        _llama3("llama3-8b", 32, 4096, 14336, 32, 8_030_261_248),
-        _llama3("llama3-70b", 80, 8192, 28672, 64, 70_553_706_496),
-        _llama3("llama3-405b", 126, 16384, 53248, 128, 405_853_388_800),
-        # Small models that really run on a CPU (benchmarks, tests); no published counterpart.
-        TransformerConfig("tiny", 2, 128, 4, d_mlp=512, vocab=512, seq_len=64, source="CPU test size"),
-        TransformerConfig("small", 4, 256, 4, n_kv_heads=2, d_mlp=768, mlp="swiglu", vocab=2048, seq_len=128,
-                          source="CPU benchmark size"),
-    )
-}
-
-
-def parse_model(spec: str) -> TransformerConfig | nn.Module:
-    """A model from a command-line string.
-
-    - a preset name (see PRESETS);
-    - "custom:n_layers=12,d_model=768,n_heads=12[,n_kv_heads=..,d_mlp=..,mlp=swiglu,vocab=..,
-      seq_len=..,tied=1,bias=1,fused_qkv=1,learned_pos=1,norm=layer,head_dim=..]"
-      (keys are TransformerConfig fields; short forms layers, d, heads, kv_heads, mlp_dim, seq also work);
-    - "module:package.module:factory": factory() is called on the meta device and must return an nn.Module.
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"model must be a preset name, 'custom:...' or 'module:pkg.mod:factory', got {spec!r}")
-    if spec in PRESETS:
-        return PRESETS[spec]
-    kind, _, rest = spec.partition(":")
-    if kind == "custom":
-        return _parse_custom(rest)
-    if kind == "module":
-        mod_name, _, attr = rest.partition(":")
-        if not mod_name or not attr:
-            raise ValueError(f"model={spec!r}: expected 'module:package.module:factory'")
-        factory: Callable[[], nn.Module] = getattr(importlib.import_module(mod_name), attr)
-        with torch.device("meta"):
-            model = factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model={spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
-        return model
-    raise ValueError(
-        f"model={spec!r} is not a preset ({', '.join(PRESETS)}), nor 'custom:key=value,...' "
-        "nor 'module:package.module:factory'"
-    )
-
-
-_ALIASES = {"layers": "n_layers", "d": "d_model", "dim": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
-            "mlp_dim": "d_mlp", "seq": "seq_len"}
-
-
-def _parse_custom(text: str) -> TransformerConfig:
-    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
-    values: dict = {"name": "custom"}
-    for item in filter(None, text.split(",")):
-        key, sep, raw = item.partition("=")
-        key = _ALIASES.get(key.strip(), key.strip())
-        if not sep or key not in fields or key in ("published_params", "source"):
-            keys = sorted(set(fields) - {"source", "published_params"})
-            raise ValueError(f"model: cannot read {item!r}; use key=value with keys from {keys}")
-        kind = fields[key].type
-        raw = raw.strip()
-        if "bool" in str(kind):
-            values[key] = raw.lower() in ("1", "true", "yes")
-        elif "int" in str(kind):
-            try:
-                values[key] = int(raw)
-            except ValueError:
-                raise ValueError(f"model: {key} must be an int, got {raw!r}") from None
-        else:
-            values[key] = raw
-    missing = [k for k in ("n_layers", "d_model", "n_heads") if k not in values]
-    if missing:
-        raise ValueError(f"model: custom models need {missing} (e.g. custom:layers=12,d=768,heads=12)")
-    return TransformerConfig(**values)
-
-
 # ---------------------------------------------------------------------------------- counting
-def _as_module(model: TransformerConfig | nn.Module | str) -> nn.Module:
-    if isinstance(model, str):
-        model = parse_model(model)
-    if isinstance(model, TransformerConfig):
-        return build(model)
+def _check_module(model, function: str) -> nn.Module:
+    """model itself if it is an nn.Module; model names and configs are the benchmark's (bench/models.py)."""
     if isinstance(model, nn.Module):
         return model
-    raise TypeError(f"model must be a preset name, TransformerConfig or nn.Module, got {type(model).__name__}")
+    if isinstance(model, str):
+        raise TypeError(
+            f"muon.flops.{function} takes an nn.Module, not a model name ({model!r}): the presets and model "
+            f"specs are the benchmark's; in a checkout of the repository build the module with "
+            f"bench.models.as_module({model!r}), or count it with bench.models.overhead({model!r}, batch_tokens) "
+            f"or `python -m bench flops --model {model}`"
+        )
+    raise TypeError(
+        f"muon.flops.{function} takes an nn.Module, got {type(model).__name__}; a model config "
+        "(bench.models.TransformerConfig) is built with bench.models.build(cfg)"
+    )
 
 
 def muon_matrices(model: nn.Module, **routing) -> tuple[list[tuple[int, int, int]], list[nn.Parameter], list]:
@@ -491,7 +209,7 @@ class Overhead:
     muon_flops: int  # one muon.Muon step: NS + its elementwise work + the AdamW groups
     adamw_flops: int  # one torch.optim.AdamW step over every parameter
     training_flops: int  # 6·N·B
-    attention_flops: int  # 6·L·ctx·d_attn·B (0 for models other than TransformerConfig presets)
+    attention_flops: int  # attention_flops_per_token·B, e.g. 6·L·ctx·d_attn·B (0 when not given)
     overhead: float  # (muon_flops - adamw_flops) / training_flops
     ns_overhead: float  # ns_flops / training_flops, what Keller's bound bounds
     overhead_with_attention: float  # (muon_flops - adamw_flops) / (training_flops + attention_flops)
@@ -527,26 +245,33 @@ class Overhead:
 
 
 def overhead(
-    model: TransformerConfig | nn.Module | str,
+    model: nn.Module,
     batch_tokens: int,
     steps: int = 5,
     *,
     symmetric: bool = False,
     model_dim: int | None = None,
-    seq_len: int | None = None,
+    attention_flops_per_token: int = 0,
+    name: str | None = None,
     **routing,
 ) -> Overhead:
     """Exact FLOPs of a muon.Muon step (NS of each same-shape group + elementwise work + AdamW groups)
     against a torch.optim.AdamW step on every parameter and against a training step of batch_tokens.
 
-    model_dim: the width in Keller's bound (default: the config's d_model; for a plain nn.Module the
-    largest short side of its Muon matrices, which keeps ns_overhead <= overhead_bound).
-    seq_len: the attention context (default: the config's).
+    model: an nn.Module (on the meta device it allocates nothing). A model name such as "gpt2-124m" is
+    a TypeError: the presets are the benchmark's, built by bench/models.py (`bench.models.overhead`
+    takes the spec and passes its config's width and attention FLOPs here).
+    model_dim: the width in Keller's bound (default: the largest short side of the Muon matrices,
+    which keeps ns_overhead <= overhead_bound; a transformer's d_model).
+    attention_flops_per_token: the attention score and value products of a training step per token,
+    which 6·N·B leaves out (Kaplan et al.: 6·L·ctx·d_attn); default 0.
+    name: the report's model name (default: the module's class name).
+    routing: muon.param_groups's muon=/adamw= patterns and split=/heads= rules.
     """
     _check_int(batch_tokens, "batch_tokens", 1)
     _check_int(steps, "steps", 0)
-    cfg = model if isinstance(model, TransformerConfig) else PRESETS.get(model) if isinstance(model, str) else None
-    module = _as_module(model)
+    _check_int(attention_flops_per_token, "attention_flops_per_token", 0)
+    module = _check_module(model, "overhead")
     shapes, muon_params, adamw_params = muon_matrices(module, **routing)
 
     batch_of: Counter = Counter()  # (m, n) -> matrices of that shape: one batched NS call each
@@ -562,15 +287,12 @@ def overhead(
 
     n_matmul = matmul_params(module)
     training = 6 * n_matmul * batch_tokens
-    attention = 0
-    if cfg is not None:
-        ctx = seq_len or cfg.seq_len
-        attention = 6 * cfg.n_layers * ctx * cfg.d_attn * batch_tokens
+    attention = attention_flops_per_token * batch_tokens
     if model_dim is None:
-        model_dim = cfg.d_model if cfg is not None else max((min(m, n) for _, m, n in shapes), default=1)
+        model_dim = max((min(m, n) for _, m, n in shapes), default=1)
     extra = muon_flops - adamw_flops
     return Overhead(
-        model=cfg.name if cfg is not None else type(module).__name__,
+        model=name if name is not None else type(module).__name__,
         params=n_muon + n_adamw,
         muon_params=n_muon,
         adamw_params=n_adamw,
@@ -597,16 +319,21 @@ def overhead(
     )
 
 
-def total_params(model: TransformerConfig | nn.Module | str) -> int:
+def total_params(model: nn.Module) -> int:
     """Unique parameter count (a tied head counts once), as published totals count."""
-    return sum(p.numel() for p in _as_module(model).parameters())
+    return sum(p.numel() for p in _check_module(model, "total_params").parameters())
 
 
-def nonembedding_params(model: TransformerConfig | nn.Module | str) -> int:
-    """Parameters outside embedding tables and the output head (Kaplan et al.'s N)."""
-    module = _as_module(model)
-    skip = {id(p) for mod in module.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters(recurse=False)}
-    if isinstance(module, Transformer):
-        skip.add(id(module.lm_head.weight))
+def nonembedding_params(model: nn.Module) -> int:
+    """Parameters outside embedding tables and the output head (Kaplan et al.'s N). The head is what
+    muon.param_groups takes for one by name: the parameters of a module named lm_head, head, output,
+    classifier or logits (`muon.param_groups.HEAD_NAMES`)."""
+    module = _check_module(model, "nonembedding_params")
+    skip = {
+        id(p)
+        for name, mod in module.named_modules()
+        if isinstance(mod, nn.Embedding) or name.rsplit(".", 1)[-1].lower() in HEAD_NAMES
+        for p in mod.parameters(recurse=False)
+    }
     return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 

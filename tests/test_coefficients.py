@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 
+import docblocks
 import pytest
 import torch
 
@@ -277,12 +278,6 @@ def test_presets_without_margin_overshoot_at_the_edge():
 
 
 def test_readme_example_runs():
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "newton-schulz.md").read_text()
-    section = text[text.index("## Coefficient presets and safety factors") :]
-    start = section.index("```python") + len("```python")
-    scope: dict = {}
-    exec(compile(section[start : section.index("```\n", start)], "docs/newton-schulz.md (presets)", "exec"), scope)
+    scope = docblocks.run(docblocks.block("docs/newton-schulz.md", "Coefficient presets and safety factors"))
     assert scope["O"].shape == (64, 128) and torch.isfinite(scope["O"]).all()
     _close(scope["derived"], MODDED_NANOGPT, 1e-12)

@@ -1,7 +1,7 @@
 """Fault injection: bad input, foreign and broken checkpoints, non-finite gradients, copies.
 
 Every failing call must name what is wrong and leave the optimizer and its parameters exactly as they
-were (`Snapshot` compares them bit for bit).
+were (`Snapshot` compares them bit for bit: helpers.bit_equal).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from helpers import assert_state_dicts_equal, bit_equal, run_steps, set_grads
 
 import muon
 
@@ -43,31 +44,12 @@ class Snapshot:
         opt = self.opt
         assert self._groups(opt) == self.groups
         now = [p.detach() for g in opt.param_groups for p in g["params"]]
-        assert len(now) == len(self.params) and all(_same(a, b) for a, b in zip(now, self.params))
+        assert len(now) == len(self.params) and all(bit_equal(a, b) for a, b in zip(now, self.params))
         assert {id(p) for p in opt.state} == set(self.live_state)
         for p, s in opt.state.items():
             assert s.keys() == self.live_state[id(p)].keys()
-            assert all(_same(v, self.live_state[id(p)][k]) for k, v in s.items())
-        _assert_state_dicts_equal(opt.state_dict(), self.state)
-
-
-def _same(a, b) -> bool:
-    """Bit-equal (NaN == NaN, -0.0 != 0.0), same dtype and shape; other values by ==."""
-    if not isinstance(a, torch.Tensor):
-        return a == b
-    if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(bits), b.view(bits))
-
-
-def _assert_state_dicts_equal(a, b):
-    assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys()
-    for key in a["state"]:
-        assert a["state"][key].keys() == b["state"][key].keys()
-        for name, value in a["state"][key].items():
-            assert _same(value, b["state"][key][name]), (key, name)
+            assert all(bit_equal(v, self.live_state[id(p)][k]) for k, v in s.items())
+        assert_state_dicts_equal(opt.state_dict(), self.state)
 
 
 def _hybrid(seed=0, **kwargs):
@@ -79,16 +61,9 @@ def _hybrid(seed=0, **kwargs):
     return muon.Muon(groups, **{"lr": 0.02, **FAST, **kwargs}), params
 
 
-def _set_grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
 def _train(opt, params, steps, seed=100):
-    for k in range(steps):
-        _set_grads(params, seed + k)
-        opt.step()
+    """`steps` steps on gradients drawn in each parameter's dtype, seeds seed, seed + 1, ..."""
+    run_steps(opt, range(seed, seed + steps), params, draw_in_dtype=True)
 
 
 def _assert_steps_alike(opt_a, params_a, opt_b, params_b, steps=2, seed=500):
@@ -96,8 +71,8 @@ def _assert_steps_alike(opt_a, params_a, opt_b, params_b, steps=2, seed=500):
     _train(opt_a, params_a, steps, seed)
     _train(opt_b, params_b, steps, seed)
     for a, b in zip(params_a, params_b):
-        assert _same(a.detach(), b.detach())
-    _assert_state_dicts_equal(opt_a.state_dict(), opt_b.state_dict())
+        assert bit_equal(a.detach(), b.detach())
+    assert_state_dicts_equal(opt_a.state_dict(), opt_b.state_dict())
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -241,10 +216,10 @@ def test_empty_parameter_list_is_refused_and_an_empty_group_is_harmless():
     opt.add_param_group({"params": [], "use_muon": False})
     _train(opt, params, 2)
     _train(twin, twin_params, 2)
-    assert all(_same(a.detach(), b.detach()) for a, b in zip(params, twin_params))
+    assert all(bit_equal(a.detach(), b.detach()) for a, b in zip(params, twin_params))
     mine, theirs = opt.state_dict(), twin.state_dict()
     assert mine["param_groups"][:2] == theirs["param_groups"] and mine["param_groups"][2]["params"] == []
-    _assert_state_dicts_equal({**mine, "param_groups": []}, {**theirs, "param_groups": []})
+    assert_state_dicts_equal({**mine, "param_groups": []}, {**theirs, "param_groups": []})
 
 
 def test_update_scale_checks_the_callable_result():
@@ -292,7 +267,7 @@ def test_torch_adamw_state_loads_into_adamw_groups_exactly():
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-3, (0.8, 0.95), 1e-6, 0.05)
     for p, q in zip(params, mine_params):
         assert theirs.state[p].keys() == mine.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}
-        assert all(_same(theirs.state[p][k], mine.state[q][k]) for k in theirs.state[p])
+        assert all(bit_equal(theirs.state[p][k], mine.state[q][k]) for k in theirs.state[p])
     _train(theirs, params, 3, seed=7)
     _train(mine, mine_params, 3, seed=7)
     assert "momentum_buffer" not in mine.state[mine_params[1]]
@@ -520,8 +495,8 @@ def test_nonfinite_injection_at_random_steps(seed):
     opt, params = _hybrid(seed)
     ref, ref_params = _hybrid(seed)
     for step in range(steps):
-        _set_grads(params, 1000 * seed + step)
-        _set_grads(ref_params, 1000 * seed + step)
+        set_grads(params, 1000 * seed + step, draw_in_dtype=True)
+        set_grads(ref_params, 1000 * seed + step, draw_in_dtype=True)
         if step in bad_steps:
             grad = params[bad].grad.view(-1)
             for _ in range(rng.randint(1, 3)):
@@ -532,15 +507,15 @@ def test_nonfinite_injection_at_random_steps(seed):
         opt.step()
         ref.step()
         if step in bad_steps:
-            assert _same(params[bad].detach(), before)
+            assert bit_equal(params[bad].detach(), before)
             for key, value in state_before.items():
                 if key != "nonfinite_skips":
-                    assert _same(opt.state[params[bad]][key], value), key
+                    assert bit_equal(opt.state[params[bad]][key], value), key
         for i, (p, q) in enumerate(zip(params, ref_params)):
-            assert _same(p.detach(), q.detach()), (step, i)
+            assert bit_equal(p.detach(), q.detach()), (step, i)
             for key, value in ref.state[q].items():
                 if not (i == bad and key == "nonfinite_skips"):
-                    assert _same(opt.state[p][key], value), (step, i, key)
+                    assert bit_equal(opt.state[p][key], value), (step, i, key)
     assert opt.state[params[bad]]["nonfinite_skips"].item() == len(bad_steps)
     assert all(opt.state[p]["nonfinite_skips"].item() == 0 for i, p in enumerate(params) if i != bad)
     assert all(torch.isfinite(p).all() for p in params)

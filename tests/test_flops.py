@@ -1,5 +1,6 @@
 """muon.flops: the NS FLOP formulas against hand counts and torch's own FLOP counter, Keller's bound,
-the presets against published parameter counts, and the exact whole-model counts against hand sums."""
+the routing of preset models and the exact whole-model counts against hand sums. The presets
+themselves (published parameter counts, specs) are tested with bench/models.py in test_bench_models.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.models import PRESETS, TransformerConfig, build
 from muon import flops
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize
@@ -77,45 +79,23 @@ def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="batch_tokens"):
         flops.overhead_bound(768, 0)
     with pytest.raises(ValueError, match="steps"):
-        flops.overhead("tiny", 1024, steps=-1)
-    with pytest.raises(ValueError, match="not a preset"):
-        flops.parse_model("gpt5")
-    with pytest.raises(ValueError, match="n_heads"):
-        flops.parse_model("custom:layers=2,d=64")
-    with pytest.raises(ValueError, match="cannot read 'colour=red'"):
-        flops.parse_model("custom:layers=2,d=64,heads=2,colour=red")
+        flops.overhead(build(PRESETS["tiny"]), 1024, steps=-1)
+    with pytest.raises(ValueError, match="attention_flops_per_token"):
+        flops.overhead(_TwoLayer(), 1024, attention_flops_per_token=-1)
 
 
-# Published totals (the released checkpoints; GPT-2 counted with its tied head once).
-EXACT = ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama3-8b", "llama3-70b"]
-
-
-@pytest.mark.parametrize("name", EXACT)
-def test_presets_match_published_counts_exactly(name):
-    cfg = flops.PRESETS[name]
-    assert flops.total_params(cfg) == cfg.published_params
-
-
-def test_llama3_405b_count_and_no_allocation():
-    model = flops.build(flops.PRESETS["llama3-405b"])
-    assert all(p.is_meta for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) == 405_853_388_800
-
-
-@pytest.mark.parametrize("name", [n for n in flops.PRESETS if n.startswith("essential")])
-def test_essential_ai_sizes(name):
-    cfg = flops.PRESETS[name]  # stated to two decimals in billions; 0.07B is 67.0M
-    assert flops.total_params(cfg) == pytest.approx(cfg.published_params, rel=0.05)
-
-
-@pytest.mark.parametrize("name", [n for n in flops.PRESETS if n.startswith("moonlight")])
-def test_moonlight_sizes_as_non_embedding(name):
-    cfg = flops.PRESETS[name]  # MLP width and vocabulary are not published: a loose match
-    assert flops.nonembedding_params(cfg) == pytest.approx(cfg.published_params, rel=0.15)
+@pytest.mark.parametrize("function", [flops.overhead, flops.total_params, flops.nonembedding_params])
+def test_a_model_name_or_config_is_refused_pointing_to_bench_models(function):
+    """The presets and their specs live in bench/models.py: muon.flops counts nn.Modules only."""
+    args = (1024,) if function is flops.overhead else ()
+    with pytest.raises(TypeError, match=r"not a model name \('gpt2-124m'\).*bench\.models\.as_module"):
+        function("gpt2-124m", *args)
+    with pytest.raises(TypeError, match=r"got TransformerConfig.*bench\.models\.build\(cfg\)"):
+        function(PRESETS["tiny"], *args)
 
 
 def test_routing_follows_param_groups():
-    model = flops.build(flops.PRESETS["gpt2-124m"])
+    model = build(PRESETS["gpt2-124m"])
     shapes, muon_params, adamw_params = flops.muon_matrices(model)
     # 12 blocks x (c_attn 2304x768, c_proj 768x768, fc 3072x768, proj 768x3072); nothing else.
     assert sorted(set(shapes)) == [(1, 768, 768), (1, 768, 3072), (1, 2304, 768), (1, 3072, 768)]
@@ -124,7 +104,7 @@ def test_routing_follows_param_groups():
     adamw_names = {names[id(p)] for p in adamw_params}
     assert {"tok_embed.weight", "pos_embed.weight", "norm_f.weight", "norm_f.bias"} <= adamw_names
     assert all(p.ndim == 2 for p in muon_params)
-    llama_shapes, _, _ = flops.muon_matrices(flops.build(flops.PRESETS["llama3-8b"]))
+    llama_shapes, _, _ = flops.muon_matrices(build(PRESETS["llama3-8b"]))
     assert len(llama_shapes) == 32 * 7
 
 
@@ -151,42 +131,24 @@ def test_whole_model_counts_by_hand():
     assert r.training_flops == 6 * 68 * 1000
     assert r.overhead == (r.muon_flops - r.adamw_flops) / r.training_flops
     assert r.model_dim == 4 and r.overhead_bound == 5 * 4 / 1000
-    assert r.attention_flops == 0
+    assert r.attention_flops == 0 and r.model == "_TwoLayer"
+    # what a caller that knows the architecture passes: attention per token, Keller's width, a name
+    named = flops.overhead(_TwoLayer(), 1000, 5, attention_flops_per_token=48, model_dim=8, name="two")
+    assert named.attention_flops == 48_000 and named.model == "two" and named.overhead_bound == 5 * 8 / 1000
+    assert named.overhead_with_attention == (r.muon_flops - r.adamw_flops) / (r.training_flops + 48_000)
+    assert named.at(2000).attention_flops == 96_000
 
 
-@pytest.mark.parametrize("name", ["gpt2-124m", "essential-0.20b", "moonlight-399m", "llama3-8b"])
-def test_overhead_within_keller_bound_and_rescales(name):
-    r = flops.overhead(name, 524_288)
-    assert r.ns_flops == sum(g["ns_flops"] for g in r.groups)
-    assert r.muon_params + r.adamw_params == r.params
-    for batch in (2**14, 2**19, 2**24):
-        at = r.at(batch)
-        assert 0 < at.ns_overhead <= at.overhead_bound
-        assert at.overhead == pytest.approx(r.overhead * 524_288 / batch, rel=1e-12)
-    cfg = flops.PRESETS[name]
-    assert r.attention_flops == 6 * cfg.n_layers * cfg.seq_len * cfg.d_attn * 524_288
-
-
-def test_gpt2_124m_reference_numbers():
-    r = flops.overhead("gpt2-124m", 524_288)
-    assert r.overhead_bound == pytest.approx(0.00732, abs=5e-6)
-    # Tied head: N counts every weight but the position table, i.e. the head's matmul once.
-    assert r.matmul_params == 124_439_808 - 1024 * 768
-    assert r.muon_params == 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
-    assert 0.0039 < r.overhead < 0.0040
-
-
-def test_preset_module_runs_forward():
-    model = flops.build(flops.PRESETS["tiny"], device="cpu")
-    logits = model(torch.randint(0, 512, (2, 16)))
-    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
-
-
-def test_custom_model_spec():
-    cfg = flops.parse_model("custom:layers=3,d=96,heads=4,kv_heads=2,mlp=swiglu,tied=1,vocab=100")
-    assert (cfg.n_layers, cfg.d_model, cfg.kv_heads, cfg.mlp, cfg.tied) == (3, 96, 2, "swiglu", True)
-    per_layer = 96 * 96 * 2 + 2 * 96 * 48 + 3 * 96 * 384 + 2 * 96  # q, o, k, v, MLP, two RMSNorms
-    assert flops.total_params(cfg) == 100 * 96 + 3 * per_layer + 96
+def test_nonembedding_params_leave_out_embeddings_and_a_head_named_as_param_groups_names_it():
+    model = _TwoLayer()
+    assert flops.total_params(model) == 80 + 36 + 32
+    assert flops.nonembedding_params(model) == 36 + 32
+    model.lm_head = nn.Linear(8, 10, bias=False)
+    assert flops.nonembedding_params(model) == 36 + 32
+    tied = build(TransformerConfig("t", 1, 16, 2, vocab=40, seq_len=8, tied=True))
+    untied = build(TransformerConfig("u", 1, 16, 2, vocab=40, seq_len=8))
+    assert flops.total_params(untied) - flops.total_params(tied) == 40 * 16
+    assert flops.nonembedding_params(untied) == flops.nonembedding_params(tied) == flops.total_params(tied) - 40 * 16
 
 
 # ------------------------------------------------------------------------------ Gram Newton–Schulz

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import io
 
+import docblocks
 import pytest
 import torch
-from nsref import ns_float64, rel_err
+from helpers import adamw_reference, normuon_reference, run_history, run_steps
+from nsref import rel_err
 
 import muon
-from muon._shapes import update_scale
 
 # Shapes: wide, tall (stored transposed in the step's stacks: its neurons are stack columns), square,
 # a 3-D batch of matrices and a 1×n matrix (one neuron).
@@ -24,50 +25,10 @@ def _data(shapes, steps, seed=0):
     return params, grads
 
 
-def _matrices(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, *t.shape[-2:])
-
-
-def reference(params, grads_seq, *, lr, weight_decay, momentum=0.95, nesterov=True, normuon=True, beta2=0.95,
-              eps=1e-8, cautious=False, adjust_lr_fn=None):
-    """The algorithm as written in the papers, in float64, one matrix at a time, no shortcuts.
-
-    NorMuon (arXiv 2510.05491, Algorithm 1; microsoft/dion dion/normuon.py): per matrix O (m×n),
-    v ← β2·v + (1-β2)·mean_cols(O⊙O), Ô = O / (sqrt(v) + eps), Ô ← Ô·‖O‖_F / max(‖Ô‖_F, eps).
-    Cautious weight decay (arXiv 2510.12402): W ← W - lr·wd·W⊙[u⊙W >= 0] - lr·u.
-    """
-    W = [_matrices(p.clone()) for p in params]
-    M = [torch.zeros_like(w) for w in W]
-    V = [torch.zeros(w.shape[:-1], dtype=torch.float64) for w in W]
-    history = []
-    for grads in grads_seq:
-        for w, m_buf, v, g in zip(W, M, V, grads):
-            g = _matrices(g)
-            m_buf.mul_(momentum).add_((1 - momentum) * g)
-            U = g + momentum * (m_buf - g) if nesterov else m_buf
-            for k in range(w.shape[0]):
-                O = ns_float64(U[k])
-                if normuon:
-                    v[k] = beta2 * v[k] + (1 - beta2) * (O * O).mean(dim=1)
-                    normalized = O / (v[k].sqrt()[:, None] + eps)
-                    O = normalized * torch.linalg.norm(O) / max(torch.linalg.norm(normalized), eps)
-                u = update_scale(adjust_lr_fn, *O.shape) * O
-                decayed = (u * w[k] >= 0) if cautious else torch.ones_like(u, dtype=torch.bool)
-                w[k] = w[k] - lr * weight_decay * w[k] * decayed - lr * u
-        history.append([w.reshape(p.shape).clone() for w, p in zip(W, params)])
-    return history, [v.reshape(v.shape if p.ndim > 2 else v.shape[1:]) for v, p in zip(V, params)]
-
-
 def run(params, grads_seq, dtype, **options):
-    ps = [p.to(dtype, copy=True).requires_grad_(True) for p in params]
-    opt = muon.Muon(ps, ns_dtype=torch.float64 if dtype == torch.float64 else torch.float32, **options)
-    history = []
-    for grads in grads_seq:
-        for p, g in zip(ps, grads):
-            p.grad = g.to(dtype)
-        opt.step()
-        history.append([p.detach().clone() for p in ps])
-    return opt, ps, history
+    """muon.Muon on copies of params in dtype (NS in float64 for float64, else float32): see run_history."""
+    ns_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return run_history(muon.Muon, params, grads_seq, dtype=dtype, ns_dtype=ns_dtype, **options)
 
 
 OPTIONS = [
@@ -90,7 +51,7 @@ def test_normuon_matches_float64_reference_over_steps(options, foreach):
     parameters and second moments alike; float32: within 2x the error plain Muon's float32 step has
     on the same data, so NorMuon's normalization adds no error of its own."""
     params, grads = _data(SHAPES, 5)
-    ref_hist, ref_v = reference(params, grads, **_ref_kwargs(options))
+    ref_hist, ref_v = normuon_reference(params, grads, **_ref_kwargs(options))
     opt, ps, hist = run(params, grads, torch.float64, variant="normuon", foreach=foreach, **options)
     for step, (mine, ref) in enumerate(zip(hist, ref_hist)):
         for p0, a, r in zip(params, mine, ref):
@@ -102,7 +63,7 @@ def test_normuon_matches_float64_reference_over_steps(options, foreach):
 
     # float32 against the same reference, bounded by plain Muon's own float32 error
     _, _, hist32 = run(params, grads, torch.float32, variant="normuon", foreach=foreach, **options)
-    muon_ref, _ = reference(params, grads, **_ref_kwargs(options, normuon=False))
+    muon_ref, _ = normuon_reference(params, grads, **_ref_kwargs(options, normuon=False))
     _, _, muon32 = run(params, grads, torch.float32, variant="muon", foreach=foreach, **options)
     for step in range(len(grads)):
         for j, p0 in enumerate(params):
@@ -132,7 +93,7 @@ def test_flatten_conv_weights_keep_one_moment_per_output_channel():
     opt, ps, hist = run(params, grads, torch.float64, variant="normuon", flatten=True, lr=0.02, weight_decay=0.1)
     flat_params = [p.reshape(p.shape[0], -1) for p in params]
     flat_grads = [[g.reshape(g.shape[0], -1) for g in gs] for gs in grads]
-    ref_hist, ref_v = reference(flat_params, flat_grads, lr=0.02, weight_decay=0.1)
+    ref_hist, ref_v = normuon_reference(flat_params, flat_grads, lr=0.02, weight_decay=0.1)
     for p, p0, a, r, v in zip(ps, params, hist[-1], ref_hist[-1], ref_v):
         assert rel_err(a.reshape(r.shape) - p0.reshape(r.shape), r - p0.reshape(r.shape)) < 1e-12
         assert opt.state[p]["normuon_v"].shape == (p.shape[0],)
@@ -163,7 +124,7 @@ def test_skipped_step_leaves_second_moments_and_parameters_alone():
 def test_cautious_muon_matches_float64_reference_and_spares_disagreeing_coordinates():
     params, grads = _data(SHAPES, 3, seed=5)
     options = {"lr": 0.05, "weight_decay": 0.5, "cautious_weight_decay": True}
-    ref_hist, _ = reference(params, grads, **_ref_kwargs(options, normuon=False))
+    ref_hist, _ = normuon_reference(params, grads, **_ref_kwargs(options, normuon=False))
     for foreach in (True, False):
         _, _, hist = run(params, grads, torch.float64, foreach=foreach, **options)
         for step, (mine, ref) in enumerate(zip(hist, ref_hist)):
@@ -179,21 +140,6 @@ def test_cautious_muon_matches_float64_reference_and_spares_disagreeing_coordina
     assert 0.2 < agree.double().mean() < 0.8
     torch.testing.assert_close(cautious[0][0][agree], decayed[0][0][agree], rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(cautious[0][0][~agree], plain[0][0][~agree], rtol=1e-15, atol=1e-15)
-
-
-def adamw_reference(params, grads_seq, lr, betas, eps, weight_decay, cautious):
-    beta1, beta2 = betas
-    W = [p.clone() for p in params]
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    for t, grads in enumerate(grads_seq, start=1):
-        for w, m_, v_, g in zip(W, m, v, grads):
-            m_.mul_(beta1).add_((1 - beta1) * g)
-            v_.mul_(beta2).add_((1 - beta2) * g * g)
-            u = (m_ / (1 - beta1**t)) / ((v_ / (1 - beta2**t)).sqrt() + eps)
-            decayed = (u * w >= 0) if cautious else torch.ones_like(u, dtype=torch.bool)
-            w.sub_(lr * weight_decay * w * decayed + lr * u)
-    return W
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])  # "raise" would take the fused kernel without caution
@@ -218,14 +164,6 @@ def test_cautious_adamw_matches_float64_reference(nonfinite):
 
 
 # --------------------------------------------------------------------------------- checkpoints
-def _steps(opt, params, seeds):
-    for seed in seeds:
-        gen = torch.Generator().manual_seed(seed)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-        opt.step()
-
-
 def _build(dtype, foreach):
     gen = torch.Generator().manual_seed(11)
     mats = [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in [(8, 12), (12, 8), (2, 4, 6)]]
@@ -241,10 +179,10 @@ def test_state_dict_round_trip_is_bit_exact(dtype, foreach):
     """Save at step 3 (through torch.save / torch.load(weights_only=True)), load into a fresh optimizer,
     continue: bit-equal to the uninterrupted run. bf16 parameters keep fp32 second moments."""
     straight, ps = _build(dtype, foreach)
-    _steps(straight, ps, range(6))
+    run_steps(straight, range(6))
 
     first, qs = _build(dtype, foreach)
-    _steps(first, qs, range(3))
+    run_steps(first, range(3))
     buffer = io.BytesIO()
     torch.save({"opt": first.state_dict(), "params": [q.detach() for q in qs]}, buffer)
     buffer.seek(0)
@@ -255,7 +193,7 @@ def test_state_dict_round_trip_is_bit_exact(dtype, foreach):
             r.copy_(q)
     resumed.load_state_dict(saved["opt"])
     assert resumed.state[rs[0]]["normuon_v"].dtype == torch.float32
-    _steps(resumed, rs, range(3, 6))
+    run_steps(resumed, range(3, 6))
     for p, r in zip(ps, rs):
         assert torch.equal(p, r)
         for key, value in straight.state[p].items():
@@ -297,19 +235,13 @@ def test_loading_plain_muon_state_starts_normuon_moments_at_zero():
     assert opt.state[W]["normuon_v"].shape == (6,) and bool((opt.state[W]["normuon_v"] > 0).all())
 
 
-@pytest.mark.parametrize("heading", ["## NorMuon", "## Cautious weight decay"])
+@pytest.mark.parametrize("heading", ["NorMuon", "Cautious weight decay"])
 def test_readme_examples_run(heading):
     import warnings
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "optimizer.md").read_text()
-    section = text[text.index(heading) :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    scope: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        exec(compile(code, f"docs/optimizer.md ({heading})", "exec"), scope)
+        scope = docblocks.run(docblocks.block("docs/optimizer.md", heading))
     opt, model = scope["opt"], scope["model"]
     group = next(g for g in opt.param_groups if g["use_muon"])
     assert model[0].weight in group["params"]

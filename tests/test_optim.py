@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from helpers import run_history
 from nsref import rel_err
 
 import muon
@@ -26,28 +27,14 @@ def _grads(shapes, steps, dtype=torch.float32):
     return [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(steps)]
 
 
-def _run(opt_cls, params, grads_seq, after_step=None, **kwargs):
-    params = [p.detach().clone().requires_grad_(True) for p in params]
-    opt = opt_cls(params, **kwargs)
-    history = []
-    for grads in grads_seq:
-        for p, g in zip(params, grads):
-            p.grad = g.to(p.dtype).clone()
-        opt.step()
-        history.append([p.detach().clone() for p in params])
-        if after_step:
-            after_step(opt, params)
-    return opt, params, history
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
 def test_parity_with_torch_muon(config):
     """Momentum buffers equal torch's bit for bit; parameters are as close to the float64 reference as torch's."""
     params = [torch.randn(s) for s in SHAPES]
     grads = _grads(SHAPES, 5)
-    theirs, _, their_hist = _run(torch.optim.Muon, params, grads, **config)
-    ours, _, our_hist = _run(muon.Muon, params, grads, **config)
-    _, _, ref_hist = _run(
+    theirs, _, their_hist = run_history(torch.optim.Muon, params, grads, **config)
+    ours, _, our_hist = run_history(muon.Muon, params, grads, **config)
+    _, _, ref_hist = run_history(
         muon.Muon, [p.double() for p in params], [[g.double() for g in gs] for gs in grads],
         ns_dtype=torch.float64, **config,
     )
@@ -67,8 +54,8 @@ def test_parity_with_torch_muon(config):
 def test_tensor_lr_matches_float_lr():
     params = [torch.randn(s) for s in SHAPES]
     grads = _grads(SHAPES, 3)
-    _, _, with_float = _run(muon.Muon, params, grads, lr=0.01)
-    _, _, with_tensor = _run(muon.Muon, params, grads, lr=torch.tensor(0.01))
+    _, _, with_float = run_history(muon.Muon, params, grads, lr=0.01)
+    _, _, with_tensor = run_history(muon.Muon, params, grads, lr=torch.tensor(0.01))
     for a_list, b_list in zip(with_float, with_tensor):
         for a, b in zip(a_list, b_list):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -86,8 +73,8 @@ def test_adamw_groups_match_torch_adamw(dtype):
     def ours_cls(ps, **kw):
         return muon.Muon([{"params": ps, "use_muon": False, **kw}])
 
-    _, _, theirs = _run(torch.optim.AdamW, params, grads, **hyper)
-    _, _, mine = _run(ours_cls, params, grads, **hyper)
+    _, _, theirs = run_history(torch.optim.AdamW, params, grads, **hyper)
+    _, _, mine = run_history(ours_cls, params, grads, **hyper)
     tol = {torch.float32: dict(rtol=2e-6, atol=2e-7), torch.float64: dict(rtol=1e-13, atol=1e-15)}[dtype]
     for a_list, b_list in zip(mine, theirs):
         for a, b in zip(a_list, b_list):
@@ -127,8 +114,8 @@ def test_batched_equals_per_parameter():
     shapes = [(16, 24)] * 3 + [(24, 16)] * 2 + [(8, 8)]
     params = [torch.randn(s) for s in shapes]
     grads = _grads(shapes, 3)
-    _, _, batched = _run(muon.Muon, params, grads, batched=True)
-    _, _, looped = _run(muon.Muon, params, grads, batched=False)
+    _, _, batched = run_history(muon.Muon, params, grads, batched=True)
+    _, _, looped = run_history(muon.Muon, params, grads, batched=False)
     for a_list, b_list in zip(batched, looped):
         for a, b in zip(a_list, b_list):
             assert torch.equal(a, b)
@@ -137,10 +124,10 @@ def test_batched_equals_per_parameter():
 def test_3d_parameter_is_a_batch_of_matrices():
     experts = torch.randn(4, 12, 20)
     grads = _grads([(4, 12, 20)], 3)
-    _, (stacked,), _ = _run(muon.Muon, [experts], grads, adjust_lr_fn="match_rms_adamw")
+    _, (stacked,), _ = run_history(muon.Muon, [experts], grads, adjust_lr_fn="match_rms_adamw")
     singles = [e.clone() for e in experts]
     per_expert = [[g[0][i] for i in range(4)] for g in grads]
-    _, separate, _ = _run(muon.Muon, singles, per_expert, adjust_lr_fn="match_rms_adamw")
+    _, separate, _ = run_history(muon.Muon, singles, per_expert, adjust_lr_fn="match_rms_adamw")
     for i in range(4):
         assert torch.equal(stacked[i], separate[i])
 
@@ -148,8 +135,8 @@ def test_3d_parameter_is_a_batch_of_matrices():
 def test_flatten_treats_conv_weight_as_one_matrix():
     weight = torch.randn(8, 3, 3, 3)
     grads = _grads([(8, 3, 3, 3)], 3)
-    _, (conv,), _ = _run(muon.Muon, [weight], grads, flatten=True)
-    _, (flat,), _ = _run(muon.Muon, [weight.reshape(8, 27)], [[g[0].reshape(8, 27)] for g in grads])
+    _, (conv,), _ = run_history(muon.Muon, [weight], grads, flatten=True)
+    _, (flat,), _ = run_history(muon.Muon, [weight.reshape(8, 27)], [[g[0].reshape(8, 27)] for g in grads])
     assert torch.equal(conv.reshape(8, 27), flat)
 
 
@@ -158,7 +145,7 @@ def test_update_scale(adjust, expected):
     """One step from zero momentum and no weight decay moves W by exactly -lr·s(m, n)·NS(G)."""
     W = torch.randn(64, 16)
     G = torch.randn(64, 16)
-    _, (after,), _ = _run(muon.Muon, [W], [[G]], lr=0.1, weight_decay=0.0, nesterov=False, adjust_lr_fn=adjust)
+    _, (after,), _ = run_history(muon.Muon, [W], [[G]], lr=0.1, weight_decay=0.0, nesterov=False, adjust_lr_fn=adjust)
     O = muon.newton_schulz(0.05 * G)  # momentum buffer after one lerp step: (1 - 0.95)·G
     torch.testing.assert_close(after, W - 0.1 * expected * O.float(), rtol=0, atol=1e-6)
     assert muon.update_scale("spectral", 16, 64) == 0.5
@@ -171,8 +158,8 @@ def test_low_precision_parameters(dtype):
     shapes = [(24, 40), (40, 24)]
     params = [torch.randn(s).to(dtype) for s in shapes]
     grads = _grads(shapes, 4)
-    opt, mine, _ = _run(muon.Muon, params, grads, lr=0.02)
-    _, ref, _ = _run(muon.Muon, [p.double() for p in params], [[g.double() for g in gs] for gs in grads],
+    opt, mine, _ = run_history(muon.Muon, params, grads, lr=0.02)
+    _, ref, _ = run_history(muon.Muon, [p.double() for p in params], [[g.double() for g in gs] for gs in grads],
                      lr=0.02, ns_dtype=torch.float64)
     for a, r, p0 in zip(mine, ref, params):
         assert a.dtype == dtype and torch.isfinite(a).all()
@@ -187,10 +174,10 @@ def test_low_precision_parameters(dtype):
 def test_weight_decay_survives_bf16_parameters():
     """lr·wd = 2e-5: applied in fp32, not rounded away as bf16(1 - 2e-5) == 1 would."""
     W = torch.full((8, 8), 256.0, dtype=torch.bfloat16)
-    opt, (after,), _ = _run(muon.Muon, [W], [[torch.zeros(8, 8)]], lr=1e-3, weight_decay=0.02)
+    opt, (after,), _ = run_history(muon.Muon, [W], [[torch.zeros(8, 8)]], lr=1e-3, weight_decay=0.02)
     assert torch.equal(after, torch.full((8, 8), 256.0, dtype=torch.bfloat16))  # 256·2e-5 < half a bf16 ulp
     W = torch.full((8, 8), 1.0)
-    opt, (after,), _ = _run(muon.Muon, [W], [[torch.zeros(8, 8)]], lr=1e-3, weight_decay=0.02)
+    opt, (after,), _ = run_history(muon.Muon, [W], [[torch.zeros(8, 8)]], lr=1e-3, weight_decay=0.02)
     torch.testing.assert_close(after, torch.full((8, 8), 1 - 2e-5), rtol=0, atol=1e-7)
 
 
@@ -231,7 +218,7 @@ def test_state_dict_resume_is_bit_exact():
 def test_loads_a_torch_muon_state_dict():
     params = [torch.randn(s) for s in SHAPES]
     grads = _grads(SHAPES, 4)
-    theirs, their_params, _ = _run(torch.optim.Muon, params, grads[:2])
+    theirs, their_params, _ = run_history(torch.optim.Muon, params, grads[:2])
     mine_params = [p.detach().clone().requires_grad_(True) for p in their_params]
     loaded_at = [p.detach().clone() for p in their_params]
     mine = muon.Muon(mine_params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import docblocks
 import pytest
 import torch
 from torch import nn
@@ -393,14 +394,7 @@ def test_dtensor_on_a_one_rank_gloo_mesh_and_qkclip_sync():
 
 
 def test_readme_example_runs_and_clips():
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "qk-clip.md").read_text()
-    section = text[text.index("# QK-clip") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    scope: dict = {}
-    exec(compile(code, "docs/qk-clip.md (QK-clip)", "exec"), scope)
+    scope = docblocks.run(docblocks.block("docs/qk-clip.md", "QK-clip"))
     seen, tau = scope["seen"], scope["clip"].threshold
     assert seen[0] > 2 * tau  # the example starts far above τ ...
     assert all(s <= 1.15 * tau for s in seen[1:])  # ... and each later step starts near τ (one update's growth)

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from helpers import set_grads
 from torch import nn
 
 import muon
@@ -35,11 +36,12 @@ def _pair(blocks_of, shapes, options, block_options=None, seed=0, dtype=torch.fl
     return opt, whole, ref, parts
 
 
-def _step_both(opt, whole, ref, parts, blocks_of, steps=4, seed=1, dtype=torch.float32):
+def _step_both(opt, whole, ref, parts, blocks_of, steps=4, seed=1):
+    """Both optimizers step on the same gradients: random ones for the whole parameters, cut into blocks."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
+        set_grads(whole, gen)
         for p, bs in zip(whole, parts):
-            p.grad = _randn(gen, *p.shape, dtype=dtype)
             for b, g in zip(bs, blocks_of(p.grad), strict=True):
                 b.grad = g.clone()
         opt.step()
@@ -146,7 +148,7 @@ def test_bf16_parameters_with_split(foreach):
     bf16 = torch.bfloat16
     opt, whole, ref, parts = _pair(cut, [(16, 8)] * 2, {"split": sizes}, dtype=bf16, lr=0.02, foreach=foreach,
                                    ns_dtype=bf16)  # fmt: skip
-    _step_both(opt, whole, ref, parts, cut, steps=3, dtype=bf16)
+    _step_both(opt, whole, ref, parts, cut, steps=3)  # bf16 gradients, as the parameters
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 

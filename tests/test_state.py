@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, params_of, set_grads, snapshot
+from helpers import assert_same, assert_snapshot, params_of, run_steps, set_grads, snapshot
 
 import muon
 
@@ -24,17 +24,11 @@ def _make(foreach, seed=0, **options):
     return opt
 
 
-def _steps(opt, seeds):
-    for seed in seeds:
-        set_grads(params_of(opt), seed)
-        opt.step()
-
-
 def _twins(**options):
     """The planned step and the reference loop on the same parameters, after three steps."""
     fast, ref = _make(None, **options), _make(False, **options)
-    _steps(fast, (1, 2, 3))
-    _steps(ref, (1, 2, 3))
+    run_steps(fast, (1, 2, 3))
+    run_steps(ref, (1, 2, 3))
     assert_same(fast, ref)
     return fast, ref
 
@@ -51,8 +45,8 @@ def test_resetting_the_state_restarts_the_optimizer_on_the_plan_as_on_the_loop(r
             opt.state = defaultdict(dict)
         else:
             del opt.state[params_of(opt)[0]]
-    _steps(fast, (4, 5))
-    _steps(ref, (4, 5))
+    run_steps(fast, (4, 5))
+    run_steps(ref, (4, 5))
     assert_same(fast, ref)
     state = fast.state_dict()["state"]
     assert len(state) == len(params_of(fast)), "a checkpoint after the reset must hold the new state"
@@ -68,8 +62,8 @@ def test_resetting_the_state_restarts_the_optimizer_on_the_plan_as_on_the_loop(r
                 p.copy_(q)
         for opt in (fast, fast2):
             opt.state.clear()
-        _steps(fast, (6,))
-        _steps(fast2, (6,))
+        run_steps(fast, (6,))
+        run_steps(fast2, (6,))
         assert_same(fast, fast2)
 
 
@@ -84,14 +78,14 @@ def test_an_assigned_state_tensor_is_used_by_the_next_step(key):
         seeded = torch.randn(old.shape, generator=torch.Generator().manual_seed(7)).abs().to(old.dtype) * 0.1
         new = torch.full_like(old, 3) if key in ("step", "nonfinite_skips") else seeded
         opt.state[p][key] = new.clone()
-    _steps(fast, (4,))
-    _steps(ref, (4,))
+    run_steps(fast, (4,))
+    run_steps(ref, (4,))
     assert_same(fast, ref)
     # the plan now holds the assigned values: in-place edits of the installed state keep working
     for opt in (fast, ref):
         opt.state[params_of(opt)[index]][key].zero_()
-    _steps(fast, (5,))
-    _steps(ref, (5,))
+    run_steps(fast, (5,))
+    run_steps(ref, (5,))
     assert_same(fast, ref)
 
 
@@ -123,8 +117,8 @@ def test_a_parameter_reshaped_to_the_same_numel_is_refused_not_reinterpreted():
     # resetting that parameter's state makes it a fresh parameter of the new shape, on both paths
     for opt in (fast, ref):
         del opt.state[params_of(opt)[0]]
-    _steps(fast, (5,))
-    _steps(ref, (5,))
+    run_steps(fast, (5,))
+    run_steps(ref, (5,))
     assert_same(fast, ref)
 
 
@@ -147,21 +141,21 @@ def test_a_refused_first_step_creates_no_state(foreach):
 def test_load_state_dict_replaces_the_planned_state():
     fast, ref = _twins()
     saved = copy.deepcopy(ref.state_dict())  # a live state dict shares its tensors with ref
-    _steps(fast, (9,))  # fast moves on; loading takes it back to ref's state
+    run_steps(fast, (9,))  # fast moves on; loading takes it back to ref's state
     with torch.no_grad():
         for p, q in zip(params_of(fast), params_of(ref), strict=True):
             p.copy_(q)
     fast.load_state_dict(saved)
-    _steps(fast, (4,))
-    _steps(ref, (4,))
+    run_steps(fast, (4,))
+    run_steps(ref, (4,))
     assert_same(fast, ref)
 
 
 def test_the_plan_is_kept_while_the_state_is_untouched():
     fast, _ = _twins()
     plan = fast._plan
-    _steps(fast, (4, 5))
+    run_steps(fast, (4, 5))
     assert fast._plan is plan
     fast.state[params_of(fast)[0]]["momentum_buffer"].mul_(0.5)  # in place: the plan's own view
-    _steps(fast, (6,))
+    run_steps(fast, (6,))
     assert fast._plan is plan
