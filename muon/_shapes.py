@@ -40,16 +40,27 @@ def update_scale(adjust_lr_fn: str | Callable | None, m: int, n: int) -> float:
     raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, None or a callable, got {adjust_lr_fn!r}")
 
 
-def matrix_shape(shape: torch.Size, flatten: bool) -> tuple[int, int, int]:
-    """(batch, m, n): how a parameter of `shape` is seen as a stack of matrices.
+def matrix_shape(shape: torch.Size, flatten: bool, transposed: bool = False) -> tuple[int, int, int]:
+    """(batch, m, n): how a parameter of `shape` is seen as a stack of m×n (fan_out × fan_in) matrices.
 
     2-D: one matrix. More dims: the leading dims are a batch of independent matrices (MoE experts
     stacked as (E, out, in)), or with flatten=True one (shape[0], prod(rest)) matrix (conv weights).
+    transposed=True: each matrix is stored (in, out), the transpose of nn.Linear's (out, in)
+    (transformers' Conv1D, GPT-2's c_attn/c_proj/c_fc): the matrix is read as that transpose, so
+    m is the last dim. It does not combine with flatten=True on more than 2 dims (`muon.options`).
     """
     if len(shape) == 2 or flatten:
         rest = math.prod(shape[1:])
-        return 1, shape[0], rest
-    return math.prod(shape[:-2]), shape[-2], shape[-1]
+        return (1, rest, shape[0]) if transposed else (1, shape[0], rest)
+    count = math.prod(shape[:-2])
+    return (count, shape[-1], shape[-2]) if transposed else (count, shape[-2], shape[-1])
+
+
+def stored_matrix_shape(shape: torch.Size, flatten: bool, transposed: bool = False) -> tuple[int, int, int]:
+    """(batch, rows, cols) of the matrices as they lie in memory: `matrix_shape` with m and n swapped
+    back for a transposed parameter (what a contiguous parameter can be viewed as)."""
+    count, m, n = matrix_shape(shape, flatten, transposed)
+    return (count, n, m) if transposed else (count, m, n)
 
 
 def row_blocks(m: int, split=None, heads: int | None = None) -> tuple[int, ...]:

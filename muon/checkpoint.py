@@ -19,7 +19,10 @@ CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust
 PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
 # Options added later than a pickle or state dict may be: their defaults give the behaviour of before.
 NEW_OPTIONS = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False,
-               "ns_algorithm": "standard", "split": None, "heads": None}
+               "ns_algorithm": "standard", "split": None, "heads": None, "transposed": False}
+# Options that describe the parameters rather than the training: a saved group without one (an older
+# version's, torch.optim.Muon's) takes the value of the group it is loaded into, not the default.
+LAYOUT_OPTIONS = ("transposed",)
 
 
 def encode_callables(state_dict: dict) -> dict:
@@ -112,6 +115,10 @@ def checked_state_dict(opt, state_dict: dict) -> dict:
         if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
             raise ValueError(f"{where} is torch.optim.Adam's (L2 weight decay); AdamW groups decouple it")
         group = {**group, "use_muon": kind}
+        if kind:
+            for key in LAYOUT_OPTIONS:
+                if key not in group and key in current:
+                    group[key] = current[key]
         fn = group.get("adjust_lr_fn")
         if isinstance(fn, str) and fn.startswith(CALLABLE):
             if not callable(current.get("adjust_lr_fn")):
@@ -126,11 +133,12 @@ def checked_state_dict(opt, state_dict: dict) -> dict:
         except ValueError as error:
             raise ValueError(f"cannot load {where}: {error}") from None
         check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where,
-                                flatten=merged.get("flatten", False))
+                          flatten=merged.get("flatten", False), transposed=merged.get("transposed", False))
         groups.append(group)
     return {**state_dict, "param_groups": groups}
 
-def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: str, flatten: bool = False) -> None:
+def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: str, flatten: bool = False,
+                      transposed: bool = False) -> None:
     allowed = STATE_KEYS[kind]
     for j, (pid, p) in enumerate(zip(ids, params)):
         saved = state.get(pid)
@@ -156,11 +164,11 @@ def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: s
                     f"{at}: {key} is {tuple(value.shape)} {value.dtype}, the parameter is {tuple(p.shape)}"
                 )
             if key == "normuon_v" and (
-                tuple(value.shape) != neuron_shape(p.shape, flatten) or not value.is_floating_point()
+                tuple(value.shape) != neuron_shape(p.shape, flatten, transposed) or not value.is_floating_point()
             ):
                 raise ValueError(
                     f"{at}: normuon_v is {tuple(value.shape)} {value.dtype}, NorMuon keeps one entry per "
-                    f"matrix row of the parameter: {neuron_shape(p.shape, flatten)}"
+                    f"matrix row of the parameter: {neuron_shape(p.shape, flatten, transposed)}"
                 )
             if key in ("step", "nonfinite_skips") and value.numel() != 1:
                 raise ValueError(f"{at}: {key} must have one element, got shape {tuple(value.shape)}")

@@ -168,7 +168,7 @@ def muon_matrices(model: nn.Module, **routing) -> tuple[list[tuple[int, int, int
     for group in param_groups(model, **routing):
         if group["use_muon"]:
             for p in group["params"]:
-                count, m, n = matrix_shape(p.shape, group.get("flatten", False))
+                count, m, n = matrix_shape(p.shape, group.get("flatten", False), group.get("transposed", False))
                 sizes = row_blocks(m, group.get("split"), group.get("heads"))
                 blocks: dict[int, int] = {}
                 for _, rows, matrices in block_layout(count, m, n, sizes):

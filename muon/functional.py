@@ -49,13 +49,13 @@ def state_dtype(key: str, p: Tensor) -> torch.dtype:
     return {"normuon_v": opmath(p.dtype), "step": torch.float32, "nonfinite_skips": torch.int64}[key]
 
 
-def zero_state(key: str, p: Tensor, flatten: bool = False) -> Tensor:
+def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = False) -> Tensor:
     """A fresh state entry of parameter p, the value every path starts from (stacks in the engine
-    are zeros of the same dtype)."""
+    are zeros of the same dtype); flatten/transposed: the group's, for the shape of `normuon_v`."""
     if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         like = p.grad if key == "momentum_buffer" and p.grad is not None else p
         return torch.zeros_like(like, memory_format=torch.preserve_format)
-    shape = neuron_shape(p.shape, flatten) if key == "normuon_v" else ()
+    shape = neuron_shape(p.shape, flatten, transposed) if key == "normuon_v" else ()
     return torch.zeros(shape, dtype=state_dtype(key, p), device=p.device)
 
 
@@ -120,8 +120,12 @@ def normuon_update(
     return rows, cols
 
 
-def neuron_shape(shape: torch.Size, flatten: bool) -> tuple[int, ...]:
-    """Shape of NorMuon's `normuon_v` for a parameter: one entry per row of each of its matrices."""
+def neuron_shape(shape: torch.Size, flatten: bool, transposed: bool = False) -> tuple[int, ...]:
+    """Shape of NorMuon's `normuon_v` for a parameter: one entry per row (output neuron) of each of
+    its m×n matrices. A transposed parameter (matrices stored (in, out)) has its neurons on the last
+    dim: (…, out), the shape the same layer written with nn.Linear has."""
+    if transposed:
+        return tuple(shape[:-2]) + tuple(shape[-1:])
     return tuple(shape[:1]) if flatten else tuple(shape[:-1])
 
 

@@ -55,8 +55,9 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from ._shapes import matrix_shape
 from .optim import update_scale
-from .param_groups import HEAD_NAMES
+from .param_groups import HEAD_NAMES, stores_transposed
 from .param_groups import param_groups as _base_param_groups
 
 ROLES = ("input", "hidden", "output", "vector")
@@ -106,8 +107,9 @@ def io_modules(
 
 
 def fans(module: nn.Module, weight: torch.Tensor) -> tuple[int, int]:
-    """(fan_in, fan_out) of a weight: nn.Embedding (num, dim) maps num -> dim; otherwise (out, in, ...)."""
-    if isinstance(module, _EMBEDDINGS):
+    """(fan_in, fan_out) of a weight: nn.Embedding (num, dim) maps num -> dim, and so does transformers'
+    Conv1D (in, out); otherwise (out, in, ...)."""
+    if isinstance(module, _EMBEDDINGS) or (stores_transposed(module) and weight.ndim == 2):
         return weight.shape[0], weight.shape[1]
     if weight.ndim < 2:
         return 1, weight.shape[0]
@@ -326,8 +328,7 @@ def param_groups(
             # one group per shape class, since the scale can depend on (m, n)
             by_scale: dict[float, list] = {}
             for p in params:
-                m = p.shape[0] if group.get("flatten") or p.ndim == 2 else p.shape[-2]
-                n = math.prod(p.shape[1:]) if group.get("flatten") or p.ndim == 2 else p.shape[-1]
+                _, m, n = matrix_shape(p.shape, group.get("flatten", False), group.get("transposed", False))
                 by_scale.setdefault(muon_lr_scale(adjust_lr_fn, m, n, ratio), []).append(p)
             for scale, ps in by_scale.items():
                 out.append({**group, "params": ps, "adjust_lr_fn": adjust_lr_fn, "lr": lr * scale,

@@ -54,7 +54,12 @@ class Muon(Optimizer):
         bucket's shape, device and resolved ns_dtype (Gram needs a backend that has it: torch, triton);
       * ``split`` (row counts summing to the rows, e.g. [d, d, d] for a fused QKV weight) or ``heads``
         (N equal row blocks): each row block is orthogonalized and scaled (s(rows, n)) exactly as a
-        separate parameter of its shape; state stays per parameter (see docs, "split").
+        separate parameter of its shape; state stays per parameter (see docs, "split");
+      * ``transposed=True`` (per group): the parameters store their matrices (in, out), the transpose
+        of nn.Linear's (out, in), as transformers' Conv1D does (GPT-2's c_attn, c_proj, c_fc;
+        `muon.param_groups` finds those): every matrix is read as its transpose, so the update scale,
+        NorMuon's neurons, split/heads rows and the NS are those of the same layer written with
+        nn.Linear, and the update comes out the transpose of that layer's, bit for bit.
 
     The step (``foreach=None`` or True) runs a plan made once (`muon.engine`): per group, buckets of
     same-shape matrices ((m, n) and (n, m) together) with one stacked momentum buffer each, a fixed
@@ -111,6 +116,7 @@ class Muon(Optimizer):
         normuon_beta2: float = 0.95,
         normuon_eps: float = 1e-8,
         cautious_weight_decay: bool = False,
+        transposed: bool = False,
     ) -> None:
         options.check_options(nonfinite, foreach)
         self.nonfinite = nonfinite
@@ -130,7 +136,7 @@ class Muon(Optimizer):
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, use_muon=True, flatten=flatten, batched=batched,
             backend=backend, ns_dtype=ns_dtype, variant=variant, normuon_beta2=normuon_beta2,
             normuon_eps=normuon_eps, cautious_weight_decay=cautious_weight_decay, ns_algorithm=ns_algorithm,
-            split=list(split) if isinstance(split, tuple) else split, heads=heads,
+            split=list(split) if isinstance(split, tuple) else split, heads=heads, transposed=transposed,
         )  # fmt: skip
         super().__init__(params, defaults)
         # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it

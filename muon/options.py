@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._shapes import ADJUST_LR_FNS, block_layout, matrix_shape, row_blocks, update_scale
+from ._shapes import ADJUST_LR_FNS, block_layout, matrix_shape, row_blocks, stored_matrix_shape, update_scale
 from .backends import BACKENDS, BackendUnavailable
 from .backends.dispatch import ALGORITHMS
 from .backends.runner import resolve
@@ -107,7 +107,7 @@ def resolve_runs(group: dict, index: int, runs: dict) -> None:
     steps = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"]).steps
     for p in group["params"]:
         X = p.to_local() if distributed.is_dtensor(p) else p
-        _, m, n = matrix_shape(p.shape, group["flatten"])
+        _, m, n = matrix_shape(p.shape, group["flatten"], group["transposed"])
         for r in set(row_blocks(m, group["split"], group["heads"])):
             for algorithm in algorithms:
                 # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
@@ -194,7 +194,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
     check_real(group, "normuon_eps", index, 0.0)
     if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
         raise ValueError(f"param_groups[{index}]: normuon_eps must be > 0, got {group['normuon_eps']!r}")
-    for key in ("nesterov", "flatten", "batched", "cautious_weight_decay"):
+    for key in ("nesterov", "flatten", "batched", "cautious_weight_decay", "transposed"):
         if not isinstance(group[key], bool):
             raise ValueError(f"param_groups[{index}]: {key} must be True or False, got {group[key]!r}")
     adjust = group["adjust_lr_fn"]
@@ -213,6 +213,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
         raise ValueError(
             f"param_groups[{index}]: ns_algorithm must be one of {ALGORITHMS}, got {group['ns_algorithm']!r}"
         )
+    check_transposed(group, index)
     check_split(group, index)
     try:
         resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
@@ -231,7 +232,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
     check_tensors(group, index, "Muon")
     # The lr factor of every matrix (every block) is checked now, so that a step never fails half-applied.
     for i, p in enumerate(group["params"]):
-        _, m, n = matrix_shape(p.shape, group["flatten"])
+        _, m, n = matrix_shape(p.shape, group["flatten"], group["transposed"])
         if m * n == 0:
             continue  # an empty parameter is never updated
         for r in row_blocks(m, group["split"], group["heads"]):
@@ -242,6 +243,26 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                     f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
                 ) from error
     resolve_runs(group, index, runs)
+
+def check_transposed(group: dict, index: int) -> None:
+    """transposed=True (matrices stored (in, out), transformers' Conv1D): each matrix of a parameter
+    is read as its transpose. A flattened conv weight is not an (in, out) matrix, and FSDP2's row
+    shards of an (in, out) weight would be input features: both are refused."""
+    if not group["transposed"]:
+        return
+    for i, p in enumerate(group["params"]):
+        where = f"param_groups[{index}]['params'][{i}]"
+        if group["flatten"] and p.ndim > 2:
+            raise ValueError(
+                f"{where} has shape {tuple(p.shape)}: transposed=True reads each (in, out) matrix (the last two "
+                "dims) as its transpose, and does not combine with flatten=True on more than 2 dims"
+            )
+        if distributed.is_dtensor(p):
+            raise ValueError(
+                f"{where} is a DTensor (FSDP2); transposed=True does not support sharded parameters yet "
+                "(replicated/DDP parameters work)"
+            )
+
 
 def check_split(group: dict, index: int) -> None:
     """split (row counts) and heads (equal row blocks): their form, then every parameter's rows."""
@@ -263,12 +284,12 @@ def check_split(group: dict, index: int) -> None:
     for i, p in enumerate(group["params"]):
         if p.ndim < 2:
             continue  # refused with its own message
-        count, m, n = matrix_shape(p.shape, group["flatten"])
+        count, m, n = matrix_shape(p.shape, group["flatten"], group["transposed"])
         if m * n == 0:
             continue  # an empty parameter is never updated
         what = (
             f"{where}['params'][{i}] has shape {tuple(p.shape)}, seen as {m}×{n} matrices"
-            f"{' (flatten=True)' if group['flatten'] else ''}"
+            f"{' (flatten=True)' if group['flatten'] else ''}{' (transposed=True)' if group['transposed'] else ''}"
         )
         if split is not None and sum(split) != m:
             raise ValueError(f"{what}; split={list(split)} sums to {sum(split)}, not to its {m} rows")
@@ -277,7 +298,7 @@ def check_split(group: dict, index: int) -> None:
         layout = block_layout(count, m, n, row_blocks(m, split, heads))
         if layout[0][0] is not None and not distributed.is_dtensor(p):
             try:  # unequal or tall blocks are updated through row views of the parameter
-                p.view(count, m, n)
+                p.view(stored_matrix_shape(p.shape, group["flatten"], group["transposed"]))
             except RuntimeError:
                 raise ValueError(
                     f"{what}, strides {p.stride()}: its row blocks cannot be viewed in place; split/heads "

@@ -25,9 +25,22 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 # lr, betas, eps, weight_decay and cautious_weight_decay. tests/test_param_groups.py checks the list.
 MUON_ONLY_OPTIONS = frozenset({
     "momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "flatten", "batched", "backend",
-    "ns_dtype", "ns_algorithm", "split", "heads", "variant", "normuon_beta2", "normuon_eps",
+    "ns_dtype", "ns_algorithm", "split", "heads", "variant", "normuon_beta2", "normuon_eps", "transposed",
 })
 _CONVS = (nn.modules.conv._ConvNd,)
+# Modules whose `weight` is stored (in, out), the transpose of nn.Linear's (out, in): (module path
+# prefix, class name), matched on the class and its bases so that transformers stays optional.
+TRANSPOSED_MODULES = (("transformers.", "Conv1D"),)
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether `module` keeps its weight as (in, out): transformers' Conv1D (GPT-2, GPT-J's and
+    others' c_attn, c_proj, c_fc), or a subclass, recognized by module path and class name."""
+    return any(
+        cls.__module__.startswith(prefix) and cls.__name__ == name
+        for cls in type(module).__mro__
+        for prefix, name in TRANSPOSED_MODULES
+    )
 
 
 def _route(owners: list[tuple[str, nn.Module]], name: str, ndim: int) -> str:
@@ -58,6 +71,8 @@ def _hidden_widths(model: nn.Module) -> set[int]:
             widths.add(module.embedding_dim)
         elif isinstance(module, _CONVS):
             widths.add(module.in_channels)
+        elif stores_transposed(module) and getattr(module, "weight", None) is not None:
+            widths.add(module.weight.shape[0])
         elif isinstance(module, (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))):
             if module.normalized_shape:
                 widths.add(module.normalized_shape[-1])
@@ -125,6 +140,7 @@ def param_groups(
     adamw_options: dict | None = None,
     split: dict[str, list[int]] | None = None,
     heads: dict[str, int] | None = None,
+    transposed: tuple[str, ...] | list[str] = (),
 ) -> list[dict]:
     """Parameter groups for `muon.Muon`: hidden-layer matrices to Muon, everything else to AdamW.
 
@@ -137,6 +153,13 @@ def param_groups(
     end of an nn.Sequential) or it has as many outputs as the largest embedding has rows (an untied
     LM head) — a UserWarning names it and how to route it. Attention output and MLP projections,
     whose outputs other layers read, never warn.
+
+    Orientation: transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) stores its weight (in, out),
+    the transpose of nn.Linear's (out, in). Those weights, and the parameters the `transposed`
+    patterns name, go to Muon groups of their own with ``transposed=True`` (see `muon.Muon`), so
+    they are updated exactly as the transposed nn.Linear weight would be (update scale, NorMuon's
+    output neurons, split/heads rows). `split` and `heads` count their rows as that nn.Linear's:
+    out features.
 
     Args:
         muon, adamw: fnmatch patterns over qualified parameter names (as in model.named_parameters())
@@ -153,8 +176,17 @@ def param_groups(
             Parameters routed to AdamW are left alone; a pattern that matches no Muon parameter, a
             parameter matching two patterns, or sizes that do not fit its rows are a ValueError
             naming it.
+        transposed: fnmatch patterns over qualified names of Muon parameters stored (in, out) (or,
+            for >2-D, each matrix over the last two dims (..., in, out)), beyond the Conv1D weights
+            found by class; a pattern that matches no Muon parameter, or a flattened conv weight
+            (more than 2 dims routed with flatten=True), is a ValueError.
     Returns a list of group dicts; empty groups are left out.
     """
+    if "transposed" in (muon_options or {}):
+        raise ValueError(
+            "muon_options cannot set 'transposed': it is a property of each parameter; pass "
+            "muon.param_groups(model, transposed=[patterns]) (Conv1D weights are found by class)"
+        )
     misplaced = sorted(MUON_ONLY_OPTIONS & set(adamw_options or {}))
     if misplaced:
         raise ValueError(
@@ -183,26 +215,56 @@ def param_groups(
         routes[route].append(p)
         routed[id(p)] = (name, route, forced_muon or forced_adamw)
     _warn_unnamed_head(model, routed)
-    blocks = _block_options(routed, dict(model.named_parameters()), split or {}, heads or {})
+    named = dict(model.named_parameters())
+    flipped = _transposed_params(model, routed, named, transposed)
+    blocks = _block_options(routed, named, split or {}, heads or {}, flipped)
 
     groups = []
     for route, flat in (("muon", {}), ("muon_flat", {"flatten": True})):
-        plain = [p for p in routes[route] if id(p) not in blocks]
-        if plain:
-            groups.append({"params": plain, "use_muon": True, **flat, **(muon_options or {})})
-        by_option: dict[tuple, list] = {}
-        for p in routes[route]:
-            if id(p) in blocks:
-                by_option.setdefault(blocks[id(p)], []).append(p)
-        for (key, value), params in by_option.items():
-            option = {"split": list(value), "heads": None} if key == "split" else {"split": None, "heads": value}
-            groups.append({"params": params, "use_muon": True, **flat, **(muon_options or {}), **option})
+        for orientation in ({}, {"transposed": True}):  # (out, in) matrices, then (in, out) ones
+            mine = [p for p in routes[route] if (id(p) in flipped) == bool(orientation)]
+            plain = [p for p in mine if id(p) not in blocks]
+            if plain:
+                groups.append({"params": plain, "use_muon": True, **flat, **(muon_options or {}), **orientation})
+            by_option: dict[tuple, list] = {}
+            for p in mine:
+                if id(p) in blocks:
+                    by_option.setdefault(blocks[id(p)], []).append(p)
+            for (key, value), params in by_option.items():
+                option = {"split": list(value), "heads": None} if key == "split" else {"split": None, "heads": value}
+                groups.append({"params": params, "use_muon": True, **flat, **(muon_options or {}), **option,
+                               **orientation})
     if routes["adamw"]:
         groups.append({"params": routes["adamw"], "use_muon": False, **(adamw_options or {})})
     return groups
 
 
-def _block_options(routed: dict, named: dict, split: dict, heads: dict) -> dict[int, tuple]:
+def _transposed_params(model: nn.Module, routed: dict, named: dict, patterns) -> set[int]:
+    """ids of the Muon parameters stored (in, out): Conv1D weights (`stores_transposed`) and those
+    the patterns name (a pattern matching no Muon parameter, or a flattened >2-D one, is an error)."""
+    flipped = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if stores_transposed(module) else None
+        if isinstance(weight, nn.Parameter) and id(weight) in routed and routed[id(weight)][1] == "muon":
+            flipped.add(id(weight))
+    for pattern in patterns:
+        matched = False
+        for pid, (name, route, _) in routed.items():
+            if route == "adamw" or not fnmatchcase(name, pattern):
+                continue
+            if route == "muon_flat" and named[name].ndim > 2:
+                raise ValueError(
+                    f"transposed pattern {pattern!r} matches {name!r}, a conv weight of shape "
+                    f"{tuple(named[name].shape)} routed with flatten=True; transposed reads (in, out) matrices"
+                )
+            matched = True
+            flipped.add(pid)
+        if not matched:
+            raise ValueError(f"transposed pattern {pattern!r} matches no parameter routed to Muon")
+    return flipped
+
+
+def _block_options(routed: dict, named: dict, split: dict, heads: dict, flipped: set[int]) -> dict[int, tuple]:
     """id(p) -> ("split", sizes) or ("heads", N) for the Muon parameters matching a pattern."""
     chosen: dict[int, tuple] = {}
     for kind, rules in (("split", split), ("heads", heads)):
@@ -222,7 +284,7 @@ def _block_options(routed: dict, named: dict, split: dict, heads: dict) -> dict[
                 if pid in chosen:
                     other = chosen[pid][2]
                     raise ValueError(f"parameter {name!r} matches two split/heads patterns ({other!r} and {pattern!r})")
-                _, m, _ = matrix_shape(named[name].shape, route == "muon_flat")
+                _, m, _ = matrix_shape(named[name].shape, route == "muon_flat", pid in flipped)
                 if kind == "split" and sum(value) != m:
                     raise ValueError(
                         f"split[{pattern!r}]={list(value)} sums to {sum(value)}, but {name!r} has {m} rows"

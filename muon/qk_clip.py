@@ -16,6 +16,9 @@ leaves the qkv bias unscaled).
 Everything runs on the device: factors come from torch.where on the recorded maxima, no `.item()`,
 no branch on a tensor. DTensor weights (FSDP2's Shard(0), or any placement) scale the rows each rank
 holds, mapping the shard's global row offset to heads.
+
+Weights stored (in, out) (transformers' Conv1D, GPT-2's c_attn; `transposed=True`, found by class
+when QKClip is given the modules) have their heads on the columns: those are scaled instead.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from .param_groups import stores_transposed
 
 __all__ = ["QKClip", "qk_clip_"]
 
@@ -40,25 +45,32 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias) -> tuple[int, int]:
-    """Validate shapes; return (head_dim, num_kv_heads)."""
+def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias, transposed=False) -> tuple[int, int]:
+    """Validate shapes; return (head_dim, num_kv_heads). transposed: the weights are (in, out)."""
+    if not isinstance(transposed, bool):
+        raise ValueError(f"transposed must be True or False, got {transposed!r}")
+    rows, layout = ("columns", "in_features × heads·head_dim columns") if transposed else (
+        "rows", "heads·head_dim rows × in_features")
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if not isinstance(w, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
         if not w.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {w.dtype}")
         if w.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (heads·head_dim rows × in_features), got shape {tuple(w.shape)}")
+            raise ValueError(f"{name} must be 2-D ({layout}), got shape {tuple(w.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    q_rows, k_rows = q_weight.shape[0], k_weight.shape[0]
+    q_rows, k_rows = q_weight.shape[out_dim], k_weight.shape[out_dim]
     if q_rows % num_heads:
-        raise ValueError(f"q_weight has {q_rows} rows, not a multiple of num_heads={num_heads}")
+        raise ValueError(f"q_weight has {q_rows} {rows}, not a multiple of num_heads={num_heads}")
     head_dim = q_rows // num_heads
-    if q_weight.shape[1] != k_weight.shape[1]:
-        raise ValueError(f"k_weight has {k_weight.shape[1]} input features but q_weight has {q_weight.shape[1]}")
+    if q_weight.shape[in_dim] != k_weight.shape[in_dim]:
+        raise ValueError(
+            f"k_weight has {k_weight.shape[in_dim]} input features but q_weight has {q_weight.shape[in_dim]}"
+        )
     if k_rows % head_dim:
-        raise ValueError(f"k_weight has {k_rows} rows, not a multiple of the head size {head_dim} (from q_weight)")
+        raise ValueError(f"k_weight has {k_rows} {rows}, not a multiple of the head size {head_dim} (from q_weight)")
     inferred = k_rows // head_dim
     if num_kv_heads is None:
         num_kv_heads = inferred
@@ -66,7 +78,7 @@ def _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias) -
         raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
     elif num_kv_heads != inferred:
         raise ValueError(
-            f"num_kv_heads={num_kv_heads} but k_weight has {k_rows} rows = {inferred} heads of size {head_dim}"
+            f"num_kv_heads={num_kv_heads} but k_weight has {k_rows} {rows} = {inferred} heads of size {head_dim}"
         )
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -91,29 +103,32 @@ def _check_clip_args(threshold, alpha, gqa) -> None:
         raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
 
 
-def _local(t: Tensor) -> tuple[Tensor, int]:
-    """The tensor this rank holds and the global index of its first row."""
+def _local(t: Tensor, dim: int = 0) -> tuple[Tensor, int]:
+    """The tensor this rank holds and the global index of its first entry along `dim`."""
     if not _is_dtensor(t):
         return t, 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return t._local_tensor, int(offset[0]) if len(offset) else 0
+    return t._local_tensor, int(offset[dim]) if len(offset) > dim else 0
 
 
-def _scale_rows_(t: Tensor | None, per_head: Tensor, head_dim: int) -> None:
-    """t[r] *= per_head[r // head_dim] for the global rows r this rank holds (in place)."""
+def _scale_rows_(t: Tensor | None, per_head: Tensor, head_dim: int, dim: int = 0) -> None:
+    """t[r] *= per_head[r // head_dim] for the global rows r (along `dim`: 1 for the columns of an
+    (in, out) weight) this rank holds (in place)."""
     if t is not None:
-        _scale_local_rows_(*_local(t), per_head, head_dim)
+        _scale_local_rows_(*_local(t, dim), per_head, head_dim, dim)
 
 
-def _scale_local_rows_(local: Tensor, offset: int, per_head: Tensor, head_dim: int) -> None:
-    """Scale a shard whose first row is global row `offset`; a head may straddle shards."""
-    rows = local.shape[0]
+def _scale_local_rows_(local: Tensor, offset: int, per_head: Tensor, head_dim: int, dim: int = 0) -> None:
+    """Scale a shard whose first row (along `dim`) is global row `offset`; a head may straddle shards."""
+    rows = local.shape[dim]
     if local.numel() == 0:
         return
     per_row = per_head.to(local.device).unsqueeze(1).expand(-1, head_dim).reshape(-1)[offset : offset + rows]
-    local.mul_(per_row.view(rows, *([1] * (local.ndim - 1))))
+    shape = [1] * local.ndim
+    shape[dim] = rows
+    local.mul_(per_row.view(shape))
 
 
 def _full(t: Tensor) -> Tensor:
@@ -133,6 +148,7 @@ def qk_clip_(
     k_bias: Tensor | None = None,
     alpha: float = 0.5,
     gqa: str = "per_head",
+    transposed: bool = False,
 ) -> Tensor:
     """Rescale the query and key rows of every head whose max logit exceeded `threshold`, in place.
 
@@ -147,11 +163,14 @@ def qk_clip_(
         q_bias, k_bias: optional biases, scaled like their rows.
         alpha: the query's share of the factor (γ^α on queries, γ^(1-α) on keys); 0.5 = Kimi K2.
         gqa: "per_head" or "group" (see the module docstring); the same thing when num_kv_heads == num_heads.
+        transposed: the weights are stored (in, heads·head_dim), as transformers' Conv1D keeps them
+            (GPT-2's c_attn: q = c_attn.weight[:, :d], k = c_attn.weight[:, d:2d]); head h is then
+            columns [h·d, (h+1)·d), and those are scaled.
 
     Returns the (num_heads,) factor γ_h = min(1, τ / S_h) each head's logits were scaled by (1 where
     S_h ≤ τ or S_h is NaN or inf), on max_logits' device. Nothing is read back to the host.
     """
-    head_dim, n_kv = _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias)
+    head_dim, n_kv = _check_layout(q_weight, k_weight, num_heads, num_kv_heads, q_bias, k_bias, transposed)
     _check_clip_args(threshold, alpha, gqa)
     if not isinstance(max_logits, Tensor) or not max_logits.is_floating_point():
         raise TypeError(f"max_logits must be a floating torch.Tensor, got {type(max_logits).__name__}")
@@ -169,11 +188,12 @@ def qk_clip_(
         k_factor = eta.pow(1 - alpha)
     else:
         q_factor, k_factor = gamma, None  # Kimi K2: shared keys untouched, queries take all of γ
-    for t in (q_weight, q_bias):
-        _scale_rows_(t, q_factor, head_dim)
+    heads_dim = 1 if transposed else 0  # the weights' output axis; biases are (heads·head_dim,)
+    _scale_rows_(q_weight, q_factor, head_dim, heads_dim)
+    _scale_rows_(q_bias, q_factor, head_dim)
     if k_factor is not None:
-        for t in (k_weight, k_bias):
-            _scale_rows_(t, k_factor, head_dim)
+        _scale_rows_(k_weight, k_factor, head_dim, heads_dim)
+        _scale_rows_(k_bias, k_factor, head_dim)
     if group == 1 or gqa == "group":
         return eta.repeat_interleave(group)
     return gamma
@@ -195,7 +215,7 @@ class QKClip:
     """Track each attention's per-head max logit between steps and clip after the optimizer step.
 
         clip = muon.QKClip(threshold=100.0)
-        clip.add("layer0", attn.q_proj, attn.k_proj, num_heads=8)   # nn.Linear or weight tensors
+        clip.add("layer0", attn.q_proj, attn.k_proj, num_heads=8)   # nn.Linear (or Conv1D) or weights
         clip.record("layer0", scores)        # from your attention code: (..., heads, L, L) logits
         # or clip.attach("layer0", module)   # forward hook: the module's output is the logits
         clip.attach_optimizer(opt)           # clip after every opt.step(); or call clip.step()
@@ -234,17 +254,28 @@ class QKClip:
         num_kv_heads: int | None = None,
         q_bias: Tensor | None = None,
         k_bias: Tensor | None = None,
+        transposed: bool | None = None,
     ) -> None:
         """Register an attention: `q`, `k` are its projections (nn.Linear, bias included) or weights.
 
         Given modules, the weights are looked up again at every step(), so registering before
         FSDP2's fully_shard (which swaps in new DTensor parameters) or `.to(device)` is fine.
+        transposed: the weights are stored (in, out) (see `qk_clip_`); None: True for transformers'
+        Conv1D modules, False for anything else (weight tensors included: say so for a view into a
+        fused Conv1D c_attn).
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         if name in self._attn:
             raise ValueError(f"an attention named {name!r} is already registered")
-        entry = dict(q=q, k=k, num_heads=num_heads, num_kv_heads=num_kv_heads, q_bias=q_bias, k_bias=k_bias)
+        if transposed is None:
+            found = {stores_transposed(x) for x in (q, k) if isinstance(x, nn.Module)}
+            if len(found) > 1:
+                raise ValueError("q and k store their weights in different orientations (one is a Conv1D); "
+                                 "pass transposed= and weight tensors of one layout")
+            transposed = found.pop() if found else False
+        entry = dict(q=q, k=k, num_heads=num_heads, num_kv_heads=num_kv_heads, q_bias=q_bias, k_bias=k_bias,
+                     transposed=transposed)
         self._tensors(entry)  # validates; raises before anything is registered
         self._attn[name] = entry
 
@@ -254,7 +285,8 @@ class QKClip:
         k_weight, kb = _as_weight_bias(entry["k"], "k")
         q_bias = qb if entry["q_bias"] is None else entry["q_bias"]
         k_bias = kb if entry["k_bias"] is None else entry["k_bias"]
-        _check_layout(q_weight, k_weight, entry["num_heads"], entry["num_kv_heads"], q_bias, k_bias)
+        _check_layout(q_weight, k_weight, entry["num_heads"], entry["num_kv_heads"], q_bias, k_bias,
+                      entry["transposed"])
         return dict(
             q_weight=q_weight,
             k_weight=k_weight,
@@ -262,6 +294,7 @@ class QKClip:
             num_kv_heads=entry["num_kv_heads"],
             q_bias=q_bias,
             k_bias=k_bias,
+            transposed=entry["transposed"],
         )
 
     @torch.no_grad()
@@ -357,6 +390,7 @@ class QKClip:
                 k_bias=a["k_bias"],
                 alpha=self.alpha,
                 gqa=self.gqa,
+                transposed=a["transposed"],
             )
         self.reset()
         return factors

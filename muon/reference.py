@@ -52,11 +52,11 @@ class _Pending:
     def __init__(self, state) -> None:
         self.state, self.installs, self.commits = state, [], []
 
-    def get(self, p: Tensor, key: str, flatten: bool = False):
+    def get(self, p: Tensor, key: str, flatten: bool = False, transposed: bool = False):
         """state[p][key], or a fresh entry (`muon.functional.zero_state`) installed at the commit."""
         value = (self.state.get(p) or {}).get(key)
         if value is None:
-            value = F.zero_state(key, p, flatten)
+            value = F.zero_state(key, p, flatten, transposed)
             self.installs.append((p, key, value))
         return value
 
@@ -106,10 +106,12 @@ def _check_distributed_options(group: dict, index: int, grads: list[Tensor], pro
     group is modified (replicated parameters run them on the plan)."""
     if (
         group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
+        or group.get("transposed", False)
     ) and distributed.splits_work(grads, process_group):
         raise NotImplementedError(
-            f"param_groups[{index}]: split, heads and ns_algorithm other than 'standard' are not supported "
-            "yet for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) parameters"
+            f"param_groups[{index}]: split, heads, transposed and ns_algorithm other than 'standard' are not "
+            "supported yet for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) "
+            "parameters"
         )
 
 
@@ -130,6 +132,7 @@ def _work_copy(p: Tensor) -> list[Tensor] | None:
 def _muon_group(pending: _Pending, group, params, grads, finite, process_group) -> None:
     lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
     momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
+    transposed = group.get("transposed", False)
     normuon, cautious = group["variant"] == "normuon", group.get("cautious_weight_decay", False)
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
 
@@ -137,7 +140,7 @@ def _muon_group(pending: _Pending, group, params, grads, finite, process_group) 
     for p, g, ok in zip(params, grads, finite):
         buf = pending.get(p, "momentum_buffer")
         skips = pending.get(p, "nonfinite_skips")  # absent from a torch.optim.Muon state dict
-        v = pending.get(p, "normuon_v", flatten) if normuon else None  # per neuron (matrix row)
+        v = pending.get(p, "normuon_v", flatten, transposed) if normuon else None  # per neuron (matrix row)
         if ok is None:  # 0-size parameter: nothing to do
             updates.append(None)
             phases.append(None)
@@ -153,7 +156,8 @@ def _muon_group(pending: _Pending, group, params, grads, finite, process_group) 
     for p, blocks, ok, phase in zip(params, ortho, finite, phases):
         if blocks is None:
             continue
-        count, m, n = matrix_shape(p.shape, flatten)
+        # everything below is on the m×n matrices; a transposed parameter gets their transposes
+        count, m, n = matrix_shape(p.shape, flatten, transposed)
         dtype = F.opmath(p.dtype)
         # -lr·s·O rounded once to opmath, then added (not a fused addcmul): what the step engine
         # computes on a bucket's stack before one multi-tensor add into the parameters. A row
@@ -166,17 +170,17 @@ def _muon_group(pending: _Pending, group, params, grads, finite, process_group) 
             (moments, _) = F.normuon_update(X, neg_lr_scale, group["normuon_beta2"], group["normuon_eps"],
                                             v.view(count, m), ok_mat=ok)  # fmt: skip
             moments = (v, moments.view(v.shape))
-            update = X.view(p.shape)
+            update = _as_stored(X, p.shape, transposed)
         else:
-            if len(blocks) == 1:  # the whole parameter, or its equal blocks stacked: the parameter's shape
-                blocks = [(blocks[0][0].view(p.shape), blocks[0][1])]
+            if len(blocks) == 1:  # the whole parameter, or its equal blocks stacked
+                blocks = [(blocks[0][0].view(count, m, n), blocks[0][1])]
             scaled = [
                 torch.mul(O.to(dtype),
                           F.masked(ok, -lr * update_scale(group["adjust_lr_fn"], rows, n), 0.0, dtype, p.device))
                 for O, rows in blocks
             ]
-            # several blocks: one (count, rows, n) piece each, back into the parameter's rows
-            update = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=-2).view(p.shape)
+            # several blocks: one (count, rows, n) piece each, back into the matrices' rows
+            update = _as_stored(scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=-2), p.shape, transposed)
         work = _work_copy(p)
         target = [p] if work is None else work
         # update = -lr·s·u: no decay where update·W > 0
@@ -213,14 +217,17 @@ def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, proc
     pieces: dict[tuple[int, int], Tensor] = {}
     block_rows: dict[tuple[int, int], int] = {}
     tall: set[tuple[int, int]] = set()
+    transposed = group.get("transposed", False)
     for i, (U, p) in enumerate(zip(updates, params)):
         if U is None:
             continue
-        count, m, n = matrix_shape(p.shape, flatten)
+        count, m, n = matrix_shape(p.shape, flatten, transposed)
+        # the m×n matrices: a transposed parameter's (in, out) matrices read through .mT
+        U = U.reshape(count, n, m).mT if transposed else U.reshape(count, m, n)
         for j, (row, rows, matrices) in enumerate(
             block_layout(count, m, n, row_blocks(m, group["split"], group["heads"]))
         ):
-            piece = U.reshape(matrices, rows, n) if row is None else U.reshape(count, m, n)[:, row : row + rows]
+            piece = U.reshape(matrices, rows, n) if row is None else U[:, row : row + rows]
             pieces[i, j] = piece.mT.contiguous() if rows > n else piece.contiguous()
             block_rows[i, j] = rows
             if rows > n:
@@ -238,6 +245,12 @@ def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, proc
     for (i, j), O in sorted(results.items()):
         out[i] = (out[i] or []) + [(O, block_rows[i, j])]
     return out
+
+
+def _as_stored(X: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
+    """(count, m, n) matrices as the parameter of `shape` holds them: their transposes when it stores
+    (in, out) matrices (a copy only where the layout needs one; values are not changed)."""
+    return X.mT.reshape(shape) if transposed else X.view(shape)
 
 
 def _adamw_group(pending: _Pending, group, params, grads, finite, fused: bool) -> None:

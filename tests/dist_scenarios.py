@@ -513,6 +513,40 @@ def scenario_ddp_normuon_cautious():
     return run
 
 
+def scenario_ddp_transposed():
+    """transposed=True (weights read as (in, out), transformers' Conv1D) on replicated parameters: a
+    wide, a square (split into unequal, mirrored blocks) and an expert stack (heads: tall blocks)
+    read transposed, and NorMuon's column moments; equal to one process, ranks identical."""
+
+    def run():
+        world = dist.get_world_size()
+        marked = ["*fc2.weight", "*fc4.weight", "*experts"]
+        for kw in (dict(groups_kw={"transposed": marked, "split": {"*fc2.weight": [16, 8]},
+                                   "heads": {"*experts": 2}}, ns_dtype=torch.float64),
+                   dict(groups_kw={"transposed": marked}, variant="normuon", ns_dtype=torch.float64)):
+            ref, _ = reference_run(Net, 16, 20, world, **kw)
+            model, init = build(Net, "ddp")
+            opt = make_optimizer(model, **kw)
+            assert any(g.get("transposed") for g in opt.param_groups)
+            train(model, opt, 16, 20, STEPS)
+            assert opt._plan is not None and opt._plan.dist is not None
+            assert_matches(model, ref, init, f"ddp, transposed {sorted(kw)}")
+            assert_ranks_identical(model, f"ddp, transposed {sorted(kw)}")
+
+    return run
+
+
+def scenario_fsdp_transposed_refused():
+    """FSDP2 (DTensor) parameters in a transposed=True group: a ValueError when the group is added."""
+    model, _ = build(Net, "fsdp")
+    try:
+        make_optimizer(model, groups_kw={"transposed": ["*fc2.weight"]})
+    except ValueError as exc:
+        assert "transposed=True does not support sharded parameters" in str(exc), str(exc)
+    else:
+        raise AssertionError("a transposed FSDP2 parameter was accepted")
+
+
 class Deep(nn.Module):
     """`layers` blocks of two 16×16 Muon matrices with biases (AdamW), each block its own FSDP unit."""
 
@@ -630,6 +664,8 @@ SCENARIOS = {
     "ddp_normuon_cautious_matches_single": scenario_ddp_normuon_cautious(),
     "fsdp_step_on_the_plan": scenario_fsdp_on_plan,
     "fsdp_plan_equals_loop": scenario_fsdp_plan_equals_loop,
+    "ddp_transposed_matches_single": scenario_ddp_transposed(),
+    "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
 }
 _OUTDIR = ""
 

@@ -60,8 +60,10 @@ def test_plain_loop_with_schedule_clipping_autocast_resumes_bit_for_bit():
 
 
 def test_conv1d_gets_the_transposed_linear_update_with_match_rms_adamw():
-    """docs/optimizer.md, Known limitations: Conv1D weights are (in, out); with the symmetric
-    match_rms_adamw scale plain Muon still gives them exactly the transposed nn.Linear's update."""
+    """Conv1D weights are (in, out): even in a group without transposed=True (docs/optimizer.md,
+    "Weights stored (in, out)"), the symmetric match_rms_adamw scale gives plain Muon exactly the
+    transposed nn.Linear's update (tests/test_transposed.py covers every other setting, with the
+    orientation known)."""
     require("transformers", TRANSFORMERS)
     from transformers.pytorch_utils import Conv1D
 

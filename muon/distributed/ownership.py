@@ -127,7 +127,7 @@ def plan_signature(param_groups: Sequence[dict]) -> tuple:
         options = None
         if group["use_muon"]:
             options = (group["flatten"], group["batched"], repr(group["ns_coefficients"]), group["ns_steps"],
-                       str(group["ns_dtype"]))  # fmt: skip
+                       str(group["ns_dtype"]), group.get("transposed", False))  # fmt: skip
         params = tuple(
             None if (g := p.grad) is None else (tuple(p.shape), str(p.dtype), str(g.dtype), p.device.type)
             for p in group["params"]

@@ -2,7 +2,7 @@
 
 Eligible (`plan_mesh`): every parameter with a gradient is a DTensor sharded Shard(0) on one 1-D
 mesh (FSDP2's fully_shard default), with torch.chunk's rows locally, and the Muon groups use the
-plain Muon update (no split/heads, standard NS, not NorMuon). Other layouts (Shard(1), 2-D meshes,
+plain Muon update (no split/heads, standard NS, not NorMuon, not transposed). Other layouts (Shard(1), 2-D meshes,
 uneven shards), those options, and a mix of DTensors and plain tensors run the per-parameter loop.
 
 The plan (`plan_muon_group`), per Muon group, has two kinds of bucket, both over local shards, so
@@ -52,7 +52,7 @@ def plan_mesh(param_groups: list[dict]):
     for group in param_groups:
         if group["use_muon"] and (
             group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
-            or group["variant"] != "muon"
+            or group["variant"] != "muon" or group.get("transposed", False)
         ):  # fmt: skip
             return None
         for p in group["params"]:

@@ -13,7 +13,9 @@ never the optimizer. Per group it makes buckets:
   scale of its own shape. Equal blocks that are not tall are stacked as the parameter itself (one
   member, momentum a view); unequal or tall blocks are block members, whose parameter keeps its
   momentum_buffer as its own tensor, copied into the stack before the bucket's step and back
-  after it (`mirrors`).
+  after it (`mirrors`). A parameter of a `transposed` group stores (in, out) matrices: the stacks
+  hold their (out, in) transposes, bucketed, scaled and normalized as those, and the parameter's
+  state and update are `.mT` views of them (no copies), so it steps as the nn.Linear weight would.
 * an AdamW bucket: the group's parameters of one device and dtype, updated with torch's
   multi-tensor (`torch._foreach_*`) or fused (`torch._fused_adamw_`) kernels.
 
@@ -46,7 +48,7 @@ from ..newton_schulz import resolve_dtype
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
 MUON_PLAN_KEYS = (
     "flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn", "variant",
-    "split", "heads", "ns_algorithm",
+    "split", "heads", "ns_algorithm", "transposed",
 )  # fmt: skip
 COUNTERS = ("step", "nonfinite_skips")  # one-element state: a loaded (1,) tensor fits a 0-dim slot
 
@@ -80,18 +82,22 @@ class Member:
     contiguous stack of its blocks): `view` gives the parameter's shape. A block member is rows
     [row, row + rows) of each of the parameter's matrices (`split`/`heads` with unequal or tall
     blocks): `view` gives (count, rows, n) and `source` cuts the same block out of the parameter or
-    its gradient. `view` and `source` are the only places that know how stack rows become
-    parameter elements.
+    its gradient. A member of a transposed parameter (stored (in, out)) sees everything through .mT:
+    a block member's `view` and `source` are (count, n, rows), columns of the stored matrices.
+    `view` and `source` are the only places that know how stack rows become parameter elements.
     """
 
     index: int  # position in group["params"]
     param: Tensor
     offset: int
     count: int
-    transposed: bool
+    tall: bool  # its matrices (blocks) have more rows than columns: the stack holds their transposes
     row: int | None = None  # first row of the block; None: a whole member
     rows: int = 0
-    matrix: tuple[int, int, int] = (0, 0, 0)  # (count, m, n) of the parameter, for block members
+    matrix: tuple[int, int, int] = (0, 0, 0)  # (count, m, n) of the parameter
+    # the parameter stores its matrices (in, out), as transformers' Conv1D (group option transposed):
+    # the stack holds the m×n matrices, the parameter their transposes
+    stored_transposed: bool = False
 
     @property
     def owner(self) -> bool:
@@ -100,14 +106,20 @@ class Member:
 
     def view(self, stack: Tensor) -> Tensor:
         rows = stack[self.offset : self.offset + self.count]
-        if self.transposed:
-            rows = rows.mT
+        if self.tall:
+            rows = rows.mT  # the m×n matrices (blocks)
+        if self.stored_transposed:  # as the parameter lies: (count, n, m), or (count, n, rows) for a block
+            rows = (rows if self.row is not None else rows.view(self.matrix)).mT
         return rows.view(local(self.param).shape) if self.row is None else rows  # DTensors: the local shard
 
     def source(self, t: Tensor, *, write: bool = False) -> Tensor:
         """The member's part of a parameter-shaped tensor t (a view; with write=True t must be viewable)."""
         if self.row is None:
             return t
+        count, m, n = self.matrix
+        if self.stored_transposed:  # the block's rows are columns of the stored (count, n, m) matrices
+            t = t.view(count, n, m) if write else t.reshape(count, n, m)
+            return t[:, :, self.row : self.row + self.rows]
         t = t.view(self.matrix) if write else t.reshape(self.matrix)
         return t[:, self.row : self.row + self.rows]
 
@@ -362,11 +374,11 @@ def link_empty_muon(planner: Planner, p: Tensor, group: dict, where: str) -> Non
     keys = ("momentum_buffer", "nonfinite_skips") + (("normuon_v",) if group["variant"] == "normuon" else ())
     for key in keys:
         if key not in planner.read(p):
-            planner.link(p, key, zero_state(key, p, group["flatten"]), where)
+            planner.link(p, key, zero_state(key, p, group["flatten"], group.get("transposed", False)), where)
 
 
 def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, flag_pos) -> None:
-    flatten = group["flatten"]
+    flatten, transposed = group["flatten"], group.get("transposed", False)
     split, heads = group.get("split"), group.get("heads")
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
     layout: dict[tuple, list] = {}
@@ -374,7 +386,9 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
         if p.numel() == 0:
             link_empty_muon(planner, p, group, f"param_groups[{gplan.index}]['params'][{i}]")
             continue
-        count, m, n = matrix_shape(p.shape, flatten)
+        # a transposed parameter's matrices are its (in, out) matrices read as (out, in): bucketed,
+        # scaled and normalized as those, the stacks hold them and the parameter sees them through .mT
+        count, m, n = matrix_shape(p.shape, flatten, transposed)
         for row, r, matrices in block_layout(count, m, n, row_blocks(m, split, heads)):
             s, l = min(r, n), max(r, n)
             bucket = (s, l, p.dtype, p.grad.dtype, p.device)
@@ -382,7 +396,7 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
                 bucket = bucket + (i,)
             # the update scale of a block is the block's own s(rows, n): what a separate parameter
             # of the block's shape would get
-            member = Member(i, p, 0, matrices, r > n, row, r, (count, m, n))
+            member = Member(i, p, 0, matrices, r > n, row, r, (count, m, n), transposed)
             layout.setdefault(bucket, []).append((member, update_scale(group["adjust_lr_fn"], r, n)))
     for (s, l, pdtype, gdtype, device, *_), entries in layout.items():
         ns_dtype = resolve_dtype(group["ns_dtype"], device)
@@ -432,7 +446,8 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     out = grad_stack if out_dtype == gdtype else torch.empty(shape, dtype=out_dtype, device=device)
     normuon = None
     if group["variant"] == "normuon":  # split/heads groups refuse NorMuon at construction
-        normuon = _plan_normuon(planner, index, members, *shape, out_dtype, device, group["flatten"])
+        normuon = _plan_normuon(planner, index, members, *shape, out_dtype, device, group["flatten"],
+                                group.get("transposed", False))
     bucket = MuonBucket(
         normuon=normuon,
         members=members,
@@ -491,17 +506,17 @@ def _check_writable(bucket: MuonBucket, index: int) -> None:
 
 
 def _plan_normuon(planner: Planner, index: int, members: list[Member], B: int, s: int, l: int, dtype, device,
-                  flatten: bool) -> NorMuonStacks:
+                  flatten: bool, transposed: bool = False) -> NorMuonStacks:
     """The bucket's second-moment stacks (in opmath: fp32, fp64 for fp64 parameters)."""
-    tall = [mb.transposed for mb in members for _ in range(mb.count)]
+    tall = [mb.tall for mb in members for _ in range(mb.count)]
     rows = torch.zeros((B, s), dtype=dtype, device=device) if not all(tall) else None
     cols = torch.zeros((B, l), dtype=dtype, device=device) if any(tall) else None
     row_matrices = None
     if rows is not None and cols is not None:
         row_matrices = torch.tensor([not t for t in tall], device=device).view(B, 1)
     for mb in members:
-        stack = cols if mb.transposed else rows
-        view = stack[mb.offset : mb.offset + mb.count].view(neuron_shape(mb.param.shape, flatten))
+        stack = cols if mb.tall else rows
+        view = stack[mb.offset : mb.offset + mb.count].view(neuron_shape(mb.param.shape, flatten, transposed))
         planner.link(mb.param, "normuon_v", view, f"param_groups[{index}]['params'][{mb.index}]")
     return NorMuonStacks(rows, cols, row_matrices)
 
