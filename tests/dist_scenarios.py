@@ -265,8 +265,8 @@ def scenario_matches_single(kind):
 
 
 def scenario_more_ranks_than_matrices(kind):
-    """One Muon matrix for two ranks (Tiny); with kind "fsdp_dim1", Net sharded on dim 1 (the
-    gather-everywhere fallback for layouts other than FSDP2's default Shard(0))."""
+    """One Muon matrix for two ranks (Tiny); with kind "fsdp_dim1", Net sharded on dim 1 (column
+    blocks on the plan)."""
     make, width, out = (Net, 16, 20) if kind == "fsdp_dim1" else (Tiny, 6, 1)
 
     def run():
@@ -276,8 +276,8 @@ def scenario_more_ranks_than_matrices(kind):
         opt = make_optimizer(model, ns_dtype=torch.float64)
         train(model, opt, width, out, STEPS)
         assert_matches(model, ref, init, kind)
-        if kind == "fsdp_dim1":  # Shard(1): not the owner plan's layout, the loop runs
-            assert opt._plan is None
+        if kind == "fsdp_dim1":  # Shard(1): column blocks, on the plan like Shard(0)
+            assert opt._plan is not None and opt._plan.dist.sharded
         if kind == "ddp":
             assert_ranks_identical(model, kind)
 

@@ -2,7 +2,7 @@
 
 Replicated parameters (`agree`, every step of a multi-rank process group, plan or loop):
 
-1. a MIN all-reduce of int64 [d, -d], d a digest of this rank's plan signature (which parameters
+1. a MIN all-reduce of int64 [d, -d, fits], d a digest of this rank's plan signature (which parameters
    have gradients, their shapes and dtypes, the options that shape the work: `plan_signature`).
    The result is [min d, -max d]: equal halves iff every rank has the same plan. Its size is fixed,
    so it is safe whatever the ranks hold, and it precedes every collective whose size depends on
@@ -38,16 +38,24 @@ def _device(pg, like: torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch.device | None) -> Tensor | None:
+def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch.device | None,
+          refusal: str | None = None) -> Tensor | None:
     """The plan check, then the agreed (N,) finite flags (None when no rank has a gradient).
 
     flags: this rank's (N,) bool flags; device: where the step's tensors live (None: no gradient
-    on this rank).
+    on this rank). refusal: why this rank cannot step (its shards do not fit the plan, known here
+    only): it still takes part, and every rank raises.
     """
     device = _device(pg, device if flags is None else flags.device)
-    word = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    word = torch.tensor([digest, -digest, 0 if refusal else 1], dtype=torch.int64, device=device)
     all_reduce("all_reduce of the plan digest", pg, word, dist.ReduceOp.MIN)
-    low, neg_high = word.tolist()  # the step's host sync: the verdict decides the next collectives
+    low, neg_high, fits = word.tolist()  # the step's host sync: the verdict decides the next collectives
+    if not fits:
+        why = refusal or (
+            "another rank refused the plan: its local DTensor shards do not fit their placements (its error "
+            "names the parameter)"
+        )
+        raise DistributedStepError(f"muon distributed step: {why}; nothing was updated this step")
     if low != -neg_high:
         seen = all_gather_object("all_gather of the plan signatures", pg, signature)
         raise DistributedStepError(

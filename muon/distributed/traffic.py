@@ -105,7 +105,7 @@ def comm_bytes_per_step(
         gather = (W - 1) * share.width * nb if buckets else 0
         # the agreement: int64 [digest, -digest], then one int32 finite flag per parameter
         flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-        agreement = all_reduce_bytes(2, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+        agreement = all_reduce_bytes(3, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
         return CommBytes(W, sharding, int(grad_sync), (int(gather) + agreement,) * W)
 
     gathers = 2 if reshard_after_forward else 1
@@ -132,5 +132,5 @@ def comm_bytes_per_step(
     # the agreement on the mesh, as for replicated parameters: int64 [digest, -digest], then one int32
     # finite flag per non-empty parameter in one all-reduce
     flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-    flags = all_reduce_bytes(2, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+    flags = all_reduce_bytes(3, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
     return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
