@@ -242,7 +242,8 @@ def scenario_split_and_constant(kind):
             assert max(shares) <= sum(shares) / len(shares) + max(costs), (shares, max(costs))
             figures[layers] = {"collectives": comm.collectives, "bytes": comm.bytes, "ops": ops.total,
                                "shares": shares}  # fmt: skip
-        assert figures[8]["collectives"] == figures[32]["collectives"], figures
+        # the agreement word, one packed gather and one packed scatter, whatever the depth
+        assert figures[8]["collectives"] == figures[32]["collectives"] == 3, figures
         assert figures[32]["ops"] < 1.15 * figures[8]["ops"], figures
         _RESULTS.setdefault("figures", {})[kind] = figures
 

@@ -193,14 +193,15 @@ def _replicated_ops(layers: int) -> tuple[int, dict]:
 
 def test_replicated_step_runs_on_the_plan_with_constant_host_cost(fake_world):
     """A rank of a 2-rank group: the step is the engine's plan with an exchange; per step two small
-    all-reduces and one all-gather per Muon group, host cost independent of the parameter count."""
+    all-reduce (the agreement) and one all-gather per Muon group, host cost independent of the parameter count."""
     fake_world(1)
     counts = {}
     for layers in (8, 32):
         counts[layers], info = _replicated_ops(layers)
         plan = info["plan"]
         assert plan is not None and plan.dist is not None
-        assert info["collectives"] == 3  # plan digest, finite flags, one all-gather (one Muon group)
+        # the agreement word (plan digest and finite verdict), one all-gather (one Muon group)
+        assert info["collectives"] == 2
         gx = plan.dist.groups[0]
         # rank 1 orthogonalizes about half of the rows of every bucket ((3d, d), (d, d), (4d, d) with (d, 4d))
         for (start, stop), b in zip(gx.rows, plan.groups[0].buckets, strict=True):

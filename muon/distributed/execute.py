@@ -16,7 +16,8 @@ all-gather buffers. A step (`execute`), per Muon group:
    stay bit-identical.
 
 Before that, `agreement.agree` checks that all ranks hold the same plan and agrees the finite
-flags (two small all-reduces, one host sync). The loop (foreach=False, or parameters on several
+flags (one small all-reduce and one host sync; a second all-reduce of the flags only in a step
+with a non-finite gradient). The loop (foreach=False, or parameters on several
 devices) does the same check and agreement (`loop_agree`) and runs the NS of replicated parameters
 on every rank, unsplit: it is the readable reference.
 

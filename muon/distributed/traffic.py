@@ -103,9 +103,9 @@ def comm_bytes_per_step(
             buckets[key] = buckets.get(key, 0) + batch
         share = share_buckets([(b, s, l) for (s, l), b in buckets.items()], W, ns_steps, [0] * W)
         gather = (W - 1) * share.width * nb if buckets else 0
-        # the agreement: int64 [digest, -digest], then one int32 finite flag per parameter
-        flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-        agreement = all_reduce_bytes(3, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+        # the agreement: int64 [digest, -digest, fits, finite] (the flags' own all-reduce runs only in a
+        # step with a non-finite gradient)
+        agreement = all_reduce_bytes(4, 8, W)
         return CommBytes(W, sharding, int(grad_sync), (int(gather) + agreement,) * W)
 
     gathers = 2 if reshard_after_forward else 1
@@ -129,8 +129,6 @@ def comm_bytes_per_step(
                 if r != owner:
                     sent[r] += spans[r][1] * n * gb  # gather: my rows of j to its owner
                     sent[owner] += spans[r][1] * n * nb  # scatter: the owner returns r's rows
-    # the agreement on the mesh, as for replicated parameters: int64 [digest, -digest], then one int32
-    # finite flag per non-empty parameter in one all-reduce
-    flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-    flags = all_reduce_bytes(3, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+    # the agreement on the mesh, as for replicated parameters
+    flags = all_reduce_bytes(4, 8, W)
     return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
