@@ -159,6 +159,8 @@ RTOL = 0.0
 
 def scenario_matches_replay_and_loop(kind):
     def run():
+        from muon.distributed import count_comm_bytes
+
         solo = _SOLO[dist.get_rank()]
         model, dp_rank, _ = build(kind)
         opt = optimizer(model)
@@ -174,7 +176,12 @@ def scenario_matches_replay_and_loop(kind):
             for n, p in plain.items():
                 p.grad = grads[n].clone()
             ref.step()
-            opt.step()
+            with count_comm_bytes() as comm:
+                opt.step()
+            if step:  # the model of the bytes (the first step's are the same; counted on one step)
+                predicted = modelled_bytes(model, opt)
+                assert comm.bytes == predicted, f"{kind}: counted {comm.bytes} bytes, modelled {predicted}"
+                _RESULTS.setdefault("bytes", {})[kind] = comm.bytes
             loop_opt.step()
             for m in (model, loop_model):
                 m.zero_grad()
@@ -194,6 +201,35 @@ def scenario_matches_replay_and_loop(kind):
         _RESULTS.setdefault("replay_worst", {})[kind] = worst
 
     return run
+
+
+def plan_placements(p, mesh_shape):
+    """p's placements on the plan mesh (a parameter on a named sub-mesh: Replicate() elsewhere)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(p, DTensor):
+        return None
+    if p.device_mesh.ndim == len(mesh_shape):
+        return tuple(p.placements)
+    root = p.device_mesh._get_root_mesh()
+    out = [Replicate()] * len(mesh_shape)
+    for name, placement in zip(p.device_mesh.mesh_dim_names, p.placements, strict=True):
+        out[root.mesh_dim_names.index(name)] = placement
+    return tuple(out)
+
+
+def modelled_bytes(model, opt) -> int:
+    """This rank's bytes per step as `comm_bytes_per_step(sharding="mesh")` models them."""
+    from muon.distributed import comm_bytes_per_step
+
+    dtensors = [p for p in model.parameters() if hasattr(p, "device_mesh")]
+    mesh_shape = tuple(max((p.device_mesh for p in dtensors), key=lambda m: m.ndim).mesh.shape)
+    (group,) = [g for g in opt.param_groups if g["use_muon"]]
+    shapes = [tuple(p.shape) for p in group["params"]]
+    placements = [plan_placements(p, mesh_shape) for p in group["params"]]
+    predicted = comm_bytes_per_step(shapes, world_size=dist.get_world_size(), sharding="mesh",
+                                    mesh_shape=mesh_shape, placements=placements, ns_dtype=torch.float32)  # fmt: skip
+    return predicted.muon_optimizer_per_rank[dist.get_rank()]
 
 
 def _ns_share(opt):

@@ -166,7 +166,8 @@ def matrix_layout(p, flatten: bool, view: MeshView, where: str):
     dims = mesh_dims(p, view, where)
     mesh_shape = tuple(p.device_mesh.mesh.shape)
     shape = tuple(p.shape)
-    indices = [_indices(shape, mesh_shape, tuple(c[d] for d in dims), p.placements, where) for c in view.coords]
+    coords = [tuple(c[d] for d in dims) for c in view.coords]
+    indices = [_indices(shape, mesh_shape, c, p.placements, where) for c in coords]
     mine = tuple(len(ix) for ix in indices[view.rank])
     for t, what in ((p, "parameter"), (g, "gradient")):
         local = tuple(t.to_local().shape)
@@ -176,10 +177,18 @@ def matrix_layout(p, flatten: bool, view: MeshView, where: str):
                 f"{shape} give {mine} (torch.chunk's sizes): shards of other sizes (DTensor.from_local with custom "
                 "sizes) are not on the plan; Muon(..., foreach=False) gathers them"
             )
-    if p.ndim > 2 and not flatten:
+    return geometry(shape, indices, flatten, where)
+
+
+def geometry(shape: tuple, indices: list, flatten: bool, where: str):
+    """`matrix_layout`'s answer from every rank's indices along each tensor dim (`_indices`)."""
+    from .._shapes import matrix_shape
+
+    _, m, n = matrix_shape(shape, flatten)
+    if len(shape) > 2 and not flatten:
         if any(len(ix[-2]) != m or len(ix[-1]) != n for ix in indices if all(ix)):
             raise ValueError(
-                f"{where} (shape {shape}) is a stack of matrices sharded on a matrix dim ({tuple(p.placements)}): "
+                f"{where} (shape {shape}) is a stack of matrices sharded on a matrix dim: "
                 "the plan keeps expert stacks whole per rank (shard them on the stack dim) or use foreach=False"
             )
         return "local", tuple(math.prod(len(ix) for ix in idx[:-2]) if all(idx) else 0 for idx in indices)
@@ -198,6 +207,24 @@ def matrix_layout(p, flatten: bool, view: MeshView, where: str):
 class LocalShardMismatch(ValueError):
     """A rank's local shard is not what its placements say: known on that rank only, so the ranks
     agree on it before raising (`muon.distributed.sharded.refuse`)."""
+
+
+def mesh_coords(mesh_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Every coordinate of a mesh in row-major order (group rank g of a mesh covering the world)."""
+    import itertools
+
+    return tuple(itertools.product(*(range(s) for s in mesh_shape)))
+
+
+def layout_of(shape, mesh_shape, placements, flatten: bool = False, where: str = "a parameter"):
+    """`matrix_layout` from shapes alone, for a mesh covering the world in order (the traffic model)."""
+    coords = mesh_coords(tuple(mesh_shape))
+    if placements is None:  # a plain tensor
+        from .._shapes import matrix_shape
+
+        return "local", (matrix_shape(tuple(shape), flatten)[0],) * len(coords)
+    indices = [_indices(tuple(shape), tuple(mesh_shape), c, placements, where) for c in coords]
+    return geometry(tuple(shape), indices, flatten, where)
 
 
 def sources(blocks: tuple[Block, ...], owner: int, coords) -> list[tuple[int, Block]]:
