@@ -341,7 +341,107 @@ def scenario_fail_closed():
         raise AssertionError("NorMuon on DTensors took a silent route")
 
 
+def train(model, opt, dp_rank, steps, start=0):
+    for step in range(start, start + steps):
+        x, y = batch(step, dp_rank)
+        nn.functional.mse_loss(forward(model, x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full_state(model, opt) -> dict:
+    """Every parameter's and state entry's full value, by parameter name (collective on DTensors)."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = full(p).clone()
+        for key, value in sorted(opt.state[p].items()):
+            out[f"{name}/{key}"] = full(value).clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def save_checkpoint(outdir: str) -> None:
+    """FSDP2 × TP on 2×2: two steps, then a DCP checkpoint and (rank 0) every full value, for the loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, dp_rank, _ = build("tp_fsdp")
+    opt = optimizer(model)
+    train(model, opt, dp_rank, 2)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    # per-parameter form: one entry per parameter name, momentum a DTensor of the parameter's shape
+    weight = "blocks.0.up.weight"
+    assert tuple(sd["optim"]["state"][weight]["momentum_buffer"].shape) == (2 * WIDTH, WIDTH)
+    dcp.save(sd, checkpoint_id=os.path.join(outdir, "dcp_2x2"))
+    values = full_state(model, opt)
+    if dist.get_rank() == 0:
+        torch.save(values, os.path.join(outdir, "dcp_2x2_values.pt"))
+    dist.barrier()
+
+
+def load_checkpoint(model, opt, outdir: str, dp_rank: int) -> None:
+    """Load the 2×2 checkpoint into `model`/`opt` (any layout), check every value bit for bit, step once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=os.path.join(outdir, "dcp_2x2"))
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    expected = torch.load(os.path.join(outdir, "dcp_2x2_values.pt"), weights_only=False)
+    for key, value in full_state(model, opt).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value.reshape(expected[key].shape), expected[key]), f"{key} differs after the load"
+    train(model, opt, dp_rank, 1, start=2)
+    assert opt._plan is not None
+
+
+def scenario_checkpoint_across_layouts():
+    """DCP saved on a 2×2 FSDP2 × TP mesh loads on 4×1 (1-D FSDP2 over 4 ranks) bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    save_checkpoint(_OUTDIR[0])
+    torch.manual_seed(1)  # other values: everything must come from the checkpoint
+    model = Model(2)
+    mesh = init_device_mesh("cpu", (4,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    load_checkpoint(model, optimizer(model), _OUTDIR[0], dist.get_rank())
+
+
+def load_on_tp2(rank: int, world: int, port: int, outdir: str) -> None:
+    """A second job: the 2×2 checkpoint on a 1×2 mesh (tensor parallel over 2 ranks, no FSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _init(rank, world, port, timeout_s=60)
+    try:
+        torch.manual_seed(1)
+        model = Model(2)
+        tensor_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
+        load_checkpoint(model, optimizer(model), outdir, 0)
+        message = "ok"
+    except Exception:
+        message = traceback.format_exc()
+    with open(os.path.join(outdir, f"tp2_rank{rank}.json"), "w") as f:
+        json.dump({"message": message}, f)
+    dist.destroy_process_group()
+
+
+def load_in_one_process(outdir: str) -> None:
+    """The 2×2 checkpoint in one process without torch.distributed: plain tensors, bit for bit."""
+    torch.manual_seed(1)
+    model = Model(2)
+    load_checkpoint(model, optimizer(model), outdir, 0)
+
+
 SCENARIOS = {
+    "checkpoint_2x2_loads_on_4x1": scenario_checkpoint_across_layouts,
     "fail_closed_on_every_rank": scenario_fail_closed,
     "tp_fsdp_matches_replay_and_loop": scenario_matches_replay_and_loop("tp_fsdp"),
     "hsdp_matches_replay_and_loop": scenario_matches_replay_and_loop("hsdp"),
@@ -350,12 +450,14 @@ SCENARIOS = {
     "hsdp_split_constant_in_depth": scenario_split_and_constant("hsdp"),
 }
 _SOLO: list = []
+_OUTDIR: list = []
 _RESULTS: dict = {}
 
 
 def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     _init(rank, world, port, timeout_s=60)
     _SOLO.extend(dist.new_group([r]) for r in range(world))
+    _OUTDIR.append(outdir)
     results = {}
     for name in names:
         try:
