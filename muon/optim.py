@@ -81,8 +81,9 @@ class Muon(Optimizer):
     (one host sync per step).
 
     Under torch.distributed the NS work is split across ranks (`muon.distributed`): replicated
-    (DDP) parameters over ``process_group`` (default: the world once initialized) and FSDP2
-    (Shard(0), 1-D mesh) DTensors over their mesh run on the plan; other layouts run the loop.
+    (DDP) parameters over ``process_group`` (default: the world once initialized) and DTensors
+    (FSDP2, FSDP2 × TP, HSDP, uneven shards) over their mesh run on the plan; a layout the plan does
+    not take is an error naming the parameter (``foreach=False`` runs the per-parameter loop).
     Every multi-rank step agrees the plan and the finite flags first (one host sync), so a NaN on
     one rank skips the parameter everywhere and a gradient missing on one rank is a
     DistributedStepError on every rank.
@@ -223,13 +224,14 @@ class Muon(Optimizer):
             params, grads = params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
-        if sharded:  # FSDP2: row-sharded DTensors on one 1-D mesh run the plan over their local shards
-            mesh = distributed.plan_mesh(self.param_groups)
-            if mesh is None:
-                return None
-            plan = engine.build_plan(self.param_groups, self.state, key, self._resolve_run,
-                                     plan_muon=distributed.plan_muon_group, wrap=distributed.as_dtensor)
-            distributed.prepare_sharded(plan, self.param_groups, mesh)
+        if sharded:  # DTensors (FSDP2, TP, HSDP): the plan over their local shards, or a clear error
+            view = distributed.plan_mesh(self.param_groups)
+            try:
+                plan = engine.build_plan(self.param_groups, self.state, key, self._resolve_run,
+                                         plan_muon=distributed.planner_for(view), wrap=distributed.as_dtensor)
+            except distributed.LocalShardMismatch as exc:  # known on this rank only: every rank raises
+                distributed.refuse(view, self.param_groups, str(exc))
+            distributed.prepare_sharded(plan, self.param_groups, view)
             return plan
         if len(devices) > 1:
             return None

@@ -223,11 +223,20 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
             f" ns_steps={group['ns_steps']!r}, eps={group['eps']!r}): {error}"
         ) from None
     for i, p in enumerate(group["params"]):
+        if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}] is an FSDP1 FlatParameter (FullyShardedDataParallel with "
+                f"use_orig_params=False, shape {tuple(p.shape)}): the matrix shapes of the parameters it holds cannot "
+                "be recovered. Muon needs each matrix with its shape: use FSDP2 (torch.distributed.fsdp.fully_shard) "
+                "or DDP, and build the groups with muon.param_groups(model)"
+            )
         if p.ndim < 2:
             raise ValueError(
                 f"Muon orthogonalizes matrices, but param_groups[{index}]['params'][{i}] has shape "
                 f"{tuple(p.shape)} ({p.ndim}-D). Biases, norms and other 0-/1-D parameters belong in an "
-                "AdamW group (use_muon=False): muon.param_groups(model) builds the groups for you."
+                "AdamW group (use_muon=False): muon.param_groups(model) builds the groups for you. A matrix "
+                "flattened to 1-D (a hand-made view, or FSDP1's use_orig_params=True shards) has lost the shape "
+                "Muon needs: give it as a matrix (FSDP2's fully_shard keeps shapes)."
             )
     check_tensors(group, index, "Muon")
     # The lr factor of every matrix (every block) is checked now, so that a step never fails half-applied.

@@ -43,6 +43,28 @@ def stores_transposed(module: nn.Module) -> bool:
     )
 
 
+# Modules whose `weight` is a matrix (or a stack of them) by construction: a 0-/1-D weight there is a
+# matrix whose shape a wrapper flattened away (FSDP1's use_orig_params=True shards are 1-D views).
+_MATRIX_MODULES = (nn.Linear, nn.Bilinear, *_EMBEDDINGS, *_CONVS)
+
+
+def _flattened_matrix(p, owners: list[tuple[str, nn.Module]]) -> str | None:
+    """Why p is a matrix whose shape cannot be recovered (None: it is not one)."""
+    if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
+        return (
+            "it is an FSDP1 FlatParameter (FullyShardedDataParallel with use_orig_params=False): one 1-D tensor "
+            "holding many parameters, whose matrix shapes are gone"
+        )
+    if p.ndim < 2:
+        for module_name, module in owners:
+            if isinstance(module, _MATRIX_MODULES) and getattr(module, "weight", None) is p:
+                return (
+                    f"it is the weight of {type(module).__name__} {module_name!r} but has shape {tuple(p.shape)}: a "
+                    "1-D view of a matrix (FSDP1 with use_orig_params=True shards weights this way)"
+                )
+    return None
+
+
 def _route(owners: list[tuple[str, nn.Module]], name: str, ndim: int) -> str:
     """'adamw', 'muon' or 'muon_flat' for one parameter, from every (module name, module) owning it."""
     if ndim < 2:
@@ -206,6 +228,15 @@ def param_groups(
         if forced_muon and forced_adamw:
             raise ValueError(f"parameter {name!r} matches both a `muon` and an `adamw` pattern")
         route = _route(owners.get(id(p), []), name, p.ndim)
+        flattened = None if forced_adamw else _flattened_matrix(p, owners.get(id(p), []))
+        if flattened is not None:
+            # never a silent route to AdamW: the matrices inside would lose Muon without a word
+            raise ValueError(
+                f"muon.param_groups: parameter {name!r} cannot be routed: {flattened}. Muon needs each matrix "
+                "with its shape: wrap the model with FSDP2 (torch.distributed.fsdp.fully_shard), DDP, or call "
+                "muon.param_groups(model) on the unwrapped model before wrapping it; to put this parameter on "
+                f"AdamW knowingly, pass adamw=[{name!r}]"
+            )
         if forced_adamw:
             route = "adamw"
         elif forced_muon:

@@ -244,16 +244,36 @@ def _replicated_ops(layers: int) -> tuple[int, dict]:
 
 def test_replicated_step_runs_on_the_plan_with_constant_host_cost(fake_world):
     """A rank of a 2-rank group: the step is the engine's plan with an exchange; per step two small
-    all-reduces and one all-gather per Muon group, host cost independent of the parameter count."""
+    all-reduce (the agreement) and one all-gather per Muon group, host cost independent of the parameter count."""
     fake_world(1)
     counts = {}
     for layers in (8, 32):
         counts[layers], info = _replicated_ops(layers)
         plan = info["plan"]
         assert plan is not None and plan.dist is not None
-        assert info["collectives"] == 3  # plan digest, finite flags, one all-gather (one Muon group)
+        # the agreement word (plan digest and finite verdict), one all-gather (one Muon group)
+        assert info["collectives"] == 2
         gx = plan.dist.groups[0]
         # rank 1 orthogonalizes about half of the rows of every bucket ((3d, d), (d, d), (4d, d) with (d, 4d))
         for (start, stop), b in zip(gx.rows, plan.groups[0].buckets, strict=True):
             assert abs((stop - start) - len(b.params) / 2) <= 1
     assert counts[32] < 1.15 * counts[8], counts
+
+
+def test_comm_bytes_model_on_meshes():
+    from torch.distributed.tensor import Replicate, Shard
+
+    shapes = [(64, 64)] * 8
+    col = mdist.comm_bytes_per_step(shapes, world_size=4, sharding="mesh", mesh_shape=(4,),
+                                    placements=[(Shard(0),)] * 8)  # fmt: skip
+    fsdp = mdist.comm_bytes_per_step(shapes, world_size=4, sharding="fsdp")
+    # 1-D Shard(0) on the mesh model is FSDP2's layout: the same Muon bytes
+    assert col.muon_optimizer_per_rank == fsdp.muon_optimizer_per_rank
+    hsdp = mdist.comm_bytes_per_step(shapes, world_size=4, sharding="mesh", mesh_shape=(2, 2),
+                                     placements=[(Replicate(), Shard(0))] * 8)  # fmt: skip
+    # HSDP: owners gather within their replica group (half the matrix), return all three others a block
+    per_matrix = 64 * 64 * 4  # fp32 gradients in; the blocks go back in bf16 (half the bytes)
+    agreement = 4 * int(2 * 3 / 4 * 32)  # the int64 word on each rank
+    assert sum(hsdp.muon_optimizer_per_rank) - agreement == 8 * (per_matrix // 2 + 3 * (per_matrix // 2) // 2)
+    with pytest.raises(ValueError, match="mesh_shape and one placements entry"):
+        mdist.comm_bytes_per_step(shapes, world_size=4, sharding="mesh")

@@ -232,3 +232,38 @@ def test_optimizer_adamw_groups_hold_only_adamw_keys():
     for group in opt.param_groups:
         if not group["use_muon"]:
             assert set(group) <= adamw_keys, sorted(set(group) - adamw_keys)
+
+
+# ------------------------------------------------------------- matrices whose shape is gone (fail closed)
+def _flat_parameter(numel: int) -> nn.Parameter:
+    """An FSDP1 FlatParameter (use_orig_params=False) as FullyShardedDataParallel registers it; FSDP1
+    itself needs an accelerator, so the parameter is made directly (its type is what matters)."""
+    flat = pytest.importorskip("torch.distributed.fsdp._flat_param")
+    return flat.FlatParameter(torch.zeros(numel), requires_grad=True)
+
+
+def test_an_fsdp1_flat_parameter_is_never_routed_to_adamw_silently():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    wrapper = nn.Module()
+    wrapper.register_parameter("_flat_param", _flat_parameter(sum(p.numel() for p in model.parameters())))
+    with pytest.raises(ValueError, match=r"'_flat_param' cannot be routed: it is an FSDP1 FlatParameter.*fully_shard"):
+        muon.param_groups(wrapper)
+    # routing it to AdamW is allowed when asked for by name
+    groups = muon.param_groups(wrapper, adamw=["_flat_param"])
+    assert [g["use_muon"] for g in groups] == [False]
+
+
+def test_a_one_dimensional_view_of_a_linear_weight_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    # what FSDP1 with use_orig_params=True leaves on a module between steps: a 1-D view of the shard
+    model[0].weight = nn.Parameter(model[0].weight.detach().reshape(-1))
+    with pytest.raises(ValueError, match=r"'0.weight' cannot be routed: it is the weight of Linear '0' but has shape "
+                                         r"\(24,\): a 1-D view of a matrix"):
+        muon.param_groups(model)
+
+
+def test_muon_refuses_a_flat_parameter_naming_it():
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] is an FSDP1 FlatParameter"):
+        muon.Muon([nn.Parameter(torch.randn(4, 4)), _flat_parameter(12)])
+    with pytest.raises(ValueError, match=r"has shape \(12,\) \(1-D\).*flattened to 1-D"):
+        muon.Muon([nn.Parameter(torch.randn(3, 4).reshape(-1))])

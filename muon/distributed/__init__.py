@@ -9,10 +9,11 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
   the engine's plan buckets) and the plan signature ranks agree on;
 * `agreement`: per step, the plan digest and the finite flags agreed over the ranks;
 * `execute`: replicated parameters run the engine's plan with the NS split over ranks and one
-  all-gather per Muon group; DTensor layouts other than FSDP2's row sharding run the per-parameter
-  loop with an owner-based all_to_all exchange;
-* `sharded`: row-sharded FSDP2 (DTensor) parameters on the engine's plan over their local shards,
-  with the owner all_to_all exchange per bucket;
+  all-gather per Muon group; the per-parameter loop's (foreach=False) distributed NS;
+* `layout`: where each rank's shard of a DTensor matrix sits (1-D and n-D meshes, Shard(0)/Shard(1),
+  FSDP2's strided shards over TP, Replicate), and what the plan refuses;
+* `sharded`: DTensor parameters on the engine's plan over their local shards, with one packed
+  owner all_to_all out and one back per Muon group;
 * `traffic`: the bytes-per-step model against distributed AdamW;
 * `checkpoint`: state-dict hooks that let distributed checkpoints carry ns_dtype.
 """
@@ -31,14 +32,16 @@ from .execute import orthogonalize_all as orthogonalize_all
 from .execute import prepare as prepare
 from .execute import replicated_ns as replicated_ns
 from .execute import splits_work as splits_work
+from .layout import LocalShardMismatch as LocalShardMismatch
 from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops
 from .ownership import share_buckets as share_buckets
 from .sharded import as_dtensor as as_dtensor
 from .sharded import plan_mesh as plan_mesh
-from .sharded import plan_muon_group as plan_muon_group
+from .sharded import planner_for as planner_for
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)
+from .sharded import refuse as refuse
 from .sharded import sharded_ns as sharded_ns
 from .traffic import CommBytes, comm_bytes_per_step
 

@@ -1,19 +1,27 @@
 """What the ranks agree on before they update: the plan, and which gradients are finite.
 
-Replicated parameters (`agree`, every step of a multi-rank process group, plan or loop):
+Every multi-rank step, plan or loop, replicated or DTensor (`agree`), **one collective and one
+host sync** when the gradients are finite:
 
-1. a MIN all-reduce of int64 [d, -d], d a digest of this rank's plan signature (which parameters
-   have gradients, their shapes and dtypes, the options that shape the work: `plan_signature`).
-   The result is [min d, -max d]: equal halves iff every rank has the same plan. Its size is fixed,
-   so it is safe whatever the ranks hold, and it precedes every collective whose size depends on
-   the plan. The verdict is read on the host: **one small host sync per step** (a device-to-host
-   copy of 16 bytes; it waits for the work queued before the step). On a mismatch every rank sees
-   the same verdict, gathers the signatures (pickled, size-safe) and raises the same
-   DistributedStepError naming the first parameter that differs; nothing was updated.
-2. a MIN all-reduce of the step's finite flags (int32, one per parameter with a gradient), so a
-   NaN on one rank skips that parameter on every rank (and nonfinite="raise" raises on every rank).
-   The flags cannot ride in the digest's all-reduce: their count depends on the plan, which is
-   what the digest checks; nor in the NS all-gather: they decide the momentum update before it.
+1. a MIN all-reduce of int64 [d, -d, fits, finite] over the plan's process group (for DTensors:
+   the mesh flattened), d a digest of this rank's plan signature (which parameters have gradients,
+   their shapes, dtypes and placements, the options that shape the work: `plan_signature`), fits 0
+   where this rank's shards do not fit the plan, finite 0 where one of its gradients is not finite.
+   The result is [min d, -max d, ...]: equal halves iff every rank has the same plan. Its size is
+   fixed, so it is safe whatever the ranks hold, and it precedes every collective whose size
+   depends on the plan. The verdict is read on the host (a device-to-host copy of 32 bytes; it
+   waits for the work queued before the step, so a distributed step cannot be captured in a CUDA
+   graph). On a mismatch every rank sees the same verdict, gathers the signatures (pickled,
+   size-safe) and raises the same DistributedStepError naming the first parameter that differs;
+   nothing was updated.
+2. only in a step where some rank holds a non-finite gradient: a MIN all-reduce of the finite flags
+   (int32, one per parameter with a gradient; the plan is agreed, so the sizes are), so a NaN on one
+   rank skips that parameter on every rank (and nonfinite="raise" raises on every rank).
+
+Why the digest is checked every step and not only when this rank's plan key changes: a rank whose
+gradients changed (one missing) cannot tell the others, whose keys did not change; only a collective
+every rank runs every step, of a fixed size, turns that into an error rather than mismatched
+collectives. It costs nothing extra: the finite verdict rides in the same word.
 
 Sharded (DTensor) gradients (`finite_flags`): each rank tests its local shard and the flags are
 agreed with one MIN all-reduce per mesh, without a host sync.
@@ -38,16 +46,26 @@ def _device(pg, like: torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch.device | None) -> Tensor | None:
+def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch.device | None,
+          refusal: str | None = None) -> Tensor | None:
     """The plan check, then the agreed (N,) finite flags (None when no rank has a gradient).
 
     flags: this rank's (N,) bool flags; device: where the step's tensors live (None: no gradient
-    on this rank).
+    on this rank). refusal: why this rank cannot step (its shards do not fit the plan, known here
+    only): it still takes part, and every rank raises.
     """
     device = _device(pg, device if flags is None else flags.device)
-    word = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    word = torch.tensor([digest, -digest, 0 if refusal else 1, 1], dtype=torch.int64, device=device)
+    if flags is not None:
+        word[3:].copy_(flags.all().view(1))  # on the device: no host sync before the collective
     all_reduce("all_reduce of the plan digest", pg, word, dist.ReduceOp.MIN)
-    low, neg_high = word.tolist()  # the step's host sync: the verdict decides the next collectives
+    low, neg_high, fits, finite = word.tolist()  # the step's host sync: it decides the next collectives
+    if not fits:
+        why = refusal or (
+            "another rank refused the plan: its local DTensor shards do not fit their placements (its error "
+            "names the parameter)"
+        )
+        raise DistributedStepError(f"muon distributed step: {why}; nothing was updated this step")
     if low != -neg_high:
         seen = all_gather_object("all_gather of the plan signatures", pg, signature)
         raise DistributedStepError(
@@ -58,6 +76,8 @@ def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch
         )
     if flags is None:  # the digest says every rank has no gradient either
         return None
+    if finite:  # every flag of every rank is True: this rank's flags are the agreed ones
+        return flags
     agreed = flags.to(torch.int32)
     all_reduce("all_reduce of the non-finite gradient flags", pg, agreed, dist.ReduceOp.MIN)
     return agreed.bool()

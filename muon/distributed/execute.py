@@ -16,13 +16,15 @@ all-gather buffers. A step (`execute`), per Muon group:
    stay bit-identical.
 
 Before that, `agreement.agree` checks that all ranks hold the same plan and agrees the finite
-flags (two small all-reduces, one host sync). The loop (foreach=False, or parameters on several
+flags (one small all-reduce and one host sync; a second all-reduce of the flags only in a step
+with a non-finite gradient). The loop (foreach=False, or parameters on several
 devices) does the same check and agreement (`loop_agree`) and runs the NS of replicated parameters
 on every rank, unsplit: it is the readable reference.
 
-FSDP2 (DTensor) parameters row-sharded on one 1-D mesh run the plan (`muon.distributed.sharded`,
-same exchange as below over local-shard stacks); other DTensor layouts, and foreach=False, run the
-per-parameter loop of `muon.optim` with `orthogonalize_all`,
+DTensor parameters (FSDP2, FSDP2 × TP, HSDP, uneven shards) run the plan
+(`muon.distributed.sharded`: one packed owner all_to_all out and one back per Muon group); layouts
+it does not take are errors naming the parameter. foreach=False runs the per-parameter loop of
+`muon.optim` with `orthogonalize_all`, the readable reference,
 after `check_sharded_plan` (the plan-digest all-reduce on their mesh, one host sync). Momentum is
 a DTensor, so each rank stores only its shard (ZeRO-1 memory, one buffer). Each row-sharded
 matrix gets an owner rank (same greedy balance); per same-shape bucket one all_to_all gathers the
@@ -30,8 +32,9 @@ owners' full momentum-corrected matrices, the owner orthogonalizes them batched,
 all_to_all scatters each result's rows back to the rank holding them. The gathers of all buckets
 are issued before the first NS so that communication overlaps the NS of earlier buckets.
 Expert stacks sharded on their expert dim hold whole matrices locally and need no communication.
-Other placements (Shard(1), 2-D meshes) fall back to a full gather on every rank (correct, but the
-NS work is not split).
+In the loop, other placements (Shard(1), 2-D meshes) gather full matrices on every rank (correct,
+but the NS work is not split); tall matrices are orthogonalized as their contiguous transposes, as
+one process and the plan do, so all paths give the same bits.
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def orthogonalize_all(updates: list, params: list, schedule: Schedule, group: di
     from ..newton_schulz import orthogonalize
 
     def ns(stack: Tensor) -> Tensor:
+        # tall matrices as their contiguous transposes, as one process and the plan round them
+        if stack.shape[-2] > stack.shape[-1]:
+            return orthogonalize(stack.mT.contiguous(), schedule, dtype=group["ns_dtype"], backend=group["backend"]).mT
         return orthogonalize(stack, schedule, dtype=group["ns_dtype"], backend=group["backend"])
 
     out: list = [None] * len(updates)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..flops import newton_schulz_flops
+from .collectives import is_dtensor
 
 
 def ns_flops(m: int, n: int, steps: int) -> int:
@@ -130,6 +131,7 @@ def plan_signature(param_groups: Sequence[dict]) -> tuple:
                        str(group["ns_dtype"]), group.get("transposed", False))  # fmt: skip
         params = tuple(
             None if (g := p.grad) is None else (tuple(p.shape), str(p.dtype), str(g.dtype), p.device.type)
+            + ((str(tuple(p.placements)), tuple(p.device_mesh.mesh.shape)) if is_dtensor(p) else ())
             for p in group["params"]
         )
         groups.append((group["use_muon"], options, params))

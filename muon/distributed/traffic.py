@@ -16,7 +16,7 @@ import torch
 
 from .._shapes import matrix_shape
 from .collectives import all_reduce_bytes
-from .ownership import _chunk_rows, ns_flops, plan_sharded, share_buckets
+from .ownership import _assign, _chunk_rows, ns_flops, plan_sharded, share_buckets
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,21 @@ def comm_bytes_per_step(
     ns_steps: int = 5,
     flatten: bool = False,
     reshard_after_forward: bool = True,
+    mesh_shape: Sequence[int] | None = None,
+    placements: Sequence | None = None,
 ) -> CommBytes:
     """Bytes per step of distributed Muon vs distributed AdamW, for the busiest rank.
 
     muon_shapes: shapes of the parameters in one Muon group (as in `Muon` with its defaults);
-    adamw_shapes: those of one AdamW group. sharding: "replicated" (DDP) or "fsdp" (FSDP2
-    fully_shard, Shard(0) on a 1-D mesh). Computed from the plan the optimizer executes, with the
+    adamw_shapes: those of one AdamW group. sharding: "replicated" (DDP), "fsdp" (FSDP2
+    fully_shard, Shard(0) on a 1-D mesh) or "mesh" (any DTensor layout the plan takes: FSDP2 × TP,
+    HSDP, Shard(1), uneven shards; give mesh_shape and per Muon shape its placements on that mesh).
+    Computed from the plan the optimizer executes, with the
     collective cost model of `count_comm_bytes` (ring all-gather/all-reduce/reduce-scatter).
     """
 
-    if sharding not in ("replicated", "fsdp"):
-        raise ValueError(f"sharding must be 'replicated' or 'fsdp', got {sharding!r}")
+    if sharding not in ("replicated", "fsdp", "mesh"):
+        raise ValueError(f"sharding must be 'replicated', 'fsdp' or 'mesh', got {sharding!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     W = world_size
@@ -90,6 +94,8 @@ def comm_bytes_per_step(
     total = sum(math.prod(s) for s in muon_shapes + adamw_shapes)
     if W == 1:
         return CommBytes(W, sharding, 0, (0,))
+    if sharding == "mesh":
+        return _mesh_bytes(muon_shapes, W, mesh_shape, placements, gb, nb, ns_steps, flatten)
 
     if sharding == "replicated":
         grad_sync = 2 * (W - 1) / W * total * gb
@@ -103,9 +109,9 @@ def comm_bytes_per_step(
             buckets[key] = buckets.get(key, 0) + batch
         share = share_buckets([(b, s, l) for (s, l), b in buckets.items()], W, ns_steps, [0] * W)
         gather = (W - 1) * share.width * nb if buckets else 0
-        # the agreement: int64 [digest, -digest], then one int32 finite flag per parameter
-        flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-        agreement = all_reduce_bytes(2, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+        # the agreement: int64 [digest, -digest, fits, finite] (the flags' own all-reduce runs only in a
+        # step with a non-finite gradient)
+        agreement = all_reduce_bytes(4, 8, W)
         return CommBytes(W, sharding, int(grad_sync), (int(gather) + agreement,) * W)
 
     gathers = 2 if reshard_after_forward else 1
@@ -129,8 +135,46 @@ def comm_bytes_per_step(
                 if r != owner:
                     sent[r] += spans[r][1] * n * gb  # gather: my rows of j to its owner
                     sent[owner] += spans[r][1] * n * nb  # scatter: the owner returns r's rows
-    # the agreement on the mesh, as for replicated parameters: int64 [digest, -digest], then one int32
-    # finite flag per non-empty parameter in one all-reduce
-    flagged = sum(1 for shape in muon_shapes + adamw_shapes if math.prod(shape) > 0)
-    flags = all_reduce_bytes(2, 8, W) + (all_reduce_bytes(flagged, 4, W) if flagged else 0)
+    # the agreement on the mesh, as for replicated parameters
+    flags = all_reduce_bytes(4, 8, W)
     return CommBytes(W, sharding, int(grad_sync), tuple(int(b) + flags for b in sent))
+
+
+def _mesh_bytes(muon_shapes, W, mesh_shape, placements, gb, nb, steps, flatten) -> CommBytes:
+    """sharding="mesh": DTensor parameters on a mesh of `mesh_shape` covering the world in order, one
+    entry of `placements` per Muon shape (its placements on that mesh; None: a plain tensor). The
+    sharded plan's owners (`muon.distributed.sharded.plan_muon_group`) and its packed all_to_alls:
+    each owner receives each distinct block of its matrices once, from its closest holder, in the
+    gradient dtype, and returns every other rank its block in the NS dtype. Only Muon's own bytes:
+    gradient_sync (FSDP2's and TP's collectives, which AdamW has too) is not modelled here (0)."""
+    from .layout import layout_of, mesh_coords, sources
+
+    if mesh_shape is None or placements is None or len(placements) != len(muon_shapes):
+        raise ValueError("sharding='mesh' needs mesh_shape and one placements entry per Muon shape")
+    if math.prod(mesh_shape) != W:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not hold world_size={W} ranks")
+    coords = mesh_coords(tuple(mesh_shape))
+    load, costs, matrices = [0] * W, [], []
+    for shape, placed in zip(muon_shapes, placements, strict=True):
+        if math.prod(shape) == 0:
+            continue
+        kind, geometry = layout_of(shape, mesh_shape, placed, flatten)
+        _, m, n = matrix_shape(torch.Size(shape), flatten)
+        cost = ns_flops(m, n, steps)
+        if kind == "local":
+            for r, count in enumerate(geometry):
+                load[r] += count * cost
+        else:
+            costs.append(cost)
+            matrices.append(geometry)
+    owner = _assign(costs, W, load)
+    sent = [0.0] * W
+    for blocks, q in zip(matrices, owner, strict=True):
+        for s, (_, nr, _, nc) in sources(blocks, q, coords):
+            if s != q:
+                sent[s] += nr * nc * gb  # gather: s's block to the owner
+        for t, (_, nr, _, nc) in enumerate(blocks):
+            if t != q:
+                sent[q] += nr * nc * nb  # scatter: the owner returns t its block
+    agreement = all_reduce_bytes(4, 8, W)
+    return CommBytes(W, "mesh", 0, tuple(int(b) + agreement for b in sent))
