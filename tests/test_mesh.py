@@ -11,9 +11,12 @@ import mesh_scenarios
 import pytest
 import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    ),
+    pytest.mark.xdist_group("processes"),  # with the other multi-process tests (tests/test_distributed.py)
+]
 WORLD = 4
 
 
