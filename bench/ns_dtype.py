@@ -15,6 +15,7 @@ BF16_MARGIN × fp32's) to paste there, with the CSV committed beside it as the t
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -59,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         calls = {name: (lambda d=d, G=G: orthogonalize(G, schedule, dtype=d, backend="torch"))
                  for name, d in DTYPES.items()}
         samples = interleaved(calls, device, rounds=args.rounds, budget_ms=args.rep_ms)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # other jobs' load, provenance
         speed = ratio(samples["float32"].whole, samples["bfloat16"].whole)  # > 1: bf16 faster
         for name, s in samples.items():
             row = results.add("newton_schulz", "muon[torch]", shape_str((b, m, n)), name, stats=s.stats,
-                              cpu_model=cpu, bf16_speedup_over_fp32=[speed.median, speed.low, speed.high])
+                              cpu_model=cpu, bf16_speedup_over_fp32=[speed.median, speed.low, speed.high],
+                              load_1min=load)
             row.update(threads=threads, device=device_name(device))
         results.write(args.out, "ns_dtype")
     paths = results.write(args.out, "ns_dtype")
