@@ -174,6 +174,12 @@ def _entry(cpu="Test CPU 9000", threads=1, short=128, long=512, winner="bfloat16
     return dispatch.DtypeEntry(cpu, threads, short, long, winner, fp32, bf16)
 
 
+def test_embedded_cpu_dtype_table_is_the_committed_csv():
+    assert dispatch.dtype_table_from_csv(os.path.join(ROOT, dispatch.CPU_DTYPE_SOURCE)) == dispatch.CPU_DTYPE_TABLE
+    for e in dispatch.CPU_DTYPE_TABLE:  # a winner is what its own medians say, with the margin
+        assert (e.winner == "bfloat16") == (e.bf16_ms < dispatch.BF16_MARGIN * e.fp32_ms)
+
+
 def test_auto_dtype_follows_the_cpu_table():
     table = (_entry(short=128, long=512), _entry(short=512, long=512, winner="float32"),
              _entry(threads=2, short=64, long=64))

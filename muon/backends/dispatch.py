@@ -129,9 +129,33 @@ class DtypeEntry:
     bf16_ms: float
 
 
-# dtype_table_from_csv(CPU_DTYPE_SOURCE); regenerate with `python -m bench ns-dtype` (prints these lines).
-# Provenance: see CPU_DTYPE_SOURCE's rows (device, threads, torch, commit, date) and its README.
-CPU_DTYPE_TABLE: tuple[DtypeEntry, ...] = ()
+# dtype_table_from_csv(CPU_DTYPE_SOURCE); regenerate with `python -m bench ns-dtype --threads 1,2`
+# (prints these lines). Provenance (every row of CPU_DTYPE_SOURCE carries it, and its README): the
+# project's 2-vCPU "AMD EPYC" (AVX2 + FMA, no AVX512-BF16 or AMX), torch 2.13.0+cpu, commit 5f51a74,
+# 2026-12-02, 7 interleaved rounds per shape, other jobs sharing the cores (load average 3.4–8.6).
+# fp32 won every shape, by 2.5–43x on one thread, 2.6–15x on two. An earlier two-thread run at a
+# load average of ~5 had bf16 ahead at 32²–128² and 128×512 (128²: fp32 445 ms, bf16 126 ms, against
+# 1.5 ms for fp32 on one thread): threads waiting on each other, not bf16 arithmetic; not committed.
+CPU_DTYPE_TABLE: tuple[DtypeEntry, ...] = (
+    DtypeEntry('AMD EPYC', 1, 32, 32, 'float32', 0.483, 1.207),
+    DtypeEntry('AMD EPYC', 1, 64, 64, 'float32', 0.507, 5.357),
+    DtypeEntry('AMD EPYC', 1, 128, 128, 'float32', 1.5, 26.74),
+    DtypeEntry('AMD EPYC', 1, 256, 256, 'float32', 12.09, 426.6),
+    DtypeEntry('AMD EPYC', 1, 512, 512, 'float32', 95.19, 4091.0),
+    DtypeEntry('AMD EPYC', 1, 32, 128, 'float32', 0.4766, 1.911),
+    DtypeEntry('AMD EPYC', 1, 64, 256, 'float32', 0.8963, 9.917),
+    DtypeEntry('AMD EPYC', 1, 128, 512, 'float32', 5.404, 182.2),
+    DtypeEntry('AMD EPYC', 1, 256, 1024, 'float32', 33.01, 1235.0),
+    DtypeEntry('AMD EPYC', 2, 32, 32, 'float32', 2.293, 6.827),
+    DtypeEntry('AMD EPYC', 2, 64, 64, 'float32', 10.85, 29.52),
+    DtypeEntry('AMD EPYC', 2, 128, 128, 'float32', 20.19, 61.1),
+    DtypeEntry('AMD EPYC', 2, 256, 256, 'float32', 466.9, 659.6),
+    DtypeEntry('AMD EPYC', 2, 512, 512, 'float32', 252.4, 3787.0),
+    DtypeEntry('AMD EPYC', 2, 32, 128, 'float32', 4.102, 10.9),
+    DtypeEntry('AMD EPYC', 2, 64, 256, 'float32', 13.56, 34.98),
+    DtypeEntry('AMD EPYC', 2, 128, 512, 'float32', 32.71, 284.4),
+    DtypeEntry('AMD EPYC', 2, 256, 1024, 'float32', 198.7, 1670.0),
+)
 
 _CPU_MODEL: dict[str, str] = {}
 
