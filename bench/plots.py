@@ -38,6 +38,10 @@ def _save(fig, path: Path, plt, **kwargs) -> Path:
     return path
 
 
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
 def _where(row: dict) -> str:
     return f"{row.get('device', '?')}, commit {row.get('commit', '?')}"
 
@@ -67,14 +71,14 @@ def step(rows: list[dict], path: Path) -> Path | None:
         err = [[r["median"] - r["low"] for r in mine], [r["high"] - r["median"] for r in mine]]
         ax.errorbar(total, y, xerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=3,
                     label="min–max over the rounds")
-        for i, r in enumerate(mine):
-            ax.text(r["high"], i, f"  {r['median']:.3g} ms" + (" (noisy)" if r["flag"] else ""), va="center",
-                    fontsize=7)
+        for i, (r, n) in enumerate(zip(mine, ns, strict=True)):
+            label = f"  {_num(r['median'])} ms" + (f", NS {_num(n)}" if n else "") + (" (noisy)" if r["flag"] else "")
+            ax.text(r["high"], i, label, va="center", fontsize=7)
         ax.set_yticks(y, [r["provider"] for r in mine], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("step time, ms (median)")
         ax.set_title(textwrap.fill(f"{model}: median of {mine[0]['rounds']} interleaved rounds", 60), fontsize=9)
-        ax.set_xlim(0, max(r["high"] for r in mine) * 1.35)
+        ax.set_xlim(0, max(r["high"] for r in mine) * 1.45)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2)
     fig.suptitle(f"One optimizer step, {_where(steps[0])}", fontsize=9)
@@ -201,7 +205,8 @@ def telescope(result: dict, path: Path) -> Path | None:
         grid_text = "×".join([str(n)] * len(names))
         ext_text = f" + {ext} extension{'s' if ext != 1 else ''}" if ext else ""
         edge = ", best still on the edge" if st.get("best_on_edge") else ""
-        ax.set_title(f"width {st['width']}: {len(grid)} runs drawn ({grid_text} grid{ext_text}{edge})\n"
+        runs = f"{len(grid)} run{'s' if len(grid) != 1 else ''}"
+        ax.set_title(f"width {st['width']}: {runs} drawn ({grid_text} grid{ext_text}{edge})\n"
                      f"best {st['best']['loss']:.3f} (star)", fontsize=8)
     fig.colorbar(sc, ax=axes[0].tolist(), label="val loss")
     fig.suptitle(f"telescoping sweep ({result.get('device', '?')}{', quick' if result.get('quick') else ''}): "

@@ -109,11 +109,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ summary.md
+def _num(v: float) -> str:
+    """3 significant digits, without an exponent: 0.784, 59.8, 914, 3,704."""
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
 def _ms(row: dict | None) -> str:
     """'12.3 (11.9–13.0)': the median and min–max of a timed row."""
     if not row or row.get("median") is None:
         return "—"
-    return f"{row['median']:.3g} ({row['low']:.3g}–{row['high']:.3g})" + (" noisy" if row.get("flag") else "")
+    return f"{_num(row['median'])} ({_num(row['low'])}–{_num(row['high'])})" + (" noisy" if row.get("flag") else "")
 
 
 def _times(r) -> str:

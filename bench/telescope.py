@@ -261,7 +261,7 @@ def run(args) -> int:
         b = result["best"]
         for st in result["stages"]:
             edge = "; best still on the edge" if st["best_on_edge"] else ""
-            print(f"width {st['width']}: {len(st['grid'])} runs ({st['extensions']} grid extensions{edge}), "
+            print(f"width {st['width']}: {len(st['grid'])} run(s) ({st['extensions']} grid extension(s){edge}), "
                   f"best val loss {st['best']['loss']:.4f}")
         values = ", ".join(f"{k} {v:.3g}" for k, v in b["values"].items())
         print(f"best at width {s['final_width']}: {values} (val loss {b['loss']:.4f}); cost vs brute force "
