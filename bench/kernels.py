@@ -15,7 +15,8 @@ muon[triton:fp16] (fp16 compute, rows with dtype float16); every importable peer
 square GEMM as the device's ceiling.
 
 Timing (bench/timing.py): per shape, every provider and the shape's GEMM in --rounds interleaved
-rounds (CUDA: triton.testing.do_bench per round, CUDA-graph replay for tiny shapes); rows (bench/schema.py)
+rounds (CPU, one thread: process CPU time; CUDA: triton.testing.do_bench per round, CUDA-graph replay for
+tiny shapes); rows (bench/schema.py)
 give the median ms, the spread (IQR / median), min, max and a "noisy" flag.
 
 Fields in each row's `extra`: `tflops` = effective rate, muon.flops.newton_schulz_flops (standard NS, every product
@@ -221,8 +222,9 @@ def run(args: argparse.Namespace) -> int:
                       explicit, gemm_provider, peak_rate, rounds, rep_ms, results)
 
     paths = results.write(out_dir, "kernels")
-    print(wrap(f"Newton–Schulz on {results.meta['device']}, commit {results.meta['commit']}: median of {rounds} "
-               "interleaved rounds per shape; best = fastest muon backend (same steps, standard NS)"))
+    clock = next((r["clock"] for r in results.ok("newton_schulz")), "")
+    print(wrap(f"Newton–Schulz on {results.meta['device']}, commit {results.meta['commit']}: {clock}, median of "
+               f"{rounds} interleaved rounds per shape; best = fastest muon backend (same steps, standard NS)"))
     print(console_table(results.rows))
     line = skip_line(results.rows, "kernels.csv")
     if line:

@@ -76,7 +76,7 @@ def step(rows: list[dict], path: Path) -> Path | None:
             ax.text(r["high"], i, label, va="center", fontsize=7)
         ax.set_yticks(y, [r["provider"] for r in mine], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("step time, ms (median)")
+        ax.set_xlabel(f"step time, ms (median; {mine[0].get('clock') or '?'})")
         ax.set_title(textwrap.fill(f"{model}: median of {mine[0]['rounds']} interleaved rounds", 60), fontsize=9)
         ax.set_xlim(0, max(r["high"] for r in mine) * 1.45)
     handles, names = axes[0][0].get_legend_handles_labels()
@@ -124,10 +124,11 @@ def kernels(rows: list[dict], path: Path) -> Path | None:
     ax.set_xticks(range(len(shapes)), shapes, rotation=45, ha="right", fontsize=7)
     ax.set_xlabel("NS input shape B×m×n (batch × rows × columns)")
     ax.set_ylabel("effective TFLOP/s (standard-NS FLOPs / median time)")
+    clock = timed[0].get("clock") if timed else ""
     ax.set_yscale("log")
     rounds = timed[0]["rounds"] if timed else "?"
     ax.set_title(f"Newton–Schulz per provider (compute dtype in the legend), median of {rounds} interleaved "
-                 f"rounds, whiskers min–max\n{_where(ok[0]) if ok else ''}", fontsize=8)
+                 f"rounds ({clock}), whiskers min–max\n{_where(ok[0]) if ok else ''}", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

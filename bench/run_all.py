@@ -152,9 +152,10 @@ def ns_headline(rows: list[dict]) -> list[str]:
         out.append(f"| {kind} | {', '.join(e[0] for e in entries)} | {mean:.2f}× | {min(ups):.2f}–{max(ups):.2f}× "
                    f"| {', '.join(names)} | {dtypes} |")
     rounds = next(iter(peer.values()))["rounds"]
+    clock = next(iter(peer.values())).get("clock") or "?"
     out += ["", f"Per shape: torch.optim.Muon's NS time (one matrix per call) / the fastest muon backend's (one "
             f"batched call, same steps, standard NS), the median of {rounds} interleaved rounds' ratios "
-            "(kernels.json); > 1: muon is faster."]
+            f"({clock}; kernels.json); > 1: muon is faster."]
     return out
 
 
@@ -184,10 +185,13 @@ def step_headline(rows: list[dict]) -> list[str]:
             f"| {_times(best['extra'].get('speedup_vs_torch_optim_muon'))} "
             f"| {_times(best['extra'].get('time_vs_fused_adamw'))} "
             f"| {best['extra'].get('ops_per_step', '—')} vs {theirs['extra'].get('ops_per_step', '—')} | {overhead} |")
-    rounds = steps[0]["rounds"]
-    out += ["", f"Times: median of {rounds} interleaved rounds (min–max in brackets) of one optimizer step on the "
-            "model's parameters with fixed gradients (step.json), every optimizer once per round in a rotated "
-            "order; the fastest muon.Muon backend shown. Its NS part is timed inside the same steps, so it is "
+    rounds, clock = steps[0]["rounds"], steps[0].get("clock") or "?"
+    what = (" (one thread: the time the step ran on its core, not the time other jobs held it; the same samples' "
+            "wall time is in step.json, extra.wall_ms)" if clock == "process CPU time" else "")
+    out += ["", f"Times: {clock}{what}, median of {rounds} interleaved rounds (min–max in brackets) of one "
+            "optimizer step on the model's parameters with fixed gradients (step.json), every optimizer once per "
+            "round in a rotated order; the fastest muon.Muon backend shown. Its NS part is timed inside the same "
+            "steps, so it is "
             "never longer than the step (checked when step.json is written). Ratios are per round: speed-up = "
             "torch.optim.Muon's step / muon's (> 1: muon is faster), time vs fused AdamW = muon's / AdamW's. "
             "FLOP overhead: (muon.Muon step FLOPs − AdamW step FLOPs) / 6·N·B at "

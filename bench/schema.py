@@ -2,7 +2,8 @@
 
 A row is one measured (or computed) value: what (`command`, `op`, `provider`, `shape`, `dtype`), the
 value (`metric`, `unit`, `median`), how it was spread over the interleaved rounds that measured it
-(`spread` = IQR / median, `q1`, `q3`, `low` = min, `high` = max, `rounds`, `flag`), `part_of` (the op
+(`spread` = IQR / median, `q1`, `q3`, `low` = min, `high` = max, `rounds`, `clock`: what timed it,
+`flag`), `part_of` (the op
 of the same provider and shape this value is a part of: a part is never reported longer than its
 whole, `check_parts`), `status` (ok, skipped: why, error: what), `extra` (the command's own fields,
 JSON in the CSV) and where it ran (`device`, `threads`, versions, `commit`, `date`). Computed values
@@ -26,7 +27,7 @@ from .timing import Stats
 
 COLUMNS = (
     "command", "op", "provider", "shape", "dtype", "metric", "unit",
-    "median", "spread", "q1", "q3", "low", "high", "rounds", "flag", "part_of", "status", "extra",
+    "median", "spread", "q1", "q3", "low", "high", "rounds", "clock", "flag", "part_of", "status", "extra",
     "device", "threads", "muon", "torch", "triton", "cuda", "python", "commit", "date",
 )  # fmt: skip
 META = ("device", "threads", "muon", "torch", "triton", "cuda", "python", "commit", "date")
@@ -81,7 +82,9 @@ class Results:
                    unit=unit, part_of=part_of, status=status, flag="", extra=extra, **self.meta)
         if stats is not None:
             row.update(median=stats.median, spread=stats.spread, q1=stats.q1, q3=stats.q3, low=stats.low,
-                       high=stats.high, rounds=stats.rounds, flag=stats.flag)
+                       high=stats.high, rounds=stats.rounds, clock=stats.clock, flag=stats.flag)
+            if stats.wall is not None:
+                extra["wall_ms"] = list(stats.wall)  # median, min, max of the same samples' wall time
         elif value is not None:
             row.update(median=float(value))
         self.rows.append(row)

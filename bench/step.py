@@ -10,7 +10,8 @@ optimizer sees the same parameters routed by muon.param_groups.
 
 Timing (bench/timing.py): all optimizers of a model exist at once and are timed in --rounds
 interleaved rounds (each runs once per round, the order rotated), so load from other jobs falls on
-every one alike; rows give the median, the IQR / median ("spread"), min and max over the rounds, and a
+every one alike; on a CPU with one thread the clock is the process's CPU time (wall time in
+extra.wall_ms), on CUDA events; rows give the median, the IQR / median ("spread"), min and max over the rounds, and a
 "noisy" flag above 10 %. The Newton–Schulz part of a step is timed inside the same steps (the
 backends' NS functions, or torch.optim.Muon's `_zeropower_via_newtonschulz`, wrapped with a clock), so
 it can never exceed the step it is part of (bench/schema.py checks). The speed-ups are per-round
@@ -314,8 +315,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or default_out(device)
     paths = results.write(out, "step")
-    print(wrap(f"optimizer step on {results.meta['device']}, commit {results.meta['commit']}: median of "
-               f"{rounds} interleaved rounds; NS part timed inside the same steps"))
+    clock = next((r["clock"] for r in results.ok(STEP)), "")
+    print(wrap(f"optimizer step on {results.meta['device']}, commit {results.meta['commit']}: {clock}, median "
+               f"of {rounds} interleaved rounds; NS part timed inside the same steps"))
     print(console_table(results.rows))
     line = skip_line(results.rows, "step.csv")
     if line:

@@ -10,10 +10,15 @@ Parts: a `PartClock` wraps the functions a call spends part of its time in (the 
 step); during each sample it adds up the time spent inside them, so every part sample lies within
 its own whole sample and the part's median, min and max can never exceed the whole's.
 
-Clocks: CPU wall time (time.perf_counter, gc off during a sample, as timeit does). CUDA: events on the
-current stream around the sample and around each part call, read after one synchronize; with
-`kernel=True`, triton.testing.do_bench per round instead (warm-up, L2 flush, median of its own reps;
-`graph=True`: CUDA-graph replay, for kernels so short that launches dominate).
+Clocks (each row names its own, `Stats.clock`). CPU with one torch thread: the process's CPU time
+(time.process_time): the time the sample ran on its core, without the time other jobs held the core,
+which on a shared machine moves a wall-clock median by 2x between runs (a `tiny` muon step: IQR 109 %
+of the median in wall time, 15 % in CPU time, same samples); the same samples' wall time is kept
+(`Stats.wall`). CPU with more threads: wall time (time.perf_counter; CPU time would add the threads
+up). gc is off during a sample, as timeit does. CUDA: events on the current stream around the sample
+and around each part call, read after one synchronize; with `kernel=True`, triton.testing.do_bench
+per round instead (warm-up, L2 flush, median of its own reps; `graph=True`: CUDA-graph replay, for
+kernels so short that launches dominate).
 
 Why not torch.utils.benchmark or do_bench alone: both time one statement at a time, in one block,
 so a burst of load from another job lands on one provider only; Timer.timeit also runs at least two
@@ -37,7 +42,8 @@ MAX_NUMBER = 1000  # calls per sample at most (tiny functions)
 
 @dataclass(frozen=True)
 class Stats:
-    """Summary of one provider's per-round samples (ms, or any unit)."""
+    """Summary of one provider's per-round samples (ms, or any unit); `clock` names what timed them,
+    `wall` is (median, min, max) of the same samples' wall time where the clock was another."""
 
     median: float
     q1: float
@@ -45,6 +51,8 @@ class Stats:
     low: float
     high: float
     rounds: int
+    clock: str = ""
+    wall: tuple[float, float, float] | None = None
 
     @property
     def spread(self) -> float:
@@ -56,7 +64,7 @@ class Stats:
         return "noisy" if self.rounds > 1 and self.spread > NOISY else ""
 
     @classmethod
-    def of(cls, samples: list[float]) -> Stats:
+    def of(cls, samples: list[float], clock: str = "", wall: list[float] | None = None) -> Stats:
         if not samples:
             raise ValueError("no samples")
         xs = sorted(samples)
@@ -64,7 +72,8 @@ class Stats:
             q1 = q3 = xs[0]
         else:
             q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-        return cls(statistics.median(xs), q1, q3, xs[0], xs[-1], len(xs))
+        walls = (statistics.median(wall), min(wall), max(wall)) if wall else None
+        return cls(statistics.median(xs), q1, q3, xs[0], xs[-1], len(xs), clock, walls)
 
     def text(self, digits: int = 3) -> str:
         """'12.3 ms (11.9–13.0, 15 rounds)': median, then min–max."""
@@ -83,11 +92,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROCESS_CPU, WALL = "process CPU time", "wall clock"
+
+
+def cpu_timer() -> tuple[str, Callable[[], float]]:
+    """(name, seconds function) of the CPU clock: process CPU time with one torch thread, else wall."""
+    if torch.get_num_threads() == 1:
+        return PROCESS_CPU, time.process_time
+    return WALL, time.perf_counter
+
+
 class PartClock:
-    """Adds up the time spent inside the wrapped functions, per sample of `interleaved`."""
+    """Adds up the time spent inside the wrapped functions, per sample of `interleaved` (with the
+    clock of the samples it is part of; `interleaved` sets it)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.timer = cpu_timer()[1]
         self.ms = 0.0
         self._events: list = []
         self._depth = 0  # only the outermost wrapped call counts (one wrapped function calling another)
@@ -115,9 +136,9 @@ class PartClock:
             end.record()
             self._events.append((start, end))
             return out
-        t0 = time.perf_counter()
+        t0 = self.timer()
         out = fn(*args, **kwargs)
-        self.ms += (time.perf_counter() - t0) * 1e3
+        self.ms += (self.timer() - t0) * 1e3
         return out
 
     def total_ms(self) -> float:
@@ -127,29 +148,34 @@ class PartClock:
 
 @dataclass
 class Samples:
-    """One provider's samples, ms per call, one per round; `part` when it has a PartClock."""
+    """One provider's samples, ms per call, one per round; `part` when it has a PartClock; `wall`
+    the same samples in wall time where `clock` is another."""
 
     whole: list[float] = field(default_factory=list)
     part: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
     number: int = 1
+    clock: str = ""
 
     @property
     def stats(self) -> Stats:
-        return Stats.of(self.whole)
+        return Stats.of(self.whole, self.clock, self.wall if self.clock != WALL else None)
 
     @property
     def part_stats(self) -> Stats | None:
-        return Stats.of(self.part) if self.part else None
+        return Stats.of(self.part, self.clock) if self.part else None
 
 
-def _sample_cpu(fn: Callable, number: int) -> float:
+def _sample_cpu(fn: Callable, number: int, timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """(ms per call on `timer`, ms per call of wall time) of `number` calls."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        t0 = time.perf_counter()
+        w0, t0 = time.perf_counter(), timer()
         for _ in range(number):
             fn()
-        return (time.perf_counter() - t0) * 1e3 / number
+        t1, w1 = timer(), time.perf_counter()
+        return (t1 - t0) * 1e3 / number, (w1 - w0) * 1e3 / number
     finally:
         if enabled:
             gc.enable()
@@ -185,7 +211,13 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, *,
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     parts = parts or {}
     names = list(calls)
-    out = {name: Samples() for name in names}
+    if device.type == "cuda":
+        clock = ("do_bench_cudagraph" if graph else "do_bench") if kernel else "cuda events"
+    else:
+        clock, timer = cpu_timer()
+        for part in parts.values():
+            part.timer = timer
+    out = {name: Samples(clock=clock) for name in names}
     per_sample = budget_ms / rounds
     for name in names:  # warm-up (first-call allocation, compilation), then one timed call to calibrate
         for _ in range(warmup):
@@ -193,7 +225,10 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, *,
         synchronize(device)
         if device.type == "cuda" and kernel:
             continue
-        first = _sample_cpu(calls[name], 1) if device.type != "cuda" else _sample_cuda_events(calls[name], 1, device)
+        if device.type == "cuda":
+            first = _sample_cuda_events(calls[name], 1, device)
+        else:
+            first = _sample_cpu(calls[name], 1, timer)[1]  # wall: what a sample costs in the budget
         clock = parts.get(name)
         if clock is not None:
             clock.reset()
@@ -206,7 +241,9 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, *,
             if clock is not None:
                 clock.reset()
             if device.type != "cuda":
-                out[name].whole.append(_sample_cpu(fn, number))
+                ms, wall = _sample_cpu(fn, number, timer)
+                out[name].whole.append(ms)
+                out[name].wall.append(wall)
             elif kernel:
                 out[name].whole.append(_sample_do_bench(fn, per_sample, graph))
             else:

@@ -44,22 +44,43 @@ def test_rounds_interleave_every_provider_in_a_rotated_order():
     assert timed == list("abc" "bca" "cab" "abc")  # each once per round, the start rotating
 
 
-def test_a_part_timed_inside_its_whole_never_exceeds_it():
+def _spin(ms: float) -> None:
+    """Busy for `ms` of this process's CPU time (the wall time is at least that)."""
+    t0 = time.process_time()
+    while (time.process_time() - t0) * 1e3 < ms:
+        pass
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread: process CPU time", "2 threads: wall clock"])
+def threads(request):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def test_a_part_timed_inside_its_whole_never_exceeds_it(threads):
     clock = timing.PartClock(CPU)
-    inner = clock.wrap(lambda: time.sleep(0.002))
+    inner = clock.wrap(lambda: _spin(2.0))
     outer = clock.wrap(inner)  # nested wrapped calls count once
 
     def whole():
-        time.sleep(0.001)
+        _spin(1.0)
         outer()
 
-    samples = timing.interleaved({"w": whole, "other": lambda: time.sleep(0.001)}, CPU, rounds=5, budget_ms=5,
+    samples = timing.interleaved({"w": whole, "other": lambda: _spin(1.0)}, CPU, rounds=5, budget_ms=5,
                                  parts={"w": clock})
     w = samples["w"]
     assert len(w.part) == 5 and not samples["other"].part
     for part, total in zip(w.part, w.whole, strict=True):
-        assert 2.0 <= part <= total  # the 2 ms sleep, inside its sample, counted once
-    assert w.part_stats.median <= w.stats.median and w.part_stats.high <= w.stats.high
+        assert 2.0 <= part <= total  # the 2 ms spin, inside its sample, counted once
+    stats, part_stats = w.stats, w.part_stats
+    assert part_stats.median <= stats.median and part_stats.high <= stats.high
+    assert stats.clock == part_stats.clock == ("process CPU time" if threads == 1 else "wall clock")
+    if threads == 1:  # the same samples' wall time beside the CPU time: never less
+        assert stats.wall is not None and stats.wall[1] >= stats.low * 0.999
+    else:
+        assert stats.wall is None
 
 
 def _rows_with(part_ms: float, whole_ms: float) -> schema.Results:
