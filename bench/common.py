@@ -1,25 +1,23 @@
-"""Shared benchmark plumbing: device and version facts, timing, result rows (CSV/JSON), output folders.
+"""Shared benchmark plumbing: device and version facts, argument parsing, progress, console tables.
 
-Every result is a row keyed by op, provider, shape, dtype and device, with the software versions and
-the git commit of the run, so rows from different machines and commits can be concatenated.
+Timing lives in bench/timing.py, the result rows (one CSV schema for every command) in
+bench/schema.py, every plot in bench/plots.py.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .plots import _PLOT_NOTE, pyplot  # noqa: F401  (re-exported: the commands import them from here)
+from .timing import synchronize  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,14 +35,9 @@ def pick_device(name: str | None) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from muon.backends.dispatch import cpu_model
+
+    cpu = cpu_model() or platform.machine()
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
 
 
@@ -113,73 +106,21 @@ def shape_str(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
 
 
-# ------------------------------------------------------------------------------------------ timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: float = 100.0, graph: bool = False) -> float:
-    """Median time of fn() in milliseconds.
-
-    CUDA: triton.testing.do_bench (warm-up, L2 flush before every run, median); graph=True replays
-    a CUDA graph instead (do_bench_cudagraph), for kernels so short that launch overhead dominates.
-    CPU: warm-up, then the median of repeated wall-clock runs (at least 3, about rep_ms in all).
-    """
-    if device.type == "cuda":
-        import triton.testing
-
-        if graph:
-            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
-        return float(triton.testing.do_bench(fn, warmup=max(1, int(rep_ms // 4)), rep=rep_ms, return_mode="median"))
-    fn()  # warm-up (first-call allocations, lazy init)
-    start = time.perf_counter()
-    fn()
-    first = (time.perf_counter() - start) * 1e3
-    reps = int(min(50, max(3, rep_ms / max(first, 1e-3))))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def set_threads(threads: int | None, device: torch.device) -> None:
+    """torch's CPU threads for a timing command: --threads, else 1 on a CPU (on a machine shared with
+    other jobs, two threads on two cores wait on each other's preempted half and a step's time moves
+    by several times between runs; one thread is what the project's CPU figures use) and torch's
+    default on a GPU machine (the host only issues work there)."""
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
 
 
 def tflops(flops: int, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
-
-
-# ------------------------------------------------------------------------------------------ results
-class Results:
-    """Rows of one run; `write` appends nothing, it (re)writes <stem>.csv and <stem>.json."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.meta = {
-            "device": device_name(device),
-            **{f"{k}_version": v for k, v in versions().items()},
-            "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        self.rows: list[dict] = []
-
-    def add(self, op: str, provider: str, shape: str, dtype: str, **values) -> dict:
-        row = {"op": op, "provider": provider, "shape": shape, "dtype": dtype, **values, **self.meta}
-        self.rows.append(row)
-        return row
-
-    def write(self, out: Path, stem: str) -> list[Path]:
-        out.mkdir(parents=True, exist_ok=True)
-        columns: list[str] = []
-        for row in self.rows:
-            columns += [k for k in row if k not in columns]
-        csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        json_path.write_text(json.dumps(self.rows, indent=1, default=str) + "\n")
-        return [csv_path, json_path]
 
 
 class _Lines:
@@ -251,36 +192,49 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **k
     return _Lines(iterable, total=total, desc=desc, unit=unit, disable=quiet)
 
 
-_PLOT_NOTE = {"said": False}
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None (saying once how to get plots) when matplotlib is
-    not installed: the numbers (CSV/JSON) never depend on it."""
-    try:
-        import matplotlib
-    except ImportError:
-        if not _PLOT_NOTE["said"]:
-            print("plots skipped: matplotlib is not installed (pip install 'fused-muon[bench]')", flush=True)
-            _PLOT_NOTE["said"] = True
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+CONSOLE_WIDTH = 100  # every console table and line of `python -m bench` fits this
+MAX_CELL = 24  # longer cells (custom: model specs) are cut in console tables
 
 
 def fmt_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain aligned text table of the given columns."""
+    """A plain aligned text table of the given columns (floats to 4 significant digits)."""
 
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return "" if v is None else str(v)
+        text = "" if v is None else str(v)
+        return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"  # the files hold it whole
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def wrap(text: str) -> str:
+    """A console paragraph in lines of at most CONSOLE_WIDTH."""
+    import textwrap
+
+    return textwrap.fill(text, CONSOLE_WIDTH, break_on_hyphens=False)
+
+
+def skip_line(rows: list[dict], where: str) -> str:
+    """One console line for every row skipped or failed in a stage: how many, which providers (as
+    many as fit in CONSOLE_WIDTH), and where the reasons are (the status column of `where`)."""
+    bad = list(dict.fromkeys(r["provider"] for r in rows if r.get("status", "ok") != "ok"))
+    if not bad:
+        return ""
+    errors = sum(1 for r in rows if str(r.get("status", "")).startswith("error"))
+    head = f"skipped {len(bad)} provider(s)" + (f", {errors} error row(s)" if errors else "")
+    tail = f" (why: status column of {where})"
+    names, shown = "", 0
+    for name in bad:
+        more = f" +{len(bad) - shown - 1} more" if shown + 1 < len(bad) else ""
+        candidate = names + (", " if names else ": ") + name
+        if len(head + candidate + more + tail) > CONSOLE_WIDTH:
+            break
+        names, shown = candidate, shown + 1
+    rest = f" +{len(bad) - shown} more" if shown < len(bad) else ""
+    return head + names + rest + tail

@@ -181,6 +181,7 @@ def run(args) -> int:
         "token_ratio_definition": "adamw_tokens / muon_tokens to reach the worse of the two best final val losses",
     }
     D.write_result(args, result, "efficiency", plot)
+    write_rows(result, Path(args.out))
     if not args.json:
         for r in rows:
             print(f"batch {r['batch_tokens']:>7} tokens: target {r['target_loss']:.4f}  muon {r['muon_tokens']:.0f} "
@@ -190,38 +191,29 @@ def run(args) -> int:
     return 0
 
 
+def write_rows(result: dict, out: Path) -> None:
+    """efficiency.csv (bench/schema.py): one row per run (its final validation loss) and one per batch
+    size (the token ratio)."""
+    import torch
+
+    from .schema import Results
+
+    rows = Results(torch.device("cpu"), "efficiency")
+    for r in result["batches"]:
+        shape = f"batch={r['batch_tokens']}"
+        for name in OPTIMIZERS:
+            for run in r[name]["sweep"]:
+                rows.add("efficiency_run", name, shape, "auto" if name == "muon" else "float32",
+                         metric="final_val_loss", unit="nats per byte token", value=run["final_val_loss"],
+                         lr=run["lr"], best=run["lr"] == r[name]["best_lr"], steps=r["steps"])
+        rows.add("token_ratio", "adamw/muon", shape, "", metric="token_ratio",
+                 unit="adamw tokens / muon tokens to the target", value=r["token_ratio"],
+                 target_loss=r["target_loss"], muon_tokens=r["muon_tokens"], adamw_tokens=r["adamw_tokens"])
+    rows.write(out, "efficiency")
+
+
 def plot(result: dict, path: Path) -> None:
-    from .common import pyplot
+    """efficiency.png: bench.plots.efficiency."""
+    from . import plots
 
-    plt = pyplot()
-    if plt is None:
-        return
-
-    rows = result["batches"]
-    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], rows, strict=False):
-        for name, style in (("muon", "C0-"), ("adamw", "C1-")):
-            c = r[name]["curve"]
-            ax.plot(c["tokens"], c["val_loss"], style, label=f"{name} (lr {r[name]['best_lr']:g})")
-            if math.isfinite(r[f"{name}_tokens"]):
-                ax.axvline(r[f"{name}_tokens"], color=style[:2], ls=":", lw=1, label=f"{name} reaches target")
-        ax.axhline(r["target_loss"], color="gray", ls="--", lw=1, label="target (worse best final loss)")
-        ax.set_title(f"batch {r['batch_tokens']} tokens: ratio {r['token_ratio']:.2f}", fontsize=9)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("val loss")
-        lo = min(min(r["muon"]["curve"]["val_loss"]), min(r["adamw"]["curve"]["val_loss"]))
-        ax.set_ylim(lo - 0.05, lo + 1.0)
-        ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    ax.plot([r["batch_tokens"] for r in rows], [r["token_ratio"] for r in rows], "ko-", label="measured")
-    ax.axhline(1.0, color="gray", lw=1, label="1.0: equal tokens")
-    ax.axhline(1.1, color="gray", ls="--", lw=1, label="1.1: the paper's ~10 %")
-    ax.legend(fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch tokens")
-    ax.set_ylabel("token ratio adamw / muon")
-    ax.set_title("R_L(B)", fontsize=9)
-    fig.suptitle(f"Muon vs AdamW data efficiency ({result['device']}{', quick' if result['quick'] else ''}, "
-                 f"width {result['model']['width']}, depth {result['model']['depth']})", fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    plots.efficiency(result, path)

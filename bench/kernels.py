@@ -14,11 +14,18 @@ muon[triton:fp16] (fp16 compute, rows with dtype float16); every importable peer
 (bench/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
 square GEMM as the device's ceiling.
 
-Columns: `ms`; `tflops` = effective rate, muon.flops.newton_schulz_flops (standard NS, every product
+Timing (bench/timing.py): per shape, every provider and the shape's GEMM in --rounds interleaved
+rounds (CPU, one thread: process CPU time; CUDA: triton.testing.do_bench per round, CUDA-graph replay for
+tiny shapes); rows (bench/schema.py)
+give the median ms, the spread (IQR / median), min, max and a "noisy" flag.
+
+Fields in each row's `extra`: `tflops` = effective rate, muon.flops.newton_schulz_flops (standard NS, every product
 full) / time; `actual_tflops` = the FLOPs the kernel really does / time (symmetric=True count for
 the kernels that compute one triangle of X·Xᵀ and A·A: triton gemm/persistent, cuda); `pct_cublas` =
 actual_tflops as % of the same run's large cuBLAS GEMM; `vs_gemm` = effective rate / the rate of the
-X·Xᵀ GEMM of the shape; `rel_err_fp64` = relative Frobenius error against the float64 reference.
+X·Xᵀ GEMM of the shape; `rel_err_fp64` = relative Frobenius error against the float64 reference;
+`vs_torch_optim_muon` (muon rows) = [median, min, max] of the per-round ratio torch.optim.Muon's time
+/ this provider's.
 The CSV is the format `muon.backends.dispatch.table_from_csv` reads: a GPU run's kernels.csv can
 replace the table auto decides from.
 """
@@ -32,11 +39,10 @@ import torch
 
 from muon import backends, flops
 from muon.coefficients import resolve_schedule
-from muon.newton_schulz import orthogonalize
+from muon.newton_schulz import orthogonalize, resolve_dtype
 
-from . import models, peers
+from . import models, peers, plots
 from .common import (
-    Results,
     default_out,
     dtype_name,
     dtype_of,
@@ -44,12 +50,15 @@ from .common import (
     parse_shape,
     pick_device,
     progress,
-    pyplot,
+    set_threads,
     shape_str,
+    skip_line,
     synchronize,
     tflops,
-    time_ms,
+    wrap,
 )
+from .schema import Results
+from .timing import interleaved, ratio
 
 # (B, m, n): the H100 measurement of the dispatch table (muon/backends/dispatch.py), then small-side and
 # mid-size classes it does not cover yet, one tall shape (m > n; NS transposes it).
@@ -80,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", action="append", default=None,
                         help="add the batched NS groups of this model preset (repeatable; default per device); "
                         "'none' for no preset groups")
-    parser.add_argument("--dtype", default="bf16", help="NS compute dtype (default bf16)")
+    parser.add_argument("--dtype", default="auto",
+                        help="NS compute dtype of the muon providers: auto (default: what ns_dtype='auto' picks per "
+                        "shape, bf16 on CUDA and fp32 on a CPU unless its measured table says bf16), bf16, fp16, fp32; "
+                        "torch.optim.Muon computes in bf16 whatever is chosen here")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--aol-steps", type=int, default=None,
                         help="steps of the AOL providers (default: --steps - 1, Turbo-Muon's setting)")
@@ -89,7 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated from {backends.BACKENDS} (default: all; on a CPU only torch "
                         "unless named, as the others would run in an interpreter)")
     parser.add_argument("--peers", default=",".join(peers.PEERS), help="comma-separated peers; '' for none")
-    parser.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement (ms)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape (default 10)")
+    parser.add_argument("--rep-ms", type=float, default=None,
+                        help="time per provider and shape over all rounds, about (ms; default 300 CPU, 100 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU)")
     parser.add_argument("--gemm-size", type=int, default=None, help="square GEMM for the device ceiling")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/out/<device>)")
@@ -165,14 +180,17 @@ def _rel_err(out, ref: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    dtype = dtype_of(args.dtype)
+    set_threads(args.threads, device)
+    auto = args.dtype == "auto"
+    fixed = None if auto else dtype_of(args.dtype)
     schedule = resolve_schedule(args.coefficients, args.steps, 1e-7)
     aol_steps = args.steps - 1 if args.aol_steps is None else args.aol_steps
     if aol_steps < 0:
         raise SystemExit(f"--aol-steps must be >= 0, got {aol_steps}")
     aol_schedule = resolve_schedule(args.coefficients, aol_steps, 1e-7, precondition="aol")
+    rounds = args.rounds or 10
     rep_ms = args.rep_ms or (100.0 if device.type == "cuda" else 300.0)
-    results = Results(device)
+    results = Results(device, "kernels")
     explicit = set(args.backends.split(",")) if args.backends else set()
     peer_names = [p for p in args.peers.split(",") if p]
     for p in peer_names:
@@ -181,15 +199,18 @@ def run(args: argparse.Namespace) -> int:
 
     gen = torch.Generator(device=device).manual_seed(0)
     gemm_provider = "cublas" if device.type == "cuda" else "torch.matmul"
+    kernel = device.type == "cuda"  # do_bench per round on a GPU
 
     # The device's ceiling: one large square GEMM in the compute dtype.
     size = args.gemm_size or (8192 if device.type == "cuda" else 512)
-    A = torch.randn(size, size, device=device, generator=gen).to(dtype)
-    Bm = torch.randn(size, size, device=device, generator=gen).to(dtype)
-    ms = time_ms(lambda A=A, Bm=Bm: torch.mm(A, Bm), device, rep_ms=rep_ms)
-    peak_rate = tflops(2 * size**3, ms)
-    results.add("gemm", gemm_provider, shape_str((size, size, size)), dtype_name(dtype), kind="peak",
-                ms=ms, tflops=peak_rate, status="ok")
+    peak_dtype = fixed or resolve_dtype("auto", device, (size, size))
+    A = torch.randn(size, size, device=device, generator=gen).to(peak_dtype)
+    Bm = torch.randn(size, size, device=device, generator=gen).to(peak_dtype)
+    peak = interleaved({"peak": lambda A=A, Bm=Bm: torch.mm(A, Bm)}, device, rounds=rounds, budget_ms=rep_ms,
+                       kernel=kernel)["peak"].stats
+    peak_rate = tflops(2 * size**3, peak.median)
+    results.add("gemm", gemm_provider, shape_str((size, size, size)), dtype_name(peak_dtype), stats=peak, kind="peak",
+                tflops=peak_rate)
     del A, Bm
 
     out_dir = args.out or default_out(device)
@@ -197,141 +218,147 @@ def run(args: argparse.Namespace) -> int:
         # rows so far on disk after every shape: a run cut short by a time limit keeps what it measured
         if results.rows:
             results.write(out_dir, "kernels")
-        shape = shape_str((b, m, n))
-        G = torch.randn(b, m, n, device=device, generator=gen)  # fp32 gradients/momentum, as the optimizer has
-        X = G.mT if m > n else G  # what backends see: m <= n
-        short, long = min(m, n), max(m, n)
-        ns_flops = b * flops.newton_schulz_flops(m, n, args.steps)
-        sym_flops = b * flops.newton_schulz_flops(m, n, args.steps, symmetric=True)
-        graph = device.type == "cuda" and ns_flops < GRAPH_BELOW_FLOPS
-        ref = None if args.no_check else orthogonalize(G, schedule, dtype=torch.float64, backend="torch")
-        ref_x = None if ref is None else (ref.mT if m > n else ref)  # for peers, which get X (m <= n)
-        aol_ref = None if args.no_check else orthogonalize(G, aol_schedule, dtype=torch.float64, backend="torch")
-        aol_flops = b * flops.newton_schulz_flops(m, n, aol_steps, precondition="aol")
-        aol_sym_flops = b * flops.newton_schulz_flops(m, n, aol_steps, symmetric=True, precondition="aol")
+        measure_shape(args, device, (b, m, n), kind, fixed, schedule, aol_schedule, aol_steps, gen, peer_names,
+                      explicit, gemm_provider, peak_rate, rounds, rep_ms, results)
 
-        Xd = X.to(dtype).contiguous()
-        gemm_ms = time_ms(lambda Xd=Xd: torch.matmul(Xd, Xd.mT), device, rep_ms=rep_ms, graph=graph)
-        gemm_rate = tflops(2 * b * short * short * long, gemm_ms)
-        results.add("gemm", gemm_provider, shape, dtype_name(dtype), kind=kind, ms=gemm_ms, tflops=gemm_rate,
-                    status="ok", note="X·Xᵀ of this shape")
-        del Xd
-
-        # (provider, coefficients, call, expected output, kernel version, FLOPs the kernel really does,
-        #  extra row fields)
-        candidates: list[tuple[str, str, object, torch.Tensor | None, str, int, dict]] = []
-        for provider in _providers(args, device):
-            name = provider[5:-1]
-            variant = VARIANTS.get(name, (None, None))[1]
-            v_schedule = aol_schedule if variant == "aol" else schedule
-            v_dtype = torch.float16 if variant == "fp16" else dtype
-            extra = {"dtype": dtype_name(v_dtype), "ns_steps": v_schedule.steps,
-                     "precondition": v_schedule.precondition}
-            reason, call, version, symmetric = _muon_call(name, G, X, v_schedule, v_dtype)
-            base = VARIANTS[name][0] if name in VARIANTS else name
-            if reason is None and device.type == "cpu" and base not in ("torch", "auto") and name not in explicit:
-                reason = "not timed on a CPU unless named in --backends (it would run in an interpreter)"
-            if reason is not None:
-                results.add("newton_schulz", provider, shape, extra["dtype"], kind=kind, status=f"skipped: {reason}")
-                continue
-            v_ref = aol_ref if variant == "aol" else ref
-            expected = v_ref if not name.startswith("triton") or v_ref is None else v_ref.mT if m > n else v_ref
-            if variant == "aol":
-                work = aol_sym_flops if symmetric else aol_flops
-            else:
-                work = sym_flops if symmetric else ns_flops
-            candidates.append((provider, args.coefficients, call, expected, version, work, extra))
-        # Gram Newton–Schulz (restart at step 2) on the default backend: "effective" TFLOP/s counts standard
-        # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
-        gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")
-        plain = {"dtype": dtype_name(dtype), "ns_steps": schedule.steps, "precondition": schedule.precondition}
-        candidates.append(("muon[gram]", args.coefficients, lambda G=G: orthogonalize(
-            G, schedule, dtype=dtype, backend="auto", algorithm="gram"), ref, "torch", gram_flops, plain))
-        if device.type == "cuda" and backends.unavailable_reason("triton", X) is None:
-            # muon's own Gram kernels (kernels/gram_ns.py), which auto does not pick until timed here
-            candidates.append(("muon[gram:triton]", args.coefficients, lambda G=G: orthogonalize(
-                G, schedule, dtype=dtype, backend="triton", algorithm="gram"), ref, "gram-v1", gram_flops, plain))
-        Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
-        for peer in peer_names:
-            try:
-                fn = peers.load(peer, Xp, dtype)
-            except peers.PeerUnavailable as exc:
-                results.add("newton_schulz", peer, shape, dtype_name(dtype), kind=kind, status=f"skipped: {exc}")
-                continue
-            candidates.append((peer, peers.PEERS[peer][1], lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x,
-                               peers.version(peer), sym_flops if peers.PEERS[peer][2] else ns_flops, plain))
-
-        for provider, coefficients, fn, expected, version, work_flops, extra in candidates:
-            row_dtype = extra["dtype"]
-            try:
-                out = fn()
-                synchronize(device)
-                err = None if expected is None else _rel_err(out, expected)
-                del out
-                try:
-                    ms = time_ms(fn, device, rep_ms=rep_ms, graph=graph)
-                except Exception:  # not graph-capturable: time eager launches instead
-                    ms = time_ms(fn, device, rep_ms=rep_ms)
-            except Exception as exc:
-                results.add("newton_schulz", provider, shape, row_dtype, kind=kind,
-                            status=f"error: {type(exc).__name__}: {exc}")
-                continue
-            rate = tflops(ns_flops, ms)
-            actual = tflops(work_flops, ms)
-            results.add("newton_schulz", provider, shape, row_dtype, kind=kind, ms=ms, tflops=rate,
-                        actual_tflops=actual, pct_cublas=100 * actual / peak_rate, kernel_version=version,
-                        vs_gemm=rate / gemm_rate, rel_err_fp64=err, coefficients=coefficients,
-                        ns_steps=extra["ns_steps"], precondition=extra["precondition"],
-                        ns_flops=ns_flops, timer="cuda-graph" if graph else ("do_bench" if device.type == "cuda"
-                                                                             else "median wall clock"),
-                        status="ok")
-
-    out = out_dir
-    paths = results.write(out, "kernels")
-    shown = [r for r in results.rows if r["status"] == "ok"]
-    print(fmt_table(shown, ["op", "provider", "shape", "kind", "dtype", "ms", "tflops", "actual_tflops", "pct_cublas",
-                            "vs_gemm", "rel_err_fp64", "kernel_version"]))
-    skipped = sorted({(r["provider"], r["status"]) for r in results.rows if r["status"] != "ok"})
-    for provider, status in skipped:
-        print(f"{provider}: {status}")
+    paths = results.write(out_dir, "kernels")
+    clock = next((r["clock"] for r in results.ok("newton_schulz")), "")
+    print(wrap(f"Newton–Schulz on {results.meta['device']}, commit {results.meta['commit']}: {clock}, median of "
+               f"{rounds} interleaved rounds per shape; best = fastest muon backend (same steps, standard NS)"))
+    print(console_table(results.rows))
+    line = skip_line(results.rows, "kernels.csv")
+    if line:
+        print(line)
     if not args.no_plot:
-        png = plot(results.rows, out / "kernels.png")
+        png = plots.kernels(results.rows, out_dir / "kernels.png")
         paths += [png] if png else []
-    for p in paths:
-        print(f"wrote {p}")
+    print("wrote " + ", ".join(p.name for p in paths) + f" in {out_dir}")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
+BASE_PROVIDERS = tuple(f"muon[{p[0]}]" for p in MUON_PROVIDERS)  # same algorithm, steps and dtype as each other
+PEER = "torch.optim.Muon"
 
-    ok = [r for r in rows if r["status"] == "ok" and r.get("kind") != "peak"]
-    shapes = list(dict.fromkeys(r["shape"] for r in ok))
-    providers = list(dict.fromkeys(r["provider"] for r in ok if r["op"] == "newton_schulz"))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(shapes) + 2), 4))
-    x = range(len(shapes))
-    gemm = {r["shape"]: r["tflops"] for r in ok if r["op"] == "gemm"}
-    ax.plot(x, [gemm.get(s, float("nan")) for s in shapes], "k--", marker="_", label="GEMM X·Xᵀ (same run)")
-    for provider in providers:
-        rate = {r["shape"]: r["tflops"] for r in ok if r["provider"] == provider}
-        ax.plot(x, [rate.get(s, float("nan")) for s in shapes], marker="o", linestyle="", label=provider)
-    peak = [r for r in rows if r.get("kind") == "peak"]
-    if peak:
-        # The device's plain square-GEMM rate in the same run; an NS rate above it is possible because
-        # effective TFLOP/s counts NS as non-symmetric GEMMs (symmetric kernels do less work).
-        ax.axhline(peak[0]["tflops"], color="grey", linewidth=0.8,
-                   label=f"square GEMM {peak[0]['shape']} (device rate, same run)")
-    ax.set_xticks(list(x), shapes, rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("NS input shape B×m×n (batch × rows × columns)")
-    ax.set_ylabel("effective TFLOP/s (NS FLOPs / time)")
-    ax.set_yscale("log")
-    ax.set_title(f"Newton–Schulz, {rows[0]['dtype']}, {rows[0]['device']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+def measure_shape(args, device, bmn, kind, fixed, schedule, aol_schedule, aol_steps, gen, peer_names, explicit,
+                  gemm_provider, peak_rate, rounds, rep_ms, results: Results) -> None:
+    """Every provider's rows for one NS input shape, timed in the same interleaved rounds."""
+    b, m, n = bmn
+    dtype = fixed or resolve_dtype("auto", device, (m, n))
+    shape = shape_str((b, m, n))
+    G = torch.randn(b, m, n, device=device, generator=gen)  # fp32 gradients/momentum, as the optimizer has
+    X = G.mT if m > n else G  # what backends see: m <= n
+    short, long = min(m, n), max(m, n)
+    ns_flops = b * flops.newton_schulz_flops(m, n, args.steps)
+    sym_flops = b * flops.newton_schulz_flops(m, n, args.steps, symmetric=True)
+    graph = device.type == "cuda" and ns_flops < GRAPH_BELOW_FLOPS
+    ref = None if args.no_check else orthogonalize(G, schedule, dtype=torch.float64, backend="torch")
+    ref_x = None if ref is None else (ref.mT if m > n else ref)  # for peers, which get X (m <= n)
+    aol_ref = None if args.no_check else orthogonalize(G, aol_schedule, dtype=torch.float64, backend="torch")
+    aol_flops = b * flops.newton_schulz_flops(m, n, aol_steps, precondition="aol")
+    aol_sym_flops = b * flops.newton_schulz_flops(m, n, aol_steps, symmetric=True, precondition="aol")
+
+    # provider -> (call, expected output, extra row fields, FLOPs the kernel really does)
+    calls: dict[str, tuple] = {}
+    Xd = X.to(dtype).contiguous()
+    calls["gemm"] = (lambda Xd=Xd: torch.matmul(Xd, Xd.mT), None,
+                     {"dtype": dtype_name(dtype), "note": "X·Xᵀ of this shape"}, 2 * b * short * short * long)
+    for provider in _providers(args, device):
+        name = provider[5:-1]
+        variant = VARIANTS.get(name, (None, None))[1]
+        v_schedule = aol_schedule if variant == "aol" else schedule
+        v_dtype = torch.float16 if variant == "fp16" else dtype
+        extra = {"dtype": dtype_name(v_dtype), "ns_steps": v_schedule.steps, "precondition": v_schedule.precondition,
+                 "coefficients": args.coefficients}
+        reason, call, version, symmetric = _muon_call(name, G, X, v_schedule, v_dtype)
+        base = VARIANTS[name][0] if name in VARIANTS else name
+        if reason is None and device.type == "cpu" and base not in ("torch", "auto") and name not in explicit:
+            reason = "not timed on a CPU unless named in --backends (it would run in an interpreter)"
+        if reason is not None:
+            results.add("newton_schulz", provider, shape, extra["dtype"], kind=kind, status=f"skipped: {reason}")
+            continue
+        v_ref = aol_ref if variant == "aol" else ref
+        expected = v_ref if not name.startswith("triton") or v_ref is None else v_ref.mT if m > n else v_ref
+        if variant == "aol":
+            work = aol_sym_flops if symmetric else aol_flops
+        else:
+            work = sym_flops if symmetric else ns_flops
+        calls[provider] = (call, expected, {**extra, "kernel_version": version}, work)
+    # Gram Newton–Schulz (restart at step 2) on the default backend: "effective" TFLOP/s counts standard
+    # NS's FLOPs as for every provider, "actual" the Gram NS FLOPs it does
+    gram_flops = b * flops.newton_schulz_flops(m, n, args.steps, algorithm="gram")
+    plain = {"dtype": dtype_name(dtype), "ns_steps": schedule.steps, "precondition": schedule.precondition,
+             "coefficients": args.coefficients}
+    calls["muon[gram]"] = (lambda G=G: orthogonalize(G, schedule, dtype=dtype, backend="auto", algorithm="gram"),
+                           ref, {**plain, "kernel_version": "torch"}, gram_flops)
+    if device.type == "cuda" and backends.unavailable_reason("triton", X) is None:
+        # muon's own Gram kernels (kernels/gram_ns.py), which auto does not pick until timed here
+        calls["muon[gram:triton]"] = (lambda G=G: orthogonalize(G, schedule, dtype=dtype, backend="triton",
+                                                                algorithm="gram"), ref,
+                                      {**plain, "kernel_version": "gram-v1"}, gram_flops)
+    Xp = X.contiguous() if peer_names else X  # peers get a plain m <= n stack
+    for peer in peer_names:
+        # torch.optim.Muon computes in bf16 only: under --dtype auto it gets its own dtype
+        p_dtype = torch.bfloat16 if fixed is None and peer == PEER else dtype
+        try:
+            fn = peers.load(peer, Xp, p_dtype)
+        except peers.PeerUnavailable as exc:
+            results.add("newton_schulz", peer, shape, dtype_name(p_dtype), kind=kind, status=f"skipped: {exc}")
+            continue
+        calls[peer] = (lambda fn=fn, Xp=Xp: fn(Xp, args.steps), ref_x,
+                       {**plain, "dtype": dtype_name(p_dtype), "coefficients": peers.PEERS[peer][1],
+                        "kernel_version": peers.version(peer)},
+                       sym_flops if peers.PEERS[peer][2] else ns_flops)
+
+    errors, runnable = {}, {}
+    for provider, (fn, expected, extra, _) in calls.items():
+        try:
+            out = fn()
+            synchronize(device)
+            errors[provider] = None if expected is None else _rel_err(out, expected)
+            del out
+            runnable[provider] = fn
+        except Exception as exc:
+            results.add("newton_schulz", provider, shape, extra["dtype"], kind=kind,
+                        status=f"error: {type(exc).__name__}: {exc}")
+    samples = interleaved(runnable, device, rounds=rounds, budget_ms=rep_ms, kernel=device.type == "cuda",
+                          graph=graph, warmup=0)
+    timer = "cuda-graph" if graph else ("do_bench" if device.type == "cuda" else "wall clock")
+    gemm = samples.pop("gemm", None)
+    gemm_rate = None
+    if gemm is not None:
+        gemm_rate = tflops(calls["gemm"][3], gemm.stats.median)
+        extra = calls["gemm"][2]
+        results.add("gemm", gemm_provider, shape, extra["dtype"], stats=gemm.stats, kind=kind, tflops=gemm_rate,
+                    note=extra["note"], timer=timer)
+    peer = samples.get(PEER)
+    for provider, s in samples.items():
+        _, _, extra, work = calls[provider]
+        ms = s.stats.median
+        rate, actual = tflops(ns_flops, ms), tflops(work, ms)
+        fields = {k: v for k, v in extra.items() if k != "dtype"}
+        if peer is not None and provider in BASE_PROVIDERS:
+            r = ratio(peer.whole, s.whole)
+            fields["vs_torch_optim_muon"] = [r.median, r.low, r.high]
+        results.add("newton_schulz", provider, shape, extra["dtype"], stats=s.stats, kind=kind, tflops=rate,
+                    actual_tflops=actual, pct_cublas=100 * actual / peak_rate,
+                    vs_gemm=None if not gemm_rate else rate / gemm_rate, rel_err_fp64=errors[provider],
+                    ns_flops=ns_flops, timer=timer, **fields)
+
+
+def console_table(rows: list[dict]) -> str:
+    """One line per shape, at most 100 columns: the fastest muon backend and torch.optim.Muon."""
+    ok = [r for r in rows if r["status"] == "ok" and r["op"] == "newton_schulz"]
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in ok):
+        ours = [r for r in ok if r["shape"] == shape and r["provider"] in BASE_PROVIDERS]
+        theirs = next((r for r in ok if r["shape"] == shape and r["provider"] == PEER), None)
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median"])
+        up = best["extra"].get("vs_torch_optim_muon")
+        lines.append({"shape": shape, "kind": best["extra"].get("kind", "")[:12], "best muon": best["provider"][:18],
+                      "dtype": best["dtype"][:8], "ms": best["median"], "spread": f"{100 * best['spread']:.0f} %",
+                      f"{PEER} ms": theirs and theirs["median"], "speed-up": up and f"{up[0]:.2f}x",
+                      "flag": best["flag"] or (theirs or {}).get("flag", "")})
+    return fmt_table(lines, list(lines[0])) if lines else "no muon provider ran"

@@ -30,8 +30,17 @@ from muon.backends.torch_ref import normalize
 from muon.coefficients import Schedule, resolve_schedule
 from muon.newton_schulz import orthogonalize
 
-from .common import default_out, dtype_of, parse_shape, pick_device, shape_str, synchronize
-from .models import TransformerConfig, build, parse_model
+from . import models
+from .common import (
+    default_out,
+    dtype_of,
+    fmt_table,
+    parse_shape,
+    pick_device,
+    set_threads,
+    shape_str,
+    synchronize,
+)
 
 _NVTX = {"on": False}
 
@@ -129,14 +138,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", action="store_true", help="Nsight Compute mode: one NS call, --iters times")
     parser.add_argument("--shape", default="4096x4096", help="--kernel: MxN or BxMxN (default 4096x4096)")
     parser.add_argument("--iters", type=int, default=1, help="--kernel: calls between profiler start/stop")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU)")
     parser.add_argument("--dtype", default="auto",
-                        help="NS compute dtype (default: bf16 on CUDA, fp32 on a CPU, where bf16 matmuls are slow)")
+                        help="NS compute dtype (default auto: bf16 on CUDA; on a CPU fp32 unless muon's measured CPU "
+                        "table says bf16 for the shape)")
 
 
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return dtype_of(name)
+def ns_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """--dtype: "auto" goes to muon as it is (ns_dtype="auto", resolved per shape where NS runs)."""
+    return "auto" if name == "auto" else dtype_of(name)
 
 
 def run_kernel(args: argparse.Namespace, device: torch.device) -> int:
@@ -166,15 +176,29 @@ def run_kernel(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def top_ops(averages, device: torch.device, limit: int = 8) -> str:
+    """The `limit` ops with the most total time, in a table of at most 100 columns."""
+    cuda = device.type == "cuda"
+
+    def total(e) -> float:
+        return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
+
+    rows = [{"op or range": e.key[:52], "calls": e.count, f"{'CUDA' if cuda else 'CPU'} total ms": total(e) / 1e3,
+             "self CPU ms": e.self_cpu_time_total / 1e3}
+            for e in sorted(averages, key=total, reverse=True)[:limit]]
+    return f"top {limit} of {len(averages)} ops and ranges by total time:\n" + fmt_table(rows, list(rows[0]))
+
+
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    set_threads(args.threads, device)
     _NVTX["on"] = device.type == "cuda"
     if args.kernel:
         return run_kernel(args, device)
     spec = args.model or ("gpt2-124m" if device.type == "cuda" else "tiny")
-    cfg = parse_model(spec)
-    if isinstance(cfg, TransformerConfig):
-        module = build(cfg, device=device)
+    cfg = models.parse_model(spec)
+    if isinstance(cfg, models.TransformerConfig):
+        module = models.build(cfg, device=device)
     else:  # a module: model built on meta; give it real (uninitialized) storage
         module = cfg.to_empty(device=device)
     opt = muon.Muon(muon.param_groups(module), lr=0.02, backend=args.backend, adjust_lr_fn="match_rms_adamw",
@@ -201,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
     trace = out / f"{stem}.json.gz"  # gzip: Perfetto and chrome://tracing read it as is
     prof.export_chrome_trace(str(trace))
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=25)
-    (out / f"{stem}.txt").write_text(table + "\n")
-    print(table)
-    print(f"wrote {trace} (open in chrome://tracing or https://ui.perfetto.dev)")
+    averages = prof.key_averages()
+    (out / f"{stem}.txt").write_text(averages.table(sort_by=sort, row_limit=25) + "\n")
+    print(top_ops(averages, device))
+    print(f"wrote {trace.name} (Chrome trace: chrome://tracing, ui.perfetto.dev) and {stem}.txt in {out}")
     return 0

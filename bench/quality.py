@@ -391,62 +391,7 @@ def run(args) -> int:
 
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
-    """Error against FLOPs (relative to Keller-5), a panel per spectrum, one marker per configuration:
-    colour = preset, shape = algorithm and preconditioning, filled = bf16 / open = fp16, the step count
-    written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line. Errors
-    above Y_MAX (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
-    edge, marked with an upward arrow."""
-    from .common import pyplot
+    """quality.png: bench.plots.quality (every plot of the bench lives in bench/plots.py)."""
+    from . import plots
 
-    plt = pyplot()
-    if plt is None:
-        return
-    spectra = list(dict.fromkeys(r["spectrum"] for r in rows))
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
-    colours = {p: f"C{i}" for i, p in enumerate(presets)}
-    markers = {("standard", "frobenius"): "o", ("standard", "aol"): "s", ("gram", "frobenius"): "^",
-               ("gram", "aol"): "D"}
-    cols = min(3, len(spectra))
-    nrows = math.ceil(len(spectra) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
-    for ax, spectrum in zip(axes.flat, spectra, strict=False):
-        here = [r for r in rows if r["spectrum"] == spectrum]
-        for r in here:
-            filled = r["dtype"] != "fp16"
-            colour = colours[r["preset"]]
-            y = r["rel_err"] if math.isfinite(r["rel_err"]) and r["rel_err"] <= Y_MAX else Y_MAX
-            ax.scatter(r["flops_vs_keller5"], y, marker=markers[(r["algorithm"], r["precondition"])],
-                       s=30, facecolors=colour if filled else "none", edgecolors=colour, linewidths=1.0, zorder=3)
-            label = str(r["steps"]) + ("↑" if y == Y_MAX else "")
-            ax.annotate(label, (r["flops_vs_keller5"], y), fontsize=5, xytext=(3, 2), textcoords="offset points",
-                        color=colour)
-            if Config(r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference:
-                ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker="o", s=160, facecolors="none",
-                           edgecolors="black", linewidths=1.2, zorder=4)
-                ax.axhline(r["rel_err"], color="black", linestyle=":", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(top=Y_MAX * 1.15)
-        ax.set_title(f"{spectrum} ({here[0]['shape'] if here else ''})", fontsize=9)
-        ax.set_xlabel("matmul FLOPs / Keller-5's (same shape)")
-        ax.set_ylabel("rel. Frobenius error vs float64 U·Vᵀ")
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(spectra):]:
-        ax.axis("off")
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=colours[p], label=p) for p in presets]
-    handles += [Line2D([], [], linestyle="", marker=m, color="grey", label=f"{a}, {pc}") for (a, pc), m in
-                markers.items()]
-    handles += [Line2D([], [], linestyle="", marker="o", color="grey", label="bf16 (filled)"),
-                Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey", label="fp16 (open)"),
-                Line2D([], [], linestyle="", marker="o", markersize=11, markerfacecolor="none", color="black",
-                       label="Keller 5 steps bf16 (reference)")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
-    fig.suptitle(f"Newton–Schulz error per FLOP (number beside a marker: steps) — {meta['device']}, "
-                 f"commit {meta['commit']}, torch {meta['torch_version']}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.quality(rows, path, meta)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, flops_cmd, kernels, profile, step, telescope
-from .common import Results, default_out, pick_device
-from .models import overhead as flop_overhead
+from . import efficiency, flops_cmd, kernels, models, profile, schema, step, telescope
+from .common import default_out, pick_device, set_threads
+from .timing import NOISY
 
 # The batch at which the headline states the FLOP overhead: GPT-2's 0.5M tokens per step.
 HEADLINE_BATCH_TOKENS = 524288
@@ -69,10 +68,11 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    set_threads(None, device)  # every stage on one CPU thread (the training experiments' --threads default too)
     out = args.out or default_out(device)
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
-    meta = Results(device).meta
+    meta = schema.run_meta(device)
     lines = ["## Stages", "", "| stage | seconds | status | output |", "| --- | --- | --- | --- |"]
     failed, ran = [], set()
     for name, module, argv in stages(device.type, args.quick):
@@ -107,97 +107,135 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ summary.md
-def _load(path: Path) -> list[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
+def _num(v: float) -> str:
+    """3 significant digits, without an exponent: 0.784, 59.8, 914, 3,704."""
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
-def _ms(v) -> str:
-    return "—" if v is None else f"{v:.3g}"
+def _ms(row: dict | None) -> str:
+    """'12.3 (11.9–13.0)': the median and min–max of a timed row."""
+    if not row or row.get("median") is None:
+        return "—"
+    return f"{_num(row['median'])} ({_num(row['low'])}–{_num(row['high'])})" + (" noisy" if row.get("flag") else "")
 
 
-def _ratio(num, den) -> str:
-    return "—" if num is None or den is None or not den else f"{num / den:.2f}×"
+def _times(r) -> str:
+    """'2.31× (2.10–2.52)' from a [median, min, max] ratio."""
+    return "—" if not r else f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})"
 
 
 def ns_headline(rows: list[dict]) -> list[str]:
-    """Per shape class: torch.optim.Muon's NS time over the fastest muon backend's, geometric mean of
-    the class's shapes (> 1: muon is faster)."""
+    """Per shape class: torch.optim.Muon's NS time over the fastest muon backend's (same steps,
+    standard NS), per shape the median of the per-round ratios, geometric mean over the class's
+    shapes (> 1: muon is faster)."""
     ok = [r for r in rows if r.get("op") == "newton_schulz" and r.get("status") == "ok"]
-    peer = {r["shape"]: r for r in ok if r["provider"] == "torch.optim.Muon"}
+    peer = {r["shape"]: r for r in ok if r["provider"] == kernels.PEER}
     classes: dict[str, list[tuple[str, float, dict, dict]]] = {}
     for shape, theirs in peer.items():
-        ours = [r for r in ok if r["shape"] == shape and r["provider"].startswith("muon[")]
+        ours = [r for r in ok if r["shape"] == shape and r["provider"] in kernels.BASE_PROVIDERS]
         if ours:
-            best = min(ours, key=lambda r: r["ms"])
-            classes.setdefault(theirs.get("kind", "?"), []).append((shape, theirs["ms"] / best["ms"], best, theirs))
+            best = min(ours, key=lambda r: r["median"])
+            up = best["extra"]["vs_torch_optim_muon"][0]
+            classes.setdefault(theirs["extra"].get("kind", "?"), []).append((shape, up, best, theirs))
     if not classes:
         return ["No kernels rows with both muon and torch.optim.Muon (stage not run or failed in this invocation, "
                 "or no shape had both)."]
-    out = ["| shape class | shapes | speed-up over torch.optim.Muon (geo. mean) | range | fastest muon backend |",
-           "| --- | --- | --- | --- | --- |"]
+    out = ["| shape class | shapes | speed-up over torch.optim.Muon (geo. mean) | range | fastest muon backend "
+           "| dtype muon / torch.optim.Muon |", "| --- | --- | --- | --- | --- | --- |"]
     for kind, entries in classes.items():
         ups = [e[1] for e in entries]
         mean = math.exp(sum(math.log(u) for u in ups) / len(ups))
-        backends = sorted({e[2]["provider"] for e in entries})
+        names = sorted({e[2]["provider"] for e in entries})
+        dtypes = f"{'/'.join(sorted({e[2]['dtype'] for e in entries}))} / {entries[0][3]['dtype']}"
         out.append(f"| {kind} | {', '.join(e[0] for e in entries)} | {mean:.2f}× | {min(ups):.2f}–{max(ups):.2f}× "
-                   f"| {', '.join(backends)} |")
-    dtype = next(iter(peer.values())).get("dtype", "?")
-    out.append("")
-    out.append(f"NS in {dtype}: torch.optim.Muon's own NS (one matrix per call) time / the fastest muon backend's "
-               "(a batched call), median per shape (kernels.json); > 1: muon is faster.")
+                   f"| {', '.join(names)} | {dtypes} |")
+    rounds = next(iter(peer.values()))["rounds"]
+    clock = next(iter(peer.values())).get("clock") or "?"
+    out += ["", f"Per shape: torch.optim.Muon's NS time (one matrix per call) / the fastest muon backend's (one "
+            f"batched call, same steps, standard NS), the median of {rounds} interleaved rounds' ratios "
+            f"({clock}; kernels.json); > 1: muon is faster."]
     return out
 
 
 def step_headline(rows: list[dict]) -> list[str]:
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    if not models:
+    steps = [r for r in rows if r.get("op") == step.STEP and r.get("status") == "ok"]
+    specs = list(dict.fromkeys(r["shape"] for r in steps))
+    if not specs:
         return ["No step rows (stage not run or failed in this invocation)."]
-    out = ["| model | muon.Muon ms (backend) | its NS alone ms | torch.optim.Muon + fused AdamW ms | fused AdamW ms "
+    parts = {(r["provider"], r["shape"]): r for r in rows if r.get("op") == step.NS_PART and r.get("status") == "ok"}
+    out = ["| model | muon.Muon ms (backend) | its NS part ms | torch.optim.Muon + fused AdamW ms | fused AdamW ms "
            "| speed-up over torch.optim.Muon | time vs fused AdamW | ops/step muon vs torch.optim.Muon "
            f"| FLOP overhead vs AdamW at {HEADLINE_BATCH_TOKENS:,} tokens |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        ours = [r for r in mine if r["optimizer"] == "muon.Muon" and r.get("median_ms") is not None]
-        best = min(ours, key=lambda r: r["median_ms"]) if ours else {}
-        theirs = next((r for r in mine if r["optimizer"].startswith("torch.optim.Muon")), {})
-        adamw = next((r for r in mine if r["optimizer"] == "torch.optim.AdamW(fused)"), {})
+    for model in specs:
+        mine = [r for r in steps if r["shape"] == model]
+        ours = [r for r in mine if r["extra"].get("optimizer") == "muon.Muon"]
+        best = min(ours, key=lambda r: r["median"]) if ours else {"extra": {}}
+        theirs = next((r for r in mine if r["provider"] == step.TORCH_MUON), {"extra": {}})
+        adamw = next((r for r in mine if r["provider"] == step.ADAMW), {"extra": {}})
         try:
-            overhead = f"{100 * flop_overhead(model, HEADLINE_BATCH_TOKENS).overhead:.2f} %"
+            overhead = f"{100 * models.overhead(model, HEADLINE_BATCH_TOKENS).overhead:.2f} %"
         except (ValueError, TypeError):
             overhead = "—"
         out.append(
-            f"| {model} | {_ms(best.get('median_ms'))} ({best.get('backend', '—')}) | {_ms(best.get('ns_ms'))} "
-            f"| {_ms(theirs.get('median_ms'))} | {_ms(adamw.get('median_ms'))} "
-            f"| {_ratio(theirs.get('median_ms'), best.get('median_ms'))} "
-            f"| {_ratio(best.get('median_ms'), adamw.get('median_ms'))} "
-            f"| {best.get('ops_per_step', '—')} vs {theirs.get('ops_per_step', '—')} | {overhead} |")
-    out.append("")
-    out.append("Step times are medians of one optimizer step on the model's parameters with fixed gradients "
-               "(step.json), the fastest muon.Muon backend shown; speed-up = torch.optim.Muon's time / muon's "
-               "(> 1: muon is faster); time vs fused AdamW = muon's time / AdamW's. FLOP overhead: "
-               f"(muon.Muon step FLOPs − AdamW step FLOPs) / 6·N·B at B = {HEADLINE_BATCH_TOKENS:,} tokens "
-               "(muon.flops, analytic).")
+            f"| {model} | {_ms(best)} ({best['extra'].get('backend', '—')}) "
+            f"| {_ms(parts.get((best.get('provider'), model)))} | {_ms(theirs)} | {_ms(adamw)} "
+            f"| {_times(best['extra'].get('speedup_vs_torch_optim_muon'))} "
+            f"| {_times(best['extra'].get('time_vs_fused_adamw'))} "
+            f"| {best['extra'].get('ops_per_step', '—')} vs {theirs['extra'].get('ops_per_step', '—')} | {overhead} |")
+    rounds, clock = steps[0]["rounds"], steps[0].get("clock") or "?"
+    what = (" (one thread: the time the step ran on its core, not the time other jobs held it; the same samples' "
+            "wall time is in step.json, extra.wall_ms)" if clock == "process CPU time" else "")
+    out += ["", f"Times: {clock}{what}, median of {rounds} interleaved rounds (min–max in brackets) of one "
+            "optimizer step on the model's parameters with fixed gradients (step.json), every optimizer once per "
+            "round in a rotated order; the fastest muon.Muon backend shown. Its NS part is timed inside the same "
+            "steps, so it is "
+            "never longer than the step (checked when step.json is written). Ratios are per round: speed-up = "
+            "torch.optim.Muon's step / muon's (> 1: muon is faster), time vs fused AdamW = muon's / AdamW's. "
+            "FLOP overhead: (muon.Muon step FLOPs − AdamW step FLOPs) / 6·N·B at "
+            f"B = {HEADLINE_BATCH_TOKENS:,} tokens (muon.flops, analytic)."]
     return out
+
+
+def noisy_line(rows: list[dict], shown: int = 4) -> str:
+    """The line that says which timed rows have a spread (IQR / median) above NOISY: every step row
+    (the headline), the worst few kernel rows."""
+    timed = [r for r in rows if r.get("status") == "ok" and r.get("rounds")]
+    noisy = sorted((r for r in timed if r.get("flag")), key=lambda r: -r["spread"])
+    if not timed:
+        return ""
+    if not noisy:
+        return f"Spread: no timed row's IQR is above {100 * NOISY:.0f} % of its median ({len(timed)} rows)."
+    named = [r for r in noisy if r["command"] == "step"] + [r for r in noisy if r["command"] != "step"][:shown]
+    names = "; ".join(f"{r['command']} {r['provider']} {r['shape'][:24]}{' NS part' if r['part_of'] else ''} "
+                      f"({100 * r['spread']:.0f} %)" for r in named)
+    more = f" and {len(noisy) - len(named)} more kernel rows" if len(noisy) > len(named) else ""
+    return (f"**Spread above {100 * NOISY:.0f} %** (IQR / median; flag `noisy` in the CSVs) in {len(noisy)} of "
+            f"{len(timed)} timed rows: {names}{more}. Other jobs load this machine; those rows' medians move "
+            "between runs by about their spread, their per-round ratios less.")
 
 
 def summary(out: Path, meta: dict, stage_lines: list[str], ran: set[str]) -> str:
     """summary.md: the headline tables from this run's kernels.json and step.json (a stage that did
     not run ok in this invocation shows as such, never as an older file's numbers), then the stages."""
+    kernel_rows = schema.read(out / "kernels.json") if "kernels" in ran else []
+    step_rows = schema.read(out / "step.json") if "step" in ran else []
     lines = [f"# muon benchmarks on {meta['device']}", "",
-             f"commit {meta['commit']}, {meta['date']}; torch {meta['torch_version']}, "
-             f"triton {meta['triton_version']}, "
-             f"CUDA {meta['cuda_version']}, muon {meta['muon_version']}, Python {meta['python_version']}", "",
+             f"commit {meta['commit']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
+             f"CUDA {meta['cuda']}, muon {meta['muon']}, Python {meta['python']}", "",
              "## Headline", "", "### Newton–Schulz against torch.optim.Muon", ""]
-    lines += ns_headline(_load(out / "kernels.json") if "kernels" in ran else [])
+    lines += ns_headline(kernel_rows)
     lines += ["", "### Optimizer step", ""]
-    lines += step_headline(_load(out / "step.json") if "step" in ran else [])
+    lines += step_headline(step_rows)
+    noisy = noisy_line(kernel_rows + step_rows)
+    if noisy:
+        lines += ["", noisy]
     if "cpu" in meta["device"]:
+        dtypes = sorted({r["dtype"] for r in step_rows if r.get("op") == step.STEP and r.get("status") == "ok"
+                         and str(r.get("provider", "")).startswith("muon.")})
         lines += ["", "On a CPU these times show that everything runs; they say nothing about GPU speed. There "
-                  "muon.Muon computes NS in fp32 and torch.optim.Muon in bf16 (its only choice), which is most "
-                  "of the step ratio: bf16 matmuls are 10-100x slower than fp32 on a CPU."]
+                  f"muon.Muon computes NS in {'/'.join(dtypes) or 'fp32'} (ns_dtype=\"auto\", "
+                  "muon.backends.dispatch.choose_ns_dtype) and torch.optim.Muon in bf16 (its only choice), which "
+                  "is most of the step ratio: bf16 matmuls are 5-40x slower than fp32 on this CPU."]
     lines += ["", *stage_lines]
     return "\n".join(lines) + "\n"

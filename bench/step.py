@@ -8,31 +8,39 @@ torch.optim.Muon on the Muon matrices with torch.optim.AdamW(fused=True) on the 
 torch.optim.AdamW(fused=True) on every parameter. Gradients are fixed random tensors; every
 optimizer sees the same parameters routed by muon.param_groups.
 
-One row per model × optimizer (step.json / step.csv), exactly these keys:
-    model, optimizer, backend, device, torch, triton, commit,
-    median_ms      median wall time of one step (CUDA: triton.testing.do_bench; CPU: median of reps)
-    ns_ms          the same step's Newton–Schulz calls alone (same buckets, backend and dtype), so
-                   median_ms / ns_ms shows what the rest of the step costs; None for AdamW
-    ops_per_step   aten ops dispatched by one step (muon.profiling.count_dispatched_ops): each is at
-                   least one launch on a GPU, the step's host cost independent of the device
-    host_ms        CPU time of the calling thread during one step, without synchronizing (on a GPU:
-                   the Python + dispatch cost of issuing the step; on a CPU it includes the share of
-                   the compute that runs on the calling thread)
-    state_bytes    optimizer state tensors (momentum, exp_avg, ...)
-    peak_bytes     CUDA: torch.cuda.max_memory_allocated over one step minus what was allocated before
-                   the optimizer existed (parameters, gradients, benchmark inputs): the optimizer's
-                   state plus the step's temporaries at their peak; None on a CPU (no allocator
-                   statistics: unmeasured)
-Skipped optimizers (backend unavailable, torch without torch.optim.Muon) are printed, not rows.
+Timing (bench/timing.py): all optimizers of a model exist at once and are timed in --rounds
+interleaved rounds (each runs once per round, the order rotated), so load from other jobs falls on
+every one alike; on a CPU with one thread the clock is the process's CPU time (wall time in
+extra.wall_ms), on CUDA events; rows give the median, the IQR / median ("spread"), min and max over the rounds, and a
+"noisy" flag above 10 %. The Newton–Schulz part of a step is timed inside the same steps (the
+backends' NS functions, or torch.optim.Muon's `_zeropower_via_newtonschulz`, wrapped with a clock), so
+it can never exceed the step it is part of (bench/schema.py checks). The speed-ups are per-round
+ratios (torch.optim.Muon's step / muon's in the same round), median and range.
 
-NS compute dtype for muon.Muon: bf16 on CUDA, fp32 on a CPU (bf16 matmuls are 10-100x slower there),
-what ns_dtype="auto" picks; --ns-dtype overrides it. torch.optim.Muon always computes NS in bf16.
+Rows (step.csv / step.json, bench/schema.py columns; shape = the model, dtype = the NS compute dtype):
+    op optimizer_step           the step, ms; extra: model, optimizer, backend, ops_per_step
+                                (muon.profiling.count_dispatched_ops), host_ms (calling-thread CPU time
+                                of one step, no sync), state_bytes, peak_bytes (CUDA max_memory_allocated
+                                during a step above what existed before that optimizer; None on a CPU:
+                                unmeasured), and for muon.Muon rows speedup_vs_torch_optim_muon and
+                                time_vs_fused_adamw ([median, min, max] of the per-round ratios)
+    op newton_schulz_in_step    its NS part, ms (part_of optimizer_step)
+Skipped optimizers (backend unavailable, torch without torch.optim.Muon) are rows with status
+"skipped: why", summed up in one console line.
+
+NS compute dtype for muon.Muon: ns_dtype="auto" as the optimizer resolves it per matrix shape
+(muon.backends.dispatch.choose_ns_dtype: bf16 on CUDA; on a CPU the measured CPU table, fp32 where it
+says nothing); --ns-dtype overrides it. torch.optim.Muon always computes NS in bf16.
+CPU threads: --threads (default 1 on a CPU: on a shared 2-core machine two threads each wait on the
+other job's cores, and a step's time moves by 5x between runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import inspect
 import statistics
 import time
@@ -43,20 +51,20 @@ import torch
 
 import muon
 from muon import backends
-from muon.coefficients import KELLER, resolve_schedule
-from muon.newton_schulz import orthogonalize
+from muon.newton_schulz import resolve_dtype
 from muon.optim import matrix_shape
 from muon.profiling import count_dispatched_ops
 
-from .common import Results, default_out, dtype_of, fmt_table, pick_device, progress, pyplot, synchronize, time_ms
-from .models import TransformerConfig, parse_model
-from .models import build as build_model
+from . import models, plots
+from .common import default_out, dtype_of, fmt_table, pick_device, progress, set_threads, skip_line, wrap
+from .schema import Results
+from .timing import PartClock, interleaved, ratio, synchronize
 
-COLUMNS = ["model", "optimizer", "backend", "device", "torch", "triton", "commit", "median_ms", "ns_ms",
-           "ops_per_step", "host_ms", "state_bytes", "peak_bytes"]
 GPU_MODELS = ["gpt2-124m", "gpt2-1.5b"]  # GPT-2 small and the 1B-class GPT-2 XL (1.56B, 1.47B on Muon)
 CPU_MODELS = ["tiny"]  # torch.optim.Muon computes NS in bf16: ~16 s a step for "small" on a 2-core CPU
-NS_STEPS, NS_EPS = 5, 1e-7  # muon.Muon's and torch.optim.Muon's defaults, with Keller's coefficients
+TORCH_MUON = "torch.optim.Muon+AdamW(fused)"
+ADAMW = "torch.optim.AdamW(fused)"
+STEP, NS_PART = "optimizer_step", "newton_schulz_in_step"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
                         help=f"muon backends, comma-separated from {backends.BACKENDS} (default: every one that "
                              "runs here; on a CPU only torch, the others would run in an interpreter)")
-    parser.add_argument("--ns-dtype", default="auto", help="muon.Muon's NS dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement (ms)")
+    parser.add_argument("--ns-dtype", default="auto",
+                        help="muon.Muon's NS dtype (default auto: what the optimizer picks per shape)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15 CPU, 10 GPU)")
+    parser.add_argument("--rep-ms", type=float, default=None,
+                        help="time per optimizer over all rounds, about (ms; default 300 CPU, 200 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/out/<device>)")
     parser.add_argument("--no-plot", action="store_true")
 
@@ -96,35 +108,41 @@ def _fused_adamw_reason(device: torch.device) -> str | None:
 
 
 class Candidate:
-    """One optimizer configuration: how to build it and which NS calls its step makes."""
+    """One optimizer configuration: its name, NS backend and dtype, and how to build it."""
 
-    def __init__(self, optimizer: str, backend: str, build: Callable[[], list], ns: Callable[[], object] | None):
-        self.optimizer, self.backend, self.build, self.ns = optimizer, backend, build, ns
+    def __init__(self, optimizer: str, backend: str, dtype: str, build: Callable[[], list], has_ns: bool):
+        self.optimizer, self.backend, self.dtype, self.build, self.has_ns = optimizer, backend, dtype, build, has_ns
+
+    @property
+    def provider(self) -> str:
+        return f"{self.optimizer}[{self.backend}]" if self.optimizer.startswith("muon.") else self.optimizer
+
+
+def muon_ns_dtypes(model: torch.nn.Module, device: torch.device, ns_dtype) -> str:
+    """The NS compute dtype(s) muon.Muon resolves for this model's matrices ("float32", or
+    "bfloat16+float32" where the CPU table splits them by shape)."""
+    seen = []
+    for g in muon.param_groups(model):
+        if not g["use_muon"]:
+            continue
+        for p in g["params"]:
+            _, m, n = matrix_shape(p.shape, g.get("flatten", False))
+            name = str(resolve_dtype(ns_dtype, device, (m, n))).removeprefix("torch.")
+            if name not in seen:
+                seen.append(name)
+    return "+".join(sorted(seen)) or "none"
 
 
 def candidates(model: torch.nn.Module, device: torch.device, names: list[str], explicit: set[str],
-               ns_dtype: torch.dtype) -> tuple[list[Candidate], list[str]]:
-    """(runnable candidates, skip notes) for this model and device."""
+               ns_dtype) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """(runnable candidates, (provider, reason) skips) for this model and device."""
     groups = muon.param_groups(model)
-    matrices = [(p, g.get("flatten", False)) for g in groups if g["use_muon"] for p in g["params"]]
+    matrices = [p for g in groups if g["use_muon"] for p in g["params"]]
     rest = [p for g in groups if not g["use_muon"] for p in g["params"]]
     params = list(model.parameters())
-    schedule = resolve_schedule(KELLER, NS_STEPS, NS_EPS)
-    gen = torch.Generator(device=device).manual_seed(1)
-    # NS inputs: fp32 like the momentum the optimizer orthogonalizes, one stack per same-shape bucket
-    # of a group, as muon.Muon (batched=True, the default) calls NS.
-    buckets: dict[tuple[int, int], int] = {}
-    for p, flatten in matrices:
-        b, m, n = matrix_shape(p.shape, flatten)
-        buckets[(m, n)] = buckets.get((m, n), 0) + b
-    stacks = [torch.randn(b, m, n, device=device, generator=gen) for (m, n), b in buckets.items()]
-
-    def muon_ns(backend: str):
-        return lambda: [orthogonalize(X, schedule, dtype=ns_dtype, backend=backend) for X in stacks]
-
+    probe = torch.zeros(1, 8, 8, device=device)
+    muon_dtype = muon_ns_dtypes(model, device, ns_dtype)
     out, skipped = [], []
-    probe = stacks[0] if stacks else torch.zeros(1, 8, 8, device=device)
-    fused_reason = _fused_adamw_reason(device)
     variants = [("muon.Muon", {})]
     if has_foreach_option():
         variants.append(("muon.Muon(foreach=False)", {"foreach": False}))
@@ -134,44 +152,53 @@ def candidates(model: torch.nn.Module, device: torch.device, names: list[str], e
             reason = "not timed on a CPU unless named in --backends (it would run in an interpreter)"
         for label, extra in variants:
             if reason is not None:
-                skipped.append(f"{label} [{name}]: {reason}")
+                skipped.append((f"{label}[{name}]", reason))
                 continue
             build = lambda name=name, extra=extra: [muon.Muon(
                 muon.param_groups(model), lr=0.02, backend=name, ns_dtype=ns_dtype, adjust_lr_fn="match_rms_adamw",
                 **extra)]
-            out.append(Candidate(label, name, build, muon_ns(name)))
+            out.append(Candidate(label, name, muon_dtype, build, True))
+    fused_reason = _fused_adamw_reason(device)
     if fused_reason:
-        skipped.append(f"torch.optim.AdamW(fused=True): {fused_reason}")
+        skipped += [(TORCH_MUON, fused_reason), (ADAMW, fused_reason)]
+        return out, skipped
+    if not hasattr(torch.optim, "Muon"):
+        skipped.append((TORCH_MUON, f"this torch ({torch.__version__}) has no torch.optim.Muon"))
+    elif any(p.ndim != 2 for p in matrices):
+        skipped.append((TORCH_MUON, "it takes 2-D parameters only, this model has others on Muon"))
     else:
-        if not hasattr(torch.optim, "Muon"):
-            skipped.append(f"torch.optim.Muon: this torch ({torch.__version__}) has none")
-        elif any(p.ndim != 2 for p, _ in matrices):
-            skipped.append("torch.optim.Muon: it takes 2-D parameters only, this model has others on Muon")
-        else:
-            from torch.optim._muon import _zeropower_via_newtonschulz
-
-            mats = [torch.randn(p.shape, device=device, generator=gen) for p, _ in matrices]
-            out.append(Candidate(
-                "torch.optim.Muon+AdamW(fused)", "torch",
-                lambda: [torch.optim.Muon([p for p, _ in matrices], lr=0.02, adjust_lr_fn="match_rms_adamw"),
-                         *([torch.optim.AdamW(rest, lr=1e-3, fused=True)] if rest else [])],
-                lambda: [_zeropower_via_newtonschulz(M, KELLER, NS_STEPS, NS_EPS) for M in mats]))
-        out.append(Candidate("torch.optim.AdamW(fused)", "torch",
-                             lambda: [torch.optim.AdamW(params, lr=1e-3, fused=True)], None))
+        out.append(Candidate(
+            TORCH_MUON, "torch", "bfloat16",
+            lambda: [torch.optim.Muon(matrices, lr=0.02, adjust_lr_fn="match_rms_adamw"),
+                     *([torch.optim.AdamW(rest, lr=1e-3, fused=True)] if rest else [])], True))
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
+    out.append(Candidate(ADAMW, "torch", dtype, lambda: [torch.optim.AdamW(params, lr=1e-3, fused=True)], False))
     return out, skipped
 
 
-def _cpu_times(fn: Callable[[], object], rep_ms: float) -> tuple[float, float]:
-    """(median wall ms, median calling-thread CPU ms) of fn() on a CPU, from the same repetitions."""
-    fn()
-    walls, threads = [], []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(walls) < 3 or (time.perf_counter() < deadline and len(walls) < 50):
-        w0, t0 = time.perf_counter(), time.thread_time()
-        fn()
-        threads.append((time.thread_time() - t0) * 1e3)
-        walls.append((time.perf_counter() - w0) * 1e3)
-    return statistics.median(walls), statistics.median(threads)
+@contextlib.contextmanager
+def ns_timed(clock: PartClock):
+    """Every NS entry point a step can reach, wrapped with `clock`: each importable muon backend's
+    `run` / `run_gram` (the step engine and the dispatcher look them up on the module at each call)
+    and torch.optim.Muon's `_zeropower_via_newtonschulz` (a module global of torch.optim._muon)."""
+    saved = []
+    modules = []
+    for module_name in backends._MODULES.values():
+        with contextlib.suppress(ImportError):
+            modules.append((importlib.import_module(module_name), ("run", "run_gram")))
+    with contextlib.suppress(ImportError):
+        modules.append((importlib.import_module("torch.optim._muon"), ("_zeropower_via_newtonschulz",)))
+    for module, attrs in modules:
+        for attr in attrs:
+            original = getattr(module, attr, None)
+            if original is not None:
+                saved.append((module, attr, original))
+                setattr(module, attr, clock.wrap(original))
+    try:
+        yield
+    finally:
+        for module, attr, original in saved:
+            setattr(module, attr, original)
 
 
 def _host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
@@ -187,11 +214,11 @@ def _host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> f
     return statistics.median(samples)
 
 
-def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.device, rep_ms: float) -> dict:
-    for p in model.parameters():
-        p.grad = grads[p].clone()
+def prepare(c: Candidate, device: torch.device) -> tuple[Callable[[], None], dict]:
+    """Build c's optimizers, take the first step (state allocation, compilation), and measure what
+    is not a time: peak memory, dispatched ops, host time. Returns (step, facts)."""
     synchronize(device)
-    # Parameters, gradients and the benchmark's own inputs: what exists before the optimizer does.
+    # what exists before this optimizer does (parameters, gradients, the other optimizers' state)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     opts = c.build()
 
@@ -199,7 +226,7 @@ def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.dev
         for opt in opts:
             opt.step()
 
-    step()  # state is allocated (and kernels compiled / autotuned) on the first step: not timed
+    step()
     synchronize(device)
     peak = None
     if device.type == "cuda":
@@ -210,111 +237,111 @@ def measure(c: Candidate, model: torch.nn.Module, grads: dict, device: torch.dev
     with count_dispatched_ops() as ops:
         step()
     synchronize(device)
-    if device.type == "cuda":
-        host = _host_ms(step, device)
-        median = time_ms(step, device, rep_ms=rep_ms)
-        ns = None if c.ns is None else time_ms(c.ns, device, rep_ms=rep_ms)
-    else:
-        median, host = _cpu_times(step, rep_ms)
-        ns = None if c.ns is None else _cpu_times(c.ns, rep_ms)[0]
-    result = {"median_ms": median, "ns_ms": ns, "ops_per_step": ops.total, "host_ms": host,
-              "state_bytes": sum(state_bytes(o) for o in opts), "peak_bytes": peak}
-    opts.clear()  # the optimizers and their state go before the next candidate is built
+    facts = {"ops_per_step": ops.total, "host_ms": _host_ms(step, device),
+             "state_bytes": sum(state_bytes(o) for o in opts), "peak_bytes": peak}
+    return step, facts
+
+
+def _range(stats) -> list[float]:
+    return [stats.median, stats.low, stats.high]
+
+
+def measure_model(spec: str, model: torch.nn.Module, device: torch.device, found: list[Candidate],
+                  results: Results, rounds: int, rep_ms: float) -> None:
+    """Rows for one model: every candidate timed in the same interleaved rounds."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    steps, facts, ready = {}, {}, []
+    for c in progress(found, desc=f"step {spec}", unit="optimizer"):
+        try:
+            steps[c.provider], facts[c.provider] = prepare(c, device)
+            ready.append(c)
+        except Exception as exc:  # one failing optimizer must not lose the others' rows
+            results.add(STEP, c.provider, spec, c.dtype, status=f"error: {type(exc).__name__}: {exc}")
+    clock = PartClock(device)
+    with ns_timed(clock):
+        samples = interleaved(steps, device, rounds=rounds, budget_ms=rep_ms,
+                              parts={c.provider: clock for c in ready if c.has_ns}, warmup=0)
+    theirs = samples.get(TORCH_MUON)
+    adamw = samples.get(ADAMW)
+    for c in ready:
+        s = samples[c.provider]
+        extra = {"model": spec, "optimizer": c.optimizer, "backend": c.backend, **facts[c.provider]}
+        if c.optimizer.startswith("muon."):
+            if theirs is not None:
+                extra["speedup_vs_torch_optim_muon"] = _range(ratio(theirs.whole, s.whole))
+            if adamw is not None:
+                extra["time_vs_fused_adamw"] = _range(ratio(s.whole, adamw.whole))
+        results.add(STEP, c.provider, spec, c.dtype, stats=s.stats, **extra)
+        if c.has_ns:
+            results.add(NS_PART, c.provider, spec, c.dtype, stats=s.part_stats, part_of=STEP, model=spec)
+    del steps, samples
     for p in model.parameters():
         p.grad = None
-    return result
 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    set_threads(args.threads, device)
     specs = args.model or (GPU_MODELS if device.type == "cuda" else CPU_MODELS)
     names = args.backends.split(",") if args.backends else list(backends.BACKENDS)
     for name in names:
         if name not in backends.BACKENDS:
             raise SystemExit(f"--backends: unknown backend {name!r}; choose from {backends.BACKENDS}")
     explicit = set(names) if args.backends else set()
-    if args.ns_dtype == "auto":
-        ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        ns_dtype = dtype_of(args.ns_dtype)
+    ns_dtype = "auto" if args.ns_dtype == "auto" else dtype_of(args.ns_dtype)
+    rounds = args.rounds or (10 if device.type == "cuda" else 15)
     rep_ms = args.rep_ms or (200.0 if device.type == "cuda" else 300.0)
-    results = Results(device)
-    meta = results.meta
-    skipped_all = []
+    results = Results(device, "step")
 
     for spec in specs:
         try:
-            cfg = parse_model(spec)
+            cfg = models.parse_model(spec)
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"--model {spec}: {exc}") from None
-        if not isinstance(cfg, TransformerConfig):
+        if not isinstance(cfg, models.TransformerConfig):
             raise SystemExit(f"--model {spec}: the step benchmark takes a preset or a custom: transformer")
         torch.manual_seed(0)
-        model = build_model(cfg, device=device)
-        grads = {p: torch.randn_like(p) * 1e-3 for p in model.parameters()}
+        model = models.build(cfg, device=device)
         found, skipped = candidates(model, device, names, explicit, ns_dtype)
-        skipped_all += [f"{spec}: {s}" for s in skipped]
-        for c in progress(found, desc=f"step {spec}", unit="optimizer"):
-            row = {"model": spec, "optimizer": c.optimizer, "backend": c.backend, "device": meta["device"],
-                   "torch": meta["torch_version"], "triton": meta["triton_version"], "commit": meta["commit"]}
-            try:
-                row.update(measure(c, model, grads, device, rep_ms))
-            except Exception as exc:  # one failing optimizer must not lose the others' rows
-                skipped_all.append(f"{spec}: {c.optimizer} [{c.backend}]: error: {type(exc).__name__}: {exc}")
-                continue
-            finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            results.rows.append({k: row.get(k) for k in COLUMNS})
-        del model, grads, found
+        for provider, reason in skipped:
+            dtype = found[0].dtype if found else ""
+            results.add(STEP, provider, spec, dtype, status=f"skipped: {reason}")
+        measure_model(spec, model, device, found, results, rounds, rep_ms)
+        del model, found
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     out = args.out or default_out(device)
     paths = results.write(out, "step")
-    print(f"optimizer step on {meta['device']} (muon.Muon NS in {str(ns_dtype).removeprefix('torch.')}; "
-          "torch.optim.Muon NS in bfloat16)")
-    print(fmt_table(results.rows, ["model", "optimizer", "backend", "median_ms", "ns_ms", "ops_per_step", "host_ms",
-                                   "state_bytes", "peak_bytes"]))
-    for note in skipped_all:
-        print(f"skipped {note}")
-    if not args.no_plot and results.rows:
-        png = plot(results.rows, out / "step.png")
+    clock = next((r["clock"] for r in results.ok(STEP)), "")
+    print(wrap(f"optimizer step on {results.meta['device']}, commit {results.meta['commit']}: {clock}, median "
+               f"of {rounds} interleaved rounds; NS part timed inside the same steps"))
+    print(console_table(results.rows))
+    line = skip_line(results.rows, "step.csv")
+    if line:
+        print(line)
+    if not args.no_plot and results.ok(STEP):
+        png = plots.step(results.rows, out / "step.png")
         paths += [png] if png else []
-    for p in paths:
-        print(f"wrote {p}")
+    print("wrote " + ", ".join(p.name for p in paths) + f" in {out}")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> Path | None:
-    """Step time per optimizer, one panel per model: the NS share (the same buckets timed alone)
-    stacked under the rest of the step."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 0.5 * max(
-        sum(r["model"] == m for r in rows) for m in models) + 1.8), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in rows if r["model"] == model]
-        labels = [f"{r['optimizer']} [{r['backend']}]" for r in mine]
-        total = [r["median_ms"] for r in mine]
-        ns = [min(r["ns_ms"] or 0.0, r["median_ms"]) for r in mine]  # NS alone can exceed a step by noise
-        y = range(len(mine))
-        ax.barh(y, ns, color="C0", label="Newton–Schulz (same calls, timed alone)")
-        ax.barh(y, [t - n for t, n in zip(total, ns)], left=ns, color="C1", label="rest of the step")
-        for i, t in enumerate(total):
-            ax.text(t, i, f" {t:.3g}", va="center", fontsize=7)
-        ax.set_yticks(list(y), labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("median step time (ms)")
-        ax.set_ylabel("optimizer [NS backend]")
-        ax.set_title(model, fontsize=9)
-        ax.set_xlim(0, max(total) * 1.25)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2)
-    fig.suptitle(f"One optimizer step, {rows[0]['device']} (commit {rows[0]['commit']})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def console_table(rows: list[dict]) -> str:
+    """One line per model × optimizer, at most 100 columns: step and NS part medians, spread, ops."""
+    parts = {(r["provider"], r["shape"]): r for r in rows if r["op"] == NS_PART and r["status"] == "ok"}
+    lines = []
+    for r in rows:
+        if r["op"] != STEP or r["status"] != "ok":
+            continue
+        ns = parts.get((r["provider"], r["shape"]))
+        up = r["extra"].get("speedup_vs_torch_optim_muon")
+        lines.append({"model": r["shape"][:14], "optimizer [backend]": r["provider"][:31], "NS dtype": r["dtype"][:9],
+                      "step ms": r["median"], "spread": f"{100 * r['spread']:.0f} %", "NS ms": ns and ns["median"],
+                      "ops": r["extra"].get("ops_per_step"), "vs torch": up and f"{up[0]:.2f}x",
+                      "flag": r["flag"]})
+    if not lines:
+        return "no optimizer ran"
+    return fmt_table(lines, list(lines[0]))

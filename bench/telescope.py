@@ -57,6 +57,19 @@ def widths(base_width: int, final_width: int) -> list[int]:
     return out
 
 
+MAX_EXTENSIONS = 4  # per stage: slabs added when the best point lies on the grid's edge
+
+
+def _edge(best: Point, axes: list[list[float]]) -> tuple[int, int] | None:
+    """(dimension, -1 low / +1 high) of the first grid edge `best` lies on, or None when inside."""
+    for d, (x, axis) in enumerate(zip(best, axes, strict=True)):
+        if len(axis) > 1 and x == axis[0]:
+            return d, -1
+        if len(axis) > 1 and x == axis[-1]:
+            return d, 1
+    return None
+
+
 def telescope(
     objective: Callable[[int, Point], float],
     *,
@@ -68,20 +81,31 @@ def telescope(
     cost: Callable[[int], float] | None = None,
     names: Sequence[str] | None = None,
     progress=None,
+    max_extensions: int = MAX_EXTENSIONS,
 ) -> dict:
     """Run the telescoping sweep; `objective(width, point)` returns the loss (lower is better).
 
+    Grid extension: a stage with more than one point per dimension whose best point lies on an edge
+    of its grid (the smallest or largest value of a hyperparameter) did not bracket its optimum; the
+    grid is then extended by one slab beyond that edge (one more value of that hyperparameter, at the
+    stage's spacing, across every value of the others), and again, until the best point is inside or
+    `max_extensions` slabs were added (the stage then says best_on_edge). Stages of one point are the
+    transfer itself and are never extended.
+
     cost(width) is the cost of one run at that width (default (width/base_width)^2: width doubling
     multiplies a transformer's compute per token by about 4). Returns a dict with
-    "stages": [{width, points_per_dim, spacing, center, grid: [{point, loss}], best: {point, loss}, cost}],
-    "best" (the last stage's optimum, at the final width), "cost" (total), "brute_force_cost"
-    (the base grid, n0^k runs, at the final width) and "cost_ratio_vs_brute_force".
+    "stages": [{width, points_per_dim, spacing, center, grid: [{point, loss, extension}], best: {point,
+    loss}, cost, extensions, best_on_edge}], "best" (the last stage's optimum, at the final width), "cost"
+    (total), "brute_force_cost" (the base grid, n0^k runs, at the final width) and
+    "cost_ratio_vs_brute_force".
     """
     k = len(center)
     if k == 0 or len(spacing) != k:
         raise ValueError(f"center and spacing need the same k >= 1 entries, got {len(center)} and {len(spacing)}")
     if any(h <= 0 for h in spacing):
         raise ValueError(f"spacing must be > 0 in every dimension, got {list(spacing)}")
+    if max_extensions < 0:
+        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
     names = list(names) if names is not None else [f"x{i}" for i in range(k)]
     if len(names) != k:
         raise ValueError(f"names has {len(names)} entries for k = {k} hyperparameters")
@@ -91,22 +115,44 @@ def telescope(
     for s, width in enumerate(widths(base_width, final_width)):
         n = points_per_dim(n0, k, s)
         h = tuple(x / 2**s for x in spacing)
-        tried = []
-        for point in grid(current, h, n):
-            loss = float(objective(width, point))
-            tried.append({"point": dict(zip(names, point, strict=True)), "loss": loss})
-            if progress is not None:
-                progress.update(1)
-        # NaN/inf (diverged) never win; ties go to the first point tried
-        best_i = min(range(len(tried)), key=lambda i: (not math.isfinite(tried[i]["loss"]), tried[i]["loss"]))
-        stage_cost = len(tried) * cost(width)
+        axes = [[c + (i - (n - 1) / 2) * hd for i in range(n)] for c, hd in zip(current, h, strict=True)]
+        tried: dict[Point, dict] = {}
+
+        def run_grid(extension: int, width=width, axes=axes, tried=tried) -> None:
+            new = [tuple(p) for p in itertools.product(*axes) if tuple(p) not in tried]
+            if extension and progress is not None and getattr(progress, "total", None) is not None:
+                progress.total += len(new)
+            for point in new:
+                loss = float(objective(width, point))
+                tried[point] = {"point": dict(zip(names, point, strict=True)), "loss": loss, "extension": extension}
+                if progress is not None:
+                    progress.update(1)
+
+        def best_point(tried=tried) -> Point:
+            # NaN/inf (diverged) never win; ties go to the first point tried
+            return min(tried, key=lambda p: (not math.isfinite(tried[p]["loss"]), tried[p]["loss"]))
+
+        run_grid(0)
+        extensions = 0
+        edge = _edge(best_point(), axes) if n > 1 else None
+        while edge is not None and extensions < max_extensions and math.isfinite(tried[best_point()]["loss"]):
+            d, side = edge
+            axes[d] = [axes[d][0] - h[d], *axes[d]] if side < 0 else [*axes[d], axes[d][-1] + h[d]]
+            extensions += 1
+            run_grid(extensions)
+            edge = _edge(best_point(), axes)
+        best = best_point()
+        grid_entries = list(tried.values())
+        stage_cost = len(grid_entries) * cost(width)
         total += stage_cost
         stages.append({
             "width": width, "points_per_dim": n, "spacing": dict(zip(names, h, strict=True)),
             "center": dict(zip(names, current, strict=True)),
-            "grid": tried, "best": tried[best_i], "cost": stage_cost,
+            "grid": grid_entries, "best": tried[best], "cost": stage_cost, "extensions": extensions,
+            "best_on_edge": edge is not None and n > 1,
+            "axes": {name: list(axis) for name, axis in zip(names, axes, strict=True)},
         })
-        current = tuple(tried[best_i]["point"][name] for name in names)
+        current = best
     brute = n0**k * cost(final_width)
     return {"stages": stages, "best": stages[-1]["best"], "cost": total, "brute_force_cost": brute,
             "cost_ratio_vs_brute_force": total / brute}
@@ -204,51 +250,43 @@ def run(args) -> int:
     result["best"] = result["stages"][-1]["best"]
     result.update({
         "hyperparameters": names, "coordinates": "log2", "cost_unit": "training FLOPs (6N per token + attention)",
-        "settings": s, "runs": n_runs, "wall_s": round(time.perf_counter() - start, 1),
+        "settings": s, "runs": sum(len(st["grid"]) for st in result["stages"]),
+        "wall_s": round(time.perf_counter() - start, 1),
         "data": data.describe(), "device": "cpu", "torch_threads": args.threads, "seed": args.seed,
         "quick": bool(args.quick),
     })
     D.write_result(args, result, "telescope", plot)
+    write_rows(result, Path(args.out))
     if not args.json:
         b = result["best"]
-        print(f"best at width {s['final_width']}: {b['values']} (val loss {b['loss']:.4f}); "
-              f"cost vs brute force {result['cost_ratio_vs_brute_force']:.3f}; {n_runs} runs, {result['wall_s']} s; "
-              f"wrote {args.out}/telescope.json")
+        for st in result["stages"]:
+            edge = "; best still on the edge" if st["best_on_edge"] else ""
+            print(f"width {st['width']}: {len(st['grid'])} run(s) ({st['extensions']} grid extension(s){edge}), "
+                  f"best val loss {st['best']['loss']:.4f}")
+        values = ", ".join(f"{k} {v:.3g}" for k, v in b["values"].items())
+        print(f"best at width {s['final_width']}: {values} (val loss {b['loss']:.4f}); cost vs brute force "
+              f"{result['cost_ratio_vs_brute_force']:.3f}; {result['runs']} runs, {result['wall_s']} s")
+        print(f"wrote telescope.json, telescope.csv{'' if args.no_plot else ', telescope.png'} in {args.out}")
     return 0
 
 
+def write_rows(result: dict, out: Path) -> None:
+    """telescope.csv (bench/schema.py): one row per run, its final validation loss."""
+    import torch
+
+    from .schema import Results
+
+    rows = Results(torch.device("cpu"), "telescope")
+    for i, st in enumerate(result["stages"]):
+        for e in st["grid"]:
+            rows.add("telescope_run", "muon.Muon (muP)", f"width={st['width']}", "auto", metric="final_val_loss",
+                     unit="nats per byte token", value=e["loss"], stage=i, log2_point=e["point"], values=e["values"],
+                     extension=e["extension"], best=e is st["best"])
+    rows.write(out, "telescope")
+
+
 def plot(result: dict, path: Path) -> None:
-    from .common import pyplot
+    """telescope.png: bench.plots.telescope."""
+    from . import plots
 
-    plt = pyplot()
-    if plt is None:
-        return
-
-    names = result["hyperparameters"]
-    stages = result["stages"]
-    # shared axes: each stage's smaller, finer grid shows as a zoom into the previous one
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.8), squeeze=False, sharex=True,
-                             sharey=len(names) > 1, constrained_layout=True)
-    finite = [e["loss"] for st in stages for e in st["grid"] if math.isfinite(e["loss"])]
-    vmin, vmax = (min(finite), max(finite)) if finite else (0, 1)
-    for ax, st in zip(axes[0], stages, strict=True):
-        xs = [e["point"][names[0]] for e in st["grid"]]
-        ys = [e["point"][names[1]] if len(names) > 1 else e["loss"] for e in st["grid"]]
-        cs = [e["loss"] if math.isfinite(e["loss"]) else vmax for e in st["grid"]]
-        if len(names) > 1:
-            sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax, s=120, marker="s")
-            ax.plot(st["best"]["point"][names[0]], st["best"]["point"][names[1]], "r*", ms=14, label="best of stage")
-            ax.legend(fontsize=7, loc="upper right")
-            ax.set_ylabel(f"log2 {names[1]}")
-        else:
-            sc = ax.scatter(xs, ys, c=cs, cmap="viridis_r", vmin=vmin, vmax=vmax)
-            ax.set_ylabel("val loss")
-        ax.set_xlabel(f"log2 {names[0]}")
-        ax.set_title(f"width {st['width']}: {st['points_per_dim']}^{len(names)} runs, best {st['best']['loss']:.3f}",
-                     fontsize=9)
-    fig.colorbar(sc, ax=axes[0].tolist(), label="val loss")
-    fig.suptitle(f"telescoping sweep ({result.get('device', '?')}{', quick' if result.get('quick') else ''}): "
-                 f"cost {result['cost_ratio_vs_brute_force']:.2f}x of a brute-force grid at the final width",
-                 fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    plots.telescope(result, path)

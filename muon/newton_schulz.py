@@ -6,16 +6,20 @@ import torch
 from torch import Tensor
 
 from .backends import runner
-from .backends.dispatch import ALGORITHMS
+from .backends.dispatch import ALGORITHMS, choose_ns_dtype
 from .coefficients import DEFAULT_RESTARTS, Schedule, check_restarts, resolve_schedule
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """dtype="auto": bf16 on CUDA (tensor-core GEMMs), fp32 elsewhere (bf16 GEMMs are slow on CPUs)."""
+def resolve_dtype(dtype, device: torch.device, shape: tuple[int, int] | None = None) -> torch.dtype:
+    """dtype="auto" for an m×n matrix (`shape`, or a stack of them): bf16 on CUDA (tensor-core GEMMs);
+    on a CPU what `muon.backends.dispatch.choose_ns_dtype` reads from the measured CPU table, fp32
+    without a shape or a measurement (bf16 GEMMs are slow on most CPUs). Other values pass through."""
     if isinstance(dtype, str) and dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if shape is None:
+            return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return choose_ns_dtype(shape[0], shape[1], device)
     return dtype
 
 
@@ -42,7 +46,8 @@ def newton_schulz(
             repeated every step, or a list with one tuple per step.
         eps: added to the Frobenius norm of the (max-abs prescaled) input; presets with their own
             normalization (polar_express) use theirs.
-        dtype: compute dtype: "auto" (default: bfloat16 on CUDA, float32 elsewhere), torch.bfloat16,
+        dtype: compute dtype: "auto" (default: bfloat16 on CUDA; on a CPU float32 unless the
+            measured CPU table of muon.backends.dispatch says bf16 for this CPU and shape), torch.bfloat16,
             float16 or float32 (float64 for references).
         backend: "auto" (fastest available for G's device), "torch", "triton" or "cuda".
         algorithm: "standard" (three GEMMs per step on X), "gram" (Gram Newton–Schulz: the same
@@ -109,7 +114,7 @@ def orthogonalize(
     algorithm/restarts: as in `newton_schulz`.
     """
     check_input(G)
-    dtype = resolve_dtype(dtype, G.device)
+    dtype = resolve_dtype(dtype, G.device, G.shape[-2:])
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     if algorithm not in ALGORITHMS:

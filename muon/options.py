@@ -112,7 +112,9 @@ def resolve_runs(group: dict, index: int, runs: dict) -> None:
             for algorithm in algorithms:
                 # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
                 probe = torch.empty((1, min(r, n), max(r, n)), dtype=X.dtype, device=X.device)
-                run_for(runs, group, index, probe, resolve_dtype(group["ns_dtype"], X.device), steps, algorithm)
+                # sharded (DTensor) groups resolve "auto" without a shape: one dtype per collective
+                shape = None if X is not p else probe.shape[-2:]
+                run_for(runs, group, index, probe, resolve_dtype(group["ns_dtype"], X.device, shape), steps, algorithm)
 
 
 def run_for(runs: dict, group: dict, index: int, X: Tensor, ns_dtype: torch.dtype, steps: int,

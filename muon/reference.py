@@ -238,7 +238,9 @@ def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, proc
     for members in buckets.values():
         stack = [pieces[ij] for ij in members]
         stack = torch.cat(stack) if len(stack) > 1 else stack[0]
-        result = orthogonalize(stack, schedule, dtype=dtype, backend=backend, algorithm=group["ns_algorithm"])
+        # "auto" per bucket shape, as the step engine's plan resolves it (muon.newton_schulz.resolve_dtype)
+        bucket_dtype = resolve_dtype(group["ns_dtype"], device, stack.shape[-2:])
+        result = orthogonalize(stack, schedule, dtype=bucket_dtype, backend=backend, algorithm=group["ns_algorithm"])
         for ij, piece in zip(members, result.split([len(pieces[ij]) for ij in members])):
             results[ij] = piece.mT if ij in tall else piece
     out: list = [None] * len(updates)

@@ -12,12 +12,17 @@ import torch
 
 from bench import common as bench_common
 from bench import profile as bench_profile
-from bench import step as bench_step
+from bench import schema
 from bench.cli import COMMANDS, main
 from muon.backends import torch_ref
 from muon.coefficients import resolve_schedule
 
 QUICK_MODEL = "custom:layers=1,d=32,heads=2,mlp_dim=64,vocab=64,seq=16"
+
+
+def _widest(text: str) -> int:
+    """The widest console line, but for "wrote ... in <folder>" lines (as long as the folder's path)."""
+    return max(len(line) for line in text.splitlines() if not line.startswith("wrote"))
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +31,11 @@ def _quiet(monkeypatch):
 
 
 def _rows(path):
-    return json.loads(path.read_text())
+    return schema.read(path)
 
 
 def test_registry_keeps_every_command():
-    assert {"flops", "kernels", "step", "profile", "telescope", "efficiency", "all"} <= set(COMMANDS)
+    assert {"flops", "kernels", "step", "profile", "telescope", "efficiency", "ns-dtype", "all"} <= set(COMMANDS)
 
 
 def test_flops_json(capsys):
@@ -47,9 +52,11 @@ def test_flops_table_and_plot(capsys, tmp_path):
     assert main(["flops", "--model", "tiny", "--model", "custom:layers=2,d=64,heads=2", "--out", str(tmp_path),
                  "--sweep", "1024,4096,16384"]) == 0
     text = capsys.readouterr().out
-    assert "overhead_bound" in text and "tiny" in text and "custom" in text
+    assert "bound" in text and "tiny" in text and "custom" in text
+    assert _widest(text) <= bench_common.CONSOLE_WIDTH
     rows = _rows(tmp_path / "flops.json")
     assert len(rows) == 2 * 3  # two models x the sweep
+    assert all(r["metric"] == "overhead" and r["median"] == r["extra"]["overhead"] for r in rows)
     assert (tmp_path / "flops_overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,15 +70,24 @@ def test_kernels(tmp_path, capsys):
                  "torch.optim.Muon,dion", "--rep-ms", "1", "--gemm-size", "32", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "kernels.json")
     for row in rows:
-        assert {"op", "provider", "shape", "dtype", "device", "torch_version", "commit"} <= set(row)
+        assert list(row) == list(schema.COLUMNS) and row["command"] == "kernels"
     ours = [r for r in rows if r["provider"] == "muon[torch]"]
     assert [r["shape"] for r in ours] == ["1x16x32", "2x40x8"]
+    for r in ours:
+        assert r["dtype"] == "float32"  # --dtype auto on a CPU: what ns_dtype="auto" picks (docs/benchmarks.md)
+        assert r["extra"]["rel_err_fp64"] < 1e-3
     for r in ours + [r for r in rows if r["provider"] == "torch.optim.Muon"]:
-        assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0
-        assert r["rel_err_fp64"] < 0.05  # bf16 NS against the float64 reference (measured ~0.01)
+        assert r["status"] == "ok" and r["median"] > 0 and r["extra"]["tflops"] > 0 and r["rounds"] == 10
+        assert r["low"] <= r["q1"] <= r["median"] <= r["q3"] <= r["high"]
+        assert r["extra"]["rel_err_fp64"] < 0.05  # bf16 NS (torch.optim.Muon's) against float64 (measured ~0.01)
+    assert {r["dtype"] for r in rows if r["provider"] == "torch.optim.Muon"} == {"bfloat16"}  # its only dtype
+    assert all(len(r["extra"]["vs_torch_optim_muon"]) == 3 for r in ours)  # per-round ratio: median, min, max
     assert all(r["status"].startswith("skipped") for r in rows if r["provider"] == "dion")
     assert {r["shape"] for r in rows if r["op"] == "gemm"} == {"32x32x32", "1x16x32", "2x40x8"}
     assert (tmp_path / "kernels.png").exists() and (tmp_path / "kernels.csv").exists()
+    out = capsys.readouterr().out
+    assert _widest(out) <= bench_common.CONSOLE_WIDTH
+    assert sum(line.startswith("skipped") for line in out.splitlines()) == 1  # one line for every skip
 
 
 def test_kernels_bad_shape():
@@ -81,26 +97,41 @@ def test_kernels_bad_shape():
 
 def test_step(tmp_path, capsys):
     assert main(["step", "--device", "cpu", "--model", QUICK_MODEL, "--model", "custom:layers=1,d=16,heads=2,vocab=32",
-                 "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+                 "--rep-ms", "1", "--rounds", "5", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "step.json")
     for row in rows:
-        assert list(row) == bench_step.COLUMNS  # exactly the documented schema, in order
+        assert list(row) == list(schema.COLUMNS)  # the one schema, in order
         assert row["device"].startswith("cpu") and row["torch"] == torch.__version__ and row["commit"]
-        assert row["median_ms"] > 0 and row["host_ms"] > 0 and row["ops_per_step"] > 0
-        assert row["peak_bytes"] is None  # no allocator statistics on a CPU: unmeasured, not zero
-    assert (tmp_path / "step.csv").read_text().splitlines()[0] == ",".join(bench_step.COLUMNS)
+        assert row["threads"] == 1  # a CPU timing command runs on one thread unless told otherwise
+    assert (tmp_path / "step.csv").read_text().splitlines()[0] == ",".join(schema.COLUMNS)
     for model in (QUICK_MODEL, "custom:layers=1,d=16,heads=2,vocab=32"):
-        by = {r["optimizer"]: r for r in rows if r["model"] == model}
-        assert {"muon.Muon", "torch.optim.Muon+AdamW(fused)", "torch.optim.AdamW(fused)"} <= set(by)
-        assert by["muon.Muon"]["backend"] == "torch"
-        assert by["muon.Muon"]["ns_ms"] > 0 and by["torch.optim.Muon+AdamW(fused)"]["ns_ms"] > 0
-        assert by["torch.optim.AdamW(fused)"]["ns_ms"] is None
+        steps = {r["extra"]["optimizer"]: r for r in rows if r["shape"] == model and r["op"] == "optimizer_step"
+                 and r["status"] == "ok"}
+        parts = {r["provider"]: r for r in rows if r["shape"] == model and r["op"] == "newton_schulz_in_step"}
+        assert {"muon.Muon", "torch.optim.Muon+AdamW(fused)", "torch.optim.AdamW(fused)"} <= set(steps)
+        for r in steps.values():
+            assert r["median"] > 0 and r["rounds"] == 5 and r["extra"]["host_ms"] > 0
+            assert r["extra"]["ops_per_step"] > 0
+            assert r["extra"]["peak_bytes"] is None  # no allocator statistics on a CPU: unmeasured, not zero
+        assert steps["muon.Muon"]["extra"]["backend"] == "torch" and steps["muon.Muon"]["dtype"] == "float32"
+        assert steps["torch.optim.Muon+AdamW(fused)"]["dtype"] == "bfloat16"
+        # the NS part of every optimizer that has one, never longer than its step
+        assert set(parts) == {r["provider"] for r in steps.values()} - {"torch.optim.AdamW(fused)"}
+        for provider, part in parts.items():
+            whole = next(r for r in steps.values() if r["provider"] == provider)
+            assert part["part_of"] == "optimizer_step" and 0 < part["median"] <= whole["median"]
+            assert part["low"] <= whole["low"] and part["high"] <= whole["high"]
+        up = steps["muon.Muon"]["extra"]["speedup_vs_torch_optim_muon"]
+        assert up[1] <= up[0] <= up[2]
         # Muon keeps one buffer per matrix, AdamW two per parameter.
-        assert by["muon.Muon"]["state_bytes"] < by["torch.optim.AdamW(fused)"]["state_bytes"]
+        assert steps["muon.Muon"]["extra"]["state_bytes"] < steps["torch.optim.AdamW(fused)"]["extra"]["state_bytes"]
         # fused AdamW is one multi-tensor op (a few dispatches); a Muon step is many
-        assert by["torch.optim.AdamW(fused)"]["ops_per_step"] < by["muon.Muon"]["ops_per_step"]
+        assert steps["torch.optim.AdamW(fused)"]["extra"]["ops_per_step"] < steps["muon.Muon"]["extra"]["ops_per_step"]
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "skipped" in capsys.readouterr().out  # the triton/cuda backends, with the reason
+    out = capsys.readouterr().out
+    skips = [line for line in out.splitlines() if line.startswith("skipped")]
+    assert len(skips) == 1 and "triton" in skips[0]  # the triton/cuda backends, in one line
+    assert _widest(out) <= bench_common.CONSOLE_WIDTH
 
 
 def _hide(monkeypatch, *names):
@@ -186,6 +217,7 @@ def test_all_quick(tmp_path, capsys):
     assert "| given | 1x32x64, 2x48x16 |" in summary  # NS speed-up row of the --shapes class
     step_row = next(line for line in summary.splitlines() if line.startswith(f"| {QUICK_MODEL} |"))
     assert "(torch)" in step_row and step_row.count("×") == 2 and " %" in step_row
+    assert "Spread" in summary  # the spread line: which timed rows are noisy, or that none is
     for stage in ("flops", "kernels", "step", "profile"):
         assert f"| {stage} |" in summary
     assert "failed" not in summary
@@ -207,11 +239,12 @@ def test_kernels_times_the_aol_and_fp16_variants(tmp_path):
                  "--out", str(tmp_path)]) == 0
     rows = {r["provider"]: r for r in _rows(tmp_path / "kernels.json") if r["op"] == "newton_schulz"}
     base, aol, fp16 = rows["muon[torch]"], rows["muon[torch:aol]"], rows["muon[torch:fp16]"]
-    assert all(r["status"] == "ok" and r["ms"] > 0 for r in (base, aol, fp16))
-    assert (aol["ns_steps"], aol["precondition"], aol["dtype"]) == (4, "aol", "bfloat16")
-    assert (fp16["ns_steps"], fp16["precondition"], fp16["dtype"]) == (5, "frobenius", "float16")
-    assert aol["actual_tflops"] == pytest.approx(aol["tflops"] * 0.8)  # 4 of 5 steps' FLOPs done
-    assert aol["rel_err_fp64"] < 0.05 and fp16["rel_err_fp64"] < 0.01  # fp16: 3 more mantissa bits than bf16
+    assert all(r["status"] == "ok" and r["median"] > 0 for r in (base, aol, fp16))
+    aol_x, fp16_x = aol["extra"], fp16["extra"]
+    assert (aol_x["ns_steps"], aol_x["precondition"], aol["dtype"]) == (4, "aol", "float32")  # --dtype auto, CPU
+    assert (fp16_x["ns_steps"], fp16_x["precondition"], fp16["dtype"]) == (5, "frobenius", "float16")
+    assert aol_x["actual_tflops"] == pytest.approx(aol_x["tflops"] * 0.8)  # 4 of 5 steps' FLOPs done
+    assert aol_x["rel_err_fp64"] < 0.05 and fp16_x["rel_err_fp64"] < 0.01  # fp16: 3 more mantissa bits than bf16
     # the dispatch table reads only the providers auto may pick
     from muon.backends.dispatch import table_from_csv
 

@@ -116,7 +116,7 @@ def test_bench_kernels_csv_is_the_table_format(tmp_path):
     from bench.cli import main
 
     assert main(["kernels", "--device", "cpu", "--shapes", "2x16x32", "--preset", "none", "--peers", "",
-                 "--backends", "torch,auto", "--rep-ms", "1", "--gemm-size", "32", "--no-plot",
+                 "--backends", "torch,auto", "--dtype", "bf16", "--rep-ms", "1", "--gemm-size", "32", "--no-plot",
                  "--out", str(tmp_path)]) == 0
     table = dispatch.table_from_csv(tmp_path / "kernels.csv")
     assert [(e.batch, e.short, e.long, e.dtype, e.winner) for e in table] == [(2, 16, 32, "bfloat16", "muon[torch]")]
@@ -166,3 +166,79 @@ def test_cuda_backend_refuses_aol_by_name():
     schedule = resolve_schedule("you", 4, 1e-7, precondition="aol")
     with pytest.raises(ValueError, match="precondition='aol' is not supported by backend='cuda'.*triton"):
         cuda_backend.run(torch.randn(1, 4, 8), schedule, BF16)
+
+
+# ------------------------------------------------------------------------- ns_dtype="auto" on a CPU
+def _entry(cpu="Test CPU 9000", threads=1, short=128, long=512, winner="bfloat16"):
+    fp32, bf16 = (2.0, 1.0) if winner == "bfloat16" else (1.0, 2.0)
+    return dispatch.DtypeEntry(cpu, threads, short, long, winner, fp32, bf16)
+
+
+def test_embedded_cpu_dtype_table_is_the_committed_csv():
+    assert dispatch.dtype_table_from_csv(os.path.join(ROOT, dispatch.CPU_DTYPE_SOURCE)) == dispatch.CPU_DTYPE_TABLE
+    for e in dispatch.CPU_DTYPE_TABLE:  # a winner is what its own medians say, with the margin
+        assert (e.winner == "bfloat16") == (e.bf16_ms < dispatch.BF16_MARGIN * e.fp32_ms)
+
+
+def test_auto_dtype_follows_the_cpu_table():
+    table = (_entry(short=128, long=512), _entry(short=512, long=512, winner="float32"),
+             _entry(threads=2, short=64, long=64))
+    pick = lambda m, n, **kw: dispatch.choose_ns_dtype(m, n, "cpu", cpu="Test CPU 9000", threads=1,  # noqa: E731
+                                                       table=table, **kw)
+    assert pick(128, 512) == BF16 and pick(512, 128) == BF16  # tall = its transpose
+    assert pick(100, 400) == BF16 and pick(200, 800) == BF16  # within a factor 2 on both sides
+    assert pick(256, 1024) == torch.float32  # as near to 512x512 (fp32) as to 128x512 (bf16): fp32
+    assert pick(512, 512) == torch.float32  # measured: fp32 wins there
+    assert pick(16, 16) == torch.float32 and pick(4096, 4096) == torch.float32  # unmeasured class: fp32
+    assert pick(0, 8) == torch.float32
+    # the nearest measured thread count decides: at 2 threads only the 64x64 entry exists
+    two = lambda m, n: dispatch.choose_ns_dtype(m, n, "cpu", cpu="Test CPU 9000", threads=2, table=table)  # noqa: E731
+    assert two(64, 64) == BF16 and two(128, 512) == torch.float32
+    # CUDA is bf16 whatever the table; another device computes in fp32
+    assert dispatch.choose_ns_dtype(8, 8, "cuda", table=table) == BF16
+    assert dispatch.choose_ns_dtype(8, 8, "meta", table=table) == torch.float32
+
+
+def test_unknown_or_unreadable_cpu_falls_back_to_fp32(monkeypatch):
+    table = (_entry(),)
+    assert dispatch.choose_ns_dtype(128, 512, "cpu", cpu="Another CPU", table=table) == torch.float32
+    assert dispatch.choose_ns_dtype(128, 512, "cpu", cpu="", table=table) == torch.float32
+
+    def no_file(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(dispatch, "_CPU_MODEL", {})
+    monkeypatch.setattr("builtins.open", no_file)
+    monkeypatch.setattr(dispatch.platform, "processor", lambda: "")
+    assert dispatch.cpu_model() == ""
+    assert dispatch.choose_ns_dtype(128, 512, "cpu", table=table) == torch.float32
+
+
+def test_optimizer_and_newton_schulz_resolve_auto_from_the_table(monkeypatch):
+    """With a table that says bf16 for 16x32 on this CPU: muon.newton_schulz, the step engine's bucket
+    and the per-parameter reference loop all compute that shape in bf16, the others in fp32, and the
+    engine and the reference agree."""
+    import muon
+    from muon.newton_schulz import orthogonalize
+
+    here = dispatch.cpu_model()
+    table = (dispatch.DtypeEntry(here, torch.get_num_threads(), 16, 32, "bfloat16", 2.0, 1.0),
+             dispatch.DtypeEntry(here, torch.get_num_threads(), 64, 64, "float32", 1.0, 2.0))
+    monkeypatch.setattr(dispatch, "CPU_DTYPE_TABLE", table)
+    schedule = resolve_schedule("keller", 5, 1e-7)
+    assert orthogonalize(torch.randn(32, 16), schedule).dtype == BF16
+    assert orthogonalize(torch.randn(64, 64), schedule).dtype == torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 32), (64, 64)]
+    engine = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    loop = [p.detach().clone().requires_grad_() for p in engine]
+    opt, ref = muon.Muon(engine, lr=0.02), muon.Muon(loop, lr=0.02, foreach=False)
+    for _ in range(2):
+        for p, q in zip(engine, loop):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert sorted(str(b.ns_dtype) for b in opt._plan.groups[0].buckets) == ["torch.bfloat16", "torch.float32"]
+    for p, q in zip(engine, loop):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -52,8 +52,9 @@ def _synthetic(c0=(0.3, -0.7), drift=(0.6, -0.5)):
 def test_telescope_on_a_drifting_optimum():
     loss, optimum, calls = _synthetic()
     n0, base, final, spacing = 8, 4, 32, (0.4, 0.4)
+    # the paper's schedule as it is: no grid extension (test_grid_extension_* cover those)
     res = telescope(loss, center=(0.0, 0.0), spacing=spacing, n0=n0, base_width=base, final_width=final,
-                    names=["lr", "wd"])
+                    names=["lr", "wd"], max_extensions=0)
     stages = res["stages"]
     assert [st["width"] for st in stages] == [4, 8, 16, 32]
     assert [st["points_per_dim"] for st in stages] == [8, 5, 3, 1]
@@ -115,3 +116,59 @@ def test_telescope_any_k_custom_cost_and_divergence():
         telescope(loss, center=(0.0,), spacing=(0.0,), n0=3, base_width=8, final_width=8)
     with pytest.raises(ValueError, match="same k"):
         telescope(loss, center=(0.0, 1.0), spacing=(1.0,), n0=3, base_width=8, final_width=8)
+
+
+def _grid_edges(stage, name):
+    values = [e["point"][name] for e in stage["grid"]]
+    return min(values), max(values)
+
+
+def test_grid_extension_brings_each_optimum_inside_its_grid():
+    """A base grid centred far from the optimum: the stage extends slab by slab until its best point
+    is inside (not on an edge) in every dimension; each slab is one more value of one hyperparameter
+    across every value of the others, at the stage's spacing."""
+    loss, optimum, calls = _synthetic(c0=(2.3, -1.9), drift=(0.0, 0.0))  # optimum (2.3, -1.9) at every width
+    res = telescope(loss, center=(0.0, 0.0), spacing=(1.0, 1.0), n0=4, base_width=8, final_width=32,
+                    names=["lr", "wd"], max_extensions=8)
+    base = res["stages"][0]
+    # base axes -1.5 .. 1.5: lr needs 2.5 and 3.5 (2 slabs of 4 wd values... then 5), wd needs -2.5 (1 slab)
+    assert base["extensions"] == 3 and not base["best_on_edge"]
+    assert len(base["grid"]) == 16 + 4 + 4 + 6  # 4x4, lr 2.5 (x4 wd), lr 3.5 (x4 wd), wd -2.5 (x6 lr)
+    assert [e["extension"] for e in base["grid"]].count(0) == 16
+    assert base["axes"]["lr"] == pytest.approx([-1.5, -0.5, 0.5, 1.5, 2.5, 3.5])
+    assert base["axes"]["wd"] == pytest.approx([-2.5, -1.5, -0.5, 0.5, 1.5])
+    assert len({tuple(e["point"].values()) for e in base["grid"]}) == len(base["grid"])  # no run twice
+    assert len(calls) == sum(len(st["grid"]) for st in res["stages"])
+    for st in res["stages"]:
+        if st["points_per_dim"] > 1:
+            for i, name in enumerate(("lr", "wd")):
+                lo, hi = _grid_edges(st, name)
+                assert lo < st["best"]["point"][name] < hi  # inside, not on the edge
+                assert abs(st["best"]["point"][name] - optimum(st["width"])[i]) <= st["spacing"][name] / 2 + 1e-12
+        else:
+            assert st["extensions"] == 0 and not st["best_on_edge"]  # a one-point stage is the transfer
+    # cost counts every run, extensions included
+    assert res["stages"][0]["cost"] == len(base["grid"]) * 1.0
+
+
+def test_grid_extension_is_bounded_and_says_so():
+    loss, _, calls = _synthetic(c0=(40.0, 0.0), drift=(0.0, 0.0))  # far beyond any reach
+    res = telescope(loss, center=(0.0, 0.0), spacing=(1.0, 1.0), n0=3, base_width=8, final_width=8,
+                    max_extensions=2)
+    (stage,) = res["stages"]
+    assert stage["extensions"] == 2 and stage["best_on_edge"]
+    assert len(calls) == 9 + 3 + 3
+    assert stage["best"]["point"]["x0"] == max(e["point"]["x0"] for e in stage["grid"])
+    with pytest.raises(ValueError, match="max_extensions"):
+        telescope(loss, center=(0.0,), spacing=(1.0,), n0=3, base_width=8, final_width=8, max_extensions=-1)
+
+
+def test_grid_extension_one_dimension_and_divergence():
+    """k = 1 extends along its only axis; a diverged (NaN) run beyond the edge ends the search there."""
+    def loss(width, point):
+        return math.nan if point[0] > 2.0 else (point[0] - 5.0) ** 2  # optimum beyond where runs diverge
+
+    res = telescope(loss, center=(0.0,), spacing=(1.0,), n0=3, base_width=8, final_width=8, max_extensions=5)
+    (stage,) = res["stages"]
+    assert stage["axes"]["x0"] == pytest.approx([-1.0, 0.0, 1.0, 2.0, 3.0])
+    assert stage["best"]["point"]["x0"] == 2.0 and not stage["best_on_edge"]  # 3.0 diverged: 2.0 is inside

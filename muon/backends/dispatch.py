@@ -7,6 +7,12 @@ reference implementation, never a guess.
 
 Standard or Gram Newton–Schulz for algorithm="auto"; sources beside each constant in its section below.
 
+## NS compute dtype — `choose_ns_dtype(m, n, device)`
+
+What ns_dtype="auto" computes in: bf16 on CUDA (tensor cores); on a CPU the measured table
+`CPU_DTYPE_TABLE` (one entry per CPU model, thread count and shape, `python -m bench ns-dtype`), fp32
+wherever it has nothing to say (another CPU, an unmeasured shape class, sharded groups).
+
 ## Backend table — `choose_backend(X, dtype)`
 
 Source: bench/results/h100-899c9f9/kernels.csv — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0,
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import math
+import platform
 import sys
 from dataclasses import dataclass, field
 
@@ -90,6 +97,142 @@ def choose_algorithm(m: int, n: int, device, dtype: torch.dtype, *, steps: int =
         return "standard"
     gram = newton_schulz_flops(short, long, steps, algorithm="gram", restarts=restarts)
     return "gram" if gram < newton_schulz_flops(short, long, steps) else "standard"
+
+
+# ----------------------------------------------------------------------------- NS compute dtype
+# ns_dtype="auto". CUDA: bf16 (tensor-core GEMMs; what torch.optim.Muon and every public Muon use).
+# CPU: bf16 only where `python -m bench ns-dtype` measured it clearly faster than fp32 on this CPU
+# model (CPU_DTYPE_TABLE), fp32 everywhere else: bf16 changes the numerics (about 1e-2 relative error
+# against 1e-6 in fp32), so it has to pay for itself, and most CPUs without bf16 instructions
+# (AVX512-BF16, AMX) run bf16 GEMMs 5-40x slower than fp32.
+#
+# Rule on a CPU, for an m×n matrix (batch ignored: both dtypes scale alike with it): the entries of
+# this CPU model (`cpu_model()`, exact match) at the nearest measured thread count; among them the
+# nearest shape, nearness = the larger |log2 ratio| of the small and large sides; within a factor 2
+# (REACH) its winner, else fp32. An entry's winner is bf16 when bf16's median time was below
+# BF16_MARGIN × fp32's (interleaved rounds, so both saw the same load).
+BF16_MARGIN = 0.9
+
+CPU_DTYPE_SOURCE = "bench/results/ns-dtype-cpu/ns_dtype.csv"
+
+
+@dataclass(frozen=True)
+class DtypeEntry:
+    """One measured CPU shape: NS (torch backend, 5 Keller steps) in fp32 and in bf16, median ms."""
+
+    cpu: str
+    threads: int
+    short: int
+    long: int
+    winner: str  # "float32" or "bfloat16"
+    fp32_ms: float
+    bf16_ms: float
+
+
+# dtype_table_from_csv(CPU_DTYPE_SOURCE); regenerate with `python -m bench ns-dtype --threads 1,2`
+# (prints these lines). Provenance (every row of CPU_DTYPE_SOURCE carries it, and its README): the
+# project's 2-vCPU "AMD EPYC" (AVX2 + FMA, no AVX512-BF16 or AMX), torch 2.13.0+cpu, commit 5f51a74,
+# 2026-12-02, 7 interleaved rounds per shape, other jobs sharing the cores (load average 3.4–8.6).
+# fp32 won every shape, by 2.5–43x on one thread, 2.6–15x on two. An earlier two-thread run at a
+# load average of ~5 had bf16 ahead at 32²–128² and 128×512 (128²: fp32 445 ms, bf16 126 ms, against
+# 1.5 ms for fp32 on one thread): threads waiting on each other, not bf16 arithmetic; not committed.
+CPU_DTYPE_TABLE: tuple[DtypeEntry, ...] = (
+    DtypeEntry('AMD EPYC', 1, 32, 32, 'float32', 0.483, 1.207),
+    DtypeEntry('AMD EPYC', 1, 64, 64, 'float32', 0.507, 5.357),
+    DtypeEntry('AMD EPYC', 1, 128, 128, 'float32', 1.5, 26.74),
+    DtypeEntry('AMD EPYC', 1, 256, 256, 'float32', 12.09, 426.6),
+    DtypeEntry('AMD EPYC', 1, 512, 512, 'float32', 95.19, 4091.0),
+    DtypeEntry('AMD EPYC', 1, 32, 128, 'float32', 0.4766, 1.911),
+    DtypeEntry('AMD EPYC', 1, 64, 256, 'float32', 0.8963, 9.917),
+    DtypeEntry('AMD EPYC', 1, 128, 512, 'float32', 5.404, 182.2),
+    DtypeEntry('AMD EPYC', 1, 256, 1024, 'float32', 33.01, 1235.0),
+    DtypeEntry('AMD EPYC', 2, 32, 32, 'float32', 2.293, 6.827),
+    DtypeEntry('AMD EPYC', 2, 64, 64, 'float32', 10.85, 29.52),
+    DtypeEntry('AMD EPYC', 2, 128, 128, 'float32', 20.19, 61.1),
+    DtypeEntry('AMD EPYC', 2, 256, 256, 'float32', 466.9, 659.6),
+    DtypeEntry('AMD EPYC', 2, 512, 512, 'float32', 252.4, 3787.0),
+    DtypeEntry('AMD EPYC', 2, 32, 128, 'float32', 4.102, 10.9),
+    DtypeEntry('AMD EPYC', 2, 64, 256, 'float32', 13.56, 34.98),
+    DtypeEntry('AMD EPYC', 2, 128, 512, 'float32', 32.71, 284.4),
+    DtypeEntry('AMD EPYC', 2, 256, 1024, 'float32', 198.7, 1670.0),
+)
+
+_CPU_MODEL: dict[str, str] = {}
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (/proc/cpuinfo "model name", else platform.processor()); "" if
+    neither says. Read once per process."""
+    model = _CPU_MODEL.get("name")
+    if model is None:
+        model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        model = _CPU_MODEL["name"] = model or platform.processor() or ""
+    return model
+
+
+def choose_ns_dtype(m: int, n: int, device, *, cpu: str | None = None, threads: int | None = None,
+                    table: tuple[DtypeEntry, ...] | None = None) -> torch.dtype:
+    """The compute dtype of ns_dtype="auto" for an m×n matrix (or a stack of them) on `device`."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    if torch.device(device).type != "cpu":
+        return torch.float32
+    table = CPU_DTYPE_TABLE if table is None else table
+    cpu = cpu_model() if cpu is None else cpu
+    mine = [e for e in table if e.cpu == cpu] if cpu else []
+    short, long = min(m, n), max(m, n)
+    if not mine or short < 1:
+        return torch.float32
+    threads = torch.get_num_threads() if threads is None else threads
+    nearest = min(abs(math.log2(e.threads / threads)) for e in mine)
+    mine = [e for e in mine if abs(math.log2(e.threads / threads)) == nearest]
+    dist = {e: max(abs(math.log2(short / e.short)), abs(math.log2(long / e.long))) for e in mine}
+    best = min(dist.values())
+    if best > REACH:
+        return torch.float32
+    winners = {e.winner for e in mine if dist[e] == best}
+    return torch.bfloat16 if winners == {"bfloat16"} else torch.float32
+
+
+def dtype_table_from_rows(rows) -> tuple[DtypeEntry, ...]:
+    """Entries from `python -m bench ns-dtype` rows (bench/schema.py columns): per (CPU, threads,
+    shape), the fp32 and bf16 medians; bf16 wins below BF16_MARGIN × fp32."""
+    import json
+
+    by: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("op") != "newton_schulz" or r.get("status") != "ok" or r.get("metric") != "time":
+            continue
+        extra = r.get("extra") or {}
+        extra = json.loads(extra) if isinstance(extra, str) else extra
+        cpu = extra.get("cpu_model")
+        if not cpu:
+            continue
+        _, short, long = _parse_shape(r["shape"])
+        by.setdefault((cpu, int(r["threads"]), short, long), {})[r["dtype"]] = float(r["median"])
+    table = []
+    for (cpu, threads, short, long), ms in by.items():
+        if {"float32", "bfloat16"} <= set(ms):
+            winner = "bfloat16" if ms["bfloat16"] < BF16_MARGIN * ms["float32"] else "float32"
+            table.append(DtypeEntry(cpu, threads, short, long, winner, float(f"{ms['float32']:.4g}"),
+                                    float(f"{ms['bfloat16']:.4g}")))
+    return tuple(table)
+
+
+def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return dtype_table_from_rows(rows)
 
 
 # ---------------------------------------------------------------------------------------- backend table
@@ -156,20 +299,28 @@ def table_from_rows(rows) -> tuple[Entry, ...]:
     """Entries from `python -m bench kernels` rows (dicts with op, provider, shape, dtype, ms, status,
     kernel_version): per (shape, dtype), the fastest of the torch backend and the AUTO_PROVIDERS rows.
     Shapes without a torch-backend row are left out (nothing to compare against)."""
+    import json
+
     groups: dict[tuple, dict[str, tuple[float, str]]] = {}
     for r in rows:
-        if r.get("op") != "newton_schulz" or r.get("status") != "ok" or not r.get("ms"):
+        # bench/schema.py rows (metric "time", value in "median", kernel_version in "extra") or the
+        # older kernels.csv layout (an "ms" column) of bench/results/h100-899c9f9
+        ms = r.get("ms") if "ms" in r else (r.get("median") if r.get("metric") == "time" else None)
+        if r.get("op") != "newton_schulz" or r.get("status") != "ok" or not ms:
             continue
         provider = r["provider"]
         if provider != BASELINE and provider not in AUTO_PROVIDERS:
             continue
-        if (r.get("kernel_version") or "").endswith("-ws"):
+        extra = r.get("extra") or {}
+        extra = json.loads(extra) if isinstance(extra, str) else extra
+        version = r.get("kernel_version") or extra.get("kernel_version") or ""
+        if version.endswith("-ws"):
             continue  # warp-specialized variant: not what the backend runs by default
         key = (*_parse_shape(r["shape"]), r["dtype"])
         best = groups.setdefault(key, {})
-        ms = float(r["ms"])
+        ms = float(ms)
         if provider not in best or ms < best[provider][0]:
-            best[provider] = (ms, r.get("kernel_version") or "")
+            best[provider] = (ms, version)
     table = []
     for (b, s, l, dtype), by in groups.items():
         if BASELINE not in by:

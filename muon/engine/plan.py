@@ -399,7 +399,7 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
             member = Member(i, p, 0, matrices, r > n, row, r, (count, m, n), transposed)
             layout.setdefault(bucket, []).append((member, update_scale(group["adjust_lr_fn"], r, n)))
     for (s, l, pdtype, gdtype, device, *_), entries in layout.items():
-        ns_dtype = resolve_dtype(group["ns_dtype"], device)
+        ns_dtype = resolve_dtype(group["ns_dtype"], device, (s, l))
         probe = torch.empty((1, s, l), dtype=gdtype, device=device)  # backends look at device and dtype
         algorithm, run = planner.resolve_run(gplan.index, group, probe, ns_dtype, schedule)
         gplan.buckets.append(muon_bucket(planner, gplan.index, group, entries, (s, l), pdtype, gdtype, device,
