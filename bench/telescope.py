@@ -188,6 +188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a swept hyperparameter, one of {HPARAMS}, with its base-grid centre; repeat for k > 1 "
                         "(default: lr and weight_decay)")
     p.add_argument("--spacing", type=float, default=1.0, help="base-grid spacing in log2 units (1 = factor 2)")
+    p.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS,
+                   help="slabs a stage may add while its best point lies on its grid's edge (default %(default)s)")
     p.add_argument("--n0", type=int, help="points per hyperparameter in the base grid")
     p.add_argument("--base-width", type=int)
     p.add_argument("--final-width", type=int)
@@ -241,6 +243,7 @@ def run(args) -> int:
         result = telescope(
             objective, center=[math.log2(hparams[n]) for n in names], spacing=[args.spacing] * len(names),
             n0=s["n0"], base_width=s["base_width"], final_width=s["final_width"], names=names, progress=bar,
+            max_extensions=args.max_extensions,
             cost=lambda w: cfg_at(w).flops_per_token() * tokens,
         )
     # log2 coordinates -> values for the reader

@@ -90,10 +90,11 @@ def test_telescope_cli_tiny(tmp_path, capsys):
     out = tmp_path / "tel"
     argv = ["telescope", "--quick", "--base-width", "16", "--final-width", "32", "--n0", "2", "--steps", "2",
             "--depth", "1", "--seq-len", "16", "--batch", "2", "--head-dim", "8", "--out", str(out), "--json",
-            *SMALL_DATA]
+            "--max-extensions", "0", *SMALL_DATA]  # a 2x2 grid has no inside: the paper's schedule as it is
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert [st["width"] for st in res["stages"]] == [16, 32]
+    assert [st["extensions"] for st in res["stages"]] == [0, 0]
     assert [len(st["grid"]) for st in res["stages"]] == [4, 1]  # 2x2, then 2·4^(-1/2) = 1 -> 1
     assert res["stages"][1]["center"] == res["stages"][0]["best"]["point"]
     assert res["best"] == res["stages"][-1]["best"] and set(res["best"]["values"]) == {"lr", "weight_decay"}

@@ -265,11 +265,12 @@ def test_bench_kernels_times_gram(tmp_path):
     from bench.cli import main
 
     assert main(["kernels", "--device", "cpu", "--shapes", "16x64", "--preset", "none", "--peers", "",
-                 "--rep-ms", "1", "--gemm-size", "32", "--no-plot", "--out", str(tmp_path)]) == 0
+                 "--dtype", "bf16", "--rep-ms", "1", "--gemm-size", "32", "--no-plot", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())
     gram_rows = [r for r in rows if r["provider"] == "muon[gram]"]
-    assert len(gram_rows) == 1 and gram_rows[0]["status"] == "ok" and gram_rows[0]["ms"] > 0
-    assert gram_rows[0]["rel_err_fp64"] < 0.05  # bf16 Gram NS against float64 standard NS (measured ~0.03)
+    assert len(gram_rows) == 1 and gram_rows[0]["status"] == "ok" and gram_rows[0]["median"] > 0
+    assert gram_rows[0]["dtype"] == "bfloat16"
+    assert gram_rows[0]["extra"]["rel_err_fp64"] < 0.05  # bf16 Gram NS against float64 standard NS (measured ~0.03)
 
 
 # --------------------------------------------------------------------- Triton (interpreter on CPU)

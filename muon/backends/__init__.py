@@ -55,6 +55,11 @@ def _module(name: str):
         raise BackendUnavailable(f"backend={name!r} could not be imported: {exc}") from exc
 
 
+# The torch backend is always there and light: loaded with the package, so that a first step run
+# inside torch.compile (auto falling back to it) finds it in _LOADED, whatever ran before.
+_module("torch")
+
+
 def unavailable_reason(name: str, X: Tensor) -> str | None:
     """None when backend `name` can run on X; otherwise the reason, with the fix. "auto" can always
     run (torch is its fallback)."""

@@ -178,6 +178,16 @@ def cpu_model() -> str:
     return model
 
 
+_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
+
+
+@_constant
+def _this_machine() -> tuple[str, int]:
+    """(CPU model, torch threads): a constant to torch.compile, which builds the optimizer's plan
+    inside a compiled step and can trace neither a file read nor torch.get_num_threads."""
+    return cpu_model(), torch.get_num_threads()
+
+
 def choose_ns_dtype(m: int, n: int, device, *, cpu: str | None = None, threads: int | None = None,
                     table: tuple[DtypeEntry, ...] | None = None) -> torch.dtype:
     """The compute dtype of ns_dtype="auto" for an m×n matrix (or a stack of them) on `device`."""
@@ -186,12 +196,14 @@ def choose_ns_dtype(m: int, n: int, device, *, cpu: str | None = None, threads: 
     if torch.device(device).type != "cpu":
         return torch.float32
     table = CPU_DTYPE_TABLE if table is None else table
-    cpu = cpu_model() if cpu is None else cpu
+    if cpu is None or threads is None:
+        here_cpu, here_threads = _this_machine()
+        cpu = here_cpu if cpu is None else cpu
+        threads = here_threads if threads is None else threads
     mine = [e for e in table if e.cpu == cpu] if cpu else []
     short, long = min(m, n), max(m, n)
     if not mine or short < 1:
         return torch.float32
-    threads = torch.get_num_threads() if threads is None else threads
     nearest = min(abs(math.log2(e.threads / threads)) for e in mine)
     mine = [e for e in mine if abs(math.log2(e.threads / threads)) == nearest]
     dist = {e: max(abs(math.log2(short / e.short)), abs(math.log2(long / e.long))) for e in mine}
