@@ -178,14 +178,18 @@ def cpu_model() -> str:
     return model
 
 
-_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
+_HOST: dict[str, tuple[str, int]] = {}
 
 
-@_constant
 def _this_machine() -> tuple[str, int]:
-    """(CPU model, torch threads): a constant to torch.compile, which builds the optimizer's plan
-    inside a compiled step and can trace neither a file read nor torch.get_num_threads."""
-    return cpu_model(), torch.get_num_threads()
+    """(CPU model, torch threads). torch.compile builds the optimizer's plan inside a compiled step
+    and can trace neither a file read nor torch.get_num_threads: there it reads what the last eager
+    call saw (or, before any, the CPU model read at import and one thread). Not
+    torch.compiler.assume_constant_result, which would import torch._dynamo (and Triton) with muon."""
+    if torch.compiler.is_compiling():
+        return _HOST.get("facts", (_CPU_MODEL.get("name", ""), 1))
+    facts = _HOST["facts"] = (cpu_model(), torch.get_num_threads())
+    return facts
 
 
 def choose_ns_dtype(m: int, n: int, device, *, cpu: str | None = None, threads: int | None = None,
