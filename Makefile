@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build on the project's machines; an existing torch (a GPU machine's) is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-interpret bench lint clean
+.PHONY: setup versions test test-interpret bench lint clean
 
 $(VENV)/.done: pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.done: pyproject.toml setup.py
 	touch $@
 
 setup: $(VENV)/.done
+
+# The resolved versions of torch, triton, transformers, accelerate, lightning, kernels, ... and the
+# file `import kernels` loads (CI prints them first: a dependency that moved shows in the log).
+versions: setup
+	$(PY) -m bench versions
 
 # One pytest-xdist worker per core; the multi-process tests share one worker (xdist_group).
 test: setup

@@ -16,6 +16,15 @@ Whole NS:
                                                        folded into step 1 (kernels/persistent.py)
 """
 
+if __name__ != "muon.kernels":
+    # Reached as a top-level `kernels` only when the repository root comes first on sys.path; an
+    # installed distribution named `kernels` (Hugging Face's) must win, and this folder is muon's.
+    raise ModuleNotFoundError(
+        f"{__file__} is muon's Triton kernels, imported as `muon.kernels`, not as `{__name__}`: the repository "
+        "root came before the installed packages on sys.path (docs/contributing.md, 'kernels/ and sys.path')",
+        name=__name__,
+    )
+
 try:
     import triton  # noqa: F401
 except ModuleNotFoundError as _exc:

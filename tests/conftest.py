@@ -6,9 +6,17 @@ Nothing here touches CUDA at import or collection time (torch.cuda.is_available(
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# The repository root goes after the installed packages (bench/__init__.py, `put_root_last`):
+# `python -m pytest` puts it first, where the top-level kernels/ folder would shadow an installed
+# distribution named `kernels` (Hugging Face's, imported by transformers). `bench` is found there.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bench  # noqa: E402,F401  (importing it puts the root last)
 
 HAS_CUDA = torch.cuda.is_available()
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -375,7 +375,7 @@ for symmetric in (True, False):
 """
 
 
-def test_sym_matmul_compiles_for_sm90_without_spills():
+def test_sym_matmul_compiles_for_sm90_without_spills(tmp_path):
     """The interpreter never runs Triton's compiler: compile the bf16 Hopper config (TTIR -> PTX -> cubin
     with the wheel's ptxas), in a subprocess without TRITON_INTERPRET."""
     import os
@@ -387,10 +387,9 @@ def test_sym_matmul_compiles_for_sm90_without_spills():
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(bundled, tool)) for tool in ("ptxas", "cuobjdump")):
         pytest.skip("this Triton wheel carries no ptxas/cuobjdump")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE], env=env, cwd=root,
+    # the installed muon, from a directory outside the checkout (tests/test_no_shadow.py)
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split() for line in run.stdout.splitlines()]
