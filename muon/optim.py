@@ -118,11 +118,19 @@ class Muon(Optimizer):
         normuon_eps: float = 1e-8,
         cautious_weight_decay: bool = False,
         transposed: bool = False,
+        atomic: bool = True,
+        chunk_bytes: int | None = None,
     ) -> None:
-        options.check_options(nonfinite, foreach)
+        options.check_options(nonfinite, foreach, atomic, chunk_bytes)
         self.nonfinite = nonfinite
         # None or True: the planned, batched step (muon.engine); False: the reference loop (muon.reference)
         self.foreach = foreach
+        # True: a step that raises changes nothing (its updates are held until every bucket is computed);
+        # False: each bucket is committed as soon as it is computed (the smallest footprint)
+        self.atomic = atomic
+        # the bound of a chunk of stacked gradients the step computes at once (None: the device's default,
+        # muon.engine.default_chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         # Replicated parameters split their NS over this group (None: the default group once
         # torch.distributed is initialized); FSDP2 (DTensor) parameters use their own mesh.
         self.process_group = process_group
@@ -198,7 +206,7 @@ class Muon(Optimizer):
         pg = distributed.replicated_group(self.process_group)
         key = (engine.plan_key(self.param_groups, self._plan_version), pg)
         plan = self._plan
-        if plan is None or plan.key != key or not engine.current(plan, self.state):
+        if plan is None or plan.key != key:
             self._plan = None  # a build that raises leaves no stale plan behind
             plan = self._plan = self._build_plan(key, pg)
         if plan is None:
@@ -212,7 +220,8 @@ class Muon(Optimizer):
                 raise_nonfinite(self.param_groups, *bad)
             ok = None  # every gradient is finite: no masking
         ns_phase = None if plan.dist is None else plan.dist.ns_phase
-        engine.execute(plan, self.param_groups, ok, self.nonfinite == "raise", ns_phase)
+        engine.execute(plan, self.param_groups, self.state, ok, self.nonfinite == "raise", ns_phase,
+                       getattr(self, "atomic", True))
         return True
 
     def _build_plan(self, key: tuple, pg) -> engine.Plan | None:
@@ -227,15 +236,19 @@ class Muon(Optimizer):
         if sharded:  # DTensors (FSDP2, TP, HSDP): the plan over their local shards, or a clear error
             view = distributed.plan_mesh(self.param_groups)
             try:
-                plan = engine.build_plan(self.param_groups, self.state, key, self._resolve_run,
-                                         plan_muon=distributed.planner_for(view), wrap=distributed.as_dtensor)
+                plan = engine.build_plan(self.param_groups, key, self._resolve_run,
+                                         plan_muon=distributed.planner_for(view))
             except distributed.LocalShardMismatch as exc:  # known on this rank only: every rank raises
                 distributed.refuse(view, self.param_groups, str(exc))
             distributed.prepare_sharded(plan, self.param_groups, view)
             return plan
         if len(devices) > 1:
             return None
-        plan = engine.build_plan(self.param_groups, self.state, key, self._resolve_run)
+        # a distributed NS phase takes whole buckets; one process stacks them chunk by chunk
+        chunk_bytes = None
+        if pg is None and devices:
+            chunk_bytes = getattr(self, "chunk_bytes", None) or engine.default_chunk_bytes(next(iter(devices)))
+        plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes)
         if pg is not None:
             distributed.prepare(plan, self.param_groups, pg)
         return plan

@@ -39,13 +39,21 @@ class BackendError(ValueError, BackendUnavailable):
     options, raised when the group is added (still a BackendUnavailable for code that catches that)."""
 
 
-def check_options(nonfinite, foreach) -> None:
+def check_options(nonfinite, foreach, atomic=True, chunk_bytes=None) -> None:
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(
             f"foreach must be None (the planned step), True (the same) or False (the per-parameter reference "
             f"loop), got {foreach!r}"
+        )
+    if not isinstance(atomic, bool):
+        raise ValueError(f"atomic must be True (a step that raises changes nothing) or False, got {atomic!r}")
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes < 1):
+        raise ValueError(
+            f"chunk_bytes must be None (the device's default) or a positive int (bytes of stacked gradient per "
+            f"chunk), got {chunk_bytes!r}"
         )
 
 

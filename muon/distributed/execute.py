@@ -63,9 +63,9 @@ def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
         if not gplan.use_muon or not gplan.buckets:
             continue
         buckets = gplan.buckets
-        shapes = [tuple(b.grad_stack.shape) for b in buckets]
+        shapes = [tuple(b.shape) for b in buckets]
         share = share_buckets(shapes, world, buckets[0].schedule.steps, load)
-        ns_dtype, dev = buckets[0].ns_dtype, buckets[0].grad_stack.device
+        ns_dtype, dev = buckets[0].ns_dtype, buckets[0].device
         send = torch.zeros(share.width, dtype=ns_dtype, device=dev)
         gathered = torch.empty(world * share.width, dtype=ns_dtype, device=dev)
         send_views, results, recv_views, result_views = [], [], [], []

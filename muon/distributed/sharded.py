@@ -130,7 +130,7 @@ def plan_muon_group(view: MeshView, planner: Planner, gplan, group, with_grad, f
     for i, p in with_grad:
         where = f"param_groups[{gplan.index}]['params'][{i}]"
         if p.numel() == 0:  # nothing to orthogonalize; state as the loop keeps it
-            link_empty_muon(planner, p, group, where)
+            link_empty_muon(planner, gplan, i, p)
             continue
         kind, geometry = matrix_layout(p, flatten, view, where)
         _, m, n = matrix_shape(p.shape, flatten)
@@ -158,7 +158,7 @@ def plan_muon_group(view: MeshView, planner: Planner, gplan, group, with_grad, f
         entries_of = [(Member(i, p, 0, count, False), scale) for i, p, count, _ in members]
         bucket = muon_bucket(planner, gplan.index, group, entries_of, shape, pdtype, gdtype, device, flag_pos,
                              schedule, _Orthogonalize(group["backend"]), resolve_dtype(group["ns_dtype"], device),
-                             state_value=as_dtensor, sharded=True)  # fmt: skip
+                             sharded=True)  # fmt: skip
         if kind == "blocks":
             sent = [sum(1 for mb in members if owner[mb[3]] == q) for q in range(world)]
             before = [sum(sent[:q]) for q in range(world)]
@@ -197,7 +197,7 @@ def _size(k: int, block) -> int:
 
 def _pack(buckets: list, positions: list[int], world: int, rank: int) -> Pack:
     first = buckets[positions[0]]
-    pack = Pack(positions, first.grad_stack.dtype, first.ns_dtype, first.grad_stack.device)
+    pack = Pack(positions, first.gdtype, first.ns_dtype, first.device)
     xs = {k: buckets[k].exchange for k in positions}
     # this rank as a sender: its block of the matrices each owner owns, where it is that block's source
     for q in range(world):
@@ -264,7 +264,7 @@ def prepare(plan: Plan, param_groups: list[dict], view: MeshView) -> None:
         by_dtype: dict = {}
         for k, b in enumerate(gplan.buckets):
             if b.exchange is not None:
-                by_dtype.setdefault(b.grad_stack.dtype, []).append(k)
+                by_dtype.setdefault(b.gdtype, []).append(k)
         ex.groups[gplan.index] = [_pack(gplan.buckets, positions, view.world, view.rank)
                                   for positions in by_dtype.values()]  # fmt: skip
     plan.dist = ex
@@ -343,7 +343,7 @@ def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
     for pack, back, work in scatters:
         work.wait()
         for k in pack.buckets:
-            results[k] = torch.empty(gplan.buckets[k].grad_stack.shape, dtype=pack.ns_dtype, device=pack.device)
+            results[k] = torch.empty(gplan.buckets[k].shape, dtype=pack.ns_dtype, device=pack.device)
         if pack.back_parts:
             pieces = back.split([part[0] for part in pack.back_parts])
             dst = [results[k][start : start + count] for _, k, start, count in pack.back_parts]

@@ -5,9 +5,10 @@ per-parameter loop of `muon.reference`; both take their formulas from `muon.func
 from __future__ import annotations
 
 from .execute import bucket_ns, execute, finite_flags, first_nonfinite, local_ns
-from .plan import MUON_PLAN_KEYS, Plan, build_plan, current, local, plan_key
+from .plan import MUON_PLAN_KEYS, Plan, build_plan, default_chunk_bytes, local, plan_key
 
 __all__ = [
-    "MUON_PLAN_KEYS", "Plan", "bucket_ns", "build_plan", "current", "execute", "finite_flags", "first_nonfinite",
+    "MUON_PLAN_KEYS", "Plan", "bucket_ns", "build_plan", "default_chunk_bytes", "execute", "finite_flags",
+    "first_nonfinite",
     "local", "local_ns", "plan_key",
 ]  # fmt: skip

@@ -1,28 +1,32 @@
-"""One step of a plan: every group and bucket computed first, then committed.
+"""One step of a plan: computed first, committed after, with opt.state the only storage.
 
-`execute(plan, param_groups, ok_all, fused_adamw)` runs, per group,
+`execute(plan, param_groups, state, ok_all, fused_adamw, ns_phase, atomic, workspace)` runs, per group,
 
-1. Muon buckets: gather the gradients into the stack, the next momentum and the NS input
-   (`muon.functional.muon_momentum`), the NS phase (`local_ns` in one process; the distributed
-   package passes its own: rows split and all-gathered for replicated parameters, owner
-   all-to-alls for FSDP2), then the scaled update (NorMuon's normalization for variant="normuon"),
-   the decay factors (cautious: per element) and the fp32 work copies of bf16/fp16 parameters;
-2. AdamW buckets: the next moments, steps, updates and decay factors (`muon.functional.adamw_moments`);
+1. Muon buckets, one chunk at a time in one process (the whole bucket where a distributed NS phase
+   takes it): the chunk's gradients and momentum stacked into temporaries, the NS input
+   (`muon.functional.muon_momentum`), the NS, and the scaled update -lr·s·O (NorMuon's normalized
+   O for variant="normuon") into the bucket's update stack; the chunk's temporaries are freed
+   before the next. Then the decay factors (cautious: per element) and the fp32 work copies of
+   bf16/fp16 parameters;
+2. AdamW buckets, one chunk at a time: the update m̂ / (sqrt(v̂) + eps) per parameter, the step
+   sizes and decay factors (`muon.functional`), the next moments only as the chunk's temporaries;
 
-and only then commits: the plan's tensors become the optimizer's state on the plan's first step
-(`plan.install`), and every pending write runs — momentum, moments, counters and parameters, with
-in-place copies, multiplies and adds into tensors that exist already. Everything that can fail (a
-backend, an out-of-memory, a collective, an interrupt raised by code the step calls) happens
-before the first write, so **a step that raises changes nothing**: parameters and state keep their
-bits. The price is memory held until the commit: per Muon bucket the next momentum (the size of
-the momentum stack) and per AdamW bucket the next moments and the update (three times the
-parameters' size, where the in-place update needed two temporaries), plus per-element decay
-factors with cautious weight decay.
+and only then commits: missing state entries are installed into `opt.state`, and every write runs
+in place — momentum `lerp_` and moments from the gradients (sanitized into a workspace allocated
+before the commit), counters, and parameters. Everything that can fail (a backend, an out-of-memory,
+a collective, an interrupt raised by code the step calls) happens before the first write, so **a
+step that raises changes nothing**: parameters and state keep their bits. What this costs, held
+until the commit: per Muon bucket its scaled update in opmath (4 B per parameter for fp32 and bf16
+parameters), per AdamW bucket its update (the moments' dtype), the fp32 work copies of bf16/fp16
+parameters, per-element decay factors with cautious weight decay, and one workspace of the largest
+chunk's gradients; during the compute phase, one chunk's stacks and NS workspace at a time
+(docs/guarantees.md gives the bytes per parameter). With `atomic=False` each bucket is committed as
+soon as it is computed: a failure can leave earlier buckets stepped, for the smallest footprint.
 
 Skipped parameters (non-finite gradients) are handled with per-parameter masked scalars (0-dim
-tensors), never with host syncs, so the step has no data-dependent Python and can be captured
-(CUDA graphs, torch.compile). The arithmetic per element is that of the reference loop
-(`muon.reference`), which calls the same functions on one parameter at a time.
+tensors), never with host syncs or per-element masks, so the step has no data-dependent Python and
+can be captured (CUDA graphs, torch.compile). The arithmetic per element is that of the reference
+loop (`muon.reference`), which calls the same functions on one parameter at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +37,81 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .plan import AdamWBucket, GroupPlan, MuonBucket, Plan, fill, install, local
+from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local
+
+
+class StepState:
+    """`opt.state` as one step sees it: every entry read from the state (its local tensor for
+    DTensor state), a missing one created (`muon.functional.zero_state`, what the loop creates) and
+    installed at the commit, so a refused or failed first step creates no state."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.installs: list[tuple[Tensor, str, Tensor]] = []
+        self.made: dict[tuple[int, str], Tensor] = {}
+
+    def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
+            transposed: bool = False, device=None) -> Tensor:
+        """The local tensor of state[p][key] (created when missing), checked to have `shape`
+        (default: the parameter's local shape; counters: one element) and to lie on `device`."""
+        d = self.state.get(p)
+        value = None if d is None else d.get(key)
+        if value is None:
+            made = self.made.get((id(p), key))
+            if made is not None:
+                return local(made)
+            value = F.zero_state(key, p, flatten, transposed)
+            self.made[id(p), key] = value
+            self.installs.append((p, key, value))
+            return local(value)
+        t = local(value)
+        if key in COUNTERS:
+            fits = t.numel() == 1
+            expected = ()
+        else:
+            expected = tuple(local(p).shape) if shape is None else tuple(shape)
+            fits = tuple(t.shape) == expected
+        if not fits:
+            raise ValueError(
+                f"{where}: state[{key!r}] has shape {tuple(t.shape)}, but the parameter (shape {tuple(p.shape)}) "
+                f"needs {expected}; a parameter whose shape changed needs its state reset (del opt.state[p]) or a "
+                "state of the new shape"
+            )
+        if device is not None and t.device != device:  # a torch.optim.AdamW state keeps `step` on the CPU
+            moved = t.to(device)
+            self.made[id(p), key] = moved
+            self.installs.append((p, key, moved))
+            return moved
+        return t
+
+    def install(self) -> None:
+        for p, key, value in self.installs:
+            self.state[p][key] = value
+        self.installs.clear()
+
+
+class Workspace:
+    """The commit's scratch: one buffer per (dtype, device), as large as the largest chunk of
+    gradients that is sanitized at the commit; allocated before the first write."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[tuple, int] = {}
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def need(self, dtype: torch.dtype, device, numel: int) -> None:
+        key = (dtype, device)
+        self.sizes[key] = max(self.sizes.get(key, 0), numel)
+
+    def allocate(self) -> None:
+        for (dtype, device), numel in self.sizes.items():
+            if self.buffers.get((dtype, device)) is None or self.buffers[dtype, device].numel() < numel:
+                self.buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+
+    def take(self, dtype: torch.dtype, device, shape: tuple) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        return self.buffers[dtype, device][:numel].view(shape)
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -58,159 +136,318 @@ def first_nonfinite(plan: Plan, ok_all: Tensor) -> tuple[int, int] | None:
     return plan.where[int((~ok_all).nonzero()[0, 0])]
 
 
+def _where(gplan: GroupPlan, i: int) -> str:
+    return f"param_groups[{gplan.index}]['params'][{i}]"
+
+
+# ---------------------------------------------------------------------------------------- Muon
 @dataclass
 class MomentumPhase:
-    """A Muon bucket after its momentum: the NS input and what the commit needs."""
+    """A chunk of a Muon bucket after its momentum: the NS input and its finite flags."""
 
+    chunk: MuonChunk
     U: Tensor  # (B, s, l) NS input
-    next_momentum: Tensor
     ok: Tensor | None  # (P,) finite flags of the members (None: all finite)
     ok_mat: Tensor | None  # (B, 1, 1) the same per matrix
 
 
-def muon_momentum(b: MuonBucket, group: dict, ok_all: Tensor | None) -> MomentumPhase:
-    """Gather the gradients into the stack (sanitized where not finite), the next momentum and
-    the NS input U (B, s, l); writes only the plan's scratch."""
-    momentum = group["momentum"]
-    device = b.grad_stack.device
-    if b.mirrors is not None:  # block members: their parameters' momentum buffers into the stack
-        torch._foreach_copy_(b.mirrors[0], b.mirrors[1])
-    torch._foreach_copy_(b.grad_views, b.grads())
-    G, buf = b.grad_stack, b.momentum
-    ok = ok_mat = None
-    if ok_all is not None:
-        ok = ok_all[b.flag_index]
-        ok_mat = ok_all[b.matrix_flag_index].view(-1, 1, 1)
-        # a placeholder where not finite: the lerp weight below is 0 there, and 0 * NaN is NaN
-        G.masked_fill_(~ok_mat, 0)
-    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, buf.dtype, device)
-    nxt, U = F.muon_momentum(buf, G, weight, momentum, group["nesterov"])
-    return MomentumPhase(U, nxt, ok, ok_mat)
+def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tensor) -> Tensor | None:
+    """The chunk's gradients into G (B, s, l), zero where not finite; returns the per-matrix flags."""
+    members = b.members[chunk.first : chunk.last]
+    torch._foreach_copy_([mb.view(G, chunk.lo) for mb in members], b.grads(chunk.first, chunk.last))
+    if ok_all is None:
+        return None
+    ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
+    # a placeholder where not finite: the lerp weight is 0 there, and 0 * NaN is NaN
+    G.masked_fill_(~ok_mat, 0)
+    return ok_mat
+
+
+def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor | None,
+                  momenta: list[Tensor]) -> MomentumPhase:
+    """The chunk's gradients and momentum stacked (temporaries) and the NS input U; writes no state."""
+    momentum, device = group["momentum"], b.device
+    shape = (chunk.hi - chunk.lo, *b.shape[1:])
+    G = torch.empty(shape, dtype=b.gdtype, device=device)
+    ok_mat = _stack_grads(b, chunk, ok_all, G)
+    members = b.members[chunk.first : chunk.last]
+    M = torch.empty(shape, dtype=b.mdtype, device=device)
+    torch._foreach_copy_([mb.view(M, chunk.lo) for mb in members],
+                         [mb.source(buf) for mb, buf in zip(members, momenta[chunk.first : chunk.last])])  # fmt: skip
+    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, M.dtype, device)
+    _, U = F.muon_momentum(M, G, weight, momentum, group["nesterov"])
+    ok = None if ok_all is None else ok_all[chunk.flag_index]
+    return MomentumPhase(chunk, U, ok, ok_mat)
 
 
 def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
-    """Newton–Schulz of rows of the bucket's stack (all of them, or one rank's share)."""
+    """Newton–Schulz of rows of the bucket's stack (a chunk, all of it, or one rank's share)."""
     return b.run(U, b.schedule, b.ns_dtype)
 
 
 def local_ns(plan: Plan, gplan: GroupPlan, phases: list[MomentumPhase]) -> list[Tensor]:
-    """The NS phase of one process: every bucket's stack, one batched call each."""
+    """The NS phase of one process: one batched call per stack."""
     return [bucket_ns(b, ph.U) for b, ph in zip(gplan.buckets, phases, strict=True)]
 
 
-def muon_update(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase):
-    """After NS: the scaled update -lr·s·O' (O' = O, or NorMuon's normalized O) into b.out, the
-    decay factors; returns the bucket's commit (W = W·decay + update, momentum, counters, moments).
+def _neuron_views(b: MuonBucket, chunk: MuonChunk, stacks: tuple, group: dict) -> list[Tensor]:
+    """Per member of the chunk, its view of the NorMuon moment stacks (rows, or cols for tall)."""
+    flatten, transposed = group["flatten"], group.get("transposed", False)
+    views = []
+    for mb in b.members[chunk.first : chunk.last]:
+        stack = stacks[1] if mb.tall else stacks[0]
+        views.append(stack[mb.offset - chunk.lo : mb.offset - chunk.lo + mb.count]
+                     .view(F.neuron_shape(mb.param.shape, flatten, transposed)))  # fmt: skip
+    return views
 
-    Per-bucket math only: it does not matter where O (B, s, l) was computed (one process, or each
-    rank's rows gathered)."""
-    lr, wd = group["lr"], group["weight_decay"]
-    device, dtype = b.out.device, b.opmath
+
+def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Tensor,
+               moments: list[Tensor] | None) -> list | None:
+    """After NS: the scaled update -lr·s·O' of the chunk into its rows of `out` (O' = O, or NorMuon's
+    normalized O); NorMuon returns the members' next moments (views of new stacks), else None.
+
+    Per-chunk math only: it does not matter where O was computed (one process, or each rank's rows
+    gathered)."""
+    chunk = ph.chunk
+    lr = group["lr"]
+    device, dtype = b.device, b.opmath
     if isinstance(lr, Tensor):
         # the reference's -lr * scale in lr's dtype (a Python factor is cast to it)
-        neg_lr_scale = (-lr.to(device)) * b.scales.to(lr.dtype)
+        neg_lr_scale = (-lr.to(device)) * chunk.scales.to(lr.dtype)
     else:
-        neg_lr_scale = b.scales * -float(lr)  # in double, as Python computes -lr * scale
+        neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
     scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device)
-    moments = None
-    if b.normuon is not None:
-        nm = b.normuon
-        b.out.copy_(O)  # O in opmath (the gradient stack when that is its dtype: U is not needed any more)
-        moments = F.normuon_update(b.out, scale, group["normuon_beta2"], group["normuon_eps"], nm.rows, nm.cols,
-                                   nm.row_matrices, ph.ok_mat)  # fmt: skip
+    X = out[chunk.lo : chunk.hi]
+    if not b.normuon:
+        torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
+        return None
+    X.copy_(O)
+    n, s, l = X.shape
+    # the members' moments stacked (unused entries of the other kind stay zero)
+    rows = torch.zeros((n, s), dtype=dtype, device=device) if chunk.has_rows else None
+    cols = torch.zeros((n, l), dtype=dtype, device=device) if chunk.has_cols else None
+    torch._foreach_copy_(_neuron_views(b, chunk, (rows, cols), group), moments[chunk.first : chunk.last])
+    rows, cols = F.normuon_update(X, scale, group["normuon_beta2"], group["normuon_eps"], rows, cols,
+                                  chunk.row_matrices, ph.ok_mat)  # fmt: skip
+    return _neuron_views(b, chunk, (rows, cols), group)
+
+
+def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, ok_all: Tensor | None,
+                     st: StepState, ws: Workspace, results: list[Tensor] | None = None,
+                     phases: list[MomentumPhase] | None = None):
+    """One Muon bucket: momentum and NS chunk by chunk (or the given distributed `results` of its
+    single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit."""
+    flatten, transposed = group["flatten"], group.get("transposed", False)
+    momenta, skips, moments = [], [], ([] if b.normuon else None)
+    for mb in b.members:
+        where = _where(gplan, mb.index)
+        shape = local(mb.param.grad).shape
+        momenta.append(st.get(mb.param, "momentum_buffer", where, shape))
+        if mb.owner:
+            skips.append(st.get(mb.param, "nonfinite_skips", where))
+        if b.normuon:
+            moments.append(st.get(mb.param, "normuon_v", where, F.neuron_shape(mb.param.shape, flatten, transposed),
+                                  flatten, transposed))  # fmt: skip
+    out = torch.empty(b.shape, dtype=b.opmath, device=b.device)
+    next_moments = []
+    if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
+        for chunk in b.chunks:
+            ph = muon_momentum(b, chunk, group, ok_all, momenta)
+            O = bucket_ns(b, ph.U)
+            del ph.U
+            next_moments.append(muon_scale(b, group, O, ph, out, moments))
+            del O
     else:
-        torch.mul(O, scale, out=b.out)  # -lr·s·O per matrix, rounded once to opmath
+        for ph, O in zip(phases, results, strict=True):
+            next_moments.append(muon_scale(b, group, O, ph, out, moments))
+    for chunk in b.chunks:
+        ws.need(b.gdtype, b.device, (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2])
+    lr, wd = group["lr"], group["weight_decay"]
+    ok = None if ok_all is None else torch.cat([ok_all[c.flag_index] for c in b.chunks])
     params = b.params
-    work = b.work_stack_views if b.work is not None else None
+    out_views = [mb.view(out) for mb in b.members]
+    work = None
+    if b.pdtype not in (torch.float32, torch.float64):  # fp32 copies of bf16/fp16 parameters
+        work_stack = torch.empty(b.shape, dtype=torch.float32, device=b.device)
+        work = [mb.view(work_stack) for mb in b.members]
     target = F.opmath_view(params, work)
     # W·decay only where the update u (W -= lr·s·u, so out = -lr·s·u) agrees in sign with W
-    decay = F.decay_factors(ph.ok, lr, wd, group.get("cautious_weight_decay", False), target, b.out_views,
-                            1, dtype, device)  # fmt: skip
-    skipped = None if ph.ok is None else ~ph.ok
+    decay = F.decay_factors(ok, lr, wd, group.get("cautious_weight_decay", False), target, out_views, 1, b.opmath,
+                            b.device)  # fmt: skip
+    weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device)
+    weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
+    skipped = None
+    if ok is not None:
+        skipped = [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
 
     def commit() -> None:
-        b.momentum.copy_(ph.next_momentum)
-        if skipped is not None:
-            b.skips.add_(skipped)
+        for chunk in b.chunks:  # the momentum in place, from the sanitized gradients
+            G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
+            _stack_grads(b, chunk, ok_all, G)
+            members = b.members[chunk.first : chunk.last]
+            torch._foreach_lerp_(
+                [mb.source(buf, write=True) for mb, buf in zip(members, momenta[chunk.first : chunk.last])],
+                [mb.view(G, chunk.lo) for mb in members], weights[chunk.first : chunk.last],
+            )  # fmt: skip
+        if skipped:  # (a bucket of split parameters' later blocks keeps no counters)
+            torch._foreach_add_(skips, skipped)
         if moments is not None:
-            for stack, value in zip((b.normuon.rows, b.normuon.cols), moments, strict=True):
-                if stack is not None:
-                    stack.copy_(value)
-        F.commit_update(params, work, decay, b.out_views)
-        if b.mirrors is not None:
-            torch._foreach_copy_(b.mirrors[1], b.mirrors[0])
+            for chunk, nxt in zip(b.chunks, next_moments, strict=True):
+                torch._foreach_copy_(moments[chunk.first : chunk.last], nxt)
+        F.commit_update(params, work, decay, out_views)
 
     return commit
 
 
-def adamw_update(b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool):
-    """torch.optim.AdamW's update of one bucket on its flat stacks; returns its commit."""
+# --------------------------------------------------------------------------------------- AdamW
+def _sanitized(grads: list[Tensor], ok: Tensor | None, flat: Tensor) -> list[Tensor]:
+    """The gradients copied into `flat`, every element of a parameter with a non-finite gradient 0
+    (0 * NaN is NaN): NaN/inf to 0, then each parameter times its 0/1 flag — no per-element mask."""
+    views = [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+    torch._foreach_copy_(views, grads)
+    if ok is not None:
+        flat.nan_to_num_(0.0, 0.0, 0.0)
+        torch._foreach_mul_(views, list(ok.to(flat.dtype).unbind()))
+    return views
+
+
+def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool, st: StepState,
+                 ws: Workspace):
+    """torch.optim.AdamW's update of one bucket, per parameter with multi-tensor ops, chunk by chunk;
+    returns its commit."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
+    device = b.device
     params = b.local_params()
     grads = [local(p.grad) for p in b.params]
+    state = {key: [] for key in ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips")}
+    for i, p in zip(b.indices, b.params, strict=True):
+        where = _where(gplan, i)
+        for key in state:
+            state[key].append(st.get(p, key, where, device=device if key == "step" else None))
+    ea_all, eas_all, steps_all, skips_all = (state[k] for k in ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips"))
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     if fused and ok_all is None and b.fusable and not cautious:
         # every gradient is known finite (nonfinite="raise" checked it): one fused kernel in place,
         # at the commit
+        steps = [s.view(()) for s in steps_all]
+
         def commit_fused() -> None:
-            torch._foreach_add_(b.step_views, 1)
+            torch._foreach_add_(steps, 1)
             torch._fused_adamw_(
-                params, grads, b.exp_avg_views, b.exp_avg_sq_views, [], b.step_views,
+                params, grads, ea_all, eas_all, [], steps,
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
 
         return commit_fused
-    torch._foreach_copy_(b.grad_views, grads)
-    ok = ok_elem = None
-    if ok_all is not None:
-        ok = ok_all[b.flag_index]
-        # zero the gradients of skipped parameters (their lerp/mul weights are 0/1, and 0 * NaN is NaN)
-        ok_elem = ok.repeat_interleave(b.sizes, output_size=b.grad_flat.numel())
-        b.grad_flat.masked_fill_(~ok_elem, 0)
     dtype = b.opmath
-    exp_avg, exp_avg_sq, steps, step_size = F.adamw_moments(
-        b.exp_avg, b.exp_avg_sq, b.grad_flat, b.steps, ok, ok_elem, b.sizes, beta1, beta2, eps, lr, dtype, b.update
-    )
-    work = b.work_views if b.work is not None else None
-    target = F.opmath_view(params, work)
-    # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-    decay = F.decay_factors(ok, lr, wd, cautious, target, b.update_views, -1, dtype, b.steps.device)
-    skipped = None if ok is None else ~ok
+    pending = []
+    for chunk in b.chunks:
+        c = slice(chunk.first, chunk.last)
+        ea, eas = ea_all[c], eas_all[c]
+        ok = None if ok_all is None else ok_all[chunk.flag_index]
+        g = _sanitized(grads[c], ok, torch.empty(chunk.numel, dtype=b.gdtype, device=device))
+        ws.need(b.gdtype, device, chunk.numel)
+        w1 = F.masked(ok, 1 - beta1, 0.0, ea[0].dtype, device)
+        w2 = F.masked(ok, beta2, 1.0, eas[0].dtype, device)
+        w1 = list(w1.unbind()) if w1.ndim else [w1] * len(ea)
+        w2 = list(w2.unbind()) if w2.ndim else [w2] * len(ea)
+        update = torch._foreach_lerp(ea, g, w1)  # the next exp_avg, then the update in its place
+        next_sq = torch._foreach_mul(eas, w2)
+        torch._foreach_addcmul_(next_sq, g, g, value=1 - beta2)
+        del g
+        t = torch.stack([s.view(()) for s in steps_all[c]])
+        t = (t + (1 if ok is None else ok)).to(dtype).clamp_min(1)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = (1 - beta2**t).sqrt()
+        step_size = F.masked(ok, -lr / bias_correction1, 0.0, dtype, device)
+        # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
+        denom = torch._foreach_sqrt(next_sq)
+        del next_sq
+        torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(update, denom)
+        del denom
+        # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
+        work = None if params[0].dtype in (torch.float32, torch.float64) else [p.float() for p in params[c]]
+        target = params[c] if work is None else work
+        # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+        decay = F.decay_factors(ok, lr, wd, cautious, target, update, -1, dtype, device)
+        pending.append((chunk, c, ok, w1, w2, update, step_size, work, decay))
 
     def commit() -> None:
-        b.exp_avg.copy_(exp_avg)
-        b.exp_avg_sq.copy_(exp_avg_sq)
-        b.steps.copy_(steps)
-        if skipped is not None:
-            b.skips.add_(skipped)
-        F.commit_update(params, work, decay, b.update_views, step_size)
+        for chunk, c, ok, w1, w2, update, step_size, work, decay in pending:
+            g = _sanitized(grads[c], ok, ws.take(b.gdtype, device, (chunk.numel,)))
+            torch._foreach_lerp_(ea_all[c], g, w1)
+            torch._foreach_mul_(eas_all[c], w2)
+            torch._foreach_addcmul_(eas_all[c], g, g, value=1 - beta2)
+            torch._foreach_add_(steps_all[c], 1 if ok is None else list(ok.unbind()))
+            if ok is not None:
+                torch._foreach_add_(skips_all[c], list((~ok).unbind()))
+            F.commit_update(params[c], work, decay, update, step_size)
 
     return commit
 
 
-def execute(plan: Plan, param_groups: list[dict], ok_all: Tensor | None, fused_adamw: bool, ns_phase=None) -> None:
+# ---------------------------------------------------------------------------------------- step
+def _empty_state(gplan: GroupPlan, group: dict, st: StepState) -> None:
+    """0-element parameters: nothing to compute; their state is created as the loop creates it."""
+    if group["use_muon"]:
+        keys = ("momentum_buffer", "nonfinite_skips") + (("normuon_v",) if group["variant"] == "normuon" else ())
+    else:
+        keys = ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips")
+    flatten, transposed = group.get("flatten", False), group.get("transposed", False)
+    for i, p in gplan.empty:
+        for key in keys:
+            if key not in (st.state.get(p) or {}):
+                st.get(p, key, _where(gplan, i), flatten=flatten, transposed=transposed)
+
+
+def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, fused_adamw: bool, ns_phase=None,
+            atomic: bool = True) -> None:
     """One step (module docstring). ok_all: the finite flags (agreed across ranks), None when all
-    are known finite; ns_phase(plan, gplan, phases) -> per bucket its NS result (default `local_ns`)."""
-    ns_phase = ns_phase or local_ns
-    if not plan.installed:
-        fill(plan)
+    are known finite; ns_phase(plan, gplan, phases) -> per bucket its NS result (None: one process,
+    chunk by chunk); atomic=False commits every bucket as soon as it is computed."""
+    st, ws = StepState(state), Workspace()
     commits = []
     for gplan in plan.groups:
         group = param_groups[gplan.index]
+        _empty_state(gplan, group, st)
         if not gplan.use_muon:
-            commits.extend(adamw_update(b, group, ok_all, fused_adamw) for b in gplan.buckets)
-        elif gplan.buckets:
-            phases = [muon_momentum(b, group, ok_all) for b in gplan.buckets]
+            for b in gplan.buckets:
+                commits.append(adamw_update(gplan, b, group, ok_all, fused_adamw, st, ws))
+                if not atomic:
+                    _commit(st, ws, commits)
+        elif ns_phase is None:
+            for b in gplan.buckets:
+                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws))
+                if not atomic:
+                    _commit(st, ws, commits)
+        elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
+            phases = []
+            for b in gplan.buckets:
+                momenta = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
+                           for mb in b.members]  # fmt: skip
+                phases.append(muon_momentum(b, b.chunks[0], group, ok_all, momenta))
             results = ns_phase(plan, gplan, phases)
             for b, ph, O in zip(gplan.buckets, phases, results, strict=True):
-                commits.append(muon_update(b, group, O, ph))
-    # the commit: nothing below allocates a large tensor or calls code that can fail
-    if not plan.installed:
-        install(plan)
+                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, [O], [ph]))
+            del phases, results
+            if not atomic:
+                _commit(st, ws, commits)
+    _commit(st, ws, commits)
+
+
+def _commit(st: StepState, ws: Workspace, commits: list) -> None:
+    """Install the new state entries, allocate the workspace, then every pending write (nothing
+    below allocates more than the workspace or calls code that can fail on valid inputs)."""
+    ws.allocate()
+    st.install()
     for commit in commits:
         commit()
+    commits.clear()
 
 
-__all__ = ["MomentumPhase", "bucket_ns", "execute", "finite_flags", "first_nonfinite", "local_ns"]
+__all__ = ["MomentumPhase", "StepState", "Workspace", "bucket_ns", "execute", "finite_flags", "first_nonfinite",
+           "local_ns"]  # fmt: skip
