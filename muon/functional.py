@@ -188,8 +188,10 @@ def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tens
     bias_correction2_sqrt = (1 - beta2**t).sqrt()
     if sizes is not None:  # per parameter -> per element
         bias_correction2_sqrt = bias_correction2_sqrt.repeat_interleave(sizes, output_size=grad.numel())
-    else:  # one parameter, of any shape (0-dim too)
+    elif steps.numel() == 1:  # one parameter, of any shape (0-dim too)
         bias_correction2_sqrt = bias_correction2_sqrt.view(())
+    else:  # P same-shape parameters stacked: (P, *shape)
+        bias_correction2_sqrt = bias_correction2_sqrt.view(-1, *([1] * (grad.ndim - 1)))
     step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device)
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)

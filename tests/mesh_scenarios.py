@@ -242,7 +242,7 @@ def _ns_share(opt):
         for b in g.buckets if g.use_muon else ():
             x = b.exchange
             if x is None:
-                B, m, n = b.grad_stack.shape
+                B, m, n = b.shape
                 mine += B * ns_flops(m, n, 5)
             else:
                 mine += x.sent[rank] * ns_flops(x.m, x.n, 5)

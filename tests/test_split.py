@@ -74,9 +74,9 @@ def test_fused_qkv_split_is_three_separate_matrices(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
     if foreach:
         (bucket,) = opt._plan.groups[0].buckets
-        assert bucket.grad_stack.shape == (6, D, D) and bucket.mirrors is None
-        # equal blocks: the momentum buffer is a view of the bucket's stack
-        assert opt.state[whole[0]]["momentum_buffer"]._base is bucket.momentum
+        # equal blocks: each parameter is one whole member of 3 matrices, stacked as itself
+        assert bucket.shape == (6, D, D) and not bucket.split
+        assert opt.state[whole[0]]["momentum_buffer"]._base is None  # its own tensor: opt.state is the storage
 
 
 def test_split_differs_from_the_whole_matrix():
@@ -99,7 +99,7 @@ def test_gqa_split_with_unequal_blocks(foreach):
     _step_both(opt, whole, ref, parts, cut)
     _assert_bit_equal(opt, whole, ref, parts, cut)
     if foreach:
-        shapes = sorted(tuple(b.grad_stack.shape) for b in opt._plan.groups[0].buckets)
+        shapes = sorted(tuple(b.shape) for b in opt._plan.groups[0].buckets)
         assert shapes == [(3, D, D), (6, D // 4, D)]
 
 

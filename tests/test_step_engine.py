@@ -77,8 +77,8 @@ def test_planned_step_equals_reference_loop_bit_for_bit(options):
     assert skips == [1 if j in (0, 1, 6, 8, 9, 12, 17, 21, 23) else 0 for j in range(len(skips))]
     algorithms = {g.index: sorted(b.algorithm for b in g.buckets) for g in fast._plan.groups if g.use_muon}
     assert algorithms[7] == ["gram", "gram"] and algorithms[8] == ["gram"]  # bf16 4×8 blocks: auto picks Gram
-    (mixed,) = [b for b in fast._plan.groups[7].buckets if b.grad_stack.shape[-2:] == (2, 16)]
-    assert mixed.mirrors is not None and {mb.row for mb in mixed.members} == {None, 0, 16, 32, 48}
+    (mixed,) = [b for b in fast._plan.groups[7].buckets if b.shape[-2:] == (2, 16)]
+    assert mixed.split and {mb.row for mb in mixed.members} == {None, 0, 16, 32, 48}
 
 
 @pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
@@ -184,9 +184,9 @@ def test_plan_is_built_once_and_rebuilt_when_the_parameter_set_changes():
     _set_grads(opt, 2, missing=(2,))
     opt.step()
     assert opt._plan is not plan
-    # the momentum state of a parameter is a view of its bucket's stack
+    # opt.state is the only storage: a parameter's momentum is its own tensor, not a view of a stack
     p = _params(opt)[0]
-    assert opt.state[p]["momentum_buffer"]._base is not None
+    assert opt.state[p]["momentum_buffer"]._base is None
 
 
 def test_state_dict_loads_into_torch_muon_and_back():

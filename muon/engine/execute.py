@@ -77,8 +77,9 @@ class StepState:
                 f"needs {expected}; a parameter whose shape changed needs its state reset (del opt.state[p]) or a "
                 "state of the new shape"
             )
-        if device is not None and t.device != device:  # a torch.optim.AdamW state keeps `step` on the CPU
-            moved = t.to(device)
+        if key in COUNTERS and t.dim() != 0 or device is not None and t.device != device:
+            # a torch.optim.AdamW state keeps `step` on the CPU; a loaded counter may be (1,)
+            moved = t.to(device or t.device).reshape(())
             self.made[id(p), key] = moved
             self.installs.append((p, key, moved))
             return moved
@@ -153,8 +154,7 @@ class MomentumPhase:
 
 def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tensor) -> Tensor | None:
     """The chunk's gradients into G (B, s, l), zero where not finite; returns the per-matrix flags."""
-    members = b.members[chunk.first : chunk.last]
-    torch._foreach_copy_([mb.view(G, chunk.lo) for mb in members], b.grads(chunk.first, chunk.last))
+    chunk.to_stack(b.members[chunk.first : chunk.last], b.grads(chunk.first, chunk.last), G)
     if ok_all is None:
         return None
     ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
@@ -170,10 +170,8 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
     G = torch.empty(shape, dtype=b.gdtype, device=device)
     ok_mat = _stack_grads(b, chunk, ok_all, G)
-    members = b.members[chunk.first : chunk.last]
     M = torch.empty(shape, dtype=b.mdtype, device=device)
-    torch._foreach_copy_([mb.view(M, chunk.lo) for mb in members],
-                         [mb.source(buf) for mb, buf in zip(members, momenta[chunk.first : chunk.last])])  # fmt: skip
+    chunk.to_stack(b.members[chunk.first : chunk.last], momenta[chunk.first : chunk.last], M)
     weight = F.masked(ok_mat, 1.0 - momentum, 0.0, M.dtype, device)
     _, U = F.muon_momentum(M, G, weight, momentum, group["nesterov"])
     ok = None if ok_all is None else ok_all[chunk.flag_index]
@@ -188,17 +186,6 @@ def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
 def local_ns(plan: Plan, gplan: GroupPlan, phases: list[MomentumPhase]) -> list[Tensor]:
     """The NS phase of one process: one batched call per stack."""
     return [bucket_ns(b, ph.U) for b, ph in zip(gplan.buckets, phases, strict=True)]
-
-
-def _neuron_views(b: MuonBucket, chunk: MuonChunk, stacks: tuple, group: dict) -> list[Tensor]:
-    """Per member of the chunk, its view of the NorMuon moment stacks (rows, or cols for tall)."""
-    flatten, transposed = group["flatten"], group.get("transposed", False)
-    views = []
-    for mb in b.members[chunk.first : chunk.last]:
-        stack = stacks[1] if mb.tall else stacks[0]
-        views.append(stack[mb.offset - chunk.lo : mb.offset - chunk.lo + mb.count]
-                     .view(F.neuron_shape(mb.param.shape, flatten, transposed)))  # fmt: skip
-    return views
 
 
 def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Tensor,
@@ -226,10 +213,17 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
     # the members' moments stacked (unused entries of the other kind stay zero)
     rows = torch.zeros((n, s), dtype=dtype, device=device) if chunk.has_rows else None
     cols = torch.zeros((n, l), dtype=dtype, device=device) if chunk.has_cols else None
-    torch._foreach_copy_(_neuron_views(b, chunk, (rows, cols), group), moments[chunk.first : chunk.last])
+    members = b.members[chunk.first : chunk.last]
+    shape_of = _neuron_shape(group)
+    torch._foreach_copy_(chunk.neurons(members, rows, cols, shape_of), moments[chunk.first : chunk.last])
     rows, cols = F.normuon_update(X, scale, group["normuon_beta2"], group["normuon_eps"], rows, cols,
                                   chunk.row_matrices, ph.ok_mat)  # fmt: skip
-    return _neuron_views(b, chunk, (rows, cols), group)
+    return chunk.neurons(members, rows, cols, shape_of)
+
+
+def _neuron_shape(group: dict):
+    flatten, transposed = group["flatten"], group.get("transposed", False)
+    return lambda mb: F.neuron_shape(mb.param.shape, flatten, transposed)
 
 
 def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, ok_all: Tensor | None,
@@ -238,16 +232,13 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     """One Muon bucket: momentum and NS chunk by chunk (or the given distributed `results` of its
     single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit."""
     flatten, transposed = group["flatten"], group.get("transposed", False)
-    momenta, skips, moments = [], [], ([] if b.normuon else None)
+    momenta, skips, moments = _muon_state(gplan, b, group, st), [], ([] if b.normuon else None)
     for mb in b.members:
-        where = _where(gplan, mb.index)
-        shape = local(mb.param.grad).shape
-        momenta.append(st.get(mb.param, "momentum_buffer", where, shape))
         if mb.owner:
-            skips.append(st.get(mb.param, "nonfinite_skips", where))
+            skips.append(st.get(mb.param, "nonfinite_skips", _where(gplan, mb.index)))
         if b.normuon:
-            moments.append(st.get(mb.param, "normuon_v", where, F.neuron_shape(mb.param.shape, flatten, transposed),
-                                  flatten, transposed))  # fmt: skip
+            moments.append(st.get(mb.param, "normuon_v", _where(gplan, mb.index),
+                                  F.neuron_shape(mb.param.shape, flatten, transposed), flatten, transposed))
     out = torch.empty(b.shape, dtype=b.opmath, device=b.device)
     next_moments = []
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
@@ -263,13 +254,13 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     for chunk in b.chunks:
         ws.need(b.gdtype, b.device, (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2])
     lr, wd = group["lr"], group["weight_decay"]
-    ok = None if ok_all is None else torch.cat([ok_all[c.flag_index] for c in b.chunks])
+    ok = None if ok_all is None else ok_all[b.chunks[0].flag_index] if len(b.chunks) == 1 else \
+        torch.cat([ok_all[c.flag_index] for c in b.chunks])
     params = b.params
-    out_views = [mb.view(out) for mb in b.members]
+    out_views = _views(b, out)
     work = None
     if b.pdtype not in (torch.float32, torch.float64):  # fp32 copies of bf16/fp16 parameters
-        work_stack = torch.empty(b.shape, dtype=torch.float32, device=b.device)
-        work = [mb.view(work_stack) for mb in b.members]
+        work = _views(b, torch.empty(b.shape, dtype=torch.float32, device=b.device))
     target = F.opmath_view(params, work)
     # W·decay only where the update u (W -= lr·s·u, so out = -lr·s·u) agrees in sign with W
     decay = F.decay_factors(ok, lr, wd, group.get("cautious_weight_decay", False), target, out_views, 1, b.opmath,
@@ -278,17 +269,17 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
     skipped = None
     if ok is not None:
-        skipped = [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
+        owners = [k for k, mb in enumerate(b.members) if mb.owner]
+        skipped = list((~ok).unbind()) if len(owners) == len(b.members) else \
+            [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
 
     def commit() -> None:
         for chunk in b.chunks:  # the momentum in place, from the sanitized gradients
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
             _stack_grads(b, chunk, ok_all, G)
             members = b.members[chunk.first : chunk.last]
-            torch._foreach_lerp_(
-                [mb.source(buf, write=True) for mb, buf in zip(members, momenta[chunk.first : chunk.last])],
-                [mb.view(G, chunk.lo) for mb in members], weights[chunk.first : chunk.last],
-            )  # fmt: skip
+            torch._foreach_lerp_(chunk.targets(members, momenta[chunk.first : chunk.last]),
+                                 chunk.from_stack(members, G), weights[chunk.first : chunk.last])  # fmt: skip
         if skipped:  # (a bucket of split parameters' later blocks keeps no counters)
             torch._foreach_add_(skips, skipped)
         if moments is not None:
@@ -299,22 +290,30 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     return commit
 
 
+def _views(b: MuonBucket, stack: Tensor) -> list[Tensor]:
+    """Per member, its view of the bucket's (B, s, l) `stack`, parameter- (or block-) shaped."""
+    if len(b.chunks) == 1:
+        return b.chunks[0].from_stack(b.members, stack)
+    return [v for c in b.chunks for v in c.from_stack(b.members[c.first : c.last], stack[c.lo : c.hi])]
+
+
+def _muon_state(gplan: GroupPlan, b: MuonBucket, group: dict, st: StepState) -> list[Tensor]:
+    """The members' momentum buffers (local, parameter-shaped; one per parameter across buckets)."""
+    return [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
+            for mb in b.members]  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------- AdamW
-def _sanitized(grads: list[Tensor], ok: Tensor | None, flat: Tensor) -> list[Tensor]:
-    """The gradients copied into `flat`, every element of a parameter with a non-finite gradient 0
-    (0 * NaN is NaN): NaN/inf to 0, then each parameter times its 0/1 flag — no per-element mask."""
-    views = [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-    torch._foreach_copy_(views, grads)
-    if ok is not None:
-        flat.nan_to_num_(0.0, 0.0, 0.0)
-        torch._foreach_mul_(views, list(ok.to(flat.dtype).unbind()))
-    return views
+def _rows(flags: Tensor, ndim: int) -> Tensor:
+    """(k,) per-parameter values as (k, 1, ..., 1), to broadcast over a stack of k parameters."""
+    return flags.view(-1, *([1] * ndim))
 
 
 def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool, st: StepState,
                  ws: Workspace):
-    """torch.optim.AdamW's update of one bucket, per parameter with multi-tensor ops, chunk by chunk;
-    returns its commit."""
+    """torch.optim.AdamW's update of one bucket: same-shape parameters stacked (runs of a chunk),
+    the update m̂ / (sqrt(v̂) + eps) held, the next moments only as temporaries; returns its commit,
+    which advances the moments in place with per-parameter multi-tensor ops."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
@@ -331,12 +330,10 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
     if fused and ok_all is None and b.fusable and not cautious:
         # every gradient is known finite (nonfinite="raise" checked it): one fused kernel in place,
         # at the commit
-        steps = [s.view(()) for s in steps_all]
-
         def commit_fused() -> None:
-            torch._foreach_add_(steps, 1)
+            torch._foreach_add_(steps_all, 1)
             torch._fused_adamw_(
-                params, grads, ea_all, eas_all, [], steps,
+                params, grads, ea_all, eas_all, [], steps_all,
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
 
@@ -344,48 +341,49 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
     dtype = b.opmath
     pending = []
     for chunk in b.chunks:
-        c = slice(chunk.first, chunk.last)
-        ea, eas = ea_all[c], eas_all[c]
-        ok = None if ok_all is None else ok_all[chunk.flag_index]
-        g = _sanitized(grads[c], ok, torch.empty(chunk.numel, dtype=b.gdtype, device=device))
-        ws.need(b.gdtype, device, chunk.numel)
-        w1 = F.masked(ok, 1 - beta1, 0.0, ea[0].dtype, device)
-        w2 = F.masked(ok, beta2, 1.0, eas[0].dtype, device)
-        w1 = list(w1.unbind()) if w1.ndim else [w1] * len(ea)
-        w2 = list(w2.unbind()) if w2.ndim else [w2] * len(ea)
-        update = torch._foreach_lerp(ea, g, w1)  # the next exp_avg, then the update in its place
-        next_sq = torch._foreach_mul(eas, w2)
-        torch._foreach_addcmul_(next_sq, g, g, value=1 - beta2)
-        del g
-        t = torch.stack([s.view(()) for s in steps_all[c]])
-        t = (t + (1 if ok is None else ok)).to(dtype).clamp_min(1)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        step_size = F.masked(ok, -lr / bias_correction1, 0.0, dtype, device)
-        # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
-        denom = torch._foreach_sqrt(next_sq)
-        del next_sq
-        torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_div_(update, denom)
-        del denom
-        # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
-        work = None if params[0].dtype in (torch.float32, torch.float64) else [p.float() for p in params[c]]
-        target = params[c] if work is None else work
-        # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-        decay = F.decay_factors(ok, lr, wd, cautious, target, update, -1, dtype, device)
-        pending.append((chunk, c, ok, w1, w2, update, step_size, work, decay))
+        ok_chunk = None if ok_all is None else ok_all[chunk.flag_index]
+        for first, last in chunk.runs:
+            r = slice(first, last)
+            ok = None if ok_chunk is None else ok_chunk[first - chunk.first : last - chunk.first]
+            G = torch.stack(grads[r])
+            ndim = G.ndim - 1
+            ok_rows = None if ok is None else _rows(ok, ndim)
+            if ok_rows is not None:
+                G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
+            ws.need(b.gdtype, device, G.numel())
+            update = torch.empty(G.shape, dtype=ea_all[first].dtype, device=device)
+            _, _, _, step_size = F.adamw_moments(
+                torch.stack(ea_all[r]), torch.stack(eas_all[r]), G, torch.stack(steps_all[r]), ok, ok_rows, None,
+                beta1, beta2, eps, lr, dtype, update,
+            )  # fmt: skip
+            del G
+            updates = list(update.unbind(0))
+            # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
+            work = None
+            if params[first].dtype not in (torch.float32, torch.float64):
+                work = list(torch.empty(update.shape, dtype=torch.float32, device=device).unbind(0))
+            target = F.opmath_view(params[r], work)
+            # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
+            w1 = F.masked(ok, 1 - beta1, 0.0, ea_all[first].dtype, device)
+            w2 = F.masked(ok, beta2, 1.0, eas_all[first].dtype, device)
+            pending.append((r, ok, w1, w2, updates, step_size, work, decay))
 
     def commit() -> None:
-        for chunk, c, ok, w1, w2, update, step_size, work, decay in pending:
-            g = _sanitized(grads[c], ok, ws.take(b.gdtype, device, (chunk.numel,)))
-            torch._foreach_lerp_(ea_all[c], g, w1)
-            torch._foreach_mul_(eas_all[c], w2)
-            torch._foreach_addcmul_(eas_all[c], g, g, value=1 - beta2)
-            torch._foreach_add_(steps_all[c], 1 if ok is None else list(ok.unbind()))
+        for r, ok, w1, w2, updates, step_size, work, decay in pending:
+            n = r.stop - r.start
+            G = ws.take(b.gdtype, device, (n, *grads[r.start].shape))
+            g = list(G.unbind(0))
+            torch._foreach_copy_(g, grads[r])
             if ok is not None:
-                torch._foreach_add_(skips_all[c], list((~ok).unbind()))
-            F.commit_update(params[c], work, decay, update, step_size)
+                G.masked_fill_(~_rows(ok, G.ndim - 1), 0)
+            torch._foreach_lerp_(ea_all[r], g, list(w1.unbind()) if w1.ndim else [w1] * n)
+            torch._foreach_mul_(eas_all[r], list(w2.unbind()) if w2.ndim else [w2] * n)
+            torch._foreach_addcmul_(eas_all[r], g, g, value=1 - beta2)
+            torch._foreach_add_(steps_all[r], 1 if ok is None else list(ok.unbind()))
+            if ok is not None:
+                torch._foreach_add_(skips_all[r], list((~ok).unbind()))
+            F.commit_update(params[r], work, decay, updates, step_size)
 
     return commit
 
@@ -425,11 +423,8 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
                 if not atomic:
                     _commit(st, ws, commits)
         elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
-            phases = []
-            for b in gplan.buckets:
-                momenta = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
-                           for mb in b.members]  # fmt: skip
-                phases.append(muon_momentum(b, b.chunks[0], group, ok_all, momenta))
+            phases = [muon_momentum(b, b.chunks[0], group, ok_all, _muon_state(gplan, b, group, st))
+                      for b in gplan.buckets]  # fmt: skip
             results = ns_phase(plan, gplan, phases)
             for b, ph, O in zip(gplan.buckets, phases, results, strict=True):
                 commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, [O], [ph]))

@@ -113,6 +113,96 @@ class Member:
 
 
 @dataclass
+class Run:
+    """Members [first, last) of a bucket that stack alike: matrices [lo, hi) of the bucket's stack.
+
+    How parameter-shaped tensors (gradients, momentum, parameters) become rows of a (k, s, l) stack
+    and back, in a fixed handful of ops whatever the number of members (so a step's dispatched ops
+    grow with buckets, not parameters):
+
+    * "stack": 2-D tensors, `torch.stack` into the stack (or its `.mT` when the stack holds their
+      transposes), `unbind` back;
+    * "cat": 3-D tensors (batches of matrices), `torch.cat` and `split`;
+    * "flat": conv weights of a `flatten` group, (o, i, kh, kw) read as (o, i·kh·kw), stacked whole;
+    * "each": anything else (row blocks of split/heads, other layouts): one view per member.
+    """
+
+    first: int
+    last: int
+    lo: int
+    hi: int
+    mode: str
+    transpose: bool  # the stack holds the transposes of the members' matrices (tall XOR stored transposed)
+    tall: bool  # the members' matrices have more rows than columns (NorMuon's neurons are stack columns)
+    shape: tuple = ()  # "stack"/"flat": every member's (local) shape
+    counts: tuple = ()  # "cat": matrices per member
+
+    def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor, base: int) -> None:
+        """Write the members' parameter-shaped `tensors` into their rows of `out` (whose first
+        matrix is matrix `base` of the bucket)."""
+        # one multi-tensor copy into the members' views (torch.compile traces it; stack(out=a view) it does not)
+        if self.mode == "each":
+            tensors = [mb.source(t) for mb, t in zip(members, tensors, strict=True)]
+        torch._foreach_copy_(self.from_stack(members, out, base), tensors)
+
+    def from_stack(self, members: list[Member], stack: Tensor, base: int) -> list[Tensor]:
+        """The members' views of their rows of `stack`: parameter-shaped, or block-shaped for row blocks."""
+        if self.mode == "each":
+            return [mb.view(stack, base) for mb in members]
+        X = stack[self.lo - base : self.hi - base]
+        Y = X.mT if self.transpose else X
+        if self.mode == "stack":
+            return list(Y.unbind(0))
+        if self.mode == "cat":
+            return list(Y.split(self.counts))
+        return list(Y.view(len(members), *self.shape).unbind(0))
+
+    def neurons(self, members: list[Member], stack: Tensor, base: int, shape_of) -> list[Tensor]:
+        """The members' views of a NorMuon moment stack ((k, s) rows, or (k, l) columns for tall)."""
+        X = stack[self.lo - base : self.hi - base]
+        if self.mode in ("stack", "flat"):
+            return list(X.unbind(0))
+        if self.mode == "cat":
+            return list(X.split(self.counts))
+        return [X[mb.offset - self.lo : mb.offset - self.lo + mb.count].view(shape_of(mb)) for mb in members]
+
+
+def run_kind(mb: Member, flatten: bool) -> tuple:
+    """How a member stacks (`Run`): members of equal kinds form one run."""
+    shape = tuple(local(mb.param).shape)
+    transpose = mb.tall != mb.stored_transposed
+    if mb.row is not None:
+        mode = "each"
+    elif len(shape) == 2 and mb.count == 1:
+        mode = "stack"
+    elif flatten and len(shape) > 2 and mb.count == 1 and not transpose and not mb.stored_transposed:
+        mode = "flat"
+    elif not flatten and len(shape) == 3 and shape[0] == mb.count:
+        mode = "cat"
+    else:  # a parameter cut into equal heads stacked as itself, or another layout
+        mode = "each"
+    return (mode, transpose, mb.tall, shape if mode in ("stack", "flat") else shape[-2:])
+
+
+def make_runs(members: list[Member], flatten: bool) -> list[Run]:
+    """Consecutive members of one kind (`run_kind`) form a run; positions relative to `members`."""
+    runs, kinds = [], []
+    for k, mb in enumerate(members):
+        kind = run_kind(mb, flatten)
+        if runs and kinds[-1] == kind:
+            run = runs[-1]
+            run.last, run.hi = k + 1, mb.offset + mb.count
+            if run.mode == "cat":
+                run.counts = run.counts + (mb.count,)
+            continue
+        mode, transpose, tall, shape = kind
+        runs.append(Run(k, k + 1, mb.offset, mb.offset + mb.count, mode, transpose, tall,
+                        shape if mode in ("stack", "flat") else (), (mb.count,) if mode == "cat" else ()))
+        kinds.append(kind)
+    return runs
+
+
+@dataclass
 class MuonChunk:
     """Members [first, last) of a Muon bucket: its matrices [lo, hi), stacked together in a step."""
 
@@ -120,6 +210,7 @@ class MuonChunk:
     last: int
     lo: int
     hi: int
+    runs: list[Run]
     flag_index: Tensor  # (P,) positions of the members' gradients in the step's flag vector
     matrix_flag_index: Tensor  # (B,) the same per matrix
     scales: Tensor  # (B,) fp64 update_scale of each matrix
@@ -128,6 +219,32 @@ class MuonChunk:
     row_matrices: Tensor | None = None
     has_rows: bool = False
     has_cols: bool = False
+
+    def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor) -> None:
+        """The chunk's members' parameter-shaped tensors into `out` (the chunk's (B, s, l) stack)."""
+        for run in self.runs:
+            run.to_stack(members[run.first : run.last], tensors[run.first - self.first : run.last - self.first],
+                         out, self.lo)  # fmt: skip
+
+    def from_stack(self, members: list[Member], stack: Tensor) -> list[Tensor]:
+        """Per member of the chunk, its view of the chunk's rows of `stack` (the chunk's (B, s, l))."""
+        return [v for run in self.runs for v in run.from_stack(members[run.first : run.last], stack, self.lo)]
+
+    def targets(self, members: list[Member], tensors: list[Tensor]) -> list[Tensor]:
+        """The members' parts of parameter-shaped `tensors`, shaped as `from_stack` gives them (a row
+        block's view for "each" runs: the tensors must be viewable)."""
+        out = []
+        for run in self.runs:
+            part = tensors[run.first - self.first : run.last - self.first]
+            if run.mode == "each":
+                part = [mb.source(t, write=True) for mb, t in zip(members[run.first : run.last], part, strict=True)]
+            out.extend(part)
+        return out
+
+    def neurons(self, members: list[Member], rows: Tensor | None, cols: Tensor | None, shape_of) -> list[Tensor]:
+        """Per member, its view of NorMuon's moment stacks of the chunk (rows, or cols for tall)."""
+        return [v for run in self.runs
+                for v in run.neurons(members[run.first : run.last], cols if run.tall else rows, self.lo, shape_of)]
 
 
 @dataclass
@@ -163,17 +280,19 @@ class MuonBucket:
         return [mb.source(mb.param, write=True) for mb in self.members]
 
     def grads(self, first: int = 0, last: int | None = None) -> list[Tensor]:
-        members = self.members[first:last]
-        if self.sharded:
-            return [local(mb.param.grad) for mb in members]
-        return [mb.source(mb.param.grad) for mb in members]
+        """The members' whole (local) gradients, parameter-shaped (a run cuts row blocks itself)."""
+        return [local(mb.param.grad) for mb in self.members[first:last]]
 
 
 @dataclass
 class AdamWChunk:
+    """Parameters [first, last) of an AdamW bucket, in runs [first, last) of one (local) shape that a
+    step stacks with `torch.stack` and takes apart with `unbind` (dispatched ops grow with shapes,
+    not parameters)."""
+
     first: int
     last: int
-    numel: int
+    runs: list[tuple[int, int]]
     flag_index: Tensor  # (P,) positions of the parameters' gradients in the step's flag vector
 
 
@@ -328,8 +447,13 @@ def _chunk_bounds(sizes: list[int], limit: int | None) -> list[tuple[int, int]]:
 def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix: tuple[int, int], pdtype, gdtype,
                 device, flag_pos: dict, schedule: Schedule, run, ns_dtype: torch.dtype, algorithm: str = "standard",
                 sharded: bool = False) -> MuonBucket:
-    """One Muon bucket of its members ((Member, update scale) entries, in stack order), in chunks.
+    """One Muon bucket of its members ((Member, update scale) entries), in chunks of runs (`Run`).
+    Members are ordered by how they stack (one run per kind) unless sharded (the exchange's order);
     sharded: members are local shards (the distributed NS phase takes the whole bucket)."""
+    flatten = group["flatten"]
+    if not sharded:
+        order = {}
+        entries = sorted(entries, key=lambda e: order.setdefault(run_kind(e[0], flatten), len(order)))
     members, offset = [], 0
     for member, _ in entries:
         member.offset = offset
@@ -344,8 +468,10 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     chunks = []
     for first, last in _chunk_bounds(sizes, None if sharded else planner.chunk_bytes):
         lo, hi = members[first].offset, members[last - 1].offset + members[last - 1].count
+        runs = [Run(r.first + first, r.last + first, r.lo, r.hi, r.mode, r.transpose, r.tall, r.shape, r.counts)
+                for r in make_runs(members[first:last], flatten)]  # fmt: skip
         chunk = MuonChunk(
-            first, last, lo, hi,
+            first, last, lo, hi, runs,
             flag_index=torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device),
             matrix_flag_index=torch.tensor(
                 [flag_pos[mb.index] for mb in members[first:last] for _ in range(mb.count)], dtype=torch.int64,
@@ -395,7 +521,8 @@ def _check_writable(bucket: MuonBucket, index: int) -> None:
 
 
 def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, flag_pos) -> None:
-    """AdamW buckets of one group: its parameters by device and dtypes (DTensors: their local shards)."""
+    """AdamW buckets of one group: its parameters by device and dtypes (DTensors: their local shards),
+    ordered by shape, in chunks of bounded size."""
     layout: dict[tuple, list] = {}
     for i, p in with_grad:
         if p.numel() == 0:
@@ -403,14 +530,21 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
             continue
         layout.setdefault((local(p).device, p.dtype, p.grad.dtype), []).append((i, p))
     for (device, pdtype, gdtype), entries in layout.items():
+        order: dict[tuple, int] = {}
+        entries = sorted(entries, key=lambda e: order.setdefault(tuple(local(e[1]).shape), len(order)))
         params = [p for _, p in entries]
         shards = [local(p) for p in params]  # DTensors: the local shards
         element = torch.empty((), dtype=gdtype).element_size()
-        chunks = [
-            AdamWChunk(first, last, sum(q.numel() for q in shards[first:last]),
-                       torch.tensor([flag_pos[i] for i, _ in entries[first:last]], device=device))
-            for first, last in _chunk_bounds([q.numel() * element for q in shards], planner.chunk_bytes)
-        ]  # fmt: skip
+        chunks = []
+        for first, last in _chunk_bounds([q.numel() * element for q in shards], planner.chunk_bytes):
+            runs = []
+            for k in range(first, last):
+                if runs and shards[k].shape == shards[runs[-1][0]].shape:
+                    runs[-1] = (runs[-1][0], k + 1)
+                else:
+                    runs.append((k, k + 1))
+            chunks.append(AdamWChunk(first, last, runs,
+                                     torch.tensor([flag_pos[i] for i, _ in entries[first:last]], device=device)))
         gplan.buckets.append(
             AdamWBucket(
                 params=params,
@@ -426,6 +560,6 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
 
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "AdamWBucket", "AdamWChunk", "GroupPlan", "Member", "MuonBucket", "MuonChunk", "Plan",
+    "DEFAULT_CHUNK_BYTES", "AdamWBucket", "AdamWChunk", "GroupPlan", "Member", "MuonBucket", "MuonChunk", "Plan", "Run",
     "build_plan", "default_chunk_bytes", "local", "plan_key",
 ]  # fmt: skip
