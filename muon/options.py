@@ -156,9 +156,22 @@ def check_lr(group: dict, index: int | None = None) -> None:
     check_real(group, "lr", index, 0.0, value=lr)
     check_real(group, "weight_decay", index, 0.0)
 
+def check_not_inference(p: Tensor, where: str) -> None:
+    """An inference tensor (made under torch.inference_mode(), or a view of one) cannot be updated in
+    place outside inference mode: refused when its group is added, not half-way through a commit."""
+    if p.is_inference():
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is an inference tensor (created under torch.inference_mode(), or a "
+            "view of one): the step updates parameters in place, which torch does not allow on inference tensors "
+            "outside inference mode. Create the parameter outside inference_mode, or pass a clone made outside "
+            "it (p.clone())"
+        )
+
+
 def check_tensors(group: dict, index: int, kind: str) -> None:
     for i, p in enumerate(group["params"]):
         where = f"param_groups[{index}]['params'][{i}]"
+        check_not_inference(p, where)
         if p.layout != torch.strided:
             raise ValueError(f"{where} is a {p.layout} tensor; {kind} groups take dense (strided) parameters")
         if p.is_complex():

@@ -80,6 +80,12 @@ def _t(*shape, dtype=torch.float32):
     return torch.zeros(shape, dtype=dtype).requires_grad_(dtype.is_floating_point or dtype.is_complex)
 
 
+def _inference(*shape):
+    """A tensor made under torch.inference_mode(): it cannot be updated in place outside it."""
+    with torch.inference_mode():
+        return torch.zeros(shape)
+
+
 W = r"param_groups\[1\]"  # the bad group is always the second one
 P = r"param_groups\[1\]\['params'\]\[1\]"  # and the bad tensor its second parameter
 NS = W + ": invalid Newton–Schulz settings"
@@ -161,6 +167,12 @@ BAD_GROUPS = [
     ("sparse in AdamW group", lambda: {"params": [_t(3), torch.zeros(4, 3).to_sparse().requires_grad_()],
                                        "use_muon": False}, ValueError, P + " is a torch.sparse_coo tensor"),
     ("non-leaf", lambda: {"params": [_t(3, 3), _t(3, 3) * 2]}, ValueError, "non-leaf"),
+    ("inference tensor in Muon group", lambda: {"params": [_t(3, 3), _inference(3, 3)]}, ValueError,
+     P + r" \(shape \(3, 3\)\) is an inference tensor .*outside inference mode.*clone"),
+    ("view of an inference tensor", lambda: {"params": [_t(3, 3), _inference(4, 3)[1:]]}, ValueError,
+     P + r" \(shape \(3, 3\)\) is an inference tensor \(created under torch.inference_mode\(\), or a view of one"),
+    ("inference tensor in AdamW group", lambda: {"params": [_t(3), _inference(3)], "use_muon": False}, ValueError,
+     P + r" \(shape \(3,\)\) is an inference tensor"),
     ("set of params", lambda: {"params": {_t(3, 3)}}, TypeError, "ordered collections"),
 ]
 
@@ -184,6 +196,19 @@ def test_failed_add_param_group_changes_nothing(build, error, match):
         opt.add_param_group(build())
     snap.assert_unchanged()
     _assert_steps_alike(opt, params, twin, twin_params)
+
+
+def test_parameters_without_requires_grad_are_accepted_as_torch_accepts_them():
+    """torch.optim takes requires_grad=False tensors (frozen, or given gradients by hand); so does Muon,
+    and a clone of an inference tensor made outside inference mode is an ordinary parameter."""
+    frozen, rest = torch.randn(4, 6), torch.randn(5)
+    cloned = _inference(3, 3).clone()
+    opt = muon.Muon([{"params": [frozen, cloned]}, {"params": [rest], "use_muon": False}], **FAST)
+    for p in (frozen, cloned, rest):
+        p.grad = torch.randn(p.shape)
+    before = [p.clone() for p in (frozen, cloned, rest)]
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip((frozen, cloned, rest), before))
 
 
 def test_duplicates_across_groups_name_both_places():
