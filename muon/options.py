@@ -49,6 +49,31 @@ def check_options(nonfinite, foreach) -> None:
         )
 
 
+def check_process_group(process_group) -> None:
+    """process_group is None (the default group once torch.distributed is initialized) or a
+    torch.distributed.ProcessGroup: anything else is refused here, not at the first step."""
+    if process_group is None:
+        return
+    dist = getattr(torch, "distributed", None)
+    available = dist is not None and dist.is_available()
+    group_type = getattr(dist, "ProcessGroup", None) if available else None
+    if group_type is not None and isinstance(process_group, group_type):
+        return
+    accepted = (
+        "None (the default group, once torch.distributed is initialized) or a torch.distributed.ProcessGroup "
+        "(e.g. from torch.distributed.new_group)"
+        if available else "None: this build of torch has no torch.distributed"
+    )
+    hint = ""
+    if available and process_group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        hint = "; GroupMember.NON_GROUP_MEMBER: this rank is not a member of the group new_group made"
+    elif type(process_group).__name__ == "DeviceMesh":
+        hint = "; for a DeviceMesh pass the group of its data-parallel dim, mesh.get_group(dim)"
+    raise ValueError(
+        f"process_group must be {accepted}; got {process_group!r} ({type(process_group).__name__}){hint}"
+    )
+
+
 def check_keys(group: dict, index: int, muon_keys, adamw_keys) -> None:
     """Every key of the group is an option of its kind or metadata: a misspelt key, or one of the
     other kind of group, is an error naming the key and the closest valid one."""

@@ -211,6 +211,29 @@ def test_parameters_without_requires_grad_are_accepted_as_torch_accepts_them():
     assert all(not torch.equal(p, q) for p, q in zip((frozen, cloned, rest), before))
 
 
+@pytest.mark.parametrize(
+    "process_group, match",
+    [
+        ("world", r"process_group must be None \(the default group.*ProcessGroup.*got 'world' \(str\)"),
+        (0, r"got 0 \(int\)"),
+        (object(), r"got <object object at .*> \(object\)"),
+        (-100, r"NON_GROUP_MEMBER: this rank is not a member"),
+    ],
+)
+def test_a_process_group_that_is_not_one_is_refused_at_construction(process_group, match):
+    with pytest.raises(ValueError, match=match):
+        muon.Muon([_t(3, 3)], process_group=process_group)
+
+
+def test_a_process_group_is_accepted_at_construction():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    assert muon.Muon([_t(3, 3)], process_group=group).process_group is group
+    assert muon.Muon([_t(3, 3)], process_group=None).process_group is None
+
+
 def test_duplicates_across_groups_name_both_places():
     shared = _t(3, 3)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is the same tensor as "
@@ -496,11 +519,13 @@ def test_pickle_round_trip_steps_like_the_original():
 
 
 def test_deepcopy_shares_the_process_group():
-    class Communicator:  # stands for a ProcessGroup, which deepcopy refuses ("cannot pickle ProcessGroup")
-        def __deepcopy__(self, memo):
-            raise TypeError("cannot copy a communicator")
-
-    opt = muon.Muon([_t(3, 3)], process_group=Communicator())
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # deepcopy refuses it ("cannot pickle ProcessGroup")
+    with pytest.raises(TypeError):
+        copy.deepcopy(group)
+    opt = muon.Muon([_t(3, 3)], process_group=group)
     assert copy.deepcopy(opt).process_group is opt.process_group
 
 
