@@ -234,6 +234,15 @@ def test_a_process_group_is_accepted_at_construction():
     assert muon.Muon([_t(3, 3)], process_group=None).process_group is None
 
 
+def test_without_torch_distributed_only_none_is_a_process_group(monkeypatch):
+    dist = pytest.importorskip("torch.distributed")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1) if dist.is_available() else object()
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"process_group must be None: this build of torch has no torch.distributed"):
+        muon.Muon([_t(3, 3)], process_group=group)
+    muon.Muon([_t(3, 3)], process_group=None)
+
+
 def test_duplicates_across_groups_name_both_places():
     shared = _t(3, 3)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is the same tensor as "
