@@ -120,6 +120,7 @@ class Muon(Optimizer):
         transposed: bool = False,
     ) -> None:
         options.check_options(nonfinite, foreach)
+        options.check_process_group(process_group)
         self.nonfinite = nonfinite
         # None or True: the planned, batched step (muon.engine); False: the reference loop (muon.reference)
         self.foreach = foreach

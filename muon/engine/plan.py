@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .._shapes import block_layout, matrix_shape, row_blocks, update_scale
 from ..coefficients import Schedule, resolve_schedule
-from ..functional import neuron_shape, opmath, state_dtype, zero_state
+from ..functional import check_state, neuron_shape, opmath, state_dtype, zero_state
 from ..newton_schulz import resolve_dtype
 
 # Group options that change the plan (what is stacked together, how NS runs); others (lr,
@@ -269,6 +269,7 @@ class Planner:
                     f"{tuple(p.shape)}) needs {tuple(tensor.shape)}; a parameter whose shape changed needs "
                     "its state reset (del opt.state[p]) or a state of the new shape"
                 )
+        check_state(key, p, source, where)  # (muon.functional) a state the step would have to cast: refused
         self.links.append(StateLink(p, key, tensor if value is None else value, tensor, source if fill else None))
         return source
 
