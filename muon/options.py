@@ -230,6 +230,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                     f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); variant='normuon' "
                     "does not support sharded parameters yet (replicated/DDP parameters work)"
                 )
+    resolve_flatten(group, index)
     check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
     check_real(group, "normuon_eps", index, 0.0)
     if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
@@ -292,6 +293,26 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                     f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
                 ) from error
     resolve_runs(group, index, runs)
+
+def resolve_flatten(group: dict, index: int) -> None:
+    """flatten=None (the default: not chosen) becomes False, unless the group holds a parameter with 4 or
+    more dims: a conv weight (out, in, kh, kw) is one (out, in·kh·kw) matrix to Keller Jordan's Muon and a
+    batch of kh×kw matrices to flatten=False, two different optimizers, so the choice is asked for, never
+    guessed. 3-D parameters stay batches of matrices (MoE expert stacks (E, out, in))."""
+    if group["flatten"] is not None:
+        return
+    for i, p in enumerate(group["params"]):
+        if isinstance(p, Tensor) and p.ndim >= 4:
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}] has shape {tuple(p.shape)} ({p.ndim}-D) and its group does "
+                "not say how Muon sees it: flatten=True orthogonalizes it as one (shape[0], prod(rest)) matrix, "
+                "(out, in·kh·kw) for a conv weight, as Keller Jordan's Muon does; flatten=False as a batch of "
+                f"{tuple(p.shape[-2:])} matrices over its last two dims (a stack such as (layers, experts, out, "
+                "in)). Pass flatten= to muon.Muon or in the group; muon.param_groups(model) sets flatten=True on "
+                "conv weights"
+            )
+    group["flatten"] = False
+
 
 def check_transposed(group: dict, index: int) -> None:
     """transposed=True (matrices stored (in, out), transformers' Conv1D): each matrix of a parameter
