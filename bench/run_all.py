@@ -2,7 +2,8 @@
 
 On a GPU: FLOP model for every preset, NS kernels on the large default shapes and the batched groups
 of GPT-2 124M and Llama 3 8B, optimizer steps on GPT-2 124M and GPT-2 1.5B, and a profile.
-On a CPU: the same commands at CPU sizes (the tiny preset, torch backend, fp32 NS where muon chooses).
+On a CPU: the same commands at CPU sizes (the tiny preset, torch backend, fp32 NS where muon chooses),
+and the optimizer memory per configuration (`python -m bench memory`, bytes per parameter).
 Everywhere: the muP telescoping sweep and the data-efficiency experiment at their --quick settings.
 --quick runs each command at the smallest settings (the end-to-end test uses it).
 Each stage writes its CSV/JSON/PNG under DIR. DIR/summary.md opens with the headline numbers read
@@ -21,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, flops_cmd, kernels, models, profile, schema, step, telescope
+from . import efficiency, flops_cmd, kernels, memory, models, profile, schema, step, telescope
 from .common import default_out, pick_device, set_threads
 from .timing import NOISY
 
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/out/<device>)")
     parser.add_argument("--quick", action="store_true", help="smallest settings (tests, smoke runs)")
     parser.add_argument(
-        "--only", default=None, help="comma-separated stages to run (flops,kernels,step,profile,telescope,efficiency)",
+        "--only", default=None,
+        help="comma-separated stages to run (flops,kernels,step,memory,profile,telescope,efficiency)",
     )
 
 
@@ -50,6 +52,7 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
             ("kernels", kernels, [*dev, "--shapes", "32x64,2x48x16", "--preset", "none",
                                   "--peers", "torch.optim.Muon", "--rep-ms", "1", "--gemm-size", "64"]),
             ("step", step, [*dev, "--model", QUICK_MODEL, "--rep-ms", "1"]),
+            ("memory", memory, ["--layers", "2", "--dim", "128", "--configs", "muon,torch-adamw-foreach"]),
             ("profile", profile, [*dev, "--model", QUICK_MODEL, "--steps", "1"]),
         ]
     gpu = device == "cuda"
@@ -60,7 +63,9 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
             ("profile", profile, [*dev, "--model", "gpt2-124m"]),
         ]
     else:
-        plan += [("step", step, dev), ("profile", profile, [*dev, "--model", "tiny", "--steps", "1"])]
+        # optimizer memory is measured on the CPU (RSS of a process per configuration)
+        plan += [("step", step, dev), ("memory", memory, []),
+                 ("profile", profile, [*dev, "--model", "tiny", "--steps", "1"])]
     # The muP experiments train on the CPU (their --quick settings take 3–4 minutes each on 2 cores).
     plan += [("telescope", telescope, ["--quick"]), ("efficiency", efficiency, ["--quick"])]
     return plan
