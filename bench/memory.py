@@ -413,8 +413,10 @@ def run(args: argparse.Namespace) -> int:
     if args.layers < 1 or args.dim < 2:
         raise SystemExit("--layers must be >= 1 and --dim >= 2")
     device = torch.device("cpu")
-    torch.set_num_threads(1)  # the children run on one thread: so says the threads column
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the children run on one thread: so say the meta columns
     results = Results(device, "memory")
+    torch.set_num_threads(saved)
     shape = f"{args.layers}x{args.dim}x{args.dim}"
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
