@@ -8,7 +8,8 @@ Everywhere: the muP telescoping sweep and the data-efficiency experiment at thei
 --quick runs each command at the smallest settings (the end-to-end test uses it).
 Each stage writes its CSV/JSON/PNG under DIR. DIR/summary.md opens with the headline numbers read
 from those files (NS speed-up over torch.optim.Muon per shape class, step time against
-torch.optim.Muon and fused AdamW, FLOP overhead over AdamW), then device, versions, commit, stages.
+torch.optim.Muon and fused AdamW, FLOP overhead over AdamW, optimizer memory where it ran), then
+device, versions, commit, stages.
 A failing stage is reported and the others still run; the exit status is 1 if any failed.
 """
 
@@ -202,6 +203,26 @@ def step_headline(rows: list[dict]) -> list[str]:
     return out
 
 
+def memory_headline(rows: list[dict]) -> list[str]:
+    """Per configuration of bench/memory.py: what it keeps between steps and its extra peak in a step (RSS)."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        if r.get("op") == memory.OP and r.get("status") == "ok":
+            by.setdefault(r["extra"]["config"], {})[r["metric"]] = r
+    done = {k: m for k, m in by.items() if {"resident", "step_peak", "peak_total"} <= set(m)}
+    if not done:
+        return []
+    first = next(iter(done.values()))["resident"]
+    out = ["", "### Optimizer memory", "", "| config | parameters | resident B/param | step peak B/param "
+           "| peak total B/param |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {k} | {m['resident']['dtype']} | {m['resident']['median']:.2f} | {m['step_peak']['median']:.2f} "
+            f"| {m['peak_total']['median']:.2f} |" for k, m in done.items()]
+    out += ["", f"RSS of one process per configuration, {first['shape']} matrices with gradients (memory.json; "
+            "docs/benchmarks.md says how to read it): resident = kept between steps, step peak = the extra peak "
+            "inside a step."]
+    return out
+
+
 def noisy_line(rows: list[dict], shown: int = 4) -> str:
     """The line that says which timed rows have a spread (IQR / median) above NOISY: every step row
     (the headline), the worst few kernel rows."""
@@ -242,5 +263,6 @@ def summary(out: Path, meta: dict, stage_lines: list[str], ran: set[str]) -> str
                   f"muon.Muon computes NS in {'/'.join(dtypes) or 'fp32'} (ns_dtype=\"auto\", "
                   "muon.backends.dispatch.choose_ns_dtype) and torch.optim.Muon in bf16 (its only choice), which "
                   "is most of the step ratio: bf16 matmuls are 5-40x slower than fp32 on this CPU."]
+    lines += memory_headline(schema.read(out / "memory.json") if "memory" in ran else [])
     lines += ["", *stage_lines]
     return "\n".join(lines) + "\n"

@@ -169,6 +169,21 @@ def test_bench_memory_writes_schema_rows(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_headline_reads_the_memory_rows():
+    from bench.run_all import memory_headline
+
+    results = schema.Results(torch.device("cpu"), "memory")
+    for metric, value in (("state", 4.0), ("resident", 8.26), ("step_peak", 19.98), ("peak_total", 28.24)):
+        results.add(memory.OP, "muon.Muon[torch]", "8x1024x1024", "float32", metric=metric, unit=memory.UNIT,
+                    value=value, config="muon")
+    results.add(memory.OP, "muon.Muon(atomic=False)[torch]", "8x1024x1024", "float32", metric="resident",
+                unit=memory.UNIT, status="skipped: no atomic argument", config="muon-nonatomic")
+    lines = memory_headline(results.rows)
+    assert "| muon | float32 | 8.26 | 19.98 | 28.24 |" in lines
+    assert not any("muon-nonatomic" in line for line in lines)
+    assert memory_headline([]) == []
+
+
 def test_bench_memory_unknown_config():
     with pytest.raises(SystemExit, match="--configs: unknown configuration 'nope'"):
         main(["memory", "--configs", "muon,nope", "--out", "/nonexistent"])
