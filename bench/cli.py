@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "telescope": ("bench.telescope", "telescoping muP hyperparameter sweep"),
     "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
     "quality": ("bench.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
+    "memory": ("bench.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
     "ns-dtype": ("bench.ns_dtype", "fp32 vs bf16 Newton–Schulz on this CPU: the table ns_dtype='auto' reads"),
     "versions": ("bench.versions", "the resolved versions of the suite's packages, and what `import kernels` loads"),
     "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),

@@ -313,3 +313,48 @@ def quality(rows: list[dict], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- memory
+def memory(rows: list[dict], path: Path) -> Path | None:
+    """One bar per configuration (bench/memory.py): what the optimizer keeps between steps
+    (resident) and, stacked on it, the extra peak inside a step, in bytes per parameter (RSS); the
+    state in opt.state as a black tick, the counting mode's peak total as a cross."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    ok = [r for r in rows if r["op"] == "optimizer_memory" and r["status"] == "ok"]
+    by: dict[str, dict] = {}
+    for r in ok:
+        by.setdefault(r["extra"]["config"], {})[r["metric"]] = r
+    configs = [c for c, m in by.items() if {"resident", "step_peak"} <= set(m)]
+    if not configs:
+        return None
+    fig, ax = plt.subplots(figsize=(8.0, 0.38 * len(configs) + 1.8))
+    y = list(range(len(configs)))
+    resident = [by[c]["resident"]["median"] for c in configs]
+    peak = [by[c]["step_peak"]["median"] for c in configs]
+    ax.barh(y, resident, color="C0", label="resident: kept between steps")
+    ax.barh(y, peak, left=resident, color="C1", label="step peak: extra inside a step")
+    states = [(i, by[c]["state"]["median"]) for i, c in enumerate(configs) if "state" in by[c]]
+    ax.plot([s for _, s in states], [i for i, _ in states], "k|", ms=14, mew=2, label="opt.state")
+    counted = [(i, by[c]["peak_total"]["extra"].get("counted")) for i, c in enumerate(configs)
+               if "peak_total" in by[c]]
+    counted = [(i, v) for i, v in counted if v is not None]
+    if counted:
+        ax.plot([v for _, v in counted], [i for i, _ in counted], "kx", ms=6, label="peak total, counting mode")
+    for i, (r, p) in enumerate(zip(resident, peak, strict=True)):
+        ax.text(r + p, i, f"  {r:.2f} + {p:.2f}", va="center", fontsize=7)
+    dtypes = [by[c]["resident"]["dtype"] for c in configs]
+    ax.set_yticks(y, [c + ("" if d == "float32" else f" ({d})") for c, d in zip(configs, dtypes, strict=True)],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(r + p for r, p in zip(resident, peak, strict=True)) * 1.3 + 0.5)
+    ax.set_xlabel("bytes per parameter above parameters and gradients (RSS)")
+    first = by[configs[0]]["resident"]
+    ax.set_title(textwrap.fill(f"Optimizer memory, {first['shape']} matrices with gradients, one process per "
+                               f"configuration; {_where(first)}", 90), fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path, plt)

@@ -2,12 +2,14 @@
 
 On a GPU: FLOP model for every preset, NS kernels on the large default shapes and the batched groups
 of GPT-2 124M and Llama 3 8B, optimizer steps on GPT-2 124M and GPT-2 1.5B, and a profile.
-On a CPU: the same commands at CPU sizes (the tiny preset, torch backend, fp32 NS where muon chooses).
+On a CPU: the same commands at CPU sizes (the tiny preset, torch backend, fp32 NS where muon chooses),
+and the optimizer memory per configuration (`python -m bench memory`, bytes per parameter).
 Everywhere: the muP telescoping sweep and the data-efficiency experiment at their --quick settings.
 --quick runs each command at the smallest settings (the end-to-end test uses it).
 Each stage writes its CSV/JSON/PNG under DIR. DIR/summary.md opens with the headline numbers read
 from those files (NS speed-up over torch.optim.Muon per shape class, step time against
-torch.optim.Muon and fused AdamW, FLOP overhead over AdamW), then device, versions, commit, stages.
+torch.optim.Muon and fused AdamW, FLOP overhead over AdamW, optimizer memory where it ran), then
+device, versions, commit, stages.
 A failing stage is reported and the others still run; the exit status is 1 if any failed.
 """
 
@@ -21,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, flops_cmd, kernels, models, profile, schema, step, telescope
+from . import efficiency, flops_cmd, kernels, memory, models, profile, schema, step, telescope
 from .common import default_out, pick_device, set_threads
 from .timing import NOISY
 
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/out/<device>)")
     parser.add_argument("--quick", action="store_true", help="smallest settings (tests, smoke runs)")
     parser.add_argument(
-        "--only", default=None, help="comma-separated stages to run (flops,kernels,step,profile,telescope,efficiency)",
+        "--only", default=None,
+        help="comma-separated stages to run (flops,kernels,step,memory,profile,telescope,efficiency)",
     )
 
 
@@ -50,6 +53,7 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
             ("kernels", kernels, [*dev, "--shapes", "32x64,2x48x16", "--preset", "none",
                                   "--peers", "torch.optim.Muon", "--rep-ms", "1", "--gemm-size", "64"]),
             ("step", step, [*dev, "--model", QUICK_MODEL, "--rep-ms", "1"]),
+            ("memory", memory, ["--layers", "2", "--dim", "128", "--configs", "muon,torch-adamw-foreach"]),
             ("profile", profile, [*dev, "--model", QUICK_MODEL, "--steps", "1"]),
         ]
     gpu = device == "cuda"
@@ -60,7 +64,9 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
             ("profile", profile, [*dev, "--model", "gpt2-124m"]),
         ]
     else:
-        plan += [("step", step, dev), ("profile", profile, [*dev, "--model", "tiny", "--steps", "1"])]
+        # optimizer memory is measured on the CPU (RSS of a process per configuration)
+        plan += [("step", step, dev), ("memory", memory, []),
+                 ("profile", profile, [*dev, "--model", "tiny", "--steps", "1"])]
     # The muP experiments train on the CPU (their --quick settings take 3–4 minutes each on 2 cores).
     plan += [("telescope", telescope, ["--quick"]), ("efficiency", efficiency, ["--quick"])]
     return plan
@@ -197,6 +203,26 @@ def step_headline(rows: list[dict]) -> list[str]:
     return out
 
 
+def memory_headline(rows: list[dict]) -> list[str]:
+    """Per configuration of bench/memory.py: what it keeps between steps and its extra peak in a step (RSS)."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        if r.get("op") == memory.OP and r.get("status") == "ok":
+            by.setdefault(r["extra"]["config"], {})[r["metric"]] = r
+    done = {k: m for k, m in by.items() if {"resident", "step_peak", "peak_total"} <= set(m)}
+    if not done:
+        return []
+    first = next(iter(done.values()))["resident"]
+    out = ["", "### Optimizer memory", "", "| config | parameters | resident B/param | step peak B/param "
+           "| peak total B/param |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {k} | {m['resident']['dtype']} | {m['resident']['median']:.2f} | {m['step_peak']['median']:.2f} "
+            f"| {m['peak_total']['median']:.2f} |" for k, m in done.items()]
+    out += ["", f"RSS of one process per configuration, {first['shape']} matrices with gradients (memory.json; "
+            "docs/benchmarks.md says how to read it): resident = kept between steps, step peak = the extra peak "
+            "inside a step."]
+    return out
+
+
 def noisy_line(rows: list[dict], shown: int = 4) -> str:
     """The line that says which timed rows have a spread (IQR / median) above NOISY: every step row
     (the headline), the worst few kernel rows."""
@@ -237,5 +263,6 @@ def summary(out: Path, meta: dict, stage_lines: list[str], ran: set[str]) -> str
                   f"muon.Muon computes NS in {'/'.join(dtypes) or 'fp32'} (ns_dtype=\"auto\", "
                   "muon.backends.dispatch.choose_ns_dtype) and torch.optim.Muon in bf16 (its only choice), which "
                   "is most of the step ratio: bf16 matmuls are 5-40x slower than fp32 on this CPU."]
+    lines += memory_headline(schema.read(out / "memory.json") if "memory" in ran else [])
     lines += ["", *stage_lines]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from .backends import BackendUnavailable
 from .coefficients import PRESETS
 from .newton_schulz import newton_schulz
 from .optim import Muon, update_scale
-from .param_groups import param_groups
+from .param_groups import format_routing, param_groups, param_routing
 from .qk_clip import QKClip, qk_clip_
 
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "PRESETS",
     "QKClip",
     "coefficients",
+    "format_routing",
     "mup",
     "newton_schulz",
     "param_groups",
+    "param_routing",
     "qk_clip_",
     "update_scale",
 ]

@@ -49,6 +49,42 @@ def state_dtype(key: str, p: Tensor) -> torch.dtype:
     return {"normuon_v": opmath(p.dtype), "step": torch.float32, "nonfinite_skips": torch.int64}[key]
 
 
+def check_state(key: str, p: Tensor, value: Tensor | None, where: str) -> None:
+    """Refuse state entry `key` of parameter p (`where`: "param_groups[i]['params'][j]") that the
+    step could only use by casting it: every path (the engine's plan, the reference loop) calls this
+    for every entry it reads or creates, before anything is written.
+
+    The rule: a state tensor has the dtype a fresh one would get (`state_dtype`), as torch.optim
+    requires (torch.optim.Muon's momentum lerp and AdamW's moment lerp raise on a state of another
+    dtype than the gradient; fused AdamW on any mismatch). The counters are exempt (torch keeps
+    `step` as loaded; the step engine copies their values). An AdamW group also needs the gradient
+    in the parameter's dtype (its moments are kept in the parameter's dtype and take the gradient
+    in, as torch's fused AdamW requires). 0-element parameters are never updated: never refused.
+    value: the state's tensor (its local shard for a DTensor), None where a fresh one is made.
+    """
+    if key in ("step", "nonfinite_skips") or p.numel() == 0:
+        return
+    grad = p.grad
+    if key in ("exp_avg", "exp_avg_sq") and grad is not None and grad.dtype != p.dtype:
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is {p.dtype} but its gradient is {grad.dtype}: an AdamW group "
+            "(use_muon=False) keeps its moments in the parameter's dtype and needs the gradient in it too (as "
+            "torch.optim.AdamW does); nothing was updated this step"
+        )
+    if value is None:
+        return
+    expected = state_dtype(key, p)
+    if value.dtype != expected:
+        what = f"{p.dtype}" if grad is None or grad.dtype == p.dtype else f"{p.dtype} with a {grad.dtype} gradient"
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}): state[{key!r}] is {value.dtype}, but the parameter is {what}, "
+            f"for which {key} is kept in {expected} (did its dtype change after the state was made, e.g. "
+            f"p.data = p.data.to(...)?). The step would have to cast the state, as torch.optim refuses to: "
+            f"reset its state with `del opt.state[p]`, or convert it: opt.state[p][{key!r}] = "
+            f"opt.state[p][{key!r}].to({expected}); nothing was updated this step"
+        )
+
+
 def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = False) -> Tensor:
     """A fresh state entry of parameter p, the value every path starts from (stacks in the engine
     are zeros of the same dtype); flatten/transposed: the group's, for the shape of `normuon_v`."""
@@ -229,6 +265,6 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 
 
 __all__ = [
-    "adamw_moments", "as_list", "cautious_decay", "commit_update", "decay_factors", "masked", "muon_momentum",
-    "neuron_shape", "normuon_update", "opmath", "state_dtype", "zero_state",
+    "adamw_moments", "as_list", "cautious_decay", "check_state", "commit_update", "decay_factors", "masked",
+    "muon_momentum", "neuron_shape", "normuon_update", "opmath", "state_dtype", "zero_state",
 ]  # fmt: skip

@@ -36,7 +36,9 @@ class Muon(Optimizer):
       * groups with ``use_muon=False`` are updated with AdamW (keys lr, betas, eps, weight_decay),
         torch.optim.AdamW's update up to rounding; `muon.param_groups(model)` builds both kinds of group;
       * parameters with more than 2 dims are a batch of matrices, or with ``flatten=True`` (conv
-        weights) one (shape[0], -1) matrix;
+        weights) one (shape[0], -1) matrix; ``flatten=None`` (the default) is False for 3-D parameters
+        (MoE expert stacks) and an error for a parameter with 4 or more dims, whose group must choose
+        (a conv weight is one (out, in·kh·kw) matrix to Keller Jordan's Muon, not a batch of kh×kw ones);
       * same-shape matrices of a group are stacked into one batched NS call (``batched=True``);
       * ``ns_coefficients`` also takes a preset name ("keller", "you", "polar_express", "cans") or a
         list of per-step tuples; ``adjust_lr_fn`` also takes "spectral" or a callable (m, n) -> factor;
@@ -103,7 +105,7 @@ class Muon(Optimizer):
         *,
         betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
-        flatten: bool = False,
+        flatten: bool | None = None,
         batched: bool = True,
         backend: str = "auto",
         ns_dtype: torch.dtype | str = "auto",
@@ -122,6 +124,7 @@ class Muon(Optimizer):
         chunk_bytes: int | None = None,
     ) -> None:
         options.check_options(nonfinite, foreach, atomic, chunk_bytes)
+        options.check_process_group(process_group)
         self.nonfinite = nonfinite
         # None or True: the planned, batched step (muon.engine); False: the reference loop (muon.reference)
         self.foreach = foreach

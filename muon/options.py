@@ -57,6 +57,31 @@ def check_options(nonfinite, foreach, atomic=True, chunk_bytes=None) -> None:
         )
 
 
+def check_process_group(process_group) -> None:
+    """process_group is None (the default group once torch.distributed is initialized) or a
+    torch.distributed.ProcessGroup: anything else is refused here, not at the first step."""
+    if process_group is None:
+        return
+    dist = getattr(torch, "distributed", None)
+    available = dist is not None and dist.is_available()
+    group_type = getattr(dist, "ProcessGroup", None) if available else None
+    if group_type is not None and isinstance(process_group, group_type):
+        return
+    accepted = (
+        "None (the default group, once torch.distributed is initialized) or a torch.distributed.ProcessGroup "
+        "(e.g. from torch.distributed.new_group)"
+        if available else "None: this build of torch has no torch.distributed"
+    )
+    hint = ""
+    if available and process_group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        hint = "; GroupMember.NON_GROUP_MEMBER: this rank is not a member of the group new_group made"
+    elif type(process_group).__name__ == "DeviceMesh":
+        hint = "; for a DeviceMesh pass the group of its data-parallel dim, mesh.get_group(dim)"
+    raise ValueError(
+        f"process_group must be {accepted}; got {process_group!r} ({type(process_group).__name__}){hint}"
+    )
+
+
 def check_keys(group: dict, index: int, muon_keys, adamw_keys) -> None:
     """Every key of the group is an option of its kind or metadata: a misspelt key, or one of the
     other kind of group, is an error naming the key and the closest valid one."""
@@ -164,9 +189,22 @@ def check_lr(group: dict, index: int | None = None) -> None:
     check_real(group, "lr", index, 0.0, value=lr)
     check_real(group, "weight_decay", index, 0.0)
 
+def check_not_inference(p: Tensor, where: str) -> None:
+    """An inference tensor (made under torch.inference_mode(), or a view of one) cannot be updated in
+    place outside inference mode: refused when its group is added, not half-way through a commit."""
+    if p.is_inference():
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is an inference tensor (created under torch.inference_mode(), or a "
+            "view of one): the step updates parameters in place, which torch does not allow on inference tensors "
+            "outside inference mode. Create the parameter outside inference_mode, or pass a clone made outside "
+            "it (p.clone())"
+        )
+
+
 def check_tensors(group: dict, index: int, kind: str) -> None:
     for i, p in enumerate(group["params"]):
         where = f"param_groups[{index}]['params'][{i}]"
+        check_not_inference(p, where)
         if p.layout != torch.strided:
             raise ValueError(f"{where} is a {p.layout} tensor; {kind} groups take dense (strided) parameters")
         if p.is_complex():
@@ -200,6 +238,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                     f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); variant='normuon' "
                     "does not support sharded parameters yet (replicated/DDP parameters work)"
                 )
+    resolve_flatten(group, index)
     check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
     check_real(group, "normuon_eps", index, 0.0)
     if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
@@ -262,6 +301,26 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                     f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
                 ) from error
     resolve_runs(group, index, runs)
+
+def resolve_flatten(group: dict, index: int) -> None:
+    """flatten=None (the default: not chosen) becomes False, unless the group holds a parameter with 4 or
+    more dims: a conv weight (out, in, kh, kw) is one (out, in·kh·kw) matrix to Keller Jordan's Muon and a
+    batch of kh×kw matrices to flatten=False, two different optimizers, so the choice is asked for, never
+    guessed. 3-D parameters stay batches of matrices (MoE expert stacks (E, out, in))."""
+    if group["flatten"] is not None:
+        return
+    for i, p in enumerate(group["params"]):
+        if isinstance(p, Tensor) and p.ndim >= 4:
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}] has shape {tuple(p.shape)} ({p.ndim}-D) and its group does "
+                "not say how Muon sees it: flatten=True orthogonalizes it as one (shape[0], prod(rest)) matrix, "
+                "(out, in·kh·kw) for a conv weight, as Keller Jordan's Muon does; flatten=False as a batch of "
+                f"{tuple(p.shape[-2:])} matrices over its last two dims (a stack such as (layers, experts, out, "
+                "in)). Pass flatten= to muon.Muon or in the group; muon.param_groups(model) sets flatten=True on "
+                "conv weights"
+            )
+    group["flatten"] = False
+
 
 def check_transposed(group: dict, index: int) -> None:
     """transposed=True (matrices stored (in, out), transformers' Conv1D): each matrix of a parameter

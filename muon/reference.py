@@ -52,9 +52,11 @@ class _Pending:
     def __init__(self, state) -> None:
         self.state, self.installs, self.commits = state, [], []
 
-    def get(self, p: Tensor, key: str, flatten: bool = False, transposed: bool = False):
-        """state[p][key], or a fresh entry (`muon.functional.zero_state`) installed at the commit."""
+    def get(self, p: Tensor, key: str, where: str, flatten: bool = False, transposed: bool = False):
+        """state[p][key], or a fresh entry (`muon.functional.zero_state`) installed at the commit;
+        a state the step would have to cast is refused (`muon.functional.check_state`)."""
         value = (self.state.get(p) or {}).get(key)
+        F.check_state(key, p, None if value is None else local(value), where)
         if value is None:
             value = F.zero_state(key, p, flatten, transposed)
             self.installs.append((p, key, value))
@@ -93,11 +95,11 @@ def reference_step(param_groups: list[dict], state, nonfinite: str, process_grou
                 if flag is not None and not bool(flag):
                     raise_nonfinite(param_groups, index, next(j for j, q in enumerate(group["params"]) if q is p))
     pending = _Pending(state)
-    for (group, _, params, grads), finite in zip(work, flags, strict=True):
+    for (group, index, params, grads), finite in zip(work, flags, strict=True):
         if group["use_muon"]:
-            _muon_group(pending, group, params, grads, finite, process_group)
+            _muon_group(pending, group, index, params, grads, finite, process_group)
         else:
-            _adamw_group(pending, group, params, grads, finite, fused=nonfinite == "raise")
+            _adamw_group(pending, group, index, params, grads, finite, fused=nonfinite == "raise")
     pending.commit()
 
 
@@ -129,18 +131,24 @@ def _work_copy(p: Tensor) -> list[Tensor] | None:
     return None if p.dtype in (torch.float32, torch.float64) else [p.float()]
 
 
-def _muon_group(pending: _Pending, group, params, grads, finite, process_group) -> None:
+def _places(group: dict, index: int) -> dict[int, str]:
+    """"param_groups[index]['params'][j]" of each parameter of the group, by id (for messages)."""
+    return {id(p): f"param_groups[{index}]['params'][{j}]" for j, p in enumerate(group["params"])}
+
+
+def _muon_group(pending: _Pending, group, index, params, grads, finite, process_group) -> None:
     lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
     momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
     transposed = group.get("transposed", False)
     normuon, cautious = group["variant"] == "normuon", group.get("cautious_weight_decay", False)
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
 
-    updates, phases = [], []
+    updates, phases, places = [], [], _places(group, index)
     for p, g, ok in zip(params, grads, finite):
-        buf = pending.get(p, "momentum_buffer")
-        skips = pending.get(p, "nonfinite_skips")  # absent from a torch.optim.Muon state dict
-        v = pending.get(p, "normuon_v", flatten, transposed) if normuon else None  # per neuron (matrix row)
+        where = places[id(p)]
+        buf = pending.get(p, "momentum_buffer", where)
+        skips = pending.get(p, "nonfinite_skips", where)  # absent from a torch.optim.Muon state dict
+        v = pending.get(p, "normuon_v", where, flatten, transposed) if normuon else None  # per neuron (matrix row)
         if ok is None:  # 0-size parameter: nothing to do
             updates.append(None)
             phases.append(None)
@@ -255,14 +263,17 @@ def _as_stored(X: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
     return X.mT.reshape(shape) if transposed else X.view(shape)
 
 
-def _adamw_group(pending: _Pending, group, params, grads, finite, fused: bool) -> None:
+def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: bool) -> None:
     """torch.optim.AdamW's update, per parameter, with the engine's formula (`muon.functional`)."""
     lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
+    places = _places(group, index)
     for p, g, ok in zip(params, grads, finite):
-        step, ea, eas, skips = (pending.get(p, key) for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips"))
+        step, ea, eas, skips = (
+            pending.get(p, key, places[id(p)]) for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips")
+        )
         if ok is None:
             continue
         if step.device != p.device:  # a state loaded from torch.optim.AdamW keeps step on the CPU

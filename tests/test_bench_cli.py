@@ -35,7 +35,8 @@ def _rows(path):
 
 
 def test_registry_keeps_every_command():
-    assert {"flops", "kernels", "step", "profile", "telescope", "efficiency", "ns-dtype", "all"} <= set(COMMANDS)
+    assert {"flops", "kernels", "step", "memory", "profile", "telescope", "efficiency", "ns-dtype",
+            "all"} <= set(COMMANDS)
 
 
 def test_flops_json(capsys):

@@ -138,7 +138,9 @@ def test_process_group_without_init_is_an_error():
         pytest.skip("torch.distributed is initialized in this process")
     W = torch.nn.Parameter(torch.randn(4, 6))
     W.grad = torch.randn(4, 6)
-    opt = Muon([W], process_group=object())
+    with pytest.raises(ValueError, match="process_group must be None"):  # not a group: refused at construction
+        Muon([W], process_group=object())
+    opt = Muon([W], process_group=dist.ProcessGroup(dist.HashStore(), 0, 1))
     with pytest.raises(ValueError, match="process_group"):
         opt.step()
 

@@ -80,6 +80,12 @@ def _t(*shape, dtype=torch.float32):
     return torch.zeros(shape, dtype=dtype).requires_grad_(dtype.is_floating_point or dtype.is_complex)
 
 
+def _inference(*shape):
+    """A tensor made under torch.inference_mode(): it cannot be updated in place outside it."""
+    with torch.inference_mode():
+        return torch.zeros(shape)
+
+
 W = r"param_groups\[1\]"  # the bad group is always the second one
 P = r"param_groups\[1\]\['params'\]\[1\]"  # and the bad tensor its second parameter
 NS = W + ": invalid Newton–Schulz settings"
@@ -161,6 +167,12 @@ BAD_GROUPS = [
     ("sparse in AdamW group", lambda: {"params": [_t(3), torch.zeros(4, 3).to_sparse().requires_grad_()],
                                        "use_muon": False}, ValueError, P + " is a torch.sparse_coo tensor"),
     ("non-leaf", lambda: {"params": [_t(3, 3), _t(3, 3) * 2]}, ValueError, "non-leaf"),
+    ("inference tensor in Muon group", lambda: {"params": [_t(3, 3), _inference(3, 3)]}, ValueError,
+     P + r" \(shape \(3, 3\)\) is an inference tensor .*outside inference mode.*clone"),
+    ("view of an inference tensor", lambda: {"params": [_t(3, 3), _inference(4, 3)[1:]]}, ValueError,
+     P + r" \(shape \(3, 3\)\) is an inference tensor \(created under torch.inference_mode\(\), or a view of one"),
+    ("inference tensor in AdamW group", lambda: {"params": [_t(3), _inference(3)], "use_muon": False}, ValueError,
+     P + r" \(shape \(3,\)\) is an inference tensor"),
     ("set of params", lambda: {"params": {_t(3, 3)}}, TypeError, "ordered collections"),
 ]
 
@@ -184,6 +196,51 @@ def test_failed_add_param_group_changes_nothing(build, error, match):
         opt.add_param_group(build())
     snap.assert_unchanged()
     _assert_steps_alike(opt, params, twin, twin_params)
+
+
+def test_parameters_without_requires_grad_are_accepted_as_torch_accepts_them():
+    """torch.optim takes requires_grad=False tensors (frozen, or given gradients by hand); so does Muon,
+    and a clone of an inference tensor made outside inference mode is an ordinary parameter."""
+    frozen, rest = torch.randn(4, 6), torch.randn(5)
+    cloned = _inference(3, 3).clone()
+    opt = muon.Muon([{"params": [frozen, cloned]}, {"params": [rest], "use_muon": False}], **FAST)
+    for p in (frozen, cloned, rest):
+        p.grad = torch.randn(p.shape)
+    before = [p.clone() for p in (frozen, cloned, rest)]
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip((frozen, cloned, rest), before))
+
+
+@pytest.mark.parametrize(
+    "process_group, match",
+    [
+        ("world", r"process_group must be None \(the default group.*ProcessGroup.*got 'world' \(str\)"),
+        (0, r"got 0 \(int\)"),
+        (object(), r"got <object object at .*> \(object\)"),
+        (-100, r"NON_GROUP_MEMBER: this rank is not a member"),
+    ],
+)
+def test_a_process_group_that_is_not_one_is_refused_at_construction(process_group, match):
+    with pytest.raises(ValueError, match=match):
+        muon.Muon([_t(3, 3)], process_group=process_group)
+
+
+def test_a_process_group_is_accepted_at_construction():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    assert muon.Muon([_t(3, 3)], process_group=group).process_group is group
+    assert muon.Muon([_t(3, 3)], process_group=None).process_group is None
+
+
+def test_without_torch_distributed_only_none_is_a_process_group(monkeypatch):
+    dist = pytest.importorskip("torch.distributed")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1) if dist.is_available() else object()
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"process_group must be None: this build of torch has no torch.distributed"):
+        muon.Muon([_t(3, 3)], process_group=group)
+    muon.Muon([_t(3, 3)], process_group=None)
 
 
 def test_duplicates_across_groups_name_both_places():
@@ -471,11 +528,13 @@ def test_pickle_round_trip_steps_like_the_original():
 
 
 def test_deepcopy_shares_the_process_group():
-    class Communicator:  # stands for a ProcessGroup, which deepcopy refuses ("cannot pickle ProcessGroup")
-        def __deepcopy__(self, memo):
-            raise TypeError("cannot copy a communicator")
-
-    opt = muon.Muon([_t(3, 3)], process_group=Communicator())
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # deepcopy refuses it ("cannot pickle ProcessGroup")
+    with pytest.raises(TypeError):
+        copy.deepcopy(group)
+    opt = muon.Muon([_t(3, 3)], process_group=group)
     assert copy.deepcopy(opt).process_group is opt.process_group
 
 

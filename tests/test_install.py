@@ -36,8 +36,11 @@ def test_wheel_layout(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     # the wheel's file name and metadata carry the distribution name and muon.__version__
     assert wheel.name.startswith(f"fused_muon-{muon.__version__}-"), wheel.name
+    # no extension built (MUON_SKIP_CUDA_BUILD=1): a pure-Python wheel, installable on any platform
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     archive = zipfile.ZipFile(wheel)
     names = archive.namelist()
+    assert not [n for n in names if n.endswith((".so", ".pyd"))], names
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     meta = email.message_from_bytes(archive.read(metadata))
     assert (meta["Name"], meta["Version"]) == (DISTRIBUTION, muon.__version__)

@@ -267,3 +267,249 @@ def test_muon_refuses_a_flat_parameter_naming_it():
         muon.Muon([nn.Parameter(torch.randn(4, 4)), _flat_parameter(12)])
     with pytest.raises(ValueError, match=r"has shape \(12,\) \(1-D\).*flattened to 1-D"):
         muon.Muon([nn.Parameter(torch.randn(3, 4).reshape(-1))])
+
+
+# ------------------------------------------------------- torchvision-shaped models, MoE, patterns, the report
+def _groups_by_name(model, groups):
+    """{parameter name: 'adamw' | 'muon' | 'muon flatten' | 'muon split=[...]'} from the groups."""
+    out = {}
+    for g in groups:
+        kind = "muon" if g["use_muon"] else "adamw"
+        if g.get("flatten"):
+            kind += " flatten"
+        if g.get("split"):
+            kind += f" split={g['split']}"
+        for name in _names(model, g["params"]):
+            out[name] = kind
+    return out
+
+
+def test_mini_resnet_routing():
+    from vision_models import MiniResNet
+
+    model = MiniResNet()
+    routed = _groups_by_name(model, muon.param_groups(model))
+    expected = {n: ("adamw" if p.ndim < 2 else "muon flatten") for n, p in model.named_parameters()}
+    expected.update({"conv1.weight": "adamw", "fc.weight": "adamw"})  # the stem conv and torchvision's head `fc`
+    assert routed == expected
+    assert routed["layer2.0.downsample.0.weight"] == "muon flatten"
+
+
+def test_mini_vgg_routing():
+    from vision_models import MiniVGG
+
+    model = MiniVGG()
+    routed = _groups_by_name(model, muon.param_groups(model))
+    muon_names = {n for n, kind in routed.items() if kind != "adamw"}
+    # the first conv reads the image; classifier.6 is the head, classifier.0 and .3 are hidden layers
+    assert muon_names == {"features.3.weight", "classifier.0.weight", "classifier.3.weight"}
+    assert routed["features.3.weight"] == "muon flatten"
+
+
+def test_mini_torchvision_vit_routing():
+    from vision_models import MiniViT
+
+    model = MiniViT()
+    routed = _groups_by_name(model, muon.param_groups(model))
+    hidden = ("self_attention.in_proj_weight", "self_attention.out_proj.weight", "mlp.0.weight", "mlp.3.weight")
+    expected = {f"encoder.layers.encoder_layer_{i}.{n}" for i in range(2) for n in hidden}
+    assert {n for n, kind in routed.items() if kind != "adamw"} == expected
+    # conv_proj (the patch projection), class_token, pos_embedding and heads.head are AdamW's
+    for name in ("conv_proj.weight", "class_token", "encoder.pos_embedding", "heads.head.weight"):
+        assert routed[name] == "adamw", name
+
+
+def test_vision_models_train_a_step_with_their_groups():
+    from vision_models import MiniResNet, MiniViT
+
+    for model in (MiniResNet(), MiniViT()):
+        opt = muon.Muon(muon.param_groups(model), lr=0.02)
+        model(torch.randn(2, 3, 16, 16)).logsumexp(-1).mean().backward()
+        opt.step()
+
+
+def test_input_layer_found_by_tracing_an_example_input():
+    """An MLP's first nn.Linear stays on Muon by structure; with example_input it is the input layer."""
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 3))
+    plain = _groups_by_name(model, muon.param_groups(model, adamw=["5.weight"]))
+    assert plain["1.weight"] == plain["3.weight"] == "muon"
+    traced = _groups_by_name(model, muon.param_groups(model, adamw=["5.weight"], example_input=torch.randn(2, 8)))
+    assert traced["1.weight"] == "adamw" and traced["3.weight"] == "muon"
+    # the forward stops at the input layer: BatchNorm statistics of later layers are not touched
+    bn_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3))
+    muon.param_groups(bn_model, example_input=(torch.randn(2, 3, 8, 8),))
+    assert int(bn_model[1].num_batches_tracked) == 0
+    # a forced pattern wins over the input-layer rule
+    assert _groups_by_name(model, muon.param_groups(model, muon=["1.weight"], adamw=["5.weight"],
+                                                    example_input=torch.randn(2, 8)))["1.weight"] == "muon"
+
+
+def test_a_hidden_fc_is_not_a_head(recwarn):
+    """`fc` is a head only where torchvision puts it: last, or read by no layer (optimizer.md's fc feeds proj)."""
+    model = nn.ModuleDict({"embed": nn.Embedding(100, 32), "fc": nn.Linear(32, 128), "proj": nn.Linear(128, 32),
+                           "lm_head": nn.Linear(32, 100)})
+    assert _groups_by_name(model, muon.param_groups(model))["fc.weight"] == "muon"
+    blocks = nn.Sequential(nn.Linear(8, 8), nn.Sequential())
+    blocks[1].add_module("fc", nn.Linear(8, 8))  # inside a numbered block: never a head by name
+    assert _groups_by_name(blocks, muon.param_groups(blocks, muon=["1.fc.weight"]))["1.fc.weight"] == "muon"
+
+
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_a_pattern_that_matches_nothing_is_an_error(kind):
+    model = TinyLM(tied=False)
+    with pytest.raises(ValueError, match=rf"{kind} pattern 'lm_haed.weight' matches no parameter; did you mean "
+                                         r"'lm_head.weight'\?"):
+        muon.param_groups(model, **{kind: ["lm_haed.weight"]})
+    with pytest.raises(ValueError, match="takes a list of patterns"):
+        muon.param_groups(model, **{kind: "lm_head.weight"})
+
+
+def test_patterns_match_every_name_of_a_tied_parameter():
+    model = TinyLM(tied=True)  # lm_head.weight is wte.weight, listed once as wte.weight
+    groups = muon.param_groups(model, muon=["lm_head.weight"])
+    assert any(p is model.wte.weight for g in groups if g["use_muon"] for p in g["params"])
+
+
+def test_routing_report(capsys):
+    from vision_models import MiniResNet
+
+    model = MiniResNet()
+    routes = muon.param_routing(model)
+    assert [r.name for r in routes] == [n for n, _ in model.named_parameters()]
+    by_name = {r.name: r for r in routes}
+    assert by_name["conv1.weight"].group == "adamw" and "input layer" in by_name["conv1.weight"].reason
+    assert by_name["fc.weight"].reason.startswith("output head")
+    assert by_name["layer1.0.conv1.weight"] == ("layer1.0.conv1.weight", (8, 8, 3, 3), "muon flatten",
+                                                 by_name["layer1.0.conv1.weight"].reason)
+    muon.param_groups(model, verbose=True)
+    table = capsys.readouterr().out
+    assert table == muon.format_routing(routes) + "\n"
+    assert table.splitlines()[0].split() == ["parameter", "shape", "group", "reason"]
+
+
+def test_a_four_dim_parameter_that_is_no_conv_must_say_how_it_is_seen():
+    model = nn.Module()
+    model.body = nn.Linear(8, 8)
+    model.stack = nn.Parameter(torch.randn(2, 3, 8, 8))  # (layers, experts, out, in)
+    with pytest.raises(ValueError, match=r"'stack' has shape \(2, 3, 8, 8\) and is no conv weight.*flatten"):
+        muon.param_groups(model)
+    groups = muon.param_groups(model, muon_options={"flatten": False})
+    assert all(g["flatten"] is False for g in groups if g["use_muon"])
+    muon.Muon(groups)
+
+
+# -------------------------------------------------------------------------- >= 4-D weights in muon.Muon
+def test_a_raw_conv_weight_must_choose_flatten():
+    conv = nn.Conv2d(4, 8, 3)
+    with pytest.raises(ValueError, match=r"shape \(8, 4, 3, 3\) \(4-D\).*flatten=True.*Keller"):
+        muon.Muon([conv.weight])
+    assert muon.Muon([conv.weight], flatten=True).param_groups[0]["flatten"] is True
+    assert muon.Muon([conv.weight], flatten=False).param_groups[0]["flatten"] is False
+    # 3-D stacks (MoE experts) and matrices need no choice: flatten=None is False for them
+    assert muon.Muon([nn.Parameter(torch.randn(4, 8, 8))]).param_groups[0]["flatten"] is False
+
+
+def _keller_step(p, grad, buf, lr, wd, ns, beta=0.95):
+    """Keller Jordan's Muon step for one parameter (KellerJordan/Muon muon.py, muon_update and the step),
+    restated: EMA momentum, Nesterov, a 4-D update viewed as (out, in·kh·kw), NS, the scale
+    sqrt(max(1, size(-2)/size(-1))) of the 4-D gradient (kh/kw), decoupled decay. `ns` is the NS
+    function; the last add is written p + (-lr·u) (torch's add_(alpha=) fuses it on the CPU, 1 ulp apart)."""
+    buf.lerp_(grad, 1 - beta)
+    u = grad.lerp_(buf, beta)
+    scale = max(1, u.size(-2) / u.size(-1)) ** 0.5
+    u = ns(u.view(len(u), -1)) * scale
+    p.mul_(1 - lr * wd)
+    p.add_((u * -lr).reshape(p.shape))
+
+
+@pytest.mark.parametrize("shape", [(16, 3, 3, 3), (8, 4, 3, 3), (16, 3, 7, 7)])
+@pytest.mark.parametrize("foreach", [None, False], ids=["planned", "loop"])
+def test_flatten_is_kellers_conv_update_bit_for_bit(shape, foreach):
+    """muon.Muon(flatten=True) on a conv weight is Keller's update, bit for bit, with the same NS (fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(4)]
+
+    def ns(X):
+        return muon.newton_schulz(X, 5, "keller", 1e-7, dtype=torch.float32, backend="torch")
+
+    ref, buf = w.clone(), torch.zeros(shape)
+    for g in grads:
+        _keller_step(ref, g.clone(), buf, 0.02, 0.1, ns)
+    q = w.clone().requires_grad_(True)
+    opt = muon.Muon([q], lr=0.02, weight_decay=0.1, flatten=True, ns_dtype=torch.float32, backend="torch",
+                    foreach=foreach)
+    for g in grads:
+        q.grad = g.clone()
+        opt.step()
+    assert torch.equal(q.detach(), ref)
+    assert torch.equal(opt.state[q]["momentum_buffer"], buf)
+
+
+# ------------------------------------------------------------------------------ transformers MoE and ViT
+def _tiny(name, **config):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config))
+
+
+MOE = {
+    "Mixtral": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "Qwen3Moe": dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                     num_experts_per_tok=2, head_dim=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_routing_from_transformers_configs(name):
+    model = _tiny(name, **MOE[name])
+    routed = _groups_by_name(model, muon.param_groups(model))
+    inner = MOE[name].get("moe_intermediate_size", MOE[name]["intermediate_size"])
+    for n, p in model.named_parameters():
+        if p.ndim < 2 or n in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert routed[n] == "adamw", n
+        elif n.endswith("experts.gate_up_proj"):  # (E, 2I, H): gate and up orthogonalized apart
+            assert p.shape[-2] == 2 * inner and routed[n] == f"muon split={[inner, inner]}", n
+        else:  # attention, routers (mlp.gate.weight, (E, d)) and down_proj stacks (E, H, I)
+            assert routed[n] == "muon", n
+    assert any(n.endswith("mlp.gate.weight") for n in routed)
+    reasons = {r.name: r.reason for r in muon.param_routing(model)}
+    assert "MoE router" in reasons["model.layers.0.mlp.gate.weight"]
+    # a step on the groups, and NorMuon groups keep gate_up whole (NorMuon does not take split)
+    opt = muon.Muon(muon.param_groups(model), lr=0.02)
+    model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    opt.step()
+    normuon = muon.param_groups(model, muon_options={"variant": "normuon"})
+    assert not any(g.get("split") for g in normuon)
+    assert not any(g.get("split") for g in muon.param_groups(model, split_gate_up=False))
+
+
+def test_gate_up_split_is_the_unfused_update():
+    """split=[I, I] on gate_up_proj gives what separate gate and up stacks get, bit for bit."""
+    E, I, H = 3, 8, 12
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(E, 2 * I, H, generator=gen)
+    grads = [torch.randn(E, 2 * I, H, generator=gen) for _ in range(3)]
+    a = fused.clone().requires_grad_(True)
+    gate, up = (fused[:, :I].clone().requires_grad_(True), fused[:, I:].clone().requires_grad_(True))
+    opts = [muon.Muon([{"params": [a], "split": [I, I]}], lr=0.02), muon.Muon([gate, up], lr=0.02)]
+    for g in grads:
+        a.grad, gate.grad, up.grad = g.clone(), g[:, :I].clone(), g[:, I:].clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(a.detach(), torch.cat([gate.detach(), up.detach()], dim=1))
+
+
+def test_vit_from_a_transformers_config():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3))
+    routed = _groups_by_name(model, muon.param_groups(model))
+    for n, p in model.named_parameters():
+        hidden = n.startswith("vit.layers.") and p.ndim == 2
+        assert routed[n] == ("muon" if hidden else "adamw"), n
+    assert routed["vit.embeddings.patch_embeddings.projection.weight"] == "adamw"  # the patch projection

@@ -6,11 +6,12 @@ tests change the state behind its back."""
 from __future__ import annotations
 
 import copy
+import re
 from collections import defaultdict
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, params_of, run_steps, set_grads, snapshot
+from helpers import assert_same, assert_snapshot, bit_equal, params_of, run_steps, set_grads, snapshot
 
 import muon
 
@@ -159,3 +160,113 @@ def test_the_plan_is_kept_while_the_state_is_untouched():
     fast.state[params_of(fast)[0]]["momentum_buffer"].mul_(0.5)  # in place: the plan's own view
     run_steps(fast, (6,))
     assert fast._plan is plan
+
+
+# ------------------------------------------------------------------------ state of another dtype
+def _bits(opt):
+    """Every parameter and state tensor, copied (compared with bit_equal: dtype and bits)."""
+    return [p.detach().clone() for p in params_of(opt)], {
+        (i, k): v.detach().clone() for i, p in enumerate(params_of(opt)) for k, v in opt.state.get(p, {}).items()
+    }
+
+
+def _assert_bits(opt, bits):
+    params, state = bits
+    assert all(bit_equal(p.detach(), q) for p, q in zip(params_of(opt), params, strict=True))
+    now = {(i, k): v for i, p in enumerate(params_of(opt)) for k, v in opt.state.get(p, {}).items()}
+    assert now.keys() == state.keys() and all(bit_equal(now[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("index, key", [(0, "momentum_buffer"), (4, "exp_avg")])  # a Muon matrix, an AdamW vector
+@pytest.mark.parametrize("old, new", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_parameter_whose_dtype_changed_is_refused_naming_it_on_every_path(foreach, index, key, old, new):
+    """A parameter converted after some steps (p.data = p.data.bfloat16()) with a gradient of its new
+    dtype: its state is of the old dtype, which torch.optim.Muon and AdamW (single-tensor, foreach,
+    fused) refuse; the planned step cast it silently. Refused on every path, changing nothing."""
+    opt = _make(foreach)
+    p = params_of(opt)[index]
+    with torch.no_grad():
+        p.data = p.data.to(old)
+    run_steps(opt, (1, 2))
+    p.data = p.data.to(new)
+    set_grads(params_of(opt), 3)
+    bits = _bits(opt)
+    shape = re.escape(str(tuple(p.shape)))
+    where = rf"param_groups\[{0 if index < 4 else 1}\]\['params'\]\[{index % 4}\] \(shape {shape}\)"
+    match = rf"{where}: state\['{key}'\] is {old}, but the parameter is {new}.*del opt.state\[p\]"
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_bits(opt, bits)
+    # converting the state (what the message says) makes it step as a parameter of the new dtype would
+    state = opt.state[p]
+    for k in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        if k in state:
+            state[k] = state[k].to(new)
+    opt.step()
+    assert opt.state[p][key].dtype == new and p.dtype == new
+
+
+def test_after_a_dtype_change_both_paths_agree_once_the_state_is_reset():
+    fast, ref = _twins()
+    for opt in (fast, ref):
+        for p in params_of(opt)[:1] + params_of(opt)[4:5]:
+            p.data = p.data.bfloat16()
+        set_grads(params_of(opt), 4)
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*momentum_buffer"):
+            opt.step()
+        for p in params_of(opt)[:1] + params_of(opt)[4:5]:
+            del opt.state[p]
+    run_steps(fast, (5, 6))
+    run_steps(ref, (5, 6))
+    assert_same(fast, ref)
+
+
+def test_muon_momentum_in_the_gradients_dtype_is_accepted_as_torch_optim_muon_does():
+    """torch.optim.Muon keeps momentum in the gradient's dtype (zeros_like(grad)), whatever the
+    parameter's: a bf16 parameter with fp32 gradients steps on with its fp32 momentum, on both paths."""
+    fast, ref = _twins()
+    for opt in (fast, ref):
+        p = params_of(opt)[0]
+        set_grads(params_of(opt), 4)
+        p.data = p.data.bfloat16()  # its gradient, assigned before, stays fp32
+        opt.step()
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32 and p.dtype == torch.bfloat16
+    assert_same(fast, ref)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_an_adamw_gradient_of_another_dtype_than_its_parameter_is_refused(foreach, fresh):
+    """AdamW keeps its moments in the parameter's dtype and lerps the gradient in: a gradient of
+    another dtype failed inside torch's lerp (on any state), now a ValueError naming the parameter."""
+    opt = _make(foreach)
+    if not fresh:
+        run_steps(opt, (1,))
+    p = params_of(opt)[5]
+    set_grads(params_of(opt), 2)
+    p.data = p.data.bfloat16()
+    p.grad = torch.randn(p.shape).bfloat16()
+    p.data = p.data.float()
+    bits = _bits(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] \(shape \(5, 3\)\) is torch.float32 "
+                                         r"but its gradient is torch.bfloat16"):
+        opt.step()
+    _assert_bits(opt, bits)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_state_loaded_into_parameters_of_another_dtype_is_cast_and_steps(foreach):
+    """torch's load_state_dict casts floating state to each parameter's dtype: a checkpoint of fp32
+    parameters loads into bf16 ones and steps (NorMuon's moments stay in fp32, their opmath)."""
+    src = _make(foreach, variant="normuon")
+    run_steps(src, (1, 2))
+    saved = copy.deepcopy(src.state_dict())
+    dst = _make(foreach, variant="normuon")
+    with torch.no_grad():
+        for p, q in zip(params_of(dst), params_of(src), strict=True):
+            p.data = q.detach().bfloat16()
+    dst.load_state_dict(saved)
+    run_steps(dst, (3,))
+    p = params_of(dst)[0]
+    assert dst.state[p]["momentum_buffer"].dtype == torch.bfloat16 and dst.state[p]["normuon_v"].dtype == torch.float32

@@ -366,7 +366,8 @@ def test_hand_built_transposed_group_and_its_checks():
     with pytest.raises(ValueError, match="transposed pattern 'nothing' matches no parameter routed to Muon"):
         muon.param_groups(Marked(), transposed=["nothing"])
     with pytest.raises(ValueError, match="routed with flatten=True"):
-        muon.param_groups(nn.Sequential(nn.Conv2d(3, 4, 3)), transposed=["0.weight"])
+        # the second conv: the first reads the input and goes to AdamW (muon.param_groups' input layer)
+        muon.param_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), transposed=["1.weight"])
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["planned", "loop"])
@@ -379,8 +380,9 @@ def test_bf16_and_stacked_transposed_parameters(options, foreach):
     shapes = [(24, 40), (40, 24), (24, 24), (3, 24, 16), (2, 2, 8, 12)]
     mine = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_(True) for s in shapes]
     theirs = [p.detach().mT.contiguous().requires_grad_(True) for p in mine]
-    opts = [muon.Muon([{"params": mine, "transposed": True}], lr=0.05, foreach=foreach, **options),
-            muon.Muon(theirs, lr=0.05, foreach=foreach, **options)]
+    # flatten=False: the 4-D stack is a batch of matrices (a >= 4-D parameter must say so)
+    opts = [muon.Muon([{"params": mine, "transposed": True}], lr=0.05, foreach=foreach, flatten=False, **options),
+            muon.Muon(theirs, lr=0.05, foreach=foreach, flatten=False, **options)]
     for step in range(4):
         for p, q in zip(mine, theirs, strict=True):
             p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)

@@ -60,11 +60,13 @@ class StepState:
             made = self.made.get((id(p), key))
             if made is not None:
                 return local(made)
+            F.check_state(key, p, None, where)
             value = F.zero_state(key, p, flatten, transposed)
             self.made[id(p), key] = value
             self.installs.append((p, key, value))
             return local(value)
         t = local(value)
+        F.check_state(key, p, t, where)  # a state the step would have to cast: refused, naming it
         if key in COUNTERS:
             fits = t.numel() == 1
             expected = ()
