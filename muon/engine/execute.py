@@ -110,11 +110,11 @@ class Workspace:
             if self.buffers.get((dtype, device)) is None or self.buffers[dtype, device].numel() < numel:
                 self.buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
 
-    def take(self, dtype: torch.dtype, device, shape: tuple) -> Tensor:
+    def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0) -> Tensor:
         numel = 1
         for size in shape:
             numel *= size
-        return self.buffers[dtype, device][:numel].view(shape)
+        return self.buffers[dtype, device][offset : offset + numel].view(shape)
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -343,49 +343,66 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
     dtype = b.opmath
     pending = []
     for chunk in b.chunks:
-        ok_chunk = None if ok_all is None else ok_all[chunk.flag_index]
-        for first, last in chunk.runs:
-            r = slice(first, last)
-            ok = None if ok_chunk is None else ok_chunk[first - chunk.first : last - chunk.first]
-            G = torch.stack(grads[r])
-            ndim = G.ndim - 1
-            ok_rows = None if ok is None else _rows(ok, ndim)
-            if ok_rows is not None:
-                G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
-            ws.need(b.gdtype, device, G.numel())
-            update = torch.empty(G.shape, dtype=ea_all[first].dtype, device=device)
-            _, _, _, step_size = F.adamw_moments(
-                torch.stack(ea_all[r]), torch.stack(eas_all[r]), G, torch.stack(steps_all[r]), ok, ok_rows, None,
-                beta1, beta2, eps, lr, dtype, update,
-            )  # fmt: skip
-            del G
-            updates = list(update.unbind(0))
-            # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
-            work = None
+        c = slice(chunk.first, chunk.last)
+        ok = None if ok_all is None else ok_all[chunk.flag_index]
+        # per parameter of the chunk (one op each for all of them): steps, bias corrections, weights
+        t = torch.stack(steps_all[c])
+        t = (t + (1 if ok is None else ok)).to(dtype).clamp_min(1)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = list((1 - beta2**t).sqrt().unbind())
+        step_size = F.masked(ok, -lr / bias_correction1, 0.0, dtype, device)
+        w1 = F.masked(ok, 1 - beta1, 0.0, ea_all[chunk.first].dtype, device)
+        w2 = F.masked(ok, beta2, 1.0, eas_all[chunk.first].dtype, device)
+        n = chunk.last - chunk.first
+        w1 = list(w1.unbind()) if w1.ndim else [w1] * n
+        w2 = list(w2.unbind()) if w2.ndim else [w2] * n
+        updates, work = [], None
+        ws.need(b.gdtype, device, sum(grads[k].numel() for k in range(chunk.first, chunk.last)))
+        for first, last in chunk.runs:  # same-shape parameters: stacked to sanitize, then per parameter
+            G = torch.stack(grads[first:last])
+            if ok is not None:  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
+                G.masked_fill_(~_rows(ok[first - chunk.first : last - chunk.first], G.ndim - 1), 0)
+            g = list(G.unbind(0))
+            r, k = slice(first, last), slice(first - chunk.first, last - chunk.first)
+            # torch.optim.AdamW's update without writing state (`muon.functional.adamw_moments`, per parameter)
+            update = torch._foreach_lerp(ea_all[r], g, w1[k])  # the next exp_avg, then the update in its place
+            next_sq = torch._foreach_mul(eas_all[r], w2[k])
+            torch._foreach_addcmul_(next_sq, g, g, value=1 - beta2)
+            del G, g
+            # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
+            denom = torch._foreach_sqrt(next_sq)
+            del next_sq
+            torch._foreach_div_(denom, bias_correction2_sqrt[k])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_div_(update, denom)
+            del denom
+            updates.extend(update)
             if params[first].dtype not in (torch.float32, torch.float64):
-                work = list(torch.empty(update.shape, dtype=torch.float32, device=device).unbind(0))
-            target = F.opmath_view(params[r], work)
-            # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
-            w1 = F.masked(ok, 1 - beta1, 0.0, ea_all[first].dtype, device)
-            w2 = F.masked(ok, beta2, 1.0, eas_all[first].dtype, device)
-            pending.append((r, ok, w1, w2, updates, step_size, work, decay))
+                # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
+                work = (work or []) + list(torch.stack(params[r]).float().unbind(0))
+        target = params[c] if work is None else work
+        # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+        decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
+        pending.append((chunk, c, ok, w1, w2, updates, step_size, work, decay))
 
     def commit() -> None:
-        for r, ok, w1, w2, updates, step_size, work, decay in pending:
-            n = r.stop - r.start
-            G = ws.take(b.gdtype, device, (n, *grads[r.start].shape))
-            g = list(G.unbind(0))
-            torch._foreach_copy_(g, grads[r])
+        for chunk, c, ok, w1, w2, updates, step_size, work, decay in pending:
+            g, offset = [], 0
+            for first, last in chunk.runs:
+                G = ws.take(b.gdtype, device, (last - first, *grads[first].shape), offset)
+                offset += G.numel()
+                rows = list(G.unbind(0))
+                torch._foreach_copy_(rows, grads[first:last])
+                if ok is not None:
+                    G.masked_fill_(~_rows(ok[first - chunk.first : last - chunk.first], G.ndim - 1), 0)
+                g.extend(rows)
+            torch._foreach_lerp_(ea_all[c], g, w1)
+            torch._foreach_mul_(eas_all[c], w2)
+            torch._foreach_addcmul_(eas_all[c], g, g, value=1 - beta2)
+            torch._foreach_add_(steps_all[c], 1 if ok is None else list(ok.unbind()))
             if ok is not None:
-                G.masked_fill_(~_rows(ok, G.ndim - 1), 0)
-            torch._foreach_lerp_(ea_all[r], g, list(w1.unbind()) if w1.ndim else [w1] * n)
-            torch._foreach_mul_(eas_all[r], list(w2.unbind()) if w2.ndim else [w2] * n)
-            torch._foreach_addcmul_(eas_all[r], g, g, value=1 - beta2)
-            torch._foreach_add_(steps_all[r], 1 if ok is None else list(ok.unbind()))
-            if ok is not None:
-                torch._foreach_add_(skips_all[r], list((~ok).unbind()))
-            F.commit_update(params[r], work, decay, updates, step_size)
+                torch._foreach_add_(skips_all[c], list((~ok).unbind()))
+            F.commit_update(params[c], work, decay, updates, step_size)
 
     return commit
 
