@@ -1,7 +1,7 @@
 """`opt.state` is the truth: whatever a user or framework does to the optimizer state takes effect at
 the next step exactly as it does on the per-parameter reference loop (foreach=False), or is refused
-with an error naming the parameter. The planned step keeps stacked copies (views) of the state; these
-tests change the state behind its back."""
+with an error naming the parameter. The planned step keeps no state of its own (it reads `opt.state`
+every step); these tests change the state behind its back."""
 
 from __future__ import annotations
 
@@ -88,6 +88,46 @@ def test_an_assigned_state_tensor_is_used_by_the_next_step(key):
     run_steps(fast, (5,))
     run_steps(ref, (5,))
     assert_same(fast, ref)
+
+
+def _zero_data(t):
+    t.data = torch.zeros_like(t)
+
+
+def _set_zeros(t):
+    t.set_(torch.zeros_like(t))
+
+
+def _move_data(t):
+    t.data = t.data.clone()  # what the common "move the optimizer to a device" helper does: new storage
+
+
+@pytest.mark.parametrize("edit", [_zero_data, _set_zeros, _move_data], ids=["data", "set_", "move_helper"])
+@pytest.mark.parametrize("key", ["momentum_buffer", "exp_avg", "exp_avg_sq", "step"])
+def test_data_and_set_on_a_state_tensor_take_effect_as_on_the_loop(edit, key):
+    """opt.state is the only storage: `.data =` and `set_()` on a state tensor (the same tensor object
+    with new storage) are what the next step reads, on the planned step as on the loop; in-place edits
+    after them too."""
+    fast, ref = _twins()
+    index = 0 if key == "momentum_buffer" else 4
+    for opt in (fast, ref):
+        edit(opt.state[params_of(opt)[index]][key])
+    run_steps(fast, (4,))
+    run_steps(ref, (4,))
+    assert_same(fast, ref)
+    for opt in (fast, ref):
+        opt.state[params_of(opt)[index]][key].mul_(0.5)
+    run_steps(fast, (5,))
+    run_steps(ref, (5,))
+    assert_same(fast, ref)
+
+
+def test_the_state_tensors_are_the_parameters_own():
+    """No second copy: every state tensor owns its storage (no view of a stack the plan keeps)."""
+    fast, _ = _twins()
+    for p in params_of(fast):
+        for key, value in fast.state[p].items():
+            assert value._base is None, key
 
 
 def test_a_state_tensor_of_the_wrong_shape_is_refused_naming_the_parameter():
