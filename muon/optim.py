@@ -251,7 +251,8 @@ class Muon(Optimizer):
         chunk_bytes = None
         if pg is None and devices:
             chunk_bytes = getattr(self, "chunk_bytes", None) or engine.default_chunk_bytes(next(iter(devices)))
-        plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes)
+        plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes,
+                                 chunk_buckets=not getattr(self, "atomic", True))
         if pg is not None:
             distributed.prepare(plan, self.param_groups, pg)
         return plan

@@ -14,16 +14,14 @@ from .ownership import GroupShare
 
 @dataclass
 class GroupExchange:
-    """One Muon group's NS split and all-gather buffers (see the module docstring)."""
+    """One Muon group's NS split: which rows each rank orthogonalizes, and where they travel in the
+    step's all-gather (the buffers themselves are the step's temporaries, `replicated_ns`)."""
 
     share: GroupShare
     rows: list[tuple[int, int]]  # this rank's (start, stop) rows of each bucket
-    send: Tensor  # (width,) this rank's chunk, in the NS dtype (padding stays zero)
-    gathered: Tensor  # (W·width,) every rank's chunk
-    send_views: list[Tensor]  # (stop - start, s, l) views of send, per bucket with rows here
-    results: list[Tensor]  # (B, s, l) per bucket: every rank's NS results, in plan order
-    recv_views: list[Tensor]  # pieces of gathered ...
-    result_views: list[Tensor]  # ... and where they go in results
+    shapes: list[tuple[int, int, int]]  # (B, s, l) of each bucket
+    dtype: torch.dtype  # the NS dtype (what travels)
+    device: torch.device
 
 
 @dataclass

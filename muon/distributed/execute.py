@@ -53,7 +53,7 @@ from .ownership import _chunk_rows, digest, ns_flops, plan_sharded, plan_signatu
 
 # ------------------------------------------------------------------------ replicated, on the plan
 def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
-    """Attach to `plan` who orthogonalizes which rows, and the buffers of the step's all-gathers."""
+    """Attach to `plan` who orthogonalizes which rows (the all-gather's buffers are per step)."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     signature = plan_signature(param_groups)
     device = plan.flag_params[0].device if plan.flag_params else None
@@ -65,25 +65,8 @@ def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
         buckets = gplan.buckets
         shapes = [tuple(b.shape) for b in buckets]
         share = share_buckets(shapes, world, buckets[0].schedule.steps, load)
-        ns_dtype, dev = buckets[0].ns_dtype, buckets[0].device
-        send = torch.zeros(share.width, dtype=ns_dtype, device=dev)
-        gathered = torch.empty(world * share.width, dtype=ns_dtype, device=dev)
-        send_views, results, recv_views, result_views = [], [], [], []
-        for k, (count, s, l) in enumerate(shapes):
-            results.append(torch.empty((count, s, l), dtype=ns_dtype, device=dev))
-            for r in range(world):
-                start, stop = share.rows[k][r]
-                if stop == start:
-                    continue
-                offset = r * share.width + share.offsets[k][r]
-                recv_views.append(gathered[offset : offset + (stop - start) * s * l].view(stop - start, s, l))
-                result_views.append(results[-1][start:stop])
-                if r == rank:
-                    mine = share.offsets[k][r]
-                    send_views.append(send[mine : mine + (stop - start) * s * l].view(stop - start, s, l))
-        ex.groups[gplan.index] = GroupExchange(
-            share, [spans[rank] for spans in share.rows], send, gathered, send_views, results, recv_views, result_views
-        )
+        ex.groups[gplan.index] = GroupExchange(share, [spans[rank] for spans in share.rows], shapes,
+                                               buckets[0].ns_dtype, buckets[0].device)  # fmt: skip
     plan.dist = ex
     return ex
 
@@ -96,19 +79,36 @@ def agree_plan(plan: Plan, ok: Tensor | None) -> Tensor | None:
 
 def replicated_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
     """The NS phase of replicated parameters (`muon.engine.execute`): each rank orthogonalizes its
-    rows of every bucket of the group, one all-gather hands every rank every result."""
+    rows of every bucket of the group into its chunk of the send buffer, one all-gather hands every
+    rank every result, placed into per-bucket result stacks (all of them the step's temporaries)."""
     ex: Exchange = plan.dist
     gx = ex.groups[gplan.index]
-    mine = [
-        bucket_ns(b, ph.U[start:stop])
-        for b, ph, (start, stop) in zip(gplan.buckets, phases, gx.rows, strict=True)
-        if stop > start
-    ]
+    share, world, rank = gx.share, ex.world, ex.rank
+    send = torch.zeros(share.width, dtype=gx.dtype, device=gx.device)  # padding stays zero
+    send_views, mine = [], []
+    for k, (b, ph, (start, stop)) in enumerate(zip(gplan.buckets, phases, gx.rows, strict=True)):
+        if stop > start:
+            _, s, l = gx.shapes[k]
+            offset = share.offsets[k][rank]
+            send_views.append(send[offset : offset + (stop - start) * s * l].view(stop - start, s, l))
+            mine.append(bucket_ns(b, ph.U[start:stop]))
     if mine:
-        torch._foreach_copy_(gx.send_views, mine)
-    all_gather_into("all_gather of the orthogonalized updates", ex.pg, gx.gathered, gx.send)
-    torch._foreach_copy_(gx.result_views, gx.recv_views)
-    return gx.results
+        torch._foreach_copy_(send_views, mine)
+    del mine
+    gathered = torch.empty(world * share.width, dtype=gx.dtype, device=gx.device)
+    all_gather_into("all_gather of the orthogonalized updates", ex.pg, gathered, send)
+    del send
+    results, recv_views, result_views = [], [], []
+    for k, (count, s, l) in enumerate(gx.shapes):
+        results.append(torch.empty((count, s, l), dtype=gx.dtype, device=gx.device))
+        for r in range(world):
+            start, stop = share.rows[k][r]
+            if stop > start:
+                offset = r * share.width + share.offsets[k][r]
+                recv_views.append(gathered[offset : offset + (stop - start) * s * l].view(stop - start, s, l))
+                result_views.append(results[-1][start:stop])
+    torch._foreach_copy_(result_views, recv_views)
+    return results
 
 
 # ---------------------------------------------------------------------------- the loop's hooks

@@ -27,6 +27,7 @@ with are its own temporaries (`muon.engine.execute`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -336,10 +337,11 @@ class Plan:
 
 
 class Planner:
-    """What a group planner gets: the NS resolver and the chunk bound (None: whole buckets)."""
+    """What a group planner gets: the NS resolver, the chunk bound (None: whole buckets) and whether
+    every chunk is a bucket of its own (atomic=False: each is committed as soon as it is computed)."""
 
-    def __init__(self, resolve_run, chunk_bytes: int | None = None) -> None:
-        self.resolve_run, self.chunk_bytes = resolve_run, chunk_bytes
+    def __init__(self, resolve_run, chunk_bytes: int | None = None, chunk_buckets: bool = False) -> None:
+        self.resolve_run, self.chunk_bytes, self.chunk_buckets = resolve_run, chunk_bytes, chunk_buckets
 
 
 def plan_key(param_groups: list[dict], version: int) -> tuple:
@@ -365,7 +367,7 @@ def _option_key(value):
 
 
 def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None, wrap=None,
-               chunk_bytes: int | None = None) -> Plan:
+               chunk_bytes: int | None = None, chunk_buckets: bool = False) -> Plan:
     """Buckets for every group (module docstring); reads no state, writes nothing.
 
     `resolve_run(index, group, X, ns_dtype, schedule)` returns (algorithm, the NS run function) of
@@ -373,10 +375,11 @@ def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None
     planner of Muon groups, `plan_muon_group`'s signature (FSDP2 DTensor parameters use
     `muon.distributed.sharded.plan_muon_group`). wrap(local tensor, param): how fresh state of a
     DTensor parameter is held in the state (a DTensor laid out like it); None: plain tensors.
-    chunk_bytes: the bound of a chunk (None: every bucket one chunk, as the distributed NS phases need).
+    chunk_bytes: the bound of a chunk (None: every bucket one chunk, as the distributed NS phases need);
+    chunk_buckets: every chunk a bucket of its own (`Muon(atomic=False)`: committed chunk by chunk).
     """
     plan_muon = plan_muon or plan_muon_group
-    planner = Planner(resolve_run, chunk_bytes)
+    planner = Planner(resolve_run, chunk_bytes, chunk_buckets)
     groups, flag_params, where = [], [], []
     for gi, group in enumerate(param_groups):
         gplan = GroupPlan(gi, group["use_muon"])
@@ -425,21 +428,30 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
         ns_dtype = resolve_dtype(group["ns_dtype"], device, (s, l))
         probe = torch.empty((1, s, l), dtype=gdtype, device=device)  # backends look at device and dtype
         algorithm, run = planner.resolve_run(gplan.index, group, probe, ns_dtype, schedule)
-        gplan.buckets.append(muon_bucket(planner, gplan.index, group, entries, (s, l), pdtype, gdtype, device,
-                                         flag_pos, schedule, run, ns_dtype, algorithm))  # fmt: skip
+        bucket = muon_bucket(planner, gplan.index, group, entries, (s, l), pdtype, gdtype, device, flag_pos,
+                             schedule, run, ns_dtype, algorithm)  # fmt: skip
+        gplan.buckets.extend(_by_chunk(bucket) if planner.chunk_buckets else [bucket])
 
 
-def _chunk_bounds(sizes: list[int], limit: int | None) -> list[tuple[int, int]]:
+def _chunk_bounds(sizes: list[int], limit: int | None, counts: list[int] | None = None) -> list[tuple[int, int]]:
     """Consecutive runs [first, last) of items whose sizes add up to at most `limit` (an item larger
-    than the limit is a run of its own); one run of everything when limit is None."""
+    than the limit is a run of its own); one run of everything when limit is None.
+
+    counts (matrices per item): a run holds at least two matrices where there are two, so no NS call
+    is a batch of one unless the whole bucket is — a batch of one takes another matrix-multiply path
+    on a CPU (other bits), and the loop batches every same-shape matrix of a group together."""
     if limit is None or not sizes:
         return [(0, len(sizes))] if sizes else []
-    runs, first, total = [], 0, 0
+    counts = counts or [2] * len(sizes)
+    runs, first, total, matrices = [], 0, 0, 0
     for k, size in enumerate(sizes):
-        if k > first and total + size > limit:
+        if k > first and total + size > limit and matrices >= 2:
             runs.append((first, k))
-            first, total = k, 0
+            first, total, matrices = k, 0, 0
         total += size
+        matrices += counts[k]
+    if runs and matrices < 2:  # a last run of one matrix joins the one before it
+        first = runs.pop()[0]
     runs.append((first, len(sizes)))
     return runs
 
@@ -466,7 +478,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     tall = [mb.tall for mb in members for _ in range(mb.count)]
     normuon = group["variant"] == "normuon"  # split/heads groups refuse NorMuon at construction
     chunks = []
-    for first, last in _chunk_bounds(sizes, None if sharded else planner.chunk_bytes):
+    for first, last in _chunk_bounds(sizes, None if sharded else planner.chunk_bytes, [mb.count for mb in members]):
         lo, hi = members[first].offset, members[last - 1].offset + members[last - 1].count
         runs = [Run(r.first + first, r.last + first, r.lo, r.hi, r.mode, r.transpose, r.tall, r.shape, r.counts)
                 for r in make_runs(members[first:last], flatten)]  # fmt: skip
@@ -508,6 +520,22 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     return bucket
 
 
+def _by_chunk(b: MuonBucket) -> list[MuonBucket]:
+    """Every chunk of a Muon bucket as a bucket of its own (offsets from the chunk's first matrix)."""
+    if len(b.chunks) == 1:
+        return [b]
+    out = []
+    for c in b.chunks:
+        members = [dataclasses.replace(mb, offset=mb.offset - c.lo) for mb in b.members[c.first : c.last]]
+        runs = [dataclasses.replace(r, first=r.first - c.first, last=r.last - c.first, lo=r.lo - c.lo,
+                                    hi=r.hi - c.lo) for r in c.runs]  # fmt: skip
+        chunk = dataclasses.replace(c, first=0, last=c.last - c.first, lo=0, hi=c.hi - c.lo, runs=runs)
+        out.append(dataclasses.replace(b, members=members, whole_params=[mb.param for mb in members],
+                                       shape=(c.hi - c.lo, *b.shape[1:]), chunks=[chunk],
+                                       split=any(mb.row is not None for mb in members)))  # fmt: skip
+    return out
+
+
 def _check_writable(bucket: MuonBucket, index: int) -> None:
     for mb in bucket.members:
         try:
@@ -545,18 +573,25 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
                     runs.append((k, k + 1))
             chunks.append(AdamWChunk(first, last, runs,
                                      torch.tensor([flag_pos[i] for i, _ in entries[first:last]], device=device)))
-        gplan.buckets.append(
-            AdamWBucket(
-                params=params,
-                indices=[i for i, _ in entries],
-                chunks=chunks,
-                device=device,
-                gdtype=gdtype,
-                opmath=opmath(pdtype),
-                fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
-                sharded=shards[0] is not params[0],
-            )
+        bucket = AdamWBucket(
+            params=params,
+            indices=[i for i, _ in entries],
+            chunks=chunks,
+            device=device,
+            gdtype=gdtype,
+            opmath=opmath(pdtype),
+            fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
+            sharded=shards[0] is not params[0],
         )
+        if planner.chunk_buckets and len(chunks) > 1:  # every chunk a bucket of its own (atomic=False)
+            for c in chunks:
+                part = slice(c.first, c.last)
+                runs = [(first - c.first, last - c.first) for first, last in c.runs]
+                gplan.buckets.append(dataclasses.replace(
+                    bucket, params=params[part], indices=bucket.indices[part],
+                    chunks=[dataclasses.replace(c, first=0, last=c.last - c.first, runs=runs)]))  # fmt: skip
+        else:
+            gplan.buckets.append(bucket)
 
 
 __all__ = [
