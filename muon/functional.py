@@ -96,7 +96,8 @@ def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = Fa
 
 
 # ------------------------------------------------------------------------------ Muon momentum
-def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, nesterov: bool) -> tuple[Tensor, Tensor]:
+def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, nesterov: bool,
+                  scratch: bool = False) -> tuple[Tensor, Tensor]:
     """torch.optim.Muon's momentum, without writing the buffer: (next buffer, NS input U).
 
         B' = lerp(B, G, 1 - momentum)          (weight: 1 - momentum, 0 for a skipped parameter)
@@ -104,8 +105,9 @@ def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, neste
 
     G is scratch (the gathered, sanitized gradient): with nesterov it is overwritten by U.
     `torch.lerp(B, G, w)` is bit for bit `B.lerp_(G, w)`; the caller commits B' with a copy.
+    scratch: buf is a stacked copy too, and B' is computed in its place (one temporary fewer).
     """
-    nxt = torch.lerp(buf, G, weight)
+    nxt = buf.lerp_(G, weight) if scratch else torch.lerp(buf, G, weight)
     return nxt, (G.lerp_(nxt, momentum) if nesterov else nxt)
 
 

@@ -45,10 +45,13 @@ class StepState:
     DTensor state), a missing one created (`muon.functional.zero_state`, what the loop creates) and
     installed at the commit, so a refused or failed first step creates no state."""
 
-    def __init__(self, state) -> None:
+    def __init__(self, state, seen: dict | None = None) -> None:
         self.state = state
         self.installs: list[tuple[Tensor, str, Tensor]] = []
         self.made: dict[tuple[int, str], Tensor] = {}
+        # (id(p), key) -> (its state dict, the tensor, its checked local tensor) as read at an earlier
+        # step of the plan: the same dict holding the same tensor object needs no new check
+        self.seen = {} if seen is None else seen
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
             transposed: bool = False, device=None) -> Tensor:
@@ -56,6 +59,9 @@ class StepState:
         (default: the parameter's local shape; counters: one element) and to lie on `device`."""
         d = self.state.get(p)
         value = None if d is None else d.get(key)
+        hit = self.seen.get((id(p), key))
+        if hit is not None and hit[0] is d and hit[1] is value:
+            return hit[2]
         if value is None:
             made = self.made.get((id(p), key))
             if made is not None:
@@ -85,6 +91,7 @@ class StepState:
             self.made[id(p), key] = moved
             self.installs.append((p, key, moved))
             return moved
+        self.seen[id(p), key] = (d, value, t)
         return t
 
     def install(self) -> None:
@@ -175,7 +182,8 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
     M = torch.empty(shape, dtype=b.mdtype, device=device)
     chunk.to_stack(b.members[chunk.first : chunk.last], momenta[chunk.first : chunk.last], M)
     weight = F.masked(ok_mat, 1.0 - momentum, 0.0, M.dtype, device)
-    _, U = F.muon_momentum(M, G, weight, momentum, group["nesterov"])
+    _, U = F.muon_momentum(M, G, weight, momentum, group["nesterov"], scratch=True)
+    del M
     ok = None if ok_all is None else ok_all[chunk.flag_index]
     return MomentumPhase(chunk, U, ok, ok_mat)
 
@@ -426,7 +434,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
     """One step (module docstring). ok_all: the finite flags (agreed across ranks), None when all
     are known finite; ns_phase(plan, gplan, phases) -> per bucket its NS result (None: one process,
     chunk by chunk); atomic=False commits every bucket as soon as it is computed."""
-    st, ws = StepState(state), Workspace()
+    st, ws = StepState(state, plan.seen), Workspace()
     commits = []
     for gplan in plan.groups:
         group = param_groups[gplan.index]

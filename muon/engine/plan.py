@@ -334,6 +334,9 @@ class Plan:
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
     dist: object | None = None
+    # the state entries a step read and checked (`muon.engine.execute.StepState`): references to
+    # opt.state's own dicts and tensors, never copies, so `.data =` and `set_()` reach the step
+    seen: dict = field(default_factory=dict)
 
 
 class Planner:
