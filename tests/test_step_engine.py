@@ -186,9 +186,10 @@ def test_plan_is_built_once_and_rebuilt_when_the_parameter_set_changes():
     _set_grads(opt, 2, missing=(2,))
     opt.step()
     assert opt._plan is not plan
-    # opt.state is the only storage: a parameter's momentum is its own tensor, not a view of a stack
+    # the momentum of a bucket's parameters is packed: the state holds views of one stack (its only
+    # storage; tests/test_state.py holds that nothing else is kept)
     p = _params(opt)[0]
-    assert opt.state[p]["momentum_buffer"]._base is None
+    assert opt.state[p]["momentum_buffer"]._base is not None
 
 
 def test_state_dict_loads_into_torch_muon_and_back():

@@ -54,7 +54,7 @@ class StepState:
         self.seen = {} if seen is None else seen
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
-            transposed: bool = False, device=None) -> Tensor:
+            transposed: bool = False, device=None, create: bool = True) -> Tensor | None:
         """The local tensor of state[p][key] (created when missing), checked to have `shape`
         (default: the parameter's local shape; counters: one element) and to lie on `device`."""
         d = self.state.get(p)
@@ -67,6 +67,8 @@ class StepState:
             if made is not None:
                 return local(made)
             F.check_state(key, p, None, where)
+            if not create:
+                return None
             value = F.zero_state(key, p, flatten, transposed)
             self.made[id(p), key] = value
             self.installs.append((p, key, value))
@@ -172,18 +174,82 @@ def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tens
     return ok_mat
 
 
-def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor | None,
-                  momenta: list[Tensor]) -> MomentumPhase:
-    """The chunk's gradients and momentum stacked (temporaries) and the NS input U; writes no state."""
-    momentum, device = group["momentum"], b.device
+@dataclass
+class Packed:
+    """State entries of a chunk (or an AdamW run) held as rows of one stack: `opt.state` holds the
+    `views`, installed by the step that packed them; `ptrs` their data pointers then (None while
+    compiling), so `.data =` or `set_()` on one of them (same object, new storage) is seen."""
+
+    stack: Tensor
+    views: list[Tensor]
+    ptrs: list[int] | None = None
+
+    def holds(self, current: list) -> bool:
+        """Whether `current` (the state's tensors now) are still exactly these views, on their storage."""
+        if len(current) != len(self.views) or any(t is not v for t, v in zip(current, self.views)):
+            return False
+        if self.ptrs is None or torch.compiler.is_compiling():
+            return True
+        return all(t.data_ptr() == ptr for t, ptr in zip(current, self.ptrs))
+
+    def record(self) -> None:
+        self.ptrs = None if torch.compiler.is_compiling() else [v.data_ptr() for v in self.views]
+
+
+@dataclass
+class ChunkMomentum:
+    """Where a chunk's momentum lives this step: a packed stack (the state's own storage, `packed`
+    the new packing to install at the commit where it was repacked), or per-member tensors (`each`)
+    gathered into the scratch stack M."""
+
+    M: Tensor
+    scratch: bool
+    packed: Packed | None = None  # repacked this step: installed at the commit
+    each: list[Tensor] | None = None  # the members' own momentum tensors (not packed)
+
+
+def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState) -> ChunkMomentum:
+    """The chunk's momentum as a (B, s, l) stack. Where the state holds the views of a stack this
+    plan packed (and nothing replaced them or their storage), that stack itself, read in place; else
+    the state's values are copied into a new stack whose views the commit installs (repacked: the
+    first step, after a load, a clear or an assigned state tensor). Row blocks of split parameters
+    and DTensor shards keep their own tensors, gathered into a scratch stack every step."""
+    chunk = b.chunks[ci]
+    members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
-    G = torch.empty(shape, dtype=b.gdtype, device=device)
+    if b.sharded or any(run.mode == "each" for run in chunk.runs):
+        each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
+                for mb in members]  # fmt: skip
+        M = torch.empty(shape, dtype=b.mdtype, device=b.device)
+        chunk.to_stack(members, each, M)
+        return ChunkMomentum(M, True, each=each)
+    current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
+               for mb in members]  # fmt: skip
+    packed = plan.packed.get((id(b), ci))
+    if packed is not None and packed.holds(current):
+        return ChunkMomentum(packed.stack, False)
+    missing = any(t is None for t in current)
+    M = (torch.zeros if missing else torch.empty)(shape, dtype=b.mdtype, device=b.device)
+    views = chunk.from_stack(members, M)
+    pairs = [(v, t) for v, t in zip(views, current, strict=True) if t is not None]
+    if pairs:
+        torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+    for mb, v in zip(members, views, strict=True):
+        st.installs.append((mb.param, "momentum_buffer", v))
+    return ChunkMomentum(M, False, packed=Packed(M, views))
+
+
+def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor | None,
+                  cm: ChunkMomentum) -> MomentumPhase:
+    """The chunk's gradients stacked (a temporary) and the NS input U from the momentum stack;
+    writes no state (a packed stack is read, a scratch stack may be overwritten)."""
+    momentum, device = group["momentum"], b.device
+    G = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.gdtype, device=device)
     ok_mat = _stack_grads(b, chunk, ok_all, G)
-    M = torch.empty(shape, dtype=b.mdtype, device=device)
-    chunk.to_stack(b.members[chunk.first : chunk.last], momenta[chunk.first : chunk.last], M)
-    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, M.dtype, device)
-    _, U = F.muon_momentum(M, G, weight, momentum, group["nesterov"], scratch=True)
-    del M
+    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device)
+    _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
+    if cm.scratch:
+        cm.M = None  # the scratch stack is U's now (or freed)
     ok = None if ok_all is None else ok_all[chunk.flag_index]
     return MomentumPhase(chunk, U, ok, ok_mat)
 
@@ -238,11 +304,11 @@ def _neuron_shape(group: dict):
 
 def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, ok_all: Tensor | None,
                      st: StepState, ws: Workspace, results: list[Tensor] | None = None,
-                     phases: list[MomentumPhase] | None = None):
+                     phases: list[MomentumPhase] | None = None, cms: list[ChunkMomentum] | None = None):
     """One Muon bucket: momentum and NS chunk by chunk (or the given distributed `results` of its
     single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit."""
     flatten, transposed = group["flatten"], group.get("transposed", False)
-    momenta, skips, moments = _muon_state(gplan, b, group, st), [], ([] if b.normuon else None)
+    skips, moments = [], ([] if b.normuon else None)
     for mb in b.members:
         if mb.owner:
             skips.append(st.get(mb.param, "nonfinite_skips", _where(gplan, mb.index)))
@@ -250,17 +316,22 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             moments.append(st.get(mb.param, "normuon_v", _where(gplan, mb.index),
                                   F.neuron_shape(mb.param.shape, flatten, transposed), flatten, transposed))
     out = torch.empty(b.shape, dtype=b.opmath, device=b.device)
-    next_moments = []
+    next_moments, held, ok_mats = [], [], []
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
-        for chunk in b.chunks:
-            ph = muon_momentum(b, chunk, group, ok_all, momenta)
+        for ci, chunk in enumerate(b.chunks):
+            cm = chunk_momentum(plan, gplan, b, ci, st)
+            ph = muon_momentum(b, chunk, group, ok_all, cm)
             O = bucket_ns(b, ph.U)
             del ph.U
             next_moments.append(muon_scale(b, group, O, ph, out, moments))
             del O
+            held.append(cm)
+            ok_mats.append(ph.ok_mat)
     else:
-        for ph, O in zip(phases, results, strict=True):
+        for ph, O, cm in zip(phases, results, cms, strict=True):
             next_moments.append(muon_scale(b, group, O, ph, out, moments))
+            held.append(cm)
+            ok_mats.append(ph.ok_mat)
     for chunk in b.chunks:
         ws.need(b.gdtype, b.device, (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2])
     lr, wd = group["lr"], group["weight_decay"]
@@ -284,12 +355,19 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
 
     def commit() -> None:
-        for chunk in b.chunks:  # the momentum in place, from the sanitized gradients
+        for ci, (chunk, cm, ok_mat) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
+            # the momentum in place, from the sanitized gradients
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
             _stack_grads(b, chunk, ok_all, G)
+            if cm.each is None:  # a packed stack: one op (its views are the state, installed already)
+                cm.M.lerp_(G, F.masked(ok_mat, 1.0 - group["momentum"], 0.0, cm.M.dtype, b.device))
+                if cm.packed is not None:
+                    cm.packed.record()
+                    plan.packed[id(b), ci] = cm.packed
+                continue
             members = b.members[chunk.first : chunk.last]
-            torch._foreach_lerp_(chunk.targets(members, momenta[chunk.first : chunk.last]),
-                                 chunk.from_stack(members, G), weights[chunk.first : chunk.last])  # fmt: skip
+            torch._foreach_lerp_(chunk.targets(members, cm.each), chunk.from_stack(members, G),
+                                 weights[chunk.first : chunk.last])  # fmt: skip
         if skipped:  # (a bucket of split parameters' later blocks keeps no counters)
             torch._foreach_add_(skips, skipped)
         if moments is not None:
@@ -305,12 +383,6 @@ def _views(b: MuonBucket, stack: Tensor) -> list[Tensor]:
     if len(b.chunks) == 1:
         return b.chunks[0].from_stack(b.members, stack)
     return [v for c in b.chunks for v in c.from_stack(b.members[c.first : c.last], stack[c.lo : c.hi])]
-
-
-def _muon_state(gplan: GroupPlan, b: MuonBucket, group: dict, st: StepState) -> list[Tensor]:
-    """The members' momentum buffers (local, parameter-shaped; one per parameter across buckets)."""
-    return [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
-            for mb in b.members]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- AdamW
@@ -357,33 +429,31 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
         t = torch.stack(steps_all[c])
         t = (t + (1 if ok is None else ok)).to(dtype).clamp_min(1)
         bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = list((1 - beta2**t).sqrt().unbind())
+        bias_correction2_sqrt = (1 - beta2**t).sqrt()
         step_size = F.masked(ok, -lr / bias_correction1, 0.0, dtype, device)
         w1 = F.masked(ok, 1 - beta1, 0.0, ea_all[chunk.first].dtype, device)
         w2 = F.masked(ok, beta2, 1.0, eas_all[chunk.first].dtype, device)
-        n = chunk.last - chunk.first
-        w1 = list(w1.unbind()) if w1.ndim else [w1] * n
-        w2 = list(w2.unbind()) if w2.ndim else [w2] * n
         updates, work = [], None
         ws.need(b.gdtype, device, sum(grads[k].numel() for k in range(chunk.first, chunk.last)))
-        for first, last in chunk.runs:  # same-shape parameters: stacked to sanitize, then per parameter
+        for first, last in chunk.runs:  # same-shape parameters stacked (one copy each, no per-tensor op)
             G = torch.stack(grads[first:last])
+            k, r = slice(first - chunk.first, last - chunk.first), slice(first, last)
+
+            def rows(v: Tensor, G=G, k=k) -> Tensor:  # per-parameter values over the run's stack
+                return _rows(v[k], G.ndim - 1) if v.ndim else v
+
             if ok is not None:  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
-                G.masked_fill_(~_rows(ok[first - chunk.first : last - chunk.first], G.ndim - 1), 0)
-            g = list(G.unbind(0))
-            r, k = slice(first, last), slice(first - chunk.first, last - chunk.first)
-            # torch.optim.AdamW's update without writing state (`muon.functional.adamw_moments`, per parameter)
-            update = torch._foreach_lerp(ea_all[r], g, w1[k])  # the next exp_avg, then the update in its place
-            next_sq = torch._foreach_mul(eas_all[r], w2[k])
-            torch._foreach_addcmul_(next_sq, g, g, value=1 - beta2)
-            del G, g
+                G.masked_fill_(~rows(ok), 0)
+            # torch.optim.AdamW's update without writing state (`muon.functional.adamw_moments`, per row)
+            update = torch.lerp(torch.stack(ea_all[r]), G, rows(w1))  # the next exp_avg, then the update
+            next_sq = torch.mul(torch.stack(eas_all[r]), rows(w2))
+            next_sq = torch.addcmul(next_sq, G, G, value=1 - beta2)
+            del G
             # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
-            denom = torch._foreach_sqrt(next_sq)
-            del next_sq
-            torch._foreach_div_(denom, bias_correction2_sqrt[k])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_div_(update, denom)
-            del denom
+            denom = next_sq.sqrt_().div_(rows(bias_correction2_sqrt)).add_(eps)
+            update.div_(denom)
+            del denom, next_sq
+            update = list(update.unbind(0))
             updates.extend(update)
             if params[first].dtype not in (torch.float32, torch.float64):
                 # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
@@ -391,6 +461,9 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
         target = params[c] if work is None else work
         # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
         decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
+        n = chunk.last - chunk.first
+        w1 = list(w1.unbind()) if w1.ndim else [w1] * n
+        w2 = list(w2.unbind()) if w2.ndim else [w2] * n
         pending.append((chunk, c, ok, w1, w2, updates, step_size, work, decay))
 
     def commit() -> None:
@@ -450,11 +523,12 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
                 if not atomic:
                     _commit(st, ws, commits)
         elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
-            phases = [muon_momentum(b, b.chunks[0], group, ok_all, _muon_state(gplan, b, group, st))
-                      for b in gplan.buckets]  # fmt: skip
+            cms = [chunk_momentum(plan, gplan, b, 0, st) for b in gplan.buckets]
+            phases = [muon_momentum(b, b.chunks[0], group, ok_all, cm)
+                      for b, cm in zip(gplan.buckets, cms, strict=True)]  # fmt: skip
             results = ns_phase(plan, gplan, phases)
-            for b, ph, O in zip(gplan.buckets, phases, results, strict=True):
-                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, [O], [ph]))
+            for b, ph, O, cm in zip(gplan.buckets, phases, results, cms, strict=True):
+                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, [O], [ph], [cm]))
             del phases, results
             if not atomic:
                 _commit(st, ws, commits)

@@ -337,6 +337,9 @@ class Plan:
     # the state entries a step read and checked (`muon.engine.execute.StepState`): references to
     # opt.state's own dicts and tensors, never copies, so `.data =` and `set_()` reach the step
     seen: dict = field(default_factory=dict)
+    # (id(bucket), chunk) -> muon.engine.execute.Packed: the stacks whose views the state holds (the
+    # state's own storage: no second copy); a step checks they still are, else repacks
+    packed: dict = field(default_factory=dict)
 
 
 class Planner:
