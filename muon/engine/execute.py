@@ -66,7 +66,7 @@ class StepState:
             made = self.made.get((id(p), key))
             if made is not None:
                 return local(made)
-            F.check_state(key, p, None, where)
+            F.check_state(key, p, None, place(where))
             if not create:
                 return None
             value = F.zero_state(key, p, flatten, transposed)
@@ -74,7 +74,7 @@ class StepState:
             self.installs.append((p, key, value))
             return local(value)
         t = local(value)
-        F.check_state(key, p, t, where)  # a state the step would have to cast: refused, naming it
+        F.check_state(key, p, t, place(where))  # a state the step would have to cast: refused, naming it
         if key in COUNTERS:
             fits = t.numel() == 1
             expected = ()
@@ -83,7 +83,7 @@ class StepState:
             fits = tuple(t.shape) == expected
         if not fits:
             raise ValueError(
-                f"{where}: state[{key!r}] has shape {tuple(t.shape)}, but the parameter (shape {tuple(p.shape)}) "
+                f"{place(where)}: state[{key!r}] has shape {tuple(t.shape)}, but the parameter (shape {tuple(p.shape)}) "
                 f"needs {expected}; a parameter whose shape changed needs its state reset (del opt.state[p]) or a "
                 "state of the new shape"
             )
@@ -95,6 +95,11 @@ class StepState:
             return moved
         self.seen[id(p), key] = (d, value, t)
         return t
+
+    def peek(self, p: Tensor, key: str):
+        """state[p][key] as it is (no check, nothing created): to see whether a packing still holds."""
+        d = self.state.get(p)
+        return None if d is None else d.get(key)
 
     def install(self) -> None:
         for p, key, value in self.installs:
@@ -148,8 +153,13 @@ def first_nonfinite(plan: Plan, ok_all: Tensor) -> tuple[int, int] | None:
     return plan.where[int((~ok_all).nonzero()[0, 0])]
 
 
-def _where(gplan: GroupPlan, i: int) -> str:
-    return f"param_groups[{gplan.index}]['params'][{i}]"
+def _where(gplan: GroupPlan, i: int) -> tuple[int, int]:
+    """Where a parameter is, (group, position): `place` makes the text of an error only when one is raised."""
+    return (gplan.index, i)
+
+
+def place(where) -> str:
+    return where if isinstance(where, str) else f"param_groups[{where[0]}]['params'][{where[1]}]"
 
 
 # ---------------------------------------------------------------------------------------- Muon
@@ -223,11 +233,11 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         M = torch.empty(shape, dtype=b.mdtype, device=b.device)
         chunk.to_stack(members, each, M)
         return ChunkMomentum(M, True, each=each)
+    packed = plan.packed.get((id(b), ci))
+    if packed is not None and packed.holds([st.peek(mb.param, "momentum_buffer") for mb in members]):
+        return ChunkMomentum(packed.stack, False)  # checked when it was packed; the same tensors since
     current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
                for mb in members]  # fmt: skip
-    packed = plan.packed.get((id(b), ci))
-    if packed is not None and packed.holds(current):
-        return ChunkMomentum(packed.stack, False)
     missing = any(t is None for t in current)
     M = (torch.zeros if missing else torch.empty)(shape, dtype=b.mdtype, device=b.device)
     views = chunk.from_stack(members, M)
@@ -391,27 +401,58 @@ def _rows(flags: Tensor, ndim: int) -> Tensor:
     return flags.view(-1, *([1] * ndim))
 
 
-def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool, st: StepState,
-                 ws: Workspace):
-    """torch.optim.AdamW's update of one bucket: same-shape parameters stacked (runs of a chunk),
-    the update m̂ / (sqrt(v̂) + eps) held, the next moments only as temporaries; returns its commit,
-    which advances the moments in place with per-parameter multi-tensor ops."""
+ADAMW_KEYS = ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips")
+
+
+def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: int, key: str, st: StepState):
+    """State entry `key` of the AdamW run [first, last) as one (k, ...) stack: the packed stack the
+    state holds views of (read and written in place), else the state's values copied into a new stack
+    whose views the commit installs (repacked); DTensor shards are gathered into a scratch stack and
+    written back at the commit. Returns (stack, Packed to record or None, tensors to write back or None)."""
+    params = b.params[first:last]
+    device = b.device
+    if not b.sharded:
+        packed = plan.packed.get((id(b), first, key))
+        if packed is not None and packed.holds([st.peek(p, key) for p in params]):
+            return packed.stack, None, None  # checked when it was packed; the same tensors since
+    current = [st.get(p, key, _where(gplan, i), device=device if key == "step" else None, create=b.sharded)
+               for i, p in zip(b.indices[first:last], params, strict=True)]  # fmt: skip
+    if b.sharded:
+        return torch.stack([t.reshape(()) if key in COUNTERS else t for t in current]), None, current
+    like = params[0]
+    shape = (last - first, *(() if key in COUNTERS else local(like).shape))
+    missing = any(t is None for t in current)
+    S = (torch.zeros if missing else torch.empty)(shape, dtype=F.state_dtype(key, like), device=device)
+    views = list(S.unbind(0))
+    pairs = [(v, t.reshape(v.shape)) for v, t in zip(views, current, strict=True) if t is not None]
+    if pairs:
+        torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+    for p, v in zip(params, views, strict=True):
+        st.installs.append((p, key, v))
+    return S, Packed(S, views), None
+
+
+def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool,
+                 st: StepState, ws: Workspace):
+    """torch.optim.AdamW's update of one bucket, run by run of same-shape parameters whose state is
+    packed into (k, ...) stacks: the update m̂ / (sqrt(v̂) + eps) held, the next moments only as
+    temporaries; returns its commit, which advances the moments in place on the stacks."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
     device = b.device
     params = b.local_params()
     grads = [local(p.grad) for p in b.params]
-    state = {key: [] for key in ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips")}
-    for i, p in zip(b.indices, b.params, strict=True):
-        where = _where(gplan, i)
-        for key in state:
-            state[key].append(st.get(p, key, where, device=device if key == "step" else None))
-    ea_all, eas_all, steps_all, skips_all = (state[k] for k in ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips"))
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     if fused and ok_all is None and b.fusable and not cautious:
         # every gradient is known finite (nonfinite="raise" checked it): one fused kernel in place,
         # at the commit
+        state = {key: [] for key in ADAMW_KEYS}
+        for i, p in zip(b.indices, b.params, strict=True):
+            for key in state:
+                state[key].append(st.get(p, key, _where(gplan, i), device=device if key == "step" else None))
+        ea_all, eas_all, steps_all, _ = (state[k] for k in ADAMW_KEYS)
+
         def commit_fused() -> None:
             torch._foreach_add_(steps_all, 1)
             torch._fused_adamw_(
@@ -423,67 +464,62 @@ def adamw_update(gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor |
     dtype = b.opmath
     pending = []
     for chunk in b.chunks:
-        c = slice(chunk.first, chunk.last)
-        ok = None if ok_all is None else ok_all[chunk.flag_index]
-        # per parameter of the chunk (one op each for all of them): steps, bias corrections, weights
-        t = torch.stack(steps_all[c])
-        t = (t + (1 if ok is None else ok)).to(dtype).clamp_min(1)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        step_size = F.masked(ok, -lr / bias_correction1, 0.0, dtype, device)
-        w1 = F.masked(ok, 1 - beta1, 0.0, ea_all[chunk.first].dtype, device)
-        w2 = F.masked(ok, beta2, 1.0, eas_all[chunk.first].dtype, device)
-        updates, work = [], None
+        ok_chunk = None if ok_all is None else ok_all[chunk.flag_index]
         ws.need(b.gdtype, device, sum(grads[k].numel() for k in range(chunk.first, chunk.last)))
-        for first, last in chunk.runs:  # same-shape parameters stacked (one copy each, no per-tensor op)
-            G = torch.stack(grads[first:last])
-            k, r = slice(first - chunk.first, last - chunk.first), slice(first, last)
-
-            def rows(v: Tensor, G=G, k=k) -> Tensor:  # per-parameter values over the run's stack
-                return _rows(v[k], G.ndim - 1) if v.ndim else v
-
-            if ok is not None:  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
-                G.masked_fill_(~rows(ok), 0)
-            # torch.optim.AdamW's update without writing state (`muon.functional.adamw_moments`, per row)
-            update = torch.lerp(torch.stack(ea_all[r]), G, rows(w1))  # the next exp_avg, then the update
-            next_sq = torch.mul(torch.stack(eas_all[r]), rows(w2))
-            next_sq = torch.addcmul(next_sq, G, G, value=1 - beta2)
+        for first, last in chunk.runs:  # same-shape parameters: their state is (k, ...) stacks
+            r = slice(first, last)
+            ok = None if ok_chunk is None else ok_chunk[first - chunk.first : last - chunk.first]
+            EA, EAS, STEP, SKIP = stacks = [run_state(plan, gplan, b, first, last, key, st) for key in ADAMW_KEYS]
+            EA, EAS, STEP, SKIP = (x[0] for x in stacks)
+            G = torch.stack(grads[r])
+            ndim = G.ndim - 1
+            ok_rows = None if ok is None else _rows(ok, ndim)
+            if ok_rows is not None:
+                G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
+            w1 = F.masked(ok_rows, 1 - beta1, 0.0, EA.dtype, device)
+            w2 = F.masked(ok_rows, beta2, 1.0, EAS.dtype, device)
+            update = torch.empty(G.shape, dtype=EA.dtype, device=device)
+            _, _, _, step_size = F.adamw_moments(EA, EAS, G, STEP, ok, ok_rows, None, beta1, beta2, eps, lr, dtype,
+                                                 update)  # fmt: skip
             del G
-            # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
-            denom = next_sq.sqrt_().div_(rows(bias_correction2_sqrt)).add_(eps)
-            update.div_(denom)
-            del denom, next_sq
-            update = list(update.unbind(0))
-            updates.extend(update)
+            updates = list(update.unbind(0))
+            # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
+            work = None
             if params[first].dtype not in (torch.float32, torch.float64):
-                # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
-                work = (work or []) + list(torch.stack(params[r]).float().unbind(0))
-        target = params[c] if work is None else work
-        # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-        decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
-        n = chunk.last - chunk.first
-        w1 = list(w1.unbind()) if w1.ndim else [w1] * n
-        w2 = list(w2.unbind()) if w2.ndim else [w2] * n
-        pending.append((chunk, c, ok, w1, w2, updates, step_size, work, decay))
+                work = list(torch.stack(params[r]).float().unbind(0))
+            target = params[r] if work is None else work
+            # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
+            pending.append((r, ok, ok_rows, w1, w2, stacks, updates, step_size, work, decay))
 
     def commit() -> None:
-        for chunk, c, ok, w1, w2, updates, step_size, work, decay in pending:
-            g, offset = [], 0
-            for first, last in chunk.runs:
-                G = ws.take(b.gdtype, device, (last - first, *grads[first].shape), offset)
-                offset += G.numel()
-                rows = list(G.unbind(0))
-                torch._foreach_copy_(rows, grads[first:last])
-                if ok is not None:
-                    G.masked_fill_(~_rows(ok[first - chunk.first : last - chunk.first], G.ndim - 1), 0)
-                g.extend(rows)
-            torch._foreach_lerp_(ea_all[c], g, w1)
-            torch._foreach_mul_(eas_all[c], w2)
-            torch._foreach_addcmul_(eas_all[c], g, g, value=1 - beta2)
-            torch._foreach_add_(steps_all[c], 1 if ok is None else list(ok.unbind()))
+        offset = 0
+        for r, ok, ok_rows, w1, w2, stacks, updates, step_size, work, decay in pending:
+            (EA, *_), (EAS, *_), (STEP, *_), (SKIP, *_) = stacks
+            G = ws.take(b.gdtype, device, EA.shape, offset)
+            offset = 0 if r.stop in {c.last for c in b.chunks} else offset + G.numel()
+            torch._foreach_copy_(list(G.unbind(0)), grads[r])
+            if ok_rows is not None:
+                G.masked_fill_(~ok_rows, 0)
+            EA.lerp_(G, w1)
+            if torch.compiler.is_compiling():
+                # Inductor fuses an in-place mul_ and addcmul_ chain on a graph input with other
+                # rounding than eager; per-parameter multi-tensor ops keep the eager bits
+                rows, g = list(EAS.unbind(0)), list(G.unbind(0))
+                torch._foreach_mul_(rows, list(w2.view(-1).unbind()) if w2.ndim else w2)
+                torch._foreach_addcmul_(rows, g, g, value=1 - beta2)
+            else:
+                EAS.mul_(w2).addcmul_(G, G, value=1 - beta2)
+            STEP.add_(1 if ok is None else ok)
             if ok is not None:
-                torch._foreach_add_(skips_all[c], list((~ok).unbind()))
-            F.commit_update(params[c], work, decay, updates, step_size)
+                SKIP.add_(~ok)
+            for key, (S, packed, back) in zip(ADAMW_KEYS, stacks, strict=True):
+                if packed is not None:
+                    packed.record()
+                    plan.packed[id(b), r.start, key] = packed
+                if back is not None:
+                    torch._foreach_copy_(back, [v.view(t.shape) for v, t in zip(S.unbind(0), back, strict=True)])
+            F.commit_update(params[r], work, decay, updates, step_size)
 
     return commit
 
@@ -514,7 +550,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
         _empty_state(gplan, group, st)
         if not gplan.use_muon:
             for b in gplan.buckets:
-                commits.append(adamw_update(gplan, b, group, ok_all, fused_adamw, st, ws))
+                commits.append(adamw_update(plan, gplan, b, group, ok_all, fused_adamw, st, ws))
                 if not atomic:
                     _commit(st, ws, commits)
         elif ns_phase is None:
