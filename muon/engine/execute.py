@@ -418,7 +418,7 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     current = [st.get(p, key, _where(gplan, i), device=device if key == "step" else None, create=b.sharded)
                for i, p in zip(b.indices[first:last], params, strict=True)]  # fmt: skip
     if b.sharded:
-        return torch.stack([t.reshape(()) if key in COUNTERS else t for t in current]), None, current
+        return torch.stack([t.reshape(()) if key in COUNTERS and t.dim() else t for t in current]), None, current
     like = params[0]
     shape = (last - first, *(() if key in COUNTERS else local(like).shape))
     missing = any(t is None for t in current)
@@ -518,7 +518,9 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                     packed.record()
                     plan.packed[id(b), r.start, key] = packed
                 if back is not None:
-                    torch._foreach_copy_(back, [v.view(t.shape) for v, t in zip(S.unbind(0), back, strict=True)])
+                    rows = list(S.unbind(0))
+                    torch._foreach_copy_(back, [v if v.shape == t.shape else v.view(t.shape)
+                                                for v, t in zip(rows, back, strict=True)])  # fmt: skip
             F.commit_update(params[r], work, decay, updates, step_size)
 
     return commit
