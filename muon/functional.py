@@ -202,7 +202,7 @@ def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, ta
 # ------------------------------------------------------------------------------------- AdamW
 def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tensor, ok: Tensor | None,
                   ok_elem: Tensor | None, sizes: Tensor | None, beta1: float, beta2: float, eps: float, lr,
-                  dtype: torch.dtype, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  dtype: torch.dtype, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
     without writing state: (next exp_avg, next exp_avg_sq, next steps, step sizes); the update
     m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out`.
@@ -233,6 +233,8 @@ def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tens
     step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device)
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    if out is None:  # the caller keeps the update only: it takes the next exp_avg's place
+        return torch.div(exp_avg, denom, out=exp_avg), exp_avg_sq, steps, step_size
     torch.div(exp_avg, denom, out=out)
     return exp_avg, exp_avg_sq, steps, step_size
 

@@ -165,7 +165,7 @@ def _ops_per_step(layers: int, foreach: bool, **options) -> int:
 def test_host_cost_grows_with_buckets_not_parameters():
     """Dispatched aten ops per steady-state step (each is at least one launch on a GPU)."""
     counts = {layers: _ops_per_step(layers, foreach=True) for layers in (8, 12, 32)}
-    # 441 since the lean step (223 when the plan kept private stacks: the step now checks that the
+    # 438 since the lean step (223 when the plan kept private stacks: the step now checks that the
     # state still holds its packed stacks, stacks its own temporaries, and advances the momentum and
     # moments in place at the commit)
     assert counts[12] <= 450, counts
