@@ -51,9 +51,19 @@ def schedule_args(schedule: Schedule) -> tuple[list[float], float, float, str]:
     return coefficients, float(schedule.fro_scale), float(schedule.eps), schedule.precondition
 
 
+# the op's arguments -> Schedule (a handful of distinct schedules per process; bounded anyway)
+_SCHEDULES: dict = {}
+
+
 def _schedule(coefficients, fro_scale: float, eps: float, precondition: str) -> Schedule:
-    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
-    return Schedule(steps, fro_scale, eps, precondition)
+    key = (tuple(coefficients), fro_scale, eps, precondition)
+    schedule = _SCHEDULES.get(key)
+    if schedule is None:
+        if len(_SCHEDULES) > 256:
+            _SCHEDULES.clear()
+        steps = tuple(key[0][i : i + 3] for i in range(0, len(coefficients), 3))
+        schedule = _SCHEDULES[key] = Schedule(steps, fro_scale, eps, precondition)
+    return schedule
 
 
 def _check(G: Tensor, coefficients, dtype: torch.dtype, backend: str, algorithm: str) -> None:
@@ -93,8 +103,18 @@ def _apply(G: Tensor, coefficients, fro_scale, eps, precondition, dtype, restart
     return _unstack(Y, G, transposed)
 
 
+_FNS: dict = {}
+
+
 def _backend_fn(backend: str, algorithm: str):
     """fn(X, schedule, dtype, restarts) of a backend, its `run`/`run_gram` looked up at each call."""
+    fn = _FNS.get((backend, algorithm))
+    if fn is None:
+        fn = _FNS[(backend, algorithm)] = _make_backend_fn(backend, algorithm)
+    return fn
+
+
+def _make_backend_fn(backend: str, algorithm: str):
     from . import _module, run_auto
 
     if algorithm == "gram":
