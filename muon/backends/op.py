@@ -14,8 +14,8 @@ tall G's result is the transpose of a contiguous stack, as the kernels write it)
 
 Kernels:
 - default (every device, CompositeExplicitAutograd): the pure-torch backend (`torch_backend.run` /
-  `run_gram`), the oracle every other kernel is tested against. backend="auto" resolves to it off CUDA
-  (the dispatch table never picks a kernel on a CPU); backend="triton" on a CPU tensor runs the Triton
+  `run_gram`), the oracle every other kernel is tested against. backend="auto" asks the dispatch
+  table per call, which names torch off CUDA (never a kernel on a CPU); backend="triton" on a CPU tensor runs the Triton
   kernels in Triton's interpreter (TRITON_INTERPRET=1, how CI tests them) and "cuda" raises the
   backend's error (`BackendUnavailable`).
 - CUDA: the backend the argument names: the torch backend (cuBLAS), the Triton kernels
@@ -142,7 +142,7 @@ def _default_kernel(G, coefficients, fro_scale, eps, precondition, dtype, backen
             raise BackendUnavailable(reason)
         fn = _backend_fn(backend, algorithm)
     else:
-        fn = _torch_fn(algorithm)  # "auto" off CUDA: the dispatch table says torch
+        fn = _backend_fn(backend, algorithm)  # "auto": the dispatch table, which names torch off CUDA
     return _apply(G, coefficients, fro_scale, eps, precondition, dtype, restarts, fn)
 
 
