@@ -125,11 +125,8 @@ def orthogonalize(
     if G.numel() == 0:
         return torch.zeros(G.shape, dtype=out_dtype, device=G.device)
     X = G.reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
-        X = X.mT
-    # "auto" (backend and algorithm) is decided in one place, as for the optimizer's plan
-    X = runner.resolve(backend, algorithm, X, dtype, schedule.steps, restarts)(X, schedule, dtype)
-    if transposed:
-        X = X.mT
-    return X.reshape(G.shape).to(out_dtype)
+    # "auto" (backend and algorithm) is decided in one place, as for the optimizer's plan, on the
+    # stack as NS sees it (tall matrices on their small side); the op transposes them itself
+    probe = X.mT if m > n else X
+    run = runner.resolve(backend, algorithm, probe, dtype, schedule.steps, restarts)
+    return run(X, schedule, dtype).reshape(G.shape).to(out_dtype)

@@ -8,13 +8,11 @@ measured table). The optimizer's plan, its reference loop and `muon.newton_schul
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
 from ..coefficients import DEFAULT_RESTARTS, Schedule
-from . import _MODULES, BACKENDS, BackendUnavailable, has_gram, select, select_gram
+from . import BackendUnavailable, has_gram, op, select, select_gram
 from .dispatch import choose_algorithm
 
 
@@ -30,31 +28,25 @@ def resolve_algorithm(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.d
 
 
 class BackendRun:
-    """The backend `select` (or `select_gram` for Gram NS) chose, called through its module's `run`
-    (`run_gram`) attribute at each step, as the dispatcher does (instrumentation that replaces
-    `run`, e.g. bench profile, sees it)."""
+    """What the plan resolved for a stack: the backend name ("auto" decides per call from the measured
+    table), the algorithm ("standard" or "gram") and Gram NS's restarts; called, it runs the one op
+    `muon::newton_schulz` (muon.backends.op), whose kernel looks the backend's `run` (`run_gram`) up
+    on its module at each call (instrumentation that replaces `run`, e.g. bench profile, sees it)."""
 
-    def __init__(self, fn, algorithm: str = "standard", restarts=DEFAULT_RESTARTS) -> None:
-        self.fn, self.module, self.algorithm = fn, None, algorithm
-        self.attr = "run_gram" if algorithm == "gram" else "run"
-        self.extra = (tuple(restarts),) if algorithm == "gram" else ()
-        for name in BACKENDS:
-            module = sys.modules.get(_MODULES[name])
-            if module is not None and getattr(module, self.attr, None) is fn:
-                self.module = module
+    def __init__(self, backend: str, algorithm: str = "standard", restarts=DEFAULT_RESTARTS) -> None:
+        self.backend, self.algorithm = backend, algorithm
+        self.restarts = tuple(restarts) if algorithm == "gram" else ()
 
     def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
-        run = self.fn if self.module is None else getattr(self.module, self.attr)
-        return run(X, schedule, dtype, *self.extra)
+        return op.call(X, schedule, dtype, self.backend, self.algorithm, self.restarts)
 
 
 def resolve(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, steps: int,
             restarts=DEFAULT_RESTARTS) -> BackendRun:
     """The NS function of (backend, algorithm) for stack X; BackendUnavailable when it cannot run."""
     algorithm = resolve_algorithm(backend, algorithm, X, ns_dtype, steps, restarts)
-    if algorithm == "gram":
-        return BackendRun(select_gram(backend, X), algorithm, restarts)
-    return BackendRun(select(backend, X), algorithm)
+    (select_gram if algorithm == "gram" else select)(backend, X)  # BackendUnavailable when it cannot run
+    return BackendRun(backend, algorithm, restarts)
 
 
 __all__ = ["DEFAULT_RESTARTS", "BackendRun", "BackendUnavailable", "resolve", "resolve_algorithm"]
