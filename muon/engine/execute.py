@@ -83,9 +83,9 @@ class StepState:
             fits = tuple(t.shape) == expected
         if not fits:
             raise ValueError(
-                f"{place(where)}: state[{key!r}] has shape {tuple(t.shape)}, but the parameter (shape {tuple(p.shape)}) "
-                f"needs {expected}; a parameter whose shape changed needs its state reset (del opt.state[p]) or a "
-                "state of the new shape"
+                f"{place(where)}: state[{key!r}] has shape {tuple(t.shape)}, but the parameter (shape "
+                f"{tuple(p.shape)}) needs {expected}; a parameter whose shape changed needs its state reset "
+                "(del opt.state[p]) or a state of the new shape"
             )
         if key in COUNTERS and t.dim() != 0 or device is not None and t.device != device:
             # a torch.optim.AdamW state keeps `step` on the CPU; a loaded counter may be (1,)
