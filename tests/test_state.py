@@ -131,6 +131,23 @@ def test_the_state_holds_no_second_copy():
     assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in tensors)
 
 
+def test_clearing_the_state_frees_its_memory():
+    """The plan holds the packed stacks weakly: once opt.state lets go of them, they are freed (a
+    reset optimizer does not keep its old state alive), and the next step packs anew."""
+    import gc
+    import weakref
+
+    fast, _ = _twins()
+    tensors = [weakref.ref(v) for p in params_of(fast) for v in fast.state[p].values()]
+    bases = [weakref.ref(v._base) for p in params_of(fast) for v in fast.state[p].values() if v._base is not None]
+    assert bases, "the engine packs state into stacks"
+    fast.state.clear()
+    gc.collect()
+    assert all(ref() is None for ref in tensors + bases)
+    run_steps(fast, (4,))
+    assert len(fast.state) == len(params_of(fast))
+
+
 def test_a_state_tensor_of_the_wrong_shape_is_refused_naming_the_parameter():
     fast, _ = _twins()
     p = params_of(fast)[1]

@@ -31,6 +31,7 @@ loop (`muon.reference`), which calls the same functions on one parameter at a ti
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,8 @@ class StepState:
         self.state = state
         self.installs: list[tuple[Tensor, str, Tensor]] = []
         self.made: dict[tuple[int, str], Tensor] = {}
-        # (id(p), key) -> (its state dict, the tensor, its checked local tensor) as read at an earlier
-        # step of the plan: the same dict holding the same tensor object needs no new check
+        # (id(p), key) -> (id of its state dict, weak references to the tensor and its checked local
+        # tensor) as read at an earlier step of the plan: the same tensor object needs no new check
         self.seen = {} if seen is None else seen
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
@@ -60,8 +61,8 @@ class StepState:
         d = self.state.get(p)
         value = None if d is None else d.get(key)
         hit = self.seen.get((id(p), key))
-        if hit is not None and hit[0] is d and hit[1] is value:
-            return hit[2]
+        if hit is not None and value is not None and hit[0] == id(d) and hit[1]() is value:
+            return hit[2]()
         if value is None:
             made = self.made.get((id(p), key))
             if made is not None:
@@ -93,7 +94,8 @@ class StepState:
             self.made[id(p), key] = moved
             self.installs.append((p, key, moved))
             return moved
-        self.seen[id(p), key] = (d, value, t)
+        # weakly: the state is what keeps its tensors (opt.state.clear() frees them)
+        self.seen[id(p), key] = (id(d), weakref.ref(value), weakref.ref(t))
         return t
 
     def peek(self, p: Tensor, key: str):
@@ -188,22 +190,39 @@ def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tens
 class Packed:
     """State entries of a chunk (or an AdamW run) held as rows of one stack: `opt.state` holds the
     `views`, installed by the step that packed them; `ptrs` their data pointers then (None while
-    compiling), so `.data =` or `set_()` on one of them (same object, new storage) is seen."""
+    compiling), so `.data =` or `set_()` on one of them (same object, new storage) is seen. Once
+    recorded, the plan holds them weakly: the state is what keeps them, and `opt.state.clear()` frees
+    them."""
 
-    stack: Tensor
-    views: list[Tensor]
+    stack: Tensor | None
+    views: list[Tensor] | None
     ptrs: list[int] | None = None
+    refs: tuple | None = None  # (weakref to the stack, weakrefs to the views) once recorded
 
-    def holds(self, current: list) -> bool:
-        """Whether `current` (the state's tensors now) are still exactly these views, on their storage."""
-        if len(current) != len(self.views) or any(t is not v for t, v in zip(current, self.views)):
-            return False
-        if self.ptrs is None or torch.compiler.is_compiling():
-            return True
-        return all(t.data_ptr() == ptr for t, ptr in zip(current, self.ptrs))
+    def tensors(self) -> tuple[Tensor | None, list | None]:
+        if self.refs is None:
+            return self.stack, self.views
+        return self.refs[0](), [ref() for ref in self.refs[1]]
+
+    def holds(self, current: list) -> Tensor | None:
+        """The stack, where `current` (the state's tensors now) are still exactly its views, on their
+        storage; else None."""
+        stack, views = self.tensors()
+        if stack is None or len(current) != len(views) or any(
+            t is None or t is not v for t, v in zip(current, views)
+        ):  # a view gone (a deleted entry) or replaced
+            return None
+        if self.ptrs is not None and not torch.compiler.is_compiling():
+            if any(t.data_ptr() != ptr for t, ptr in zip(current, self.ptrs)):
+                return None
+        return stack
 
     def record(self) -> None:
+        if self.refs is not None:  # recorded already (a commit that runs again)
+            return
         self.ptrs = None if torch.compiler.is_compiling() else [v.data_ptr() for v in self.views]
+        self.refs = (weakref.ref(self.stack), [weakref.ref(v) for v in self.views])
+        self.stack = self.views = None
 
 
 @dataclass
@@ -234,8 +253,9 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         chunk.to_stack(members, each, M)
         return ChunkMomentum(M, True, each=each)
     packed = plan.packed.get((id(b), ci))
-    if packed is not None and packed.holds([st.peek(mb.param, "momentum_buffer") for mb in members]):
-        return ChunkMomentum(packed.stack, False)  # checked when it was packed; the same tensors since
+    stack = None if packed is None else packed.holds([st.peek(mb.param, "momentum_buffer") for mb in members])
+    if stack is not None:
+        return ChunkMomentum(stack, False)  # checked when it was packed; the same tensors since
     current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
                for mb in members]  # fmt: skip
     missing = any(t is None for t in current)
@@ -413,8 +433,9 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     device = b.device
     if not b.sharded:
         packed = plan.packed.get((id(b), first, key))
-        if packed is not None and packed.holds([st.peek(p, key) for p in params]):
-            return packed.stack, None, None  # checked when it was packed; the same tensors since
+        stack = None if packed is None else packed.holds([st.peek(p, key) for p in params])
+        if stack is not None:
+            return stack, None, None  # checked when it was packed; the same tensors since
     current = [st.get(p, key, _where(gplan, i), device=device if key == "step" else None, create=b.sharded)
                for i, p in zip(b.indices[first:last], params, strict=True)]  # fmt: skip
     if b.sharded:
