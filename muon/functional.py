@@ -21,17 +21,25 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def masked(ok: Tensor | None, value, otherwise: float, dtype: torch.dtype, device) -> Tensor:
+def scalar(value: float, dtype: torch.dtype, device) -> Tensor:
+    """A 0-dim device tensor of a Python number, rounded once from double (as torch.full does)."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def masked(ok: Tensor | None, value, otherwise: float, dtype: torch.dtype, device, const=scalar) -> Tensor:
     """A device tensor: `value` where ok, else `otherwise` (ok None: every parameter is finite).
 
     ok is 0-dim or (P,) bool; value a Python number (rounded once from double, as a scalar argument
     is, through torch.full), a 0-dim tensor or a tensor broadcastable against ok. Never a host sync.
+    const(value, dtype, device): makes the 0-dim tensors of Python numbers (a step may reuse them).
     """
     if not isinstance(value, Tensor):
-        value = torch.full((), value, dtype=dtype, device=device)
+        value = const(value, dtype, device)
     else:
         value = value.to(device=device, dtype=dtype)
-    return value if ok is None else torch.where(ok, value, otherwise)
+    if ok is None:
+        return value
+    return torch.where(ok, value, otherwise if const is scalar else const(otherwise, dtype, device))
 
 
 def as_list(values: Tensor) -> list[Tensor] | Tensor:
@@ -190,19 +198,20 @@ def cautious_decay(target: list[Tensor], direction: list[Tensor], decay: Tensor,
 
 
 def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, target: list[Tensor],
-                  direction: list[Tensor], against: int, dtype: torch.dtype, device) -> list[Tensor] | Tensor | None:
+                  direction: list[Tensor], against: int, dtype: torch.dtype, device,
+                  const=scalar) -> list[Tensor] | Tensor | None:
     """W's multiplier: 1 - lr·wd per parameter (1 where skipped), per element when cautious; None
     without weight decay."""
     if weight_decay == 0:
         return None
-    decay = masked(ok, 1 - lr * weight_decay, 1.0, dtype, device)
+    decay = masked(ok, 1 - lr * weight_decay, 1.0, dtype, device, const)
     return cautious_decay(target, direction, decay, against) if cautious else as_list(decay)
 
 
 # ------------------------------------------------------------------------------------- AdamW
 def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tensor, ok: Tensor | None,
                   ok_elem: Tensor | None, sizes: Tensor | None, beta1: float, beta2: float, eps: float, lr,
-                  dtype: torch.dtype, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  dtype: torch.dtype, out: Tensor | None, const=scalar) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
     without writing state: (next exp_avg, next exp_avg_sq, next steps, step sizes); the update
     m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out`.
@@ -216,9 +225,9 @@ def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tens
     every step was skipped has t = 0 and must not divide 0 by 0.
     """
     device = exp_avg.device
-    exp_avg = torch.lerp(exp_avg, grad, masked(ok_elem, 1 - beta1, 0.0, exp_avg.dtype, device))
+    exp_avg = torch.lerp(exp_avg, grad, masked(ok_elem, 1 - beta1, 0.0, exp_avg.dtype, device, const))
     # out of place: torch.compile traces an in-place addcmul_ on an intermediate to other bits
-    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_elem, beta2, 1.0, exp_avg_sq.dtype, device))
+    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_elem, beta2, 1.0, exp_avg_sq.dtype, device, const))
     exp_avg_sq = torch.addcmul(exp_avg_sq, grad, grad, value=1 - beta2)
     steps = steps + (1 if ok is None else ok)
     t = steps.to(dtype).clamp_min(1)
@@ -230,7 +239,7 @@ def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tens
         bias_correction2_sqrt = bias_correction2_sqrt.view(())
     else:  # P same-shape parameters stacked: (P, *shape)
         bias_correction2_sqrt = bias_correction2_sqrt.view(-1, *([1] * (grad.ndim - 1)))
-    step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device)
+    step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device, const)
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
     if out is None:  # the caller keeps the update only: it takes the next exp_avg's place
@@ -270,5 +279,5 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 
 __all__ = [
     "adamw_moments", "as_list", "cautious_decay", "check_state", "commit_update", "decay_factors", "masked",
-    "muon_momentum", "neuron_shape", "normuon_update", "opmath", "state_dtype", "zero_state",
+    "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar", "state_dtype", "zero_state",
 ]  # fmt: skip

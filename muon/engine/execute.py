@@ -53,6 +53,7 @@ class StepState:
         # (id(p), key) -> (id of its state dict, weak references to the tensor and its checked local
         # tensor) as read at an earlier step of the plan: the same tensor object needs no new check
         self.seen = {} if seen is None else seen
+        self.scalars: dict[tuple, Tensor] = {}
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
             transposed: bool = False, device=None, create: bool = True) -> Tensor | None:
@@ -96,6 +97,14 @@ class StepState:
             return moved
         # weakly: the state is what keeps its tensors (opt.state.clear() frees them)
         self.seen[id(p), key] = (id(d), weakref.ref(value), weakref.ref(t))
+        return t
+
+    def const(self, value: float, dtype: torch.dtype, device) -> Tensor:
+        """A 0-dim tensor of a Python number (`muon.functional.scalar`), made once per step."""
+        key = (value, dtype, device)
+        t = self.scalars.get(key)
+        if t is None:
+            t = self.scalars[key] = F.scalar(value, dtype, device)
         return t
 
     def peek(self, p: Tensor, key: str):
@@ -173,6 +182,7 @@ class MomentumPhase:
     U: Tensor  # (B, s, l) NS input
     ok: Tensor | None  # (P,) finite flags of the members (None: all finite)
     ok_mat: Tensor | None  # (B, 1, 1) the same per matrix
+    weight: Tensor | None = None  # (B, 1, 1) or 0-dim: the momentum's lerp weight (0 where skipped)
 
 
 def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tensor) -> Tensor | None:
@@ -270,18 +280,18 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
 
 
 def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor | None,
-                  cm: ChunkMomentum) -> MomentumPhase:
+                  cm: ChunkMomentum, const=F.scalar) -> MomentumPhase:
     """The chunk's gradients stacked (a temporary) and the NS input U from the momentum stack;
     writes no state (a packed stack is read, a scratch stack may be overwritten)."""
     momentum, device = group["momentum"], b.device
     G = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.gdtype, device=device)
     ok_mat = _stack_grads(b, chunk, ok_all, G)
-    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device)
+    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
     _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
     if cm.scratch:
         cm.M = None  # the scratch stack is U's now (or freed)
     ok = None if ok_all is None else ok_all[chunk.flag_index]
-    return MomentumPhase(chunk, U, ok, ok_mat)
+    return MomentumPhase(chunk, U, ok, ok_mat, weight)
 
 
 def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
@@ -295,7 +305,7 @@ def local_ns(plan: Plan, gplan: GroupPlan, phases: list[MomentumPhase]) -> list[
 
 
 def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Tensor,
-               moments: list[Tensor] | None) -> list | None:
+               moments: list[Tensor] | None, const=F.scalar) -> list | None:
     """After NS: the scaled update -lr·s·O' of the chunk into its rows of `out` (O' = O, or NorMuon's
     normalized O); NorMuon returns the members' next moments (views of new stacks), else None.
 
@@ -309,7 +319,7 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
         neg_lr_scale = (-lr.to(device)) * chunk.scales.to(lr.dtype)
     else:
         neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
-    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device)
+    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
     X = out[chunk.lo : chunk.hi]
     if not b.normuon:
         torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
@@ -350,18 +360,18 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
         for ci, chunk in enumerate(b.chunks):
             cm = chunk_momentum(plan, gplan, b, ci, st)
-            ph = muon_momentum(b, chunk, group, ok_all, cm)
+            ph = muon_momentum(b, chunk, group, ok_all, cm, st.const)
             O = bucket_ns(b, ph.U)
             del ph.U
-            next_moments.append(muon_scale(b, group, O, ph, out, moments))
+            next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             del O
             held.append(cm)
-            ok_mats.append(ph.ok_mat)
+            ok_mats.append((ph.ok_mat, ph.weight))
     else:
         for ph, O, cm in zip(phases, results, cms, strict=True):
-            next_moments.append(muon_scale(b, group, O, ph, out, moments))
+            next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             held.append(cm)
-            ok_mats.append(ph.ok_mat)
+            ok_mats.append((ph.ok_mat, ph.weight))
     for chunk in b.chunks:
         ws.need(b.gdtype, b.device, (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2])
     lr, wd = group["lr"], group["weight_decay"]
@@ -375,8 +385,8 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     target = F.opmath_view(params, work)
     # W·decay only where the update u (W -= lr·s·u, so out = -lr·s·u) agrees in sign with W
     decay = F.decay_factors(ok, lr, wd, group.get("cautious_weight_decay", False), target, out_views, 1, b.opmath,
-                            b.device)  # fmt: skip
-    weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device)
+                            b.device, st.const)  # fmt: skip
+    weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device, st.const)
     weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
     skipped = None
     if ok is not None:
@@ -385,12 +395,12 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
 
     def commit() -> None:
-        for ci, (chunk, cm, ok_mat) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
-            # the momentum in place, from the sanitized gradients
+        for ci, (chunk, cm, (_, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
+            # the momentum in place, from the sanitized gradients (with phase one's lerp weight)
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
             _stack_grads(b, chunk, ok_all, G)
             if cm.each is None:  # a packed stack: one op (its views are the state, installed already)
-                cm.M.lerp_(G, F.masked(ok_mat, 1.0 - group["momentum"], 0.0, cm.M.dtype, b.device))
+                cm.M.lerp_(G, weight)
                 if cm.packed is not None:
                     cm.packed.record()
                     plan.packed[id(b), ci] = cm.packed
@@ -497,10 +507,10 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
             ok_rows = None if ok is None else _rows(ok, ndim)
             if ok_rows is not None:
                 G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
-            w1 = F.masked(ok_rows, 1 - beta1, 0.0, EA.dtype, device)
-            w2 = F.masked(ok_rows, beta2, 1.0, EAS.dtype, device)
+            w1 = F.masked(ok_rows, 1 - beta1, 0.0, EA.dtype, device, st.const)
+            w2 = F.masked(ok_rows, beta2, 1.0, EAS.dtype, device, st.const)
             update, _, _, step_size = F.adamw_moments(EA, EAS, G, STEP, ok, ok_rows, None, beta1, beta2, eps, lr,
-                                                      dtype, None)  # fmt: skip
+                                                      dtype, None, st.const)  # fmt: skip
             del G
             updates = list(update.unbind(0))
             # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
@@ -509,7 +519,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 work = list(torch.stack(params[r]).float().unbind(0))
             target = params[r] if work is None else work
             # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device)
+            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device, st.const)
             pending.append((r, ok, ok_rows, w1, w2, stacks, updates, step_size, work, decay))
 
     def commit() -> None:
@@ -582,7 +592,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
                     _commit(st, ws, commits)
         elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
             cms = [chunk_momentum(plan, gplan, b, 0, st) for b in gplan.buckets]
-            phases = [muon_momentum(b, b.chunks[0], group, ok_all, cm)
+            phases = [muon_momentum(b, b.chunks[0], group, ok_all, cm, st.const)
                       for b, cm in zip(gplan.buckets, cms, strict=True)]  # fmt: skip
             results = ns_phase(plan, gplan, phases)
             for b, ph, O, cm in zip(gplan.buckets, phases, results, cms, strict=True):
