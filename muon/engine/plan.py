@@ -570,7 +570,10 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
         shards = [local(p) for p in params]  # DTensors: the local shards
         element = torch.empty((), dtype=gdtype).element_size()
         chunks = []
-        for first, last in _chunk_bounds([q.numel() * element for q in shards], planner.chunk_bytes):
+        # a quarter of the Muon bound: a chunk's AdamW step holds about four stacks of it at once (the
+        # gradients, the next moments, the denominator), where a Muon chunk's NS holds its own workspace
+        limit = None if planner.chunk_bytes is None else max(1, planner.chunk_bytes // 4)
+        for first, last in _chunk_bounds([q.numel() * element for q in shards], limit):
             runs = []
             for k in range(first, last):
                 if runs and shards[k].shape == shards[runs[-1][0]].shape:
