@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .options import check_process_group
 from .param_groups import stores_transposed
 
 __all__ = ["QKClip", "qk_clip_"]
@@ -239,6 +240,7 @@ class QKClip:
         self.threshold = float(threshold)
         self.alpha = float(alpha)
         self.gqa = gqa
+        check_process_group(process_group)
         self.process_group = process_group
         self.sync = bool(sync)
         self._attn: dict[str, dict] = {}

@@ -21,6 +21,7 @@ from ._shapes import block_layout, matrix_shape, row_blocks, update_scale
 from .coefficients import Schedule, resolve_schedule
 from .engine.plan import local
 from .newton_schulz import orthogonalize, resolve_dtype
+from .options import check_not_inference
 
 
 def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -28,6 +29,8 @@ def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor
     for i, p in enumerate(group["params"]):
         if p.grad is None:
             continue
+        # a parameter whose data was replaced by an inference tensor after its group was added
+        check_not_inference(p, f"param_groups[{index}]['params'][{i}]")
         if p.grad.is_sparse:
             raise RuntimeError(
                 f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "

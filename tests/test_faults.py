@@ -578,3 +578,31 @@ def test_nonfinite_injection_at_random_steps(seed):
     assert opt.state[params[bad]]["nonfinite_skips"].item() == len(bad_steps)
     assert all(opt.state[p]["nonfinite_skips"].item() == 0 for i, p in enumerate(params) if i != bad)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_parameter_made_an_inference_tensor_after_construction_is_refused_at_the_step(foreach):
+    """`p.data = <inference tensor>` after the group was added: the next step refuses it, naming the
+    parameter, before anything is written (the step would fail half-way on the in-place update)."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(8, 12, generator=gen).requires_grad_(True) for _ in range(2)]
+    rest = [torch.randn(5, generator=gen).requires_grad_(True)]
+    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, foreach=foreach)
+    for p in mats + rest:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    with torch.inference_mode():
+        replaced = mats[1].detach() * 1.0
+    mats[1].data = replaced
+    before = [p.detach().clone() for p in mats + rest]
+    state = {k: v.clone() for p in mats + rest for k, v in opt.state[p].items()}
+    name = r"param_groups\[0\]\['params'\]\[1\] \(shape \(8, 12\)\) is an inference tensor"
+    with pytest.raises(ValueError, match=name):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(mats + rest, before, strict=True))
+    assert {k: v for p in mats + rest for k, v in opt.state[p].items()}.keys() == state.keys()
+
+
+def test_qk_clip_process_group_is_checked_at_construction():
+    with pytest.raises(ValueError, match="process_group"):
+        muon.QKClip(5.0, process_group="world")

@@ -357,7 +357,9 @@ def plan_key(param_groups: list[dict], version: int) -> tuple:
         key.append(tuple(_option_key(group[k]) for k in MUON_PLAN_KEYS) if group["use_muon"] else False)
         key.append(
             tuple(
-                (id(p), p.shape, p.dtype, p.device, g.dtype, g.device) if (g := p.grad) is not None else None
+                # is_inference: `p.data = <inference tensor>` rebuilds the plan, which refuses it
+                (id(p), p.shape, p.dtype, p.device, g.dtype, g.device, p.is_inference())
+                if (g := p.grad) is not None else None
                 for p in group["params"]
             )
         )
