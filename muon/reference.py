@@ -29,8 +29,10 @@ def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor
     for i, p in enumerate(group["params"]):
         if p.grad is None:
             continue
-        # a parameter whose data was replaced by an inference tensor after its group was added
-        check_not_inference(p, f"param_groups[{index}]['params'][{i}]")
+        # a parameter whose data was replaced by an inference tensor after its group was added (dynamo
+        # cannot trace is_inference: a compiled step's tensors are what it was traced with)
+        if not torch.compiler.is_compiling():
+            check_not_inference(p, f"param_groups[{index}]['params'][{i}]")
         if p.grad.is_sparse:
             raise RuntimeError(
                 f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "

@@ -353,12 +353,14 @@ class Planner:
 def plan_key(param_groups: list[dict], version: int) -> tuple:
     """Everything about the groups the plan depends on; cheap (no device work), computed every step."""
     key = [version]
+    # (dynamo cannot trace is_inference: a compiled step's tensors are what it was traced with)
+    compiling = torch.compiler.is_compiling()
     for group in param_groups:
         key.append(tuple(_option_key(group[k]) for k in MUON_PLAN_KEYS) if group["use_muon"] else False)
         key.append(
             tuple(
                 # is_inference: `p.data = <inference tensor>` rebuilds the plan, which refuses it
-                (id(p), p.shape, p.dtype, p.device, g.dtype, g.device, p.is_inference())
+                (id(p), p.shape, p.dtype, p.device, g.dtype, g.device, not compiling and p.is_inference())
                 if (g := p.grad) is not None else None
                 for p in group["params"]
             )
