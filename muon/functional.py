@@ -210,32 +210,31 @@ def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, ta
 
 # ------------------------------------------------------------------------------------- AdamW
 def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tensor, ok: Tensor | None,
-                  ok_elem: Tensor | None, sizes: Tensor | None, beta1: float, beta2: float, eps: float, lr,
-                  dtype: torch.dtype, out: Tensor | None, const=scalar) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  ok_rows: Tensor | None, beta1: float, beta2: float, eps: float, lr, dtype: torch.dtype,
+                  out: Tensor | None, const=scalar) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
     without writing state: (next exp_avg, next exp_avg_sq, next steps, step sizes); the update
-    m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out`.
+    m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out` (None: into the next exp_avg's place,
+    which is returned instead of it).
 
-    The moments and the gradient are the flat concatenation of P parameters (the step engine's
-    AdamW stacks; `sizes` (P,) their element counts) or one parameter (sizes None, P = 1); steps,
-    ok: (P,). ok None: every parameter is finite; else a skipped parameter keeps its moments and
-    step (lerp weight 0, multiplier 1, step size 0; ok_elem is ok per element) and its gradient
-    must already be sanitized (0 * NaN is NaN). The parameter then gets W·decay + step_size·update
+    The moments and the gradient are one parameter (steps and ok (1,)) or P same-shape parameters
+    stacked, (P, *shape) (the step engine's runs; steps, ok (P,)). ok None: every parameter is
+    finite; else a skipped parameter keeps its moments and step (lerp weight 0, multiplier 1, step
+    size 0; ok_rows is ok broadcastable against the moments) and its gradient must already be
+    sanitized (0 * NaN is NaN). The parameter then gets W·decay + step_size·update
     (`commit_update`). Bias corrections in fp64 for fp64 parameters; clamp: a parameter whose
     every step was skipped has t = 0 and must not divide 0 by 0.
     """
     device = exp_avg.device
-    exp_avg = torch.lerp(exp_avg, grad, masked(ok_elem, 1 - beta1, 0.0, exp_avg.dtype, device, const))
+    exp_avg = torch.lerp(exp_avg, grad, masked(ok_rows, 1 - beta1, 0.0, exp_avg.dtype, device, const))
     # out of place: torch.compile traces an in-place addcmul_ on an intermediate to other bits
-    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_elem, beta2, 1.0, exp_avg_sq.dtype, device, const))
+    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_rows, beta2, 1.0, exp_avg_sq.dtype, device, const))
     exp_avg_sq = torch.addcmul(exp_avg_sq, grad, grad, value=1 - beta2)
     steps = steps + (1 if ok is None else ok)
     t = steps.to(dtype).clamp_min(1)
     bias_correction1 = 1 - beta1**t
     bias_correction2_sqrt = (1 - beta2**t).sqrt()
-    if sizes is not None:  # per parameter -> per element
-        bias_correction2_sqrt = bias_correction2_sqrt.repeat_interleave(sizes, output_size=grad.numel())
-    elif steps.numel() == 1:  # one parameter, of any shape (0-dim too)
+    if steps.numel() == 1:  # one parameter, of any shape (0-dim too)
         bias_correction2_sqrt = bias_correction2_sqrt.view(())
     else:  # P same-shape parameters stacked: (P, *shape)
         bias_correction2_sqrt = bias_correction2_sqrt.view(-1, *([1] * (grad.ndim - 1)))

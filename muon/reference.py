@@ -301,7 +301,7 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
         g = torch.where(ok, g, 0)
         oks, update = ok.view(1), torch.empty_like(ea)
         new_ea, new_eas, new_steps, step_size = F.adamw_moments(
-            ea, eas, g, steps, oks, ok, None, beta1, beta2, eps, lr, dtype, update
+            ea, eas, g, steps, oks, ok, beta1, beta2, eps, lr, dtype, update
         )
         work = _work_copy(p)
         target = [p] if work is None else work

@@ -49,6 +49,7 @@ from .agreement import agree
 from .collectives import _all_to_all_async, all_gather_into, dist, is_dtensor
 from .exchange import Exchange, GroupExchange
 from .ownership import _chunk_rows, digest, ns_flops, plan_sharded, plan_signature, share_buckets
+from .sharded import as_dtensor
 
 
 # ------------------------------------------------------------------------ replicated, on the plan
@@ -203,14 +204,6 @@ def _sharded_step(updates, params, indices, out, ns, ns_dtype, steps, flatten) -
         out[i] = replicated.redistribute(mesh, U.placements)
 
 
-def _as_dtensor(local: Tensor, like) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
-
-
 def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatten) -> None:
     """Owner-based NS for Shard(0) DTensors of one 1-D mesh (see the module docstring)."""
     pg = updates[members[0]].device_mesh.get_group()
@@ -280,7 +273,7 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
             batch, m, n = matrix_shape(params[i].shape, flatten)
             local = U.to_local()
             result = ns(local.reshape(-1, m, n))
-            out[i] = _as_dtensor(result.reshape(local.shape), U)
+            out[i] = as_dtensor(result.reshape(local.shape), U)
 
     # 3. unpack the scattered rows into DTensors laid out like the parameters
     for work, back, back_splits, to, rows_me, n in scatters:
@@ -292,6 +285,6 @@ def _row_sharded_step(updates, params, members, out, ns, ns_dtype, steps, flatte
             for j, rows in zip(to[s], block.unbind(), strict=True):
                 i = positions[j]
                 U = updates[i]
-                out[i] = _as_dtensor(rows.view(U.to_local().shape), U)
+                out[i] = as_dtensor(rows.view(U.to_local().shape), U)
 
 

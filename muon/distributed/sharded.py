@@ -103,8 +103,8 @@ class _Orthogonalize:
 
 
 def as_dtensor(view: Tensor, like) -> Tensor:
-    """A DTensor laid out like `like` whose local tensor is `view` (state of a sharded parameter);
-    the view itself for a plain tensor."""
+    """A DTensor laid out like `like` whose local tensor is `view` (the loop's NS results of a
+    sharded parameter); the view itself for a plain tensor."""
     if not is_dtensor(like):
         return view
     from torch.distributed.tensor import DTensor

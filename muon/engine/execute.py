@@ -509,8 +509,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             w1 = F.masked(ok_rows, 1 - beta1, 0.0, EA.dtype, device, st.const)
             w2 = F.masked(ok_rows, beta2, 1.0, EAS.dtype, device, st.const)
-            update, _, _, step_size = F.adamw_moments(EA, EAS, G, STEP, ok, ok_rows, None, beta1, beta2, eps, lr,
-                                                      dtype, None, st.const)  # fmt: skip
+            update, _, _, step_size = F.adamw_moments(EA, EAS, G, STEP, ok, ok_rows, beta1, beta2, eps, lr, dtype,
+                                                      None, st.const)  # fmt: skip
             del G
             updates = list(update.unbind(0))
             # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits

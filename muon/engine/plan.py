@@ -329,8 +329,6 @@ class Plan:
     groups: list[GroupPlan]
     flag_params: list[Tensor]  # every non-empty parameter with a gradient, in flag order
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
-    # how a DTensor parameter's fresh state is held (a DTensor laid out like it); None: plain tensors
-    wrap: object | None = None
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
     dist: object | None = None
@@ -376,15 +374,15 @@ def _option_key(value):
     return id(value)  # callables, tensors: identity
 
 
-def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None, wrap=None,
+def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None,
                chunk_bytes: int | None = None, chunk_buckets: bool = False) -> Plan:
     """Buckets for every group (module docstring); reads no state, writes nothing.
 
     `resolve_run(index, group, X, ns_dtype, schedule)` returns (algorithm, the NS run function) of
     group `index` for stack X (a ValueError naming the group when it cannot run). plan_muon: the
     planner of Muon groups, `plan_muon_group`'s signature (FSDP2 DTensor parameters use
-    `muon.distributed.sharded.plan_muon_group`). wrap(local tensor, param): how fresh state of a
-    DTensor parameter is held in the state (a DTensor laid out like it); None: plain tensors.
+    `muon.distributed.sharded.plan_muon_group`; their fresh state is made as the loop makes it,
+    `muon.functional.zero_state`, a DTensor laid out like the parameter).
     chunk_bytes: the bound of a chunk (None: every bucket one chunk, as the distributed NS phases need);
     chunk_buckets: every chunk a bucket of its own (`Muon(atomic=False)`: committed chunk by chunk).
     """
@@ -405,7 +403,7 @@ def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None
             plan_muon(planner, gplan, group, with_grad, flag_pos)
         else:
             plan_adamw_group(planner, gplan, group, with_grad, flag_pos)
-    return Plan(key, groups, flag_params, where, wrap)
+    return Plan(key, groups, flag_params, where)
 
 
 def link_empty_muon(planner: Planner, gplan: GroupPlan, i: int, p: Tensor) -> None:
