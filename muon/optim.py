@@ -68,13 +68,14 @@ class Muon(Optimizer):
     handful of batched launches per bucket, AdamW through torch's multi-tensor/fused kernels, no
     host sync (with nonfinite="skip"); it can be captured by torch.compile or CUDA graphs. The plan
     never disagrees with ``opt.state``: clearing or replacing the state, assigning a state tensor or
-    loading a state dict takes effect at the next step as it does with foreach=False.
+    loading a state dict takes effect at the next step, as with torch.optim.
 
     A step is atomic: it computes everything first and writes parameters and state only after every
     NS, collective and check succeeded, so a step that raises (a backend error, an out-of-memory, a
     non-finite gradient with nonfinite="raise", a KeyboardInterrupt in the NS) leaves every
     parameter and state tensor bit-identical, and a refused first step creates no state.
-    ``foreach=False`` runs the per-parameter loop of `muon.reference`, the readable reference (same bits).
+    ``foreach=False`` runs the same plan in its smallest chunks (two matrices of a Muon bucket, one
+    AdamW parameter at a time): the same bits, the smallest workspace, more launches.
 
     Non-finite gradients (``nonfinite``): with "skip" (the default) a parameter whose gradient has a
     NaN or inf is left untouched that step, parameter and optimizer state alike, and
@@ -85,7 +86,8 @@ class Muon(Optimizer):
     Under torch.distributed the NS work is split across ranks (`muon.distributed`): replicated
     (DDP) parameters over ``process_group`` (default: the world once initialized) and DTensors
     (FSDP2, FSDP2 × TP, HSDP, uneven shards) over their mesh run on the plan; a layout the plan does
-    not take is an error naming the parameter (``foreach=False`` runs the per-parameter loop).
+    not take is an error naming the parameter (``foreach=False`` runs DTensors in the per-parameter
+    loop of `muon.reference`, which gathers every full matrix on every rank, any layout).
     Every multi-rank step agrees the plan and the finite flags first (one host sync), so a NaN on
     one rank skips the parameter everywhere and a gradient missing on one rank is a
     DistributedStepError on every rank.
@@ -126,7 +128,8 @@ class Muon(Optimizer):
         options.check_options(nonfinite, foreach, atomic, chunk_bytes)
         options.check_process_group(process_group)
         self.nonfinite = nonfinite
-        # None or True: the planned, batched step (muon.engine); False: the reference loop (muon.reference)
+        # None or True: the planned, batched step (muon.engine); False: the same in its smallest chunks
+        # (DTensors: the per-parameter loop of muon.reference, every layout gathered)
         self.foreach = foreach
         # True: a step that raises changes nothing (its updates are held until every bucket is computed);
         # False: each bucket is committed as soon as it is computed (the smallest footprint)
@@ -196,8 +199,9 @@ class Muon(Optimizer):
                 # a momentum-cycling scheduler's value is this AdamW group's beta1 (muon.options)
                 options.check_real(group, options.SCHEDULED_BETA1, index, 0.0, 1.0, open_high=True)
                 group["betas"] = (group[options.SCHEDULED_BETA1], group["betas"][1])
-        # chosen once per step, like torch.optim's foreach
-        if self.foreach is False or not self._planned_step():
+        # the per-parameter loop only where the plan does not take the layout (parameters on several
+        # devices; DTensors under foreach=False, gathered in full on every rank)
+        if not self._planned_step():
             reference_step(self.param_groups, self.state, self.nonfinite, self.process_group)
         return loss
 
@@ -207,7 +211,9 @@ class Muon(Optimizer):
         # the replicated process group is part of the key: a plan for one process is not a plan
         # for many (torch.distributed initialized after a first step, process_group reassigned)
         pg = distributed.replicated_group(self.process_group)
-        key = (engine.plan_key(self.param_groups, self._plan_version), pg)
+        # so are the options that shape it (foreach=False's chunks, atomic=False's buckets, chunk_bytes)
+        key = (engine.plan_key(self.param_groups, self._plan_version), pg, self.foreach is False,
+               getattr(self, "atomic", True), getattr(self, "chunk_bytes", None))
         plan = self._plan
         if plan is None or plan.key != key:
             self._plan = None  # a build that raises leaves no stale plan behind
@@ -236,6 +242,8 @@ class Muon(Optimizer):
             params, grads = params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
+        if sharded and self.foreach is False:  # every layout, each full matrix gathered on every rank
+            return None
         if sharded:  # DTensors (FSDP2, TP, HSDP): the plan over their local shards, or a clear error
             view = distributed.plan_mesh(self.param_groups)
             try:
@@ -248,9 +256,11 @@ class Muon(Optimizer):
         if len(devices) > 1:
             return None
         # a distributed NS phase takes whole buckets; one process stacks them chunk by chunk
+        # (foreach=False: the smallest chunks, two matrices of a Muon bucket or one AdamW parameter)
         chunk_bytes = None
         if pg is None and devices:
-            chunk_bytes = getattr(self, "chunk_bytes", None) or engine.default_chunk_bytes(next(iter(devices)))
+            chunk_bytes = 1 if self.foreach is False else \
+                getattr(self, "chunk_bytes", None) or engine.default_chunk_bytes(next(iter(devices)))
         plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes,
                                  chunk_buckets=not getattr(self, "atomic", True))
         if pg is not None:

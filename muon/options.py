@@ -44,8 +44,8 @@ def check_options(nonfinite, foreach, atomic=True, chunk_bytes=None) -> None:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(
-            f"foreach must be None (the planned step), True (the same) or False (the per-parameter reference "
-            f"loop), got {foreach!r}"
+            f"foreach must be None (the planned step), True (the same) or False (the planned step in its "
+            f"smallest chunks), got {foreach!r}"
         )
     if not isinstance(atomic, bool):
         raise ValueError(f"atomic must be True (a step that raises changes nothing) or False, got {atomic!r}")

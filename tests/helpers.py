@@ -1,13 +1,31 @@
 """Helpers the tests share: parameters of an optimizer, gradients, step runners, bit-equality of
 parameters and state, the float64 references of the NorMuon/Muon and AdamW updates, GPT-2-shaped
-parameter sets. Import as `from helpers import ...` (tests/ is on sys.path)."""
+parameter sets, the reference loop as an optimizer (`ReferenceMuon`). Import as
+`from helpers import ...` (tests/ is on sys.path)."""
 
 from __future__ import annotations
 
 import torch
 from nsref import ns_float64
 
+import muon
 from muon._shapes import update_scale
+
+
+class ReferenceMuon(muon.Muon):
+    """The per-parameter reference loop (`muon.reference`) as an optimizer: the oracle the step
+    engine is compared with, bit for bit (the library runs it only for layouts the plan does not
+    take: parameters on several devices, DTensors under foreach=False)."""
+
+    def _planned_step(self) -> bool:
+        return False
+
+
+def make_muon(params, foreach=None, **options) -> muon.Muon:
+    """muon.Muon(params, foreach=foreach, **options); foreach="reference": the reference loop."""
+    if foreach == "reference":
+        return ReferenceMuon(params, **options)
+    return muon.Muon(params, foreach=foreach, **options)
 
 
 def params_of(opt) -> list[torch.Tensor]:

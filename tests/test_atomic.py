@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, params_of, set_grads, snapshot
+from helpers import assert_same, assert_snapshot, make_muon, params_of, set_grads, snapshot
 
-import muon
 import muon.backends.torch_backend as torch_backend
 
 
@@ -18,7 +17,7 @@ def _make(foreach, **options):
     mats = [torch.randn(s, generator=gen).requires_grad_(True) for s in shapes]
     bf16 = [torch.randn(5, 7, generator=gen).to(torch.bfloat16).requires_grad_(True)]
     rest = [torch.randn(s, generator=gen).requires_grad_(True) for s in [(12,), (5, 3)]]
-    return muon.Muon([{"params": mats}, {"params": bf16, "variant": "normuon"},
+    return make_muon([{"params": mats}, {"params": bf16, "variant": "normuon"},
                       {"params": rest, "use_muon": False}],
                      lr=0.02, backend="torch", foreach=foreach, **options)  # fmt: skip
 
@@ -37,7 +36,7 @@ class _FailOnCall:
         return self.run(*args, **kwargs)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("CUDA out of memory (simulated)")],
                          ids=["interrupt", "oom"])
 @pytest.mark.parametrize("options", [{}, {"cautious_weight_decay": True, "nonfinite": "raise"}], ids=["plain", "raise"])
@@ -61,7 +60,7 @@ def test_an_exception_in_the_second_ns_call_changes_nothing(monkeypatch, foreach
     assert_same(opt, clean)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 def test_a_failing_first_step_creates_no_state(monkeypatch, foreach):
     opt = _make(foreach)
     set_grads(params_of(opt), 1)

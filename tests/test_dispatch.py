@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from helpers import make_muon
 
 from muon import backends
 from muon.backends import dispatch
@@ -232,7 +233,7 @@ def test_optimizer_and_newton_schulz_resolve_auto_from_the_table(monkeypatch):
     shapes = [(16, 32), (64, 64)]
     engine = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     loop = [p.detach().clone().requires_grad_() for p in engine]
-    opt, ref = muon.Muon(engine, lr=0.02), muon.Muon(loop, lr=0.02, foreach=False)
+    opt, ref = muon.Muon(engine, lr=0.02), make_muon(loop, lr=0.02, foreach="reference")
     for _ in range(2):
         for p, q in zip(engine, loop):
             p.grad = torch.randn(p.shape, generator=gen)

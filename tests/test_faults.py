@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from helpers import assert_state_dicts_equal, bit_equal, run_steps, set_grads
+from helpers import assert_state_dicts_equal, bit_equal, make_muon, run_steps, set_grads
 
 import muon
 
@@ -580,14 +580,14 @@ def test_nonfinite_injection_at_random_steps(seed):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 def test_a_parameter_made_an_inference_tensor_after_construction_is_refused_at_the_step(foreach):
     """`p.data = <inference tensor>` after the group was added: the next step refuses it, naming the
     parameter, before anything is written (the step would fail half-way on the in-place update)."""
     gen = torch.Generator().manual_seed(0)
     mats = [torch.randn(8, 12, generator=gen).requires_grad_(True) for _ in range(2)]
     rest = [torch.randn(5, generator=gen).requires_grad_(True)]
-    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, foreach=foreach)
+    opt = make_muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, foreach=foreach)
     for p in mats + rest:
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()

@@ -8,7 +8,7 @@ import io
 import docblocks
 import pytest
 import torch
-from helpers import adamw_reference, normuon_reference, run_history, run_steps
+from helpers import adamw_reference, make_muon, normuon_reference, run_history, run_steps
 from nsref import rel_err
 
 import muon
@@ -28,7 +28,7 @@ def _data(shapes, steps, seed=0):
 def run(params, grads_seq, dtype, **options):
     """muon.Muon on copies of params in dtype (NS in float64 for float64, else float32): see run_history."""
     ns_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return run_history(muon.Muon, params, grads_seq, dtype=dtype, ns_dtype=ns_dtype, **options)
+    return run_history(make_muon, params, grads_seq, dtype=dtype, ns_dtype=ns_dtype, **options)
 
 
 OPTIONS = [
@@ -44,7 +44,7 @@ def _ref_kwargs(o, normuon=True):
                 cautious=o.get("cautious_weight_decay", False), adjust_lr_fn=o.get("adjust_lr_fn"))
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 @pytest.mark.parametrize("options", OPTIONS, ids=["defaults", "no-nesterov,rms,beta2", "cautious,eps"])
 def test_normuon_matches_float64_reference_over_steps(options, foreach):
     """float64: the step equals the hand-written algorithm to rounding (1e-12 of the distance moved),
@@ -102,9 +102,9 @@ def test_flatten_conv_weights_keep_one_moment_per_output_channel():
 
 def test_skipped_step_leaves_second_moments_and_parameters_alone():
     params, grads = _data([(8, 12), (12, 8)], 3)
-    for foreach in (True, False):
+    for foreach in (True, False, "reference"):
         ps = [p.float().requires_grad_(True) for p in params]
-        opt = muon.Muon(ps, variant="normuon", cautious_weight_decay=True, lr=0.02, foreach=foreach)
+        opt = make_muon(ps, variant="normuon", cautious_weight_decay=True, lr=0.02, foreach=foreach)
         for step, gs in enumerate(grads):
             before = [p.detach().clone() for p in ps]
             v_before = [opt.state[p]["normuon_v"].clone() for p in ps] if step else None
@@ -125,7 +125,7 @@ def test_cautious_muon_matches_float64_reference_and_spares_disagreeing_coordina
     params, grads = _data(SHAPES, 3, seed=5)
     options = {"lr": 0.05, "weight_decay": 0.5, "cautious_weight_decay": True}
     ref_hist, _ = normuon_reference(params, grads, **_ref_kwargs(options, normuon=False))
-    for foreach in (True, False):
+    for foreach in (True, False, "reference"):
         _, _, hist = run(params, grads, torch.float64, foreach=foreach, **options)
         for step, (mine, ref) in enumerate(zip(hist, ref_hist)):
             for p0, a, r in zip(params, mine, ref):
@@ -149,9 +149,9 @@ def test_cautious_adamw_matches_float64_reference(nonfinite):
     hyper = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": 0.5}
     ref = adamw_reference(params, grads, cautious=True, **hyper)
     plain = adamw_reference(params, grads, cautious=False, **hyper)
-    for foreach in (True, False):
+    for foreach in (True, False, "reference"):
         ps = [p.clone().requires_grad_(True) for p in params]
-        opt = muon.Muon([{"params": ps, "use_muon": False, "cautious_weight_decay": True, **hyper}],
+        opt = make_muon([{"params": ps, "use_muon": False, "cautious_weight_decay": True, **hyper}],
                         nonfinite=nonfinite, foreach=foreach)
         for gs in grads:
             for p, g in zip(ps, gs):
@@ -168,13 +168,13 @@ def _build(dtype, foreach):
     gen = torch.Generator().manual_seed(11)
     mats = [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in [(8, 12), (12, 8), (2, 4, 6)]]
     rest = [torch.randn(5, generator=gen).to(dtype).requires_grad_(True)]
-    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, weight_decay=0.1,
+    opt = make_muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, weight_decay=0.1,
                     variant="normuon", normuon_beta2=0.9, cautious_weight_decay=True, foreach=foreach)
     return opt, mats + rest
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_state_dict_round_trip_is_bit_exact(dtype, foreach):
     """Save at step 3 (through torch.save / torch.load(weights_only=True)), load into a fresh optimizer,
     continue: bit-equal to the uninterrupted run. bf16 parameters keep fp32 second moments."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_muon
 from torch import nn
 
 import muon
@@ -424,7 +425,7 @@ def _keller_step(p, grad, buf, lr, wd, ns, beta=0.95):
 
 
 @pytest.mark.parametrize("shape", [(16, 3, 3, 3), (8, 4, 3, 3), (16, 3, 7, 7)])
-@pytest.mark.parametrize("foreach", [None, False], ids=["planned", "loop"])
+@pytest.mark.parametrize("foreach", [None, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
 def test_flatten_is_kellers_conv_update_bit_for_bit(shape, foreach):
     """muon.Muon(flatten=True) on a conv weight is Keller's update, bit for bit, with the same NS (fp32)."""
     gen = torch.Generator().manual_seed(0)
@@ -438,7 +439,7 @@ def test_flatten_is_kellers_conv_update_bit_for_bit(shape, foreach):
     for g in grads:
         _keller_step(ref, g.clone(), buf, 0.02, 0.1, ns)
     q = w.clone().requires_grad_(True)
-    opt = muon.Muon([q], lr=0.02, weight_decay=0.1, flatten=True, ns_dtype=torch.float32, backend="torch",
+    opt = make_muon([q], lr=0.02, weight_decay=0.1, flatten=True, ns_dtype=torch.float32, backend="torch",
                     foreach=foreach)
     for g in grads:
         q.grad = g.clone()

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import set_grads
+from helpers import make_muon, set_grads
 from torch import nn
 
 import muon
@@ -31,8 +31,8 @@ def _pair(blocks_of, shapes, options, block_options=None, seed=0, dtype=torch.fl
     gen = torch.Generator().manual_seed(seed)
     whole = [_randn(gen, *s, dtype=dtype).requires_grad_(True) for s in shapes]
     parts = [[b.clone().requires_grad_(True) for b in blocks_of(p.detach())] for p in whole]
-    opt = muon.Muon([{"params": whole, **options}], **hyper)
-    ref = muon.Muon([{"params": [b for bs in parts for b in bs], **(block_options or {})}], **hyper)
+    opt = make_muon([{"params": whole, **options}], **hyper)
+    ref = make_muon([{"params": [b for bs in parts for b in bs], **(block_options or {})}], **hyper)
     return opt, whole, ref, parts
 
 
@@ -62,7 +62,7 @@ def _rows(sizes, dim=0):
     return lambda t: list(t.split(list(sizes), dim=dim))
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_fused_qkv_split_is_three_separate_matrices(foreach):
     """Fused QKV (3d×d) split [d, d, d] over two layers: one batched bucket of 6 d×d matrices; the
     default update scale is s(d, d) = 1 per block, not sqrt(3) of the whole 3d×d matrix."""
@@ -72,7 +72,7 @@ def test_fused_qkv_split_is_three_separate_matrices(foreach):
                                    ns_dtype=torch.float32)  # fmt: skip
     _step_both(opt, whole, ref, parts, cut)
     _assert_bit_equal(opt, whole, ref, parts, cut)
-    if foreach:
+    if foreach is True:
         (bucket,) = opt._plan.groups[0].buckets
         # equal blocks: each parameter is one whole member of 3 matrices, stacked as itself
         assert bucket.shape == (6, D, D) and not bucket.split
@@ -88,7 +88,7 @@ def test_split_differs_from_the_whole_matrix():
     assert not torch.equal(cut(whole[0].detach())[0], parts[0][0].detach())
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_gqa_split_with_unequal_blocks(foreach):
     """Unequal blocks (q d×d, k and v d/4×d) land in two buckets; the momentum buffer is then the
     parameter's own tensor, kept in step with the stacks."""
@@ -98,12 +98,12 @@ def test_gqa_split_with_unequal_blocks(foreach):
                                    foreach=foreach, ns_dtype=torch.float32)  # fmt: skip
     _step_both(opt, whole, ref, parts, cut)
     _assert_bit_equal(opt, whole, ref, parts, cut)
-    if foreach:
+    if foreach is True:
         shapes = sorted(tuple(b.shape) for b in opt._plan.groups[0].buckets)
         assert shapes == [(3, D, D), (6, D // 4, D)]
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_tall_blocks_take_their_own_update_scale(foreach):
     """Tall blocks (24×8, orthogonalized transposed) with match_rms_adamw: 0.2·sqrt(24) per block."""
     sizes = [24, 24]
@@ -114,7 +114,7 @@ def test_tall_blocks_take_their_own_update_scale(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_per_head_split_of_an_expert_stack(foreach):
     """heads on a 3-D (E, m, n) stack cuts the rows of each expert's matrix: block j of expert e is
     the separate (m/h)×n matrix (e, j)."""
@@ -129,7 +129,7 @@ def test_per_head_split_of_an_expert_stack(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_flattened_conv_weight_splits_output_channels(foreach):
     """flatten=True: split applies after flattening, to the output channels of the (out, in·kh·kw) matrix."""
     sizes = [2, 6]
@@ -141,7 +141,7 @@ def test_flattened_conv_weight_splits_output_channels(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_bf16_parameters_with_split(foreach):
     sizes = [8, 4, 4]
     cut = _rows(sizes)
@@ -152,12 +152,12 @@ def test_bf16_parameters_with_split(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_a_nonfinite_block_skips_the_whole_parameter_once(foreach):
     """The skip unit is the parameter: a NaN in its k rows leaves every block (and the momentum)
     untouched, and nonfinite_skips counts the step once even when the blocks sit in two buckets."""
     W = torch.randn(24, 16, requires_grad=True)
-    opt = muon.Muon([{"params": [W], "split": [16, 4, 4]}], lr=0.02, foreach=foreach)
+    opt = make_muon([{"params": [W], "split": [16, 4, 4]}], lr=0.02, foreach=foreach)
     W.grad = torch.randn(24, 16)
     opt.step()
     before, buf = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
@@ -343,7 +343,7 @@ def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch):
     from muon import distributed
 
     W = torch.randn(24, 8, requires_grad=True)
-    opt = muon.Muon([W], split=[8, 8, 8], foreach=False)
+    opt = make_muon([W], split=[8, 8, 8], foreach="reference")
     W.grad = torch.randn(24, 8)
     opt.step()
     before, buf = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
@@ -359,7 +359,7 @@ def test_a_parameter_whose_blocks_cannot_be_viewed_is_refused():
         muon.Muon([conv], flatten=True, split=[2, 6])
     # equal wide blocks are stacked as the parameter: no view of it needed, and both paths agree
     twin = conv.detach().clone().requires_grad_(True)
-    opts = [muon.Muon([w], flatten=True, heads=2, foreach=f) for w, f in ((conv, True), (twin, False))]
+    opts = [make_muon([w], flatten=True, heads=2, foreach=f) for w, f in ((conv, True), (twin, "reference"))]
     for _ in range(2):
         g = torch.randn(8, 3, 2, 2)
         conv.grad, twin.grad = g.clone(), g.clone()

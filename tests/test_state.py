@@ -1,5 +1,5 @@
 """`opt.state` is the truth: whatever a user or framework does to the optimizer state takes effect at
-the next step exactly as it does on the per-parameter reference loop (foreach=False), or is refused
+the next step exactly as it does on the per-parameter reference loop (`helpers.ReferenceMuon`), or is refused
 with an error naming the parameter. The planned step keeps no state of its own (it reads `opt.state`
 every step); these tests change the state behind its back."""
 
@@ -11,23 +11,21 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, bit_equal, params_of, run_steps, set_grads, snapshot
-
-import muon
+from helpers import assert_same, assert_snapshot, bit_equal, make_muon, params_of, run_steps, set_grads, snapshot
 
 
 def _make(foreach, seed=0, **options):
     gen = torch.Generator().manual_seed(seed)
     mats = [torch.randn(s, generator=gen).requires_grad_(True) for s in [(8, 12), (12, 8), (8, 12), (2, 6, 4)]]
     rest = [torch.randn(s, generator=gen).requires_grad_(True) for s in [(12,), (5, 3)]]
-    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, backend="torch",
+    opt = make_muon([{"params": mats}, {"params": rest, "use_muon": False}], lr=0.02, backend="torch",
                     foreach=foreach, **options)  # fmt: skip
     return opt
 
 
 def _twins(**options):
     """The planned step and the reference loop on the same parameters, after three steps."""
-    fast, ref = _make(None, **options), _make(False, **options)
+    fast, ref = _make(None, **options), _make("reference", **options)
     run_steps(fast, (1, 2, 3))
     run_steps(ref, (1, 2, 3))
     assert_same(fast, ref)
@@ -52,7 +50,7 @@ def test_resetting_the_state_restarts_the_optimizer_on_the_plan_as_on_the_loop(r
     state = fast.state_dict()["state"]
     assert len(state) == len(params_of(fast)), "a checkpoint after the reset must hold the new state"
     # and the reset really restarted: a fresh optimizer from the same parameters steps the same
-    fresh = _make(False)
+    fresh = _make("reference")
     with torch.no_grad():
         for p, q in zip(params_of(fresh), params_of(fast), strict=True):
             p.copy_(q)
@@ -181,7 +179,7 @@ def test_a_parameter_reshaped_to_the_same_numel_is_refused_not_reinterpreted():
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 def test_a_refused_first_step_creates_no_state(foreach):
     """Defect G: nonfinite="raise" refusing the first step created zero state for every parameter."""
     opt = _make(foreach, nonfinite="raise")
@@ -191,7 +189,7 @@ def test_a_refused_first_step_creates_no_state(foreach):
     assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
     set_grads(params_of(opt), 2)
     opt.step()
-    ref = _make(False, nonfinite="raise")
+    ref = _make("reference", nonfinite="raise")
     set_grads(params_of(ref), 2)
     ref.step()
     assert_same(opt, ref)
@@ -235,7 +233,7 @@ def _assert_bits(opt, bits):
     assert now.keys() == state.keys() and all(bit_equal(now[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 @pytest.mark.parametrize("index, key", [(0, "momentum_buffer"), (4, "exp_avg")])  # a Muon matrix, an AdamW vector
 @pytest.mark.parametrize("old, new", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_a_parameter_whose_dtype_changed_is_refused_naming_it_on_every_path(foreach, index, key, old, new):
@@ -293,7 +291,7 @@ def test_muon_momentum_in_the_gradients_dtype_is_accepted_as_torch_optim_muon_do
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 @pytest.mark.parametrize("fresh", [True, False])
 def test_an_adamw_gradient_of_another_dtype_than_its_parameter_is_refused(foreach, fresh):
     """AdamW keeps its moments in the parameter's dtype and lerps the gradient in: a gradient of
@@ -313,7 +311,7 @@ def test_an_adamw_gradient_of_another_dtype_than_its_parameter_is_refused(foreac
     _assert_bits(opt, bits)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("foreach", [None, False, "reference"])
 def test_a_state_loaded_into_parameters_of_another_dtype_is_cast_and_steps(foreach):
     """torch's load_state_dict casts floating state to each parameter's dtype: a checkpoint of fp32
     parameters loads into bf16 ones and steps (NorMuon's moments stay in fp32, their opmath)."""

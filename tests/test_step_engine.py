@@ -1,4 +1,4 @@
-"""The planned, batched step (muon.engine) against the per-parameter reference loop (foreach=False)."""
+"""The planned, batched step (muon.engine) against the per-parameter reference loop (`helpers.ReferenceMuon`; foreach=False is the plan in its smallest chunks)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_same, gpt_like, set_grads
+from helpers import ReferenceMuon, assert_same, gpt_like, make_muon, set_grads
 from helpers import params_of as _params
 
 import muon
@@ -67,12 +67,15 @@ APPLY_IDS = ["muon", "normuon", "cautious", "normuon+cautious", "bf16-ns", "bf16
 @pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
 def test_planned_step_equals_reference_loop_bit_for_bit(options):
     fast = muon.Muon(_groups(), lr=0.02, foreach=True, **options)
-    loop = muon.Muon(_groups(), lr=0.02, foreach=False, **options)
+    small = muon.Muon(_groups(), lr=0.02, foreach=False, **options)  # the same plan in its smallest chunks
+    loop = ReferenceMuon(_groups(), lr=0.02, **options)
     for step, (bad, missing) in SCHEDULE.items():
-        for opt in (fast, loop):
+        for opt in (fast, small, loop):
             _set_grads(opt, step, bad, missing)
             opt.step()
         assert_same(fast, loop)
+        assert_same(small, loop)
+    assert small._plan is not None and any(len(b.chunks) > 1 for g in small._plan.groups for b in g.buckets)
     skips = [fast.state[p]["nonfinite_skips"].item() for p in _params(fast)]
     assert skips == [1 if j in (0, 1, 6, 8, 9, 12, 17, 21, 23) else 0 for j in range(len(skips))]
     algorithms = {g.index: sorted(b.algorithm for b in g.buckets) for g in fast._plan.groups if g.use_muon}
@@ -84,7 +87,7 @@ def test_planned_step_equals_reference_loop_bit_for_bit(options):
 @pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
 def test_switching_paths_and_resuming_keeps_the_same_bits(options):
     """State made by one path is picked up by the other (and adopted into a new plan's stacks)."""
-    ref = muon.Muon(_groups(), lr=0.02, foreach=False, **options)
+    ref = ReferenceMuon(_groups(), lr=0.02, **options)
     mixed = muon.Muon(_groups(), lr=0.02, **options)
     for step, (bad, missing) in SCHEDULE.items():
         mixed.foreach = step % 2 == 0
@@ -101,12 +104,12 @@ def test_switching_paths_and_resuming_keeps_the_same_bits(options):
     assert_same(ref, mixed)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_raise_in_a_later_group_changes_no_group(foreach):
     """nonfinite="raise": a NaN in group 1 raises before group 0 (or any state) changed; a retry with
     fixed gradients gives exactly the step of an optimizer that never saw the NaN."""
-    opt = muon.Muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
-    twin = muon.Muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
+    opt = make_muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
+    twin = make_muon(_groups(), lr=0.02, nonfinite="raise", foreach=foreach)
     for o in (opt, twin):
         _set_grads(o, 0)
         o.step()
@@ -149,10 +152,10 @@ def test_raise_mode_adamw_uses_fused_kernel_and_matches_torch():
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
-def _ops_per_step(layers: int, foreach: bool, **options) -> int:
+def _ops_per_step(layers: int, foreach, **options) -> int:
     torch.manual_seed(0)
     mats, rest = gpt_like(layers)
-    opt = muon.Muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch", foreach=foreach,
+    opt = make_muon([{"params": mats}, {"params": rest, "use_muon": False}], backend="torch", foreach=foreach,
                     **options)
     for p in mats + rest:
         p.grad = torch.randn_like(p)
@@ -170,7 +173,7 @@ def test_host_cost_grows_with_buckets_not_parameters():
     # moments in place at the commit)
     assert counts[12] <= 400, counts
     assert counts[32] < 1.15 * counts[8], counts
-    assert _ops_per_step(8, foreach=False) > 5 * counts[8]  # the per-parameter loop, for scale
+    assert _ops_per_step(8, foreach="reference") > 5 * counts[8]  # the per-parameter loop, for scale
     options = {"variant": "normuon", "cautious_weight_decay": True}
     extra = {layers: _ops_per_step(layers, foreach=True, **options) for layers in (8, 32)}
     assert extra[32] < 1.15 * extra[8], extra
@@ -297,12 +300,12 @@ def test_cuda_graph_captures_the_whole_step():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, "reference"])
 def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
     """A sparse gradient in group 1 is found before group 0 is touched (parameters and momentum)."""
     W = torch.randn(6, 8, requires_grad=True)
     emb = torch.nn.Embedding(10, 4, sparse=True)
-    opt = muon.Muon([{"params": [W]}, {"params": list(emb.parameters()), "use_muon": False}], foreach=foreach)
+    opt = make_muon([{"params": [W]}, {"params": list(emb.parameters()), "use_muon": False}], foreach=foreach)
     W.grad = torch.randn(6, 8)
     opt.step()
     before, momentum = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
@@ -337,11 +340,11 @@ def test_raise_policy_runs_the_same_adamw_kernel_on_both_paths():
         w = [torch.randn(8, 12, generator=gen).requires_grad_(True)]
         rest = [torch.randn(s, generator=gen).requires_grad_(True) for s in [(12,), (5, 3), (40, 8)]]
         half = [torch.randn(6, generator=gen).to(torch.bfloat16).requires_grad_(True)]
-        return muon.Muon([{"params": w}, {"params": rest, "use_muon": False},
+        return make_muon([{"params": w}, {"params": rest, "use_muon": False},
                           {"params": half, "use_muon": False, "cautious_weight_decay": True}],
                          lr=0.01, backend="torch", nonfinite="raise", foreach=foreach)  # fmt: skip
 
-    fast, ref = make(None), make(False)
+    fast, ref = make(None), make("reference")
     for step in range(50):
         for opt in (fast, ref):
             set_grads(_params(opt), 500 + step)

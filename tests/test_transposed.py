@@ -6,7 +6,7 @@ in the same layout: the updates are the transposes bit for bit, not within a tol
 
 The GPT-2 tests build the model from a small GPT2Config (no download) and the same network written
 with nn.Linear, copy the weights across (transposed), and step both on the same gradients (the
-Conv1D model's, transposed) for 10 steps on both paths (the planned step and foreach=False),
+Conv1D model's, transposed) for 10 steps on each path (the planned step, foreach=False and the reference loop),
 comparing every parameter after every step. They skip naming what to install when transformers is
 missing (fail in CI, tests/docblocks.py `require`).
 """
@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 from docblocks import one_thread, require  # noqa: F401 (one_thread: autouse)
+from helpers import make_muon
 from torch import nn
 
 import muon
@@ -137,8 +138,8 @@ def step_both(case: str, foreach: bool, steps: int = STEPS, hf_groups=None):
     options, routing = CASES[case]
     hf, lin = twin_models()
     groups = muon.param_groups(hf, **routing) if hf_groups is None else hf_groups(hf)
-    opts = [muon.Muon(groups, lr=0.02, foreach=foreach, backend="torch", **options),
-            muon.Muon(muon.param_groups(lin, **routing), lr=0.02, foreach=foreach, backend="torch", **options)]
+    opts = [make_muon(groups, lr=0.02, foreach=foreach, backend="torch", **options),
+            make_muon(muon.param_groups(lin, **routing), lr=0.02, foreach=foreach, backend="torch", **options)]
     if case == "qk_clip":
         for model, opt, transposed in ((hf, opts[0], True), (lin, opts[1], False)):
             clip = muon.QKClip(threshold=1.0)
@@ -170,7 +171,7 @@ def max_difference(hf, lin) -> float:
     return max((as_linear(n, p) - theirs[n]).abs().max().item() for n, p in hf.named_parameters())
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["planned", "loop"])
+@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv1d_gpt2_updates_are_the_transposed_linear_updates(case, foreach):
     """10 steps; every parameter compared after every step: equal bit for bit (the fp32 noise
@@ -312,7 +313,7 @@ MARKED_CASES = {
 }
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["planned", "loop"])
+@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
 @pytest.mark.parametrize("case", list(MARKED_CASES))
 def test_user_marked_parameters_update_as_their_transposes(case, foreach):
     options, routing = MARKED_CASES[case]
@@ -329,8 +330,8 @@ def test_user_marked_parameters_update_as_their_transposes(case, foreach):
                      for k, rules in routing.items()}
     groups = muon.param_groups(marked, transposed=["*.w"], muon=["*"], **routing)
     assert all(g["transposed"] for g in groups if g["use_muon"])
-    opts = [muon.Muon(groups, lr=0.05, foreach=foreach, backend="torch", **options),
-            muon.Muon(muon.param_groups(plain, muon=["*"], **plain_routing), lr=0.05, foreach=foreach,
+    opts = [make_muon(groups, lr=0.05, foreach=foreach, backend="torch", **options),
+            make_muon(muon.param_groups(plain, muon=["*"], **plain_routing), lr=0.05, foreach=foreach,
                       backend="torch", **options)]
     gen = torch.Generator().manual_seed(2)
     for step in range(5):
@@ -370,7 +371,7 @@ def test_hand_built_transposed_group_and_its_checks():
         muon.param_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), transposed=["1.weight"])
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["planned", "loop"])
+@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
 @pytest.mark.parametrize("options", [{}, {"variant": "normuon"}, {"cautious_weight_decay": True}],
                          ids=["muon", "normuon", "cautious"])
 def test_bf16_and_stacked_transposed_parameters(options, foreach):
@@ -381,8 +382,8 @@ def test_bf16_and_stacked_transposed_parameters(options, foreach):
     mine = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_(True) for s in shapes]
     theirs = [p.detach().mT.contiguous().requires_grad_(True) for p in mine]
     # flatten=False: the 4-D stack is a batch of matrices (a >= 4-D parameter must say so)
-    opts = [muon.Muon([{"params": mine, "transposed": True}], lr=0.05, foreach=foreach, flatten=False, **options),
-            muon.Muon(theirs, lr=0.05, foreach=foreach, flatten=False, **options)]
+    opts = [make_muon([{"params": mine, "transposed": True}], lr=0.05, foreach=foreach, flatten=False, **options),
+            make_muon(theirs, lr=0.05, foreach=foreach, flatten=False, **options)]
     for step in range(4):
         for p, q in zip(mine, theirs, strict=True):
             p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)

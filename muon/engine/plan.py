@@ -221,31 +221,34 @@ class MuonChunk:
     has_rows: bool = False
     has_cols: bool = False
 
+    def _part(self, run: Run, items: list) -> list:
+        """A run's part of per-member `items` of this chunk (items[0] is the chunk's first member)."""
+        return items[run.first - self.first : run.last - self.first]
+
     def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor) -> None:
-        """The chunk's members' parameter-shaped tensors into `out` (the chunk's (B, s, l) stack)."""
+        """The chunk's `members`' parameter-shaped tensors into `out` (the chunk's (B, s, l) stack)."""
         for run in self.runs:
-            run.to_stack(members[run.first : run.last], tensors[run.first - self.first : run.last - self.first],
-                         out, self.lo)  # fmt: skip
+            run.to_stack(self._part(run, members), self._part(run, tensors), out, self.lo)
 
     def from_stack(self, members: list[Member], stack: Tensor) -> list[Tensor]:
         """Per member of the chunk, its view of the chunk's rows of `stack` (the chunk's (B, s, l))."""
-        return [v for run in self.runs for v in run.from_stack(members[run.first : run.last], stack, self.lo)]
+        return [v for run in self.runs for v in run.from_stack(self._part(run, members), stack, self.lo)]
 
     def targets(self, members: list[Member], tensors: list[Tensor]) -> list[Tensor]:
         """The members' parts of parameter-shaped `tensors`, shaped as `from_stack` gives them (a row
         block's view for "each" runs: the tensors must be viewable)."""
         out = []
         for run in self.runs:
-            part = tensors[run.first - self.first : run.last - self.first]
+            part = self._part(run, tensors)
             if run.mode == "each":
-                part = [mb.source(t, write=True) for mb, t in zip(members[run.first : run.last], part, strict=True)]
+                part = [mb.source(t, write=True) for mb, t in zip(self._part(run, members), part, strict=True)]
             out.extend(part)
         return out
 
     def neurons(self, members: list[Member], rows: Tensor | None, cols: Tensor | None, shape_of) -> list[Tensor]:
         """Per member, its view of NorMuon's moment stacks of the chunk (rows, or cols for tall)."""
         return [v for run in self.runs
-                for v in run.neurons(members[run.first : run.last], cols if run.tall else rows, self.lo, shape_of)]
+                for v in run.neurons(self._part(run, members), cols if run.tall else rows, self.lo, shape_of)]
 
 
 @dataclass
