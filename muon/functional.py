@@ -209,42 +209,51 @@ def decay_factors(ok: Tensor | None, lr, weight_decay: float, cautious: bool, ta
 
 
 # ------------------------------------------------------------------------------------- AdamW
-def adamw_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, steps: Tensor, ok: Tensor | None,
-                  ok_rows: Tensor | None, beta1: float, beta2: float, eps: float, lr, dtype: torch.dtype,
-                  out: Tensor | None, const=scalar) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """torch.optim.AdamW's update (its capturable formulation: bias corrections on the device),
-    without writing state: (next exp_avg, next exp_avg_sq, next steps, step sizes); the update
-    m̂ / (sqrt(v̂) + eps), up to the step size, goes into `out` (None: into the next exp_avg's place,
-    which is returned instead of it).
+def adamw_scalars(steps: Tensor, ok: Tensor | None, beta1: float, beta2: float, lr, dtype: torch.dtype,
+                  const=scalar) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-parameter scalars of torch.optim.AdamW's step (its capturable formulation: bias
+    corrections on the device), without writing state: (next steps, step sizes, sqrt(bias_correction2)).
 
-    The moments and the gradient are one parameter (steps and ok (1,)) or P same-shape parameters
-    stacked, (P, *shape) (the step engine's runs; steps, ok (P,)). ok None: every parameter is
-    finite; else a skipped parameter keeps its moments and step (lerp weight 0, multiplier 1, step
-    size 0; ok_rows is ok broadcastable against the moments) and its gradient must already be
-    sanitized (0 * NaN is NaN). The parameter then gets W·decay + step_size·update
-    (`commit_update`). Bias corrections in fp64 for fp64 parameters; clamp: a parameter whose
-    every step was skipped has t = 0 and must not divide 0 by 0.
-    """
-    device = exp_avg.device
-    exp_avg = torch.lerp(exp_avg, grad, masked(ok_rows, 1 - beta1, 0.0, exp_avg.dtype, device, const))
-    # out of place: torch.compile traces an in-place addcmul_ on an intermediate to other bits
-    exp_avg_sq = torch.mul(exp_avg_sq, masked(ok_rows, beta2, 1.0, exp_avg_sq.dtype, device, const))
-    exp_avg_sq = torch.addcmul(exp_avg_sq, grad, grad, value=1 - beta2)
+    steps and ok are one parameter's (0-dim) or P parameters' ((P,)); ok None: every parameter is
+    finite, else a skipped parameter keeps its step and gets step size 0. Bias corrections in fp64
+    for fp64 parameters; clamp: a parameter whose every step was skipped has t = 0 and must not
+    divide 0 by 0."""
     steps = steps + (1 if ok is None else ok)
     t = steps.to(dtype).clamp_min(1)
     bias_correction1 = 1 - beta1**t
     bias_correction2_sqrt = (1 - beta2**t).sqrt()
-    if steps.numel() == 1:  # one parameter, of any shape (0-dim too)
-        bias_correction2_sqrt = bias_correction2_sqrt.view(())
-    else:  # P same-shape parameters stacked: (P, *shape)
-        bias_correction2_sqrt = bias_correction2_sqrt.view(-1, *([1] * (grad.ndim - 1)))
-    step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, device, const)
+    step_size = masked(ok, -lr / bias_correction1, 0.0, dtype, steps.device, const)
+    return steps, step_size, bias_correction2_sqrt
+
+
+def adamw_direction(exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grad: list[Tensor], w1, w2,
+                    bias_correction2_sqrt: list[Tensor], beta2: float, eps: float, out: list[Tensor]) -> None:
+    """torch.optim.AdamW's update up to the step size, m̂ / (sqrt(v̂) + eps), into `out`, without
+    writing state: the next moments are computed in out's place and one temporary.
+
+        m' = lerp(m, g, w1)      v' = v·w2 + (1 - beta2)·g²      out = m' / (sqrt(v') / sqrt(bc2) + eps)
+
+    Every argument is a list of same-shaped tensors, one per stack (the step engine: (k, numel) runs
+    of k same-shape parameters, with (k, 1) scalars) or per parameter (the reference loop: 0-dim
+    scalars). w1 is 1 - beta1 and w2 beta2, or 0 and 1 for a skipped parameter, whose gradient must
+    already be sanitized (0 * NaN is NaN). `adamw_advance` then writes the same m' and v' in place.
+    """
+    torch._foreach_copy_(out, exp_avg)
+    torch._foreach_lerp_(out, grad, w1)  # torch.lerp's bits
+    v = torch._foreach_mul(exp_avg_sq, w2)
+    torch._foreach_addcmul_(v, grad, grad, value=1 - beta2)
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
-    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    if out is None:  # the caller keeps the update only: it takes the next exp_avg's place
-        return torch.div(exp_avg, denom, out=exp_avg), exp_avg_sq, steps, step_size
-    torch.div(exp_avg, denom, out=out)
-    return exp_avg, exp_avg_sq, steps, step_size
+    torch._foreach_sqrt_(v)
+    torch._foreach_div_(v, bias_correction2_sqrt)
+    torch._foreach_add_(v, eps)
+    torch._foreach_div_(out, v)
+
+
+def adamw_advance(exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grad: list[Tensor], w1, w2, beta2: float) -> None:
+    """The moments of `adamw_direction` written in place (the commit): the same ops, the same bits."""
+    torch._foreach_lerp_(exp_avg, grad, w1)
+    torch._foreach_mul_(exp_avg_sq, w2)
+    torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
 
 
 # ------------------------------------------------------------------------------------ commit
@@ -262,7 +271,7 @@ def commit_update(params: list[Tensor], work: list[Tensor] | None, decay, update
     if step_size is None:
         torch._foreach_add_(target, updates)
     else:
-        torch._foreach_addcmul_(target, updates, as_list(step_size))
+        torch._foreach_addcmul_(target, updates, as_list(step_size) if step_size.ndim else [step_size] * len(target))
     if work is not None:
         torch._foreach_copy_(params, work)
 
@@ -277,6 +286,7 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 
 
 __all__ = [
-    "adamw_moments", "as_list", "cautious_decay", "check_state", "commit_update", "decay_factors", "masked",
-    "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar", "state_dtype", "zero_state",
+    "adamw_advance", "adamw_direction", "adamw_scalars", "as_list", "cautious_decay", "check_state", "commit_update",
+    "decay_factors", "masked", "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar", "state_dtype",
+    "zero_state",
 ]  # fmt: skip

@@ -299,19 +299,19 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
             continue
         dtype = F.opmath(p.dtype)
         g = torch.where(ok, g, 0)
-        oks, update = ok.view(1), torch.empty_like(ea)
-        new_ea, new_eas, new_steps, step_size = F.adamw_moments(
-            ea, eas, g, steps, oks, ok, beta1, beta2, eps, lr, dtype, update
-        )
+        new_steps, step_size, bc2_sqrt = F.adamw_scalars(steps.view(()), ok, beta1, beta2, lr, dtype)
+        w1 = F.masked(ok, 1 - beta1, 0.0, ea.dtype, p.device)
+        w2 = F.masked(ok, beta2, 1.0, eas.dtype, p.device)
+        update = torch.empty_like(ea)
+        F.adamw_direction([ea], [eas], [g], [w1], [w2], [bc2_sqrt], beta2, eps, [update])
         work = _work_copy(p)
         target = [p] if work is None else work
-        decay = F.decay_factors(oks, lr, wd, cautious, target, [update], -1, dtype, p.device)
+        decay = F.decay_factors(ok, lr, wd, cautious, target, [update], -1, dtype, p.device)
 
-        def commit(p=p, ea=ea, eas=eas, steps=steps, skips=skips, new=(new_ea, new_eas, new_steps), work=work,
+        def commit(p=p, ea=ea, eas=eas, g=g, w1=w1, w2=w2, steps=steps, skips=skips, new_steps=new_steps, work=work,
                    decay=decay, update=update, step_size=step_size, skipped=~ok) -> None:
-            ea.copy_(new[0])
-            eas.copy_(new[1])
-            steps.copy_(new[2])
+            F.adamw_advance([ea], [eas], [g], [w1], [w2], beta2)
+            steps.copy_(new_steps)
             skips.add_(skipped)
             F.commit_update([p], work, decay, [update], step_size)
 

@@ -35,12 +35,12 @@ CEILINGS = {
     "muon-loop": (4.3, 7.0),  # 4.0, 6.5
     "muon-normuon": (4.33, 7.0),  # 4.016 (the per-row second moment), 6.5
     "muon-bf16-params": (2.3, 9.0),  # 2.0, 8.5 (the update and the fp32 work copy of a bucket, 4 + 4)
-    # nonfinite="skip": 8.0, 4.75 — above the 4.5 target: the update (4) and one chunk's stacks (the
-    # gradients, the update and the next second moment of a run of same-shape parameters)
-    "muon-adamw": (8.3, 5.0),
+    # nonfinite="skip": 8.0, 4.5 — the update (4) and one chunk's gradients and next second moment
+    # (4.75 before the arithmetic ran in the update's place)
+    "muon-adamw": (8.3, 4.6),
     "muon-adamw-raise": (8.3, 0.3),  # nonfinite="raise": 8.0, 0.0 (torch's fused kernel in place)
-    "muon-adamw-loop": (8.3, 5.0),  # foreach=False: 8.0, 4.75 (the loop: 8.0, 13.0)
-    "muon-adamw-bf16-params": (4.3, 6.5),  # 4.0, 6.125
+    "muon-adamw-loop": (8.3, 4.6),  # foreach=False: 8.0, 4.5 (the loop: 8.0, 13.0)
+    "muon-adamw-bf16-params": (4.3, 6.5),  # 4.0, 6.25
     # atomic=False: every chunk committed as soon as it is computed; above the 2.0 target: one chunk's
     # gradient, momentum and Newton–Schulz stacks (a chunk holds at least two matrices)
     "muon-nonatomic": (4.3, 4.0),  # 4.0, 3.5

@@ -1,4 +1,5 @@
-"""The planned, batched step (muon.engine) against the per-parameter reference loop (`helpers.ReferenceMuon`; foreach=False is the plan in its smallest chunks)."""
+"""The planned, batched step (muon.engine) against the per-parameter reference loop
+(`helpers.ReferenceMuon`; foreach=False is the plan in its smallest chunks)."""
 
 from __future__ import annotations
 

@@ -426,21 +426,19 @@ def _views(b: MuonBucket, stack: Tensor) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------------- AdamW
-def _rows(flags: Tensor, ndim: int) -> Tensor:
-    """(k,) per-parameter values as (k, 1, ..., 1), to broadcast over a stack of k parameters."""
-    return flags.view(-1, *([1] * ndim))
-
-
 ADAMW_KEYS = ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips")
 
 
 def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: int, key: str, st: StepState):
-    """State entry `key` of the AdamW run [first, last) as one (k, ...) stack: the packed stack the
-    state holds views of (read and written in place), else the state's values copied into a new stack
-    whose views the commit installs (repacked); DTensor shards are gathered into a scratch stack and
-    written back at the commit. Returns (stack, Packed to record or None, tensors to write back or None)."""
+    """State entry `key` of the bucket's parameters [first, last) as one stack: (k, numel) for the
+    moments of a run of same-shape parameters, (k,) for the counters (the whole bucket). The packed
+    stack the state holds views of (read and written in place), else the state's values copied into
+    a new stack whose views the commit installs (repacked); DTensor shards are gathered into a scratch
+    stack and written back at the commit. Returns (stack, Packed to record or None, tensors to write
+    back or None)."""
     params = b.params[first:last]
     device = b.device
+    counter = key in COUNTERS
     if not b.sharded:
         packed = plan.packed.get((id(b), first, key))
         stack = None if packed is None else packed.holds([st.peek(p, key) for p in params])
@@ -448,13 +446,16 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
             return stack, None, None  # checked when it was packed; the same tensors since
     current = [st.get(p, key, _where(gplan, i), device=device if key == "step" else None, create=b.sharded)
                for i, p in zip(b.indices[first:last], params, strict=True)]  # fmt: skip
+    k = last - first
     if b.sharded:
-        return torch.stack([t.reshape(()) if key in COUNTERS and t.dim() else t for t in current]), None, current
-    like = params[0]
-    shape = (last - first, *(() if key in COUNTERS else local(like).shape))
+        S = torch.stack([t.reshape(()) if t.dim() else t for t in current]) if counter else \
+            torch.stack(current).view(k, -1)
+        return S, None, current
+    shape = tuple(local(params[0]).shape)
     missing = any(t is None for t in current)
-    S = (torch.zeros if missing else torch.empty)(shape, dtype=F.state_dtype(key, like), device=device)
-    views = list(S.unbind(0))
+    S = (torch.zeros if missing else torch.empty)((k,) if counter else (k, max(1, _numel(shape))),
+                                                  dtype=F.state_dtype(key, params[0]), device=device)
+    views = list((S if counter else S.view(k, *shape)).unbind(0))
     pairs = [(v, t.reshape(v.shape)) for v, t in zip(views, current, strict=True) if t is not None]
     if pairs:
         torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
@@ -463,11 +464,21 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     return S, Packed(S, views), None
 
 
+def _numel(shape: tuple) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
 def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_all: Tensor | None, fused: bool,
                  st: StepState, ws: Workspace):
-    """torch.optim.AdamW's update of one bucket, run by run of same-shape parameters whose state is
-    packed into (k, ...) stacks: the update m̂ / (sqrt(v̂) + eps) held, the next moments only as
-    temporaries; returns its commit, which advances the moments in place on the stacks."""
+    """torch.optim.AdamW's update of one bucket. Its counters are one (P,) stack per bucket, its
+    moments one (k, numel) stack per run of same-shape parameters (`run_state`); the per-parameter
+    scalars are computed once for the bucket, and the arithmetic runs chunk by chunk over every run
+    of the chunk at once (`muon.functional.adamw_direction`): the update m̂ / (sqrt(v̂) + eps) held,
+    the next moments only as the chunk's temporaries. Returns its commit, which advances the moments
+    in place on the stacks (`muon.functional.adamw_advance`)."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     wd, eps = group["weight_decay"], group["eps"]
@@ -492,68 +503,90 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
             )  # fmt: skip
 
         return commit_fused
-    dtype = b.opmath
-    pending = []
+    dtype, n = b.opmath, len(params)
+    runs = b.runs
+    sizes = [last - first for first, last in runs]
+    # the per-parameter scalars, once for the bucket: (P,) vectors, (P, 1) against the (k, numel) runs
+    counters = [run_state(plan, gplan, b, 0, n, key, st) for key in COUNTERS]
+    ok = None if ok_all is None else ok_all[b.flag_index]
+    steps, step_size, bc2_sqrt = F.adamw_scalars(counters[0][0], ok, beta1, beta2, lr, dtype, st.const)
+    rows = None if ok is None else ok.view(-1, 1)
+    mdtype = F.state_dtype("exp_avg", b.params[0])
+    w1 = _per_run(F.masked(rows, 1 - beta1, 0.0, mdtype, device, st.const), sizes)
+    w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
+    bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
+    bad = None if ok is None else list((~rows).split(sizes))
+    moments, updates, work = [], [], []
+    half = params[0].dtype not in (torch.float32, torch.float64)
+    r = 0
     for chunk in b.chunks:
-        ok_chunk = None if ok_all is None else ok_all[chunk.flag_index]
         ws.need(b.gdtype, device, sum(grads[k].numel() for k in range(chunk.first, chunk.last)))
-        for first, last in chunk.runs:  # same-shape parameters: their state is (k, ...) stacks
-            r = slice(first, last)
-            ok = None if ok_chunk is None else ok_chunk[first - chunk.first : last - chunk.first]
-            EA, EAS, STEP, SKIP = stacks = [run_state(plan, gplan, b, first, last, key, st) for key in ADAMW_KEYS]
-            EA, EAS, STEP, SKIP = (x[0] for x in stacks)
-            G = torch.stack(grads[r])
-            ndim = G.ndim - 1
-            ok_rows = None if ok is None else _rows(ok, ndim)
-            if ok_rows is not None:
-                G.masked_fill_(~ok_rows, 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
-            w1 = F.masked(ok_rows, 1 - beta1, 0.0, EA.dtype, device, st.const)
-            w2 = F.masked(ok_rows, beta2, 1.0, EAS.dtype, device, st.const)
-            update, _, _, step_size = F.adamw_moments(EA, EAS, G, STEP, ok, ok_rows, beta1, beta2, eps, lr, dtype,
-                                                      None, st.const)  # fmt: skip
-            del G
-            updates = list(update.unbind(0))
-            # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
-            work = None
-            if params[first].dtype not in (torch.float32, torch.float64):
-                work = list(torch.stack(params[r]).float().unbind(0))
-            target = params[r] if work is None else work
-            # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-            decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device, st.const)
-            pending.append((r, ok, ok_rows, w1, w2, stacks, updates, step_size, work, decay))
+        part = slice(r, r + len(chunk.runs))
+        G, M, out = [], [], []
+        for first, last in chunk.runs:  # same-shape parameters: their state is (k, numel) stacks
+            EA, EAS = (run_state(plan, gplan, b, first, last, key, st) for key in ("exp_avg", "exp_avg_sq"))
+            g = torch.stack(grads[first:last])
+            shape = g.shape
+            g = g.view(EA[0].shape)
+            if bad is not None:
+                g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
+            G.append(g)
+            M.append((EA, EAS))
+            out.append(torch.empty_like(EA[0]))
+            updates.extend(out[-1].view(shape).unbind(0))
+            if half:  # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
+                work.extend(torch.empty(shape, dtype=torch.float32, device=device).unbind(0))
+            r += 1
+        F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part], bc2_sqrt[part],
+                          beta2, eps, out)  # fmt: skip
+        del G
+        moments.extend(M)
+    work = work or None
+    target = F.opmath_view(params, work)
+    # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
+    decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device, st.const)
 
     def commit() -> None:
-        offset = 0
-        for r, ok, ok_rows, w1, w2, stacks, updates, step_size, work, decay in pending:
-            (EA, *_), (EAS, *_), (STEP, *_), (SKIP, *_) = stacks
-            G = ws.take(b.gdtype, device, EA.shape, offset)
-            offset = 0 if r.stop in {c.last for c in b.chunks} else offset + G.numel()
-            torch._foreach_copy_(list(G.unbind(0)), grads[r])
-            if ok_rows is not None:
-                G.masked_fill_(~ok_rows, 0)
-            EA.lerp_(G, w1)
-            if torch.compiler.is_compiling():
-                # Inductor fuses an in-place mul_ and addcmul_ chain on a graph input with other
-                # rounding than eager; per-parameter multi-tensor ops keep the eager bits
-                rows, g = list(EAS.unbind(0)), list(G.unbind(0))
-                torch._foreach_mul_(rows, list(w2.view(-1).unbind()) if w2.ndim else w2)
-                torch._foreach_addcmul_(rows, g, g, value=1 - beta2)
-            else:
-                EAS.mul_(w2).addcmul_(G, G, value=1 - beta2)
-            STEP.add_(1 if ok is None else ok)
-            if ok is not None:
-                SKIP.add_(~ok)
-            for key, (S, packed, back) in zip(ADAMW_KEYS, stacks, strict=True):
-                if packed is not None:
-                    packed.record()
-                    plan.packed[id(b), r.start, key] = packed
-                if back is not None:
-                    rows = list(S.unbind(0))
-                    torch._foreach_copy_(back, [v if v.shape == t.shape else v.view(t.shape)
-                                                for v, t in zip(rows, back, strict=True)])  # fmt: skip
-            F.commit_update(params[r], work, decay, updates, step_size)
+        r = 0
+        for chunk in b.chunks:
+            G, views, offset = [], [], 0
+            for first, last in chunk.runs:
+                EA = moments[r][0][0]
+                g = ws.take(b.gdtype, device, tuple(EA.shape), offset)
+                offset += g.numel()
+                views.extend(g.view(last - first, *grads[first].shape).unbind(0))
+                G.append(g)
+                r += 1
+            torch._foreach_copy_(views, grads[chunk.first : chunk.last])
+            part = slice(r - len(chunk.runs), r)
+            if bad is not None:
+                for g, flags in zip(G, bad[part], strict=True):
+                    g.masked_fill_(flags, 0)
+            F.adamw_advance([m[0][0] for m in moments[part]], [m[1][0] for m in moments[part]], G, w1[part],
+                            w2[part], beta2)  # fmt: skip
+        STEP, SKIP = counters[0][0], counters[1][0]
+        STEP.copy_(steps)
+        if ok is not None:
+            SKIP.add_(~ok)
+        stacks = [(0, key, c) for key, c in zip(COUNTERS, counters, strict=True)]
+        stacks += [(first, key, m) for (first, _), pair in zip(runs, moments, strict=True)
+                   for key, m in zip(("exp_avg", "exp_avg_sq"), pair, strict=True)]  # fmt: skip
+        for first, key, (S, packed, back) in stacks:
+            if packed is not None:
+                packed.record()
+                plan.packed[id(b), first, key] = packed
+            if back is not None:
+                rows = list(S.unbind(0))
+                torch._foreach_copy_(back, [v if v.shape == t.shape else v.view(t.shape)
+                                            for v, t in zip(rows, back, strict=True)])  # fmt: skip
+        F.commit_update(params, work, decay, updates, step_size)
 
     return commit
+
+
+def _per_run(values: Tensor, sizes: list[int]) -> list[Tensor]:
+    """(P, 1) per-parameter values as one (k, 1) tensor per run (a 0-dim value: the same for every run)."""
+    return list(values.split(sizes)) if values.ndim else [values] * len(sizes)
 
 
 # ---------------------------------------------------------------------------------------- step

@@ -291,13 +291,13 @@ class MuonBucket:
 @dataclass
 class AdamWChunk:
     """Parameters [first, last) of an AdamW bucket, in runs [first, last) of one (local) shape that a
-    step stacks with `torch.stack` and takes apart with `unbind` (dispatched ops grow with shapes,
-    not parameters)."""
+    step stacks as (k, numel) with `torch.stack` and takes apart with `unbind`; the arithmetic runs
+    over every run of a chunk at once (`torch._foreach_*`), so dispatched ops grow with shapes only
+    by the stacking."""
 
     first: int
     last: int
     runs: list[tuple[int, int]]
-    flag_index: Tensor  # (P,) positions of the parameters' gradients in the step's flag vector
 
 
 @dataclass
@@ -311,8 +311,14 @@ class AdamWBucket:
     gdtype: torch.dtype
     opmath: torch.dtype
     fusable: bool  # torch._fused_adamw_ applies (same parameter and gradient dtype, CPU or CUDA)
+    flag_index: Tensor  # (P,) positions of the parameters' gradients in the step's flag vector
     # DTensor (FSDP2) parameters: params holds the DTensors, the step uses their local shards
     sharded: bool = False
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """Every chunk's runs, in order: [first, last) of same-shape parameters."""
+        return [run for c in self.chunks for run in c.runs]
 
     def local_params(self) -> list[Tensor]:
         return [local(p) for p in self.params] if self.sharded else self.params
@@ -585,8 +591,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
                     runs[-1] = (runs[-1][0], k + 1)
                 else:
                     runs.append((k, k + 1))
-            chunks.append(AdamWChunk(first, last, runs,
-                                     torch.tensor([flag_pos[i] for i, _ in entries[first:last]], device=device)))
+            chunks.append(AdamWChunk(first, last, runs))
         bucket = AdamWBucket(
             params=params,
             indices=[i for i, _ in entries],
@@ -595,6 +600,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
             gdtype=gdtype,
             opmath=opmath(pdtype),
             fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
+            flag_index=torch.tensor([flag_pos[i] for i, _ in entries], device=device),
             sharded=shards[0] is not params[0],
         )
         if planner.chunk_buckets and len(chunks) > 1:  # every chunk a bucket of its own (atomic=False)
@@ -602,7 +608,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
                 part = slice(c.first, c.last)
                 runs = [(first - c.first, last - c.first) for first, last in c.runs]
                 gplan.buckets.append(dataclasses.replace(
-                    bucket, params=params[part], indices=bucket.indices[part],
+                    bucket, params=params[part], indices=bucket.indices[part], flag_index=bucket.flag_index[part],
                     chunks=[dataclasses.replace(c, first=0, last=c.last - c.first, runs=runs)]))  # fmt: skip
         else:
             gplan.buckets.append(bucket)
