@@ -176,24 +176,28 @@ def neuron_shape(shape: torch.Size, flatten: bool, transposed: bool = False) -> 
 
 
 # ------------------------------------------------------------------------------ weight decay
-def cautious_decay(target: list[Tensor], direction: list[Tensor], decay: Tensor, against: int) -> list[Tensor]:
+def cautious_decay(target: list[Tensor], direction: list[Tensor], decay: Tensor, against: int,
+                   stacked: bool = False) -> list[Tensor]:
     """Per-element decay factors of cautious weight decay (Chen et al. 2025, arXiv 2510.12402):
     `decay` where u·W >= 0, 1 where u·W < 0, u the update subtracted from W.
 
     `direction` is u times a positive (against=-1) or a negative (against=1) per-parameter factor,
     so the factor is 1 where sign(direction·W) == against. Computed as keep·(1 - decay) + decay with
     keep in {0, 1}: the multi-tensor form of where(agree, decay, 1), bit-identical to it for
-    decay in [0.5, 1] (1 - decay is then exact). decay: (P,) or 0-dim; 1 for skipped parameters.
+    decay in [0.5, 1] (1 - decay is then exact). decay: (P,) or 0-dim, one per tensor; stacked: one
+    tensor broadcastable against every tensor (the step engine's stacks: (B, 1, 1) per matrix); 1
+    for skipped parameters.
     """
+    per = (lambda x: [x] * len(target)) if stacked else as_list
     keep = torch._foreach_mul(direction, target)
     torch._foreach_sign_(keep)  # -1, 0, 1 (0 where u or W is 0: decay there, as u·W >= 0)
     if against == 1:
         torch._foreach_clamp_min_(keep, 0)  # 1 where u·W < 0
-        torch._foreach_mul_(keep, as_list(1 - decay))
+        torch._foreach_mul_(keep, per(1 - decay))
     else:
         torch._foreach_clamp_max_(keep, 0)  # -1 where u·W < 0
-        torch._foreach_mul_(keep, as_list(decay - 1))  # -(decay - 1) == 1 - decay, bit for bit
-    torch._foreach_add_(keep, as_list(decay))
+        torch._foreach_mul_(keep, per(decay - 1))  # -(decay - 1) == 1 - decay, bit for bit
+    torch._foreach_add_(keep, per(decay))
     return keep
 
 
@@ -276,6 +280,18 @@ def commit_update(params: list[Tensor], work: list[Tensor] | None, decay, update
         torch._foreach_copy_(params, work)
 
 
+def commit_stack(W: Tensor, decay: Tensor | None, update: Tensor, step_size: Tensor | None = None) -> None:
+    """`commit_update` on a stack of parameters (rows: parameters or matrices, in opmath; the step
+    engine writes them back): W = W·decay + step_size·update in place, with decay and step_size
+    broadcastable per row (or per element: cautious decay). The same ops per element, the same bits."""
+    if decay is not None:
+        W.mul_(decay)
+    if step_size is None:
+        W.add_(update)
+    else:
+        W.addcmul_(update, step_size)
+
+
 def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]:
     """The parameters as the update sees them before the commit: in opmath (work holds fp32
     copies of bf16/fp16 parameters, filled here)."""
@@ -286,7 +302,7 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 
 
 __all__ = [
-    "adamw_advance", "adamw_direction", "adamw_scalars", "as_list", "cautious_decay", "check_state", "commit_update",
-    "decay_factors", "masked", "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar", "state_dtype",
-    "zero_state",
+    "adamw_advance", "adamw_direction", "adamw_scalars", "as_list", "cautious_decay", "check_state", "commit_stack",
+    "commit_update", "decay_factors", "masked", "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar",
+    "state_dtype", "zero_state",
 ]  # fmt: skip

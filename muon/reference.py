@@ -298,6 +298,8 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
             pending.commits.append(commit_fused)
             continue
         dtype = F.opmath(p.dtype)
+        # elementwise: DTensors (FSDP2) step their local shards (the ranks agreed the flags)
+        p, g, ea, eas = local(p), local(g), local(ea), local(eas)
         g = torch.where(ok, g, 0)
         new_steps, step_size, bc2_sqrt = F.adamw_scalars(steps.view(()), ok, beta1, beta2, lr, dtype)
         w1 = F.masked(ok, 1 - beta1, 0.0, ea.dtype, p.device)

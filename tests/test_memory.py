@@ -40,10 +40,11 @@ CEILINGS = {
     "muon-adamw": (8.3, 4.6),
     "muon-adamw-raise": (8.3, 0.3),  # nonfinite="raise": 8.0, 0.0 (torch's fused kernel in place)
     "muon-adamw-loop": (8.3, 4.6),  # foreach=False: 8.0, 4.5 (the loop: 8.0, 13.0)
-    "muon-adamw-bf16-params": (4.3, 6.5),  # 4.0, 6.25
+    "muon-adamw-bf16-params": (4.3, 2.6),  # 4.0, 2.375 (6.25 with the fp32 copies of a whole bucket)
     # atomic=False: every chunk committed as soon as it is computed; above the 2.0 target: one chunk's
     # gradient, momentum and Newton–Schulz stacks (a chunk holds at least two matrices)
-    "muon-nonatomic": (4.3, 4.0),  # 4.0, 3.5
+    # (3.5 until the commit stacked a chunk's parameters in opmath to update them: one buffer of a chunk more)
+    "muon-nonatomic": (4.3, 4.3),  # 4.0, 4.0
 }
 
 

@@ -31,6 +31,7 @@ loop (`muon.reference`), which calls the same functions on one parameter at a ti
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -46,14 +47,15 @@ class StepState:
     DTensor state), a missing one created (`muon.functional.zero_state`, what the loop creates) and
     installed at the commit, so a refused or failed first step creates no state."""
 
-    def __init__(self, state, seen: dict | None = None) -> None:
+    def __init__(self, state, seen: dict | None = None, scalars: dict | None = None) -> None:
         self.state = state
         self.installs: list[tuple[Tensor, str, Tensor]] = []
         self.made: dict[tuple[int, str], Tensor] = {}
         # (id(p), key) -> (id of its state dict, weak references to the tensor and its checked local
         # tensor) as read at an earlier step of the plan: the same tensor object needs no new check
         self.seen = {} if seen is None else seen
-        self.scalars: dict[tuple, Tensor] = {}
+        # 0-dim tensors of Python numbers (the plan's: made once, read-only)
+        self.scalars: dict[tuple, Tensor] = {} if scalars is None else scalars
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
             transposed: bool = False, device=None, create: bool = True) -> Tensor | None:
@@ -100,17 +102,21 @@ class StepState:
         return t
 
     def const(self, value: float, dtype: torch.dtype, device) -> Tensor:
-        """A 0-dim tensor of a Python number (`muon.functional.scalar`), made once per step."""
+        """A 0-dim tensor of a Python number (`muon.functional.scalar`), made once per plan (never
+        written: every use reads it)."""
         key = (value, dtype, device)
         t = self.scalars.get(key)
         if t is None:
+            if len(self.scalars) >= 64:  # lr-dependent values (1 - lr·wd) under a scheduler: bounded
+                self.scalars.clear()
             t = self.scalars[key] = F.scalar(value, dtype, device)
         return t
 
-    def peek(self, p: Tensor, key: str):
-        """state[p][key] as it is (no check, nothing created): to see whether a packing still holds."""
-        d = self.state.get(p)
-        return None if d is None else d.get(key)
+    def entries(self, params: list[Tensor]) -> list:
+        """state[p] of each parameter as it is (None where it has none; no check, nothing created):
+        to see whether a packing still holds, one lookup per parameter."""
+        get = self.state.get
+        return [get(p) for p in params]
 
     def install(self) -> None:
         for p, key, value in self.installs:
@@ -119,27 +125,28 @@ class StepState:
 
 
 class Workspace:
-    """The commit's scratch: one buffer per (dtype, device), as large as the largest chunk of
-    gradients that is sanitized at the commit; allocated before the first write."""
+    """The commit's scratch, allocated before the first write: per (dtype, device, slot) one buffer as
+    large as the largest chunk that needs it (slot 0: the gradients sanitized again at the commit;
+    slot 1: the parameters stacked in opmath to be updated and written back)."""
 
     def __init__(self) -> None:
         self.sizes: dict[tuple, int] = {}
         self.buffers: dict[tuple, Tensor] = {}
 
-    def need(self, dtype: torch.dtype, device, numel: int) -> None:
-        key = (dtype, device)
+    def need(self, dtype: torch.dtype, device, numel: int, slot: int = 0) -> None:
+        key = (dtype, device, slot)
         self.sizes[key] = max(self.sizes.get(key, 0), numel)
 
     def allocate(self) -> None:
-        for (dtype, device), numel in self.sizes.items():
-            if self.buffers.get((dtype, device)) is None or self.buffers[dtype, device].numel() < numel:
-                self.buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+        for key, numel in self.sizes.items():
+            if self.buffers.get(key) is None or self.buffers[key].numel() < numel:
+                self.buffers[key] = torch.empty(numel, dtype=key[0], device=key[1])
 
-    def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0) -> Tensor:
+    def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0, slot: int = 0) -> Tensor:
         numel = 1
         for size in shape:
             numel *= size
-        return self.buffers[dtype, device][offset : offset + numel].view(shape)
+        return self.buffers[dtype, device, slot][offset : offset + numel].view(shape)
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -180,20 +187,17 @@ class MomentumPhase:
 
     chunk: MuonChunk
     U: Tensor  # (B, s, l) NS input
-    ok: Tensor | None  # (P,) finite flags of the members (None: all finite)
-    ok_mat: Tensor | None  # (B, 1, 1) the same per matrix
+    ok_mat: Tensor | None  # (B, 1, 1) finite flags per matrix (None: all finite)
+    bad_mat: Tensor | None  # (B, 1, 1) its negation (the commit sanitizes the gradients again with it)
     weight: Tensor | None = None  # (B, 1, 1) or 0-dim: the momentum's lerp weight (0 where skipped)
 
 
-def _stack_grads(b: MuonBucket, chunk: MuonChunk, ok_all: Tensor | None, G: Tensor) -> Tensor | None:
-    """The chunk's gradients into G (B, s, l), zero where not finite; returns the per-matrix flags."""
+def _stack_grads(b: MuonBucket, chunk: MuonChunk, bad_mat: Tensor | None, G: Tensor) -> None:
+    """The chunk's gradients into G (B, s, l), zero where not finite (bad_mat: (B, 1, 1), None: all finite)."""
     chunk.to_stack(b.members[chunk.first : chunk.last], b.grads(chunk.first, chunk.last), G)
-    if ok_all is None:
-        return None
-    ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
-    # a placeholder where not finite: the lerp weight is 0 there, and 0 * NaN is NaN
-    G.masked_fill_(~ok_mat, 0)
-    return ok_mat
+    if bad_mat is not None:
+        # a placeholder where not finite: the lerp weight is 0 there, and 0 * NaN is NaN
+        G.masked_fill_(bad_mat, 0)
 
 
 @dataclass
@@ -214,17 +218,18 @@ class Packed:
             return self.stack, self.views
         return self.refs[0](), [ref() for ref in self.refs[1]]
 
-    def holds(self, current: list) -> Tensor | None:
-        """The stack, where `current` (the state's tensors now) are still exactly its views, on their
-        storage; else None."""
+    def holds(self, entries: list, key: str) -> Tensor | None:
+        """The stack, where state entry `key` of `entries` (the parameters' state dicts now) are still
+        exactly its views, on their storage; else None."""
         stack, views = self.tensors()
-        if stack is None or len(current) != len(views) or any(
-            t is None or t is not v for t, v in zip(current, views)
-        ):  # a view gone (a deleted entry) or replaced
+        if stack is None or len(entries) != len(views) or None in entries:
             return None
-        if self.ptrs is not None and not torch.compiler.is_compiling():
-            if any(t.data_ptr() != ptr for t, ptr in zip(current, self.ptrs)):
-                return None
+        # a view gone (a deleted entry) or replaced; then `.data =` or `set_()` on one (C-level loops)
+        if not all(map(operator.is_, [d.get(key) for d in entries], views)):
+            return None
+        if self.ptrs is not None and not torch.compiler.is_compiling() and \
+                list(map(Tensor.data_ptr, views)) != self.ptrs:
+            return None
         return stack
 
     def record(self) -> None:
@@ -263,7 +268,7 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         chunk.to_stack(members, each, M)
         return ChunkMomentum(M, True, each=each)
     packed = plan.packed.get((id(b), ci))
-    stack = None if packed is None else packed.holds([st.peek(mb.param, "momentum_buffer") for mb in members])
+    stack = None if packed is None else packed.holds(st.entries([mb.param for mb in members]), "momentum_buffer")
     if stack is not None:
         return ChunkMomentum(stack, False)  # checked when it was packed; the same tensors since
     current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
@@ -285,13 +290,16 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
     writes no state (a packed stack is read, a scratch stack may be overwritten)."""
     momentum, device = group["momentum"], b.device
     G = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.gdtype, device=device)
-    ok_mat = _stack_grads(b, chunk, ok_all, G)
+    ok_mat = bad_mat = None
+    if ok_all is not None:
+        ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
+        bad_mat = ~ok_mat
+    _stack_grads(b, chunk, bad_mat, G)
     weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
     _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
     if cm.scratch:
         cm.M = None  # the scratch stack is U's now (or freed)
-    ok = None if ok_all is None else ok_all[chunk.flag_index]
-    return MomentumPhase(chunk, U, ok, ok_mat, weight)
+    return MomentumPhase(chunk, U, ok_mat, bad_mat, weight)
 
 
 def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
@@ -348,10 +356,15 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     """One Muon bucket: momentum and NS chunk by chunk (or the given distributed `results` of its
     single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit."""
     flatten, transposed = group["flatten"], group.get("transposed", False)
-    skips, moments = [], ([] if b.normuon else None)
+    # the skip counters of the members that keep them (not a split parameter's later blocks): one (k,) stack
+    owners = b.members if b.all_owners else [mb for mb in b.members if mb.owner]
+    skips = None
+    if owners:
+        params = [mb.param for mb in owners]
+        skips = packed_state(plan, (id(b), "nonfinite_skips"), params, gplan.index, [mb.index for mb in owners],
+                             "nonfinite_skips", st, None if b.sharded else st.entries(params), b.device)
+    moments = [] if b.normuon else None
     for mb in b.members:
-        if mb.owner:
-            skips.append(st.get(mb.param, "nonfinite_skips", _where(gplan, mb.index)))
         if b.normuon:
             moments.append(st.get(mb.param, "normuon_v", _where(gplan, mb.index),
                                   F.neuron_shape(mb.param.shape, flatten, transposed), flatten, transposed))
@@ -366,39 +379,47 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             del O
             held.append(cm)
-            ok_mats.append((ph.ok_mat, ph.weight))
+            ok_mats.append((ph.ok_mat, ph.bad_mat, ph.weight))
     else:
         for ph, O, cm in zip(phases, results, cms, strict=True):
             next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             held.append(cm)
-            ok_mats.append((ph.ok_mat, ph.weight))
-    for chunk in b.chunks:
-        ws.need(b.gdtype, b.device, (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2])
+            ok_mats.append((ph.ok_mat, ph.bad_mat, ph.weight))
     lr, wd = group["lr"], group["weight_decay"]
-    ok = None if ok_all is None else ok_all[b.chunks[0].flag_index] if len(b.chunks) == 1 else \
-        torch.cat([ok_all[c.flag_index] for c in b.chunks])
-    params = b.params
-    out_views = _views(b, out)
-    work = None
-    if b.pdtype not in (torch.float32, torch.float64):  # fp32 copies of bf16/fp16 parameters
-        work = _views(b, torch.empty(b.shape, dtype=torch.float32, device=b.device))
-    target = F.opmath_view(params, work)
-    # W·decay only where the update u (W -= lr·s·u, so out = -lr·s·u) agrees in sign with W
-    decay = F.decay_factors(ok, lr, wd, group.get("cautious_weight_decay", False), target, out_views, 1, b.opmath,
-                            b.device, st.const)  # fmt: skip
-    weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device, st.const)
-    weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
+    cautious = group.get("cautious_weight_decay", False) and wd != 0
+    ok = None if ok_all is None else ok_all[b.flag_index]
+    members_of = [b.members[c.first : c.last] for c in b.chunks]
+    params_of = [_whole_params(b, c) for c in b.chunks]
+    decays = []
+    for chunk, members, params, (ok_mat, _, _) in zip(b.chunks, members_of, params_of, ok_mats, strict=True):
+        numel = (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2]
+        ws.need(b.gdtype, b.device, numel)
+        ws.need(b.opmath, b.device, numel, slot=1)
+        if wd == 0:
+            decays.append(None)
+            continue
+        # W·(1 - lr·wd) per matrix, 1 where skipped; cautious: only where the update u (W -= lr·s·u,
+        # so out = -lr·s·u) agrees in sign with W, per element (held until the commit)
+        decay = F.masked(ok_mat, 1 - lr * wd, 1.0, b.opmath, b.device, st.const)
+        if cautious:
+            W = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.opmath, device=b.device)
+            chunk.to_stack(members, params, W)
+            (decay,) = F.cautious_decay([W], [out[chunk.lo : chunk.hi]], decay, 1, stacked=True)
+            del W
+        decays.append(decay)
+    weights = None
+    if any(cm.each is not None for cm in held):  # members' own momentum tensors: per-member weights
+        weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device, st.const)
+        weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
     skipped = None
-    if ok is not None:
-        owners = [k for k, mb in enumerate(b.members) if mb.owner]
-        skipped = list((~ok).unbind()) if len(owners) == len(b.members) else \
-            [flag for mb, flag in zip(b.members, (~ok).unbind(), strict=True) if mb.owner]
+    if ok is not None and skips is not None:
+        skipped = ~ok if b.all_owners else ~ok[[k for k, mb in enumerate(b.members) if mb.owner]]
 
     def commit() -> None:
-        for ci, (chunk, cm, (_, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
+        for ci, (chunk, cm, (_, bad_mat, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
             # the momentum in place, from the sanitized gradients (with phase one's lerp weight)
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
-            _stack_grads(b, chunk, ok_all, G)
+            _stack_grads(b, chunk, bad_mat, G)
             if cm.each is None:  # a packed stack: one op (its views are the state, installed already)
                 cm.M.lerp_(G, weight)
                 if cm.packed is not None:
@@ -408,46 +429,60 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             members = b.members[chunk.first : chunk.last]
             torch._foreach_lerp_(chunk.targets(members, cm.each), chunk.from_stack(members, G),
                                  weights[chunk.first : chunk.last])  # fmt: skip
-        if skipped:  # (a bucket of split parameters' later blocks keeps no counters)
-            torch._foreach_add_(skips, skipped)
+        if skips is not None:  # (a bucket of split parameters' later blocks keeps no counters)
+            if skipped is not None:
+                skips[0].add_(skipped)
+            record_packed(plan, (id(b), "nonfinite_skips"), skips)
         if moments is not None:
             for chunk, nxt in zip(b.chunks, next_moments, strict=True):
                 torch._foreach_copy_(moments[chunk.first : chunk.last], nxt)
-        F.commit_update(params, work, decay, out_views)
+        # the parameters, chunk by chunk: stacked in opmath, W·decay + update, written back
+        for chunk, members, params, decay in zip(b.chunks, members_of, params_of, decays, strict=True):
+            W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
+            chunk.to_stack(members, params, W)
+            F.commit_stack(W, decay, out[chunk.lo : chunk.hi])
+            torch._foreach_copy_(chunk.targets(members, params), chunk.from_stack(members, W))
 
     return commit
 
 
-def _views(b: MuonBucket, stack: Tensor) -> list[Tensor]:
-    """Per member, its view of the bucket's (B, s, l) `stack`, parameter- (or block-) shaped."""
-    if len(b.chunks) == 1:
-        return b.chunks[0].from_stack(b.members, stack)
-    return [v for c in b.chunks for v in c.from_stack(b.members[c.first : c.last], stack[c.lo : c.hi])]
+def _whole_params(b: MuonBucket, chunk: MuonChunk) -> list[Tensor]:
+    """The chunk's members' whole (local) parameters (`MuonChunk.to_stack` cuts row blocks itself)."""
+    return [local(mb.param) for mb in b.members[chunk.first : chunk.last]]
 
 
 # --------------------------------------------------------------------------------------- AdamW
 ADAMW_KEYS = ("exp_avg", "exp_avg_sq", "step", "nonfinite_skips")
 
 
-def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: int, key: str, st: StepState):
-    """State entry `key` of the bucket's parameters [first, last) as one stack: (k, numel) for the
-    moments of a run of same-shape parameters, (k,) for the counters (the whole bucket). The packed
-    stack the state holds views of (read and written in place), else the state's values copied into
-    a new stack whose views the commit installs (repacked); DTensor shards are gathered into a scratch
-    stack and written back at the commit. Returns (stack, Packed to record or None, tensors to write
-    back or None)."""
-    params = b.params[first:last]
-    device = b.device
+def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: int, key: str, st: StepState,
+              entries: list):
+    """State entry `key` of the AdamW bucket's parameters [first, last) as one stack (`packed_state`):
+    (k, numel) for the moments of a run of same-shape parameters, (k,) for the counters (the whole
+    bucket). entries: the bucket's parameters' state dicts (`StepState.entries`)."""
+    return packed_state(plan, (id(b), first, key), b.params[first:last], gplan.index, b.indices[first:last], key,
+                        st, None if b.sharded else entries[first:last], b.device)
+
+
+def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indices: list[int], key: str,
+                 st: StepState, entries: list | None, device):
+    """State entry `key` of `params` as one stack: (k, numel) for moments (same-shape parameters),
+    (k,) for counters. The packed stack the state holds views of (read and written in place), else
+    the state's values copied into a new stack whose views the commit installs (repacked); entries
+    None (DTensor shards): gathered into a scratch stack and written back at the commit. Returns
+    (stack, Packed to record under `pkey` or None, tensors to write back or None). group, indices:
+    where the parameters are (param_groups[group]['params'][i]), for errors."""
     counter = key in COUNTERS
-    if not b.sharded:
-        packed = plan.packed.get((id(b), first, key))
-        stack = None if packed is None else packed.holds([st.peek(p, key) for p in params])
+    sharded = entries is None
+    if not sharded:
+        packed = plan.packed.get(pkey)
+        stack = None if packed is None else packed.holds(entries, key)
         if stack is not None:
             return stack, None, None  # checked when it was packed; the same tensors since
-    current = [st.get(p, key, _where(gplan, i), device=device if key == "step" else None, create=b.sharded)
-               for i, p in zip(b.indices[first:last], params, strict=True)]  # fmt: skip
-    k = last - first
-    if b.sharded:
+    current = [st.get(p, key, (group, i), device=device if key == "step" else None, create=sharded)
+               for p, i in zip(params, indices, strict=True)]  # fmt: skip
+    k = len(params)
+    if sharded:
         S = torch.stack([t.reshape(()) if t.dim() else t for t in current]) if counter else \
             torch.stack(current).view(k, -1)
         return S, None, current
@@ -462,6 +497,19 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     for p, v in zip(params, views, strict=True):
         st.installs.append((p, key, v))
     return S, Packed(S, views), None
+
+
+def record_packed(plan: Plan, pkey: tuple, stacked: tuple) -> None:
+    """At the commit: a repacked stack becomes the plan's packing (`Packed.record`); a scratch stack of
+    DTensor shards is written back into them."""
+    S, packed, back = stacked
+    if packed is not None:
+        packed.record()
+        plan.packed[pkey] = packed
+    if back is not None:
+        rows = list(S.unbind(0))
+        torch._foreach_copy_(back, [v if v.shape == t.shape else v.view(t.shape)
+                                    for v, t in zip(rows, back, strict=True)])  # fmt: skip
 
 
 def _numel(shape: tuple) -> int:
@@ -507,7 +555,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     runs = b.runs
     sizes = [last - first for first, last in runs]
     # the per-parameter scalars, once for the bucket: (P,) vectors, (P, 1) against the (k, numel) runs
-    counters = [run_state(plan, gplan, b, 0, n, key, st) for key in COUNTERS]
+    entries = None if b.sharded else st.entries(b.params)
+    counters = [run_state(plan, gplan, b, 0, n, key, st, entries) for key in COUNTERS]
     ok = None if ok_all is None else ok_all[b.flag_index]
     steps, step_size, bc2_sqrt = F.adamw_scalars(counters[0][0], ok, beta1, beta2, lr, dtype, st.const)
     rows = None if ok is None else ok.view(-1, 1)
@@ -516,72 +565,86 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
     bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
     bad = None if ok is None else list((~rows).split(sizes))
-    moments, updates, work = [], [], []
-    half = params[0].dtype not in (torch.float32, torch.float64)
+    step_size = _per_run(step_size.view(-1, 1), sizes)
+    # W·(1 - lr·wd) per parameter, 1 where skipped; cautious: per element, only where the update u
+    # (W -= lr·u, u = m̂/(sqrt(v̂)+eps) up to the positive lr/bias_correction1) agrees in sign with W
+    decay = None if wd == 0 else _per_run(F.masked(rows, 1 - lr * wd, 1.0, dtype, device, st.const), sizes)
+    moments, updates = [], []
     r = 0
     for chunk in b.chunks:
-        ws.need(b.gdtype, device, sum(grads[k].numel() for k in range(chunk.first, chunk.last)))
+        numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
+        ws.need(b.gdtype, device, numel)
+        ws.need(dtype, device, numel, slot=1)
         part = slice(r, r + len(chunk.runs))
         G, M, out = [], [], []
         for first, last in chunk.runs:  # same-shape parameters: their state is (k, numel) stacks
-            EA, EAS = (run_state(plan, gplan, b, first, last, key, st) for key in ("exp_avg", "exp_avg_sq"))
-            g = torch.stack(grads[first:last])
-            shape = g.shape
-            g = g.view(EA[0].shape)
+            EA, EAS = (run_state(plan, gplan, b, first, last, key, st, entries) for key in ("exp_avg", "exp_avg_sq"))
+            g = torch.stack(grads[first:last]).view(EA[0].shape)
             if bad is not None:
                 g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             G.append(g)
             M.append((EA, EAS))
             out.append(torch.empty_like(EA[0]))
-            updates.extend(out[-1].view(shape).unbind(0))
-            if half:  # fp32 copies of bf16/fp16 parameters: lr and 1 - lr·wd are not rounded to 8 or 11 bits
-                work.extend(torch.empty(shape, dtype=torch.float32, device=device).unbind(0))
             r += 1
         F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part], bc2_sqrt[part],
                           beta2, eps, out)  # fmt: skip
         del G
+        if cautious:  # the parameters in opmath, a temporary of the chunk
+            for k, ((first, last), u) in enumerate(zip(chunk.runs, out, strict=True)):
+                W = torch.stack(params[first:last]).view(u.shape).to(dtype)
+                (decay[part.start + k],) = F.cautious_decay([W], [u], decay[part.start + k], -1, stacked=True)
+                del W
         moments.extend(M)
-    work = work or None
-    target = F.opmath_view(params, work)
-    # cautious: update = m̂/(sqrt(v̂)+eps) is u up to the positive lr/bias_correction1
-    decay = F.decay_factors(ok, lr, wd, cautious, target, updates, -1, dtype, device, st.const)
+        updates.extend(out)
 
     def commit() -> None:
         r = 0
         for chunk in b.chunks:
-            G, views, offset = [], [], 0
+            G, offset = [], 0
             for first, last in chunk.runs:
-                EA = moments[r][0][0]
-                g = ws.take(b.gdtype, device, tuple(EA.shape), offset)
+                shape = moments[r][0][0].shape
+                g = ws.take(b.gdtype, device, tuple(shape), offset)
                 offset += g.numel()
-                views.extend(g.view(last - first, *grads[first].shape).unbind(0))
+                _stack_into(grads[first:last], g)
+                if bad is not None:
+                    g.masked_fill_(bad[r], 0)
                 G.append(g)
                 r += 1
-            torch._foreach_copy_(views, grads[chunk.first : chunk.last])
             part = slice(r - len(chunk.runs), r)
-            if bad is not None:
-                for g, flags in zip(G, bad[part], strict=True):
-                    g.masked_fill_(flags, 0)
             F.adamw_advance([m[0][0] for m in moments[part]], [m[1][0] for m in moments[part]], G, w1[part],
                             w2[part], beta2)  # fmt: skip
         STEP, SKIP = counters[0][0], counters[1][0]
         STEP.copy_(steps)
         if ok is not None:
             SKIP.add_(~ok)
-        stacks = [(0, key, c) for key, c in zip(COUNTERS, counters, strict=True)]
-        stacks += [(first, key, m) for (first, _), pair in zip(runs, moments, strict=True)
-                   for key, m in zip(("exp_avg", "exp_avg_sq"), pair, strict=True)]  # fmt: skip
-        for first, key, (S, packed, back) in stacks:
-            if packed is not None:
-                packed.record()
-                plan.packed[id(b), first, key] = packed
-            if back is not None:
-                rows = list(S.unbind(0))
-                torch._foreach_copy_(back, [v if v.shape == t.shape else v.view(t.shape)
-                                            for v, t in zip(rows, back, strict=True)])  # fmt: skip
-        F.commit_update(params, work, decay, updates, step_size)
+        for key, c in zip(COUNTERS, counters, strict=True):
+            record_packed(plan, (id(b), 0, key), c)
+        for (first, _), pair in zip(runs, moments, strict=True):
+            for key, m in zip(("exp_avg", "exp_avg_sq"), pair, strict=True):
+                record_packed(plan, (id(b), first, key), m)
+        # the parameters, run by run: stacked in opmath, W·decay + step_size·update, written back
+        r = 0
+        for chunk in b.chunks:
+            offset = 0
+            for first, last in chunk.runs:
+                W = ws.take(dtype, device, tuple(updates[r].shape), offset, slot=1)
+                offset += W.numel()
+                _stack_into(params[first:last], W)
+                F.commit_stack(W, None if decay is None else decay[r], updates[r], step_size[r])
+                torch._foreach_copy_(params[first:last], list(W.view(last - first, *params[first].shape).unbind(0)))
+                r += 1
 
     return commit
+
+
+def _stack_into(tensors: list[Tensor], out: Tensor) -> None:
+    """Same-shape `tensors` into the rows of `out` ((k, numel)), cast to its dtype: one op (torch.compile
+    does not trace stack(out=a view); there, a multi-tensor copy into its rows, the same values)."""
+    shaped = out.view(len(tensors), *tensors[0].shape)
+    if torch.compiler.is_compiling():
+        torch._foreach_copy_(list(shaped.unbind(0)), tensors)
+    else:
+        torch.stack(tensors, out=shaped)
 
 
 def _per_run(values: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -608,7 +671,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
     """One step (module docstring). ok_all: the finite flags (agreed across ranks), None when all
     are known finite; ns_phase(plan, gplan, phases) -> per bucket its NS result (None: one process,
     chunk by chunk); atomic=False commits every bucket as soon as it is computed."""
-    st, ws = StepState(state, plan.seen), Workspace()
+    st, ws = StepState(state, plan.seen, plan.scalars), Workspace()
     commits = []
     for gplan in plan.groups:
         group = param_groups[gplan.index]

@@ -141,7 +141,17 @@ class Run:
     def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor, base: int) -> None:
         """Write the members' parameter-shaped `tensors` into their rows of `out` (whose first
         matrix is matrix `base` of the bucket)."""
-        # one multi-tensor copy into the members' views (torch.compile traces it; stack(out=a view) it does not)
+        if self.mode != "each" and not torch.compiler.is_compiling():
+            # one op, no per-member views (torch.compile does not trace stack(out=a view): it takes the
+            # multi-tensor copy below, the same values)
+            X = out[self.lo - base : self.hi - base]
+            Y = X.mT if self.transpose else X
+            if self.mode == "cat":
+                torch.cat(tensors, out=Y)
+            else:
+                torch.stack(tensors, out=Y if self.mode == "stack" else Y.view(len(tensors), *self.shape))
+            return
+        # one multi-tensor copy into the members' views
         if self.mode == "each":
             tensors = [mb.source(t) for mb, t in zip(members, tensors, strict=True)]
         torch._foreach_copy_(self.from_stack(members, out, base), tensors)
@@ -272,6 +282,9 @@ class MuonBucket:
     # rows only; params and gradients are the parameters' local shards, read every step.
     sharded: bool = False
     exchange: object | None = None  # sharded row buckets: muon.distributed.sharded.BlockExchange
+    # (P,) positions of the members' gradients in the step's flag vector (every chunk's, in order)
+    flag_index: Tensor | None = None
+    all_owners: bool = True  # every member keeps its parameter's counters (no later row blocks)
 
     @property
     def params(self) -> list[Tensor]:
@@ -347,6 +360,9 @@ class Plan:
     # (id(bucket), chunk) -> muon.engine.execute.Packed: the stacks whose views the state holds (the
     # state's own storage: no second copy); a step checks they still are, else repacks
     packed: dict = field(default_factory=dict)
+    # (value, dtype, device) -> 0-dim tensor of a Python number the step reads (`StepState.const`):
+    # lr-independent constants (momentum weights, betas, 0 and 1 of masked scalars), a handful per plan
+    scalars: dict = field(default_factory=dict)
 
 
 class Planner:
@@ -532,6 +548,8 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         split=any(mb.row is not None for mb in members),
         sharded=sharded,
     )
+    bucket.flag_index = torch.cat([c.flag_index for c in chunks]) if len(chunks) > 1 else chunks[0].flag_index
+    bucket.all_owners = all(mb.owner for mb in members)
     if bucket.split:
         _check_writable(bucket, index)
     return bucket
@@ -549,7 +567,8 @@ def _by_chunk(b: MuonBucket) -> list[MuonBucket]:
         chunk = dataclasses.replace(c, first=0, last=c.last - c.first, lo=0, hi=c.hi - c.lo, runs=runs)
         out.append(dataclasses.replace(b, members=members, whole_params=[mb.param for mb in members],
                                        shape=(c.hi - c.lo, *b.shape[1:]), chunks=[chunk],
-                                       split=any(mb.row is not None for mb in members)))  # fmt: skip
+                                       split=any(mb.row is not None for mb in members), flag_index=c.flag_index,
+                                       all_owners=all(mb.owner for mb in members)))  # fmt: skip
     return out
 
 
