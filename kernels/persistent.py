@@ -16,8 +16,9 @@ Compared with the v1 stages (kernels/syrk.py, kernels/poly_apply.py: one program
   writes its fp32 diagonal, whose sum is ‖X / max|X|‖_F² (the trace of X·Xᵀ); the next two stages of
   that step read it and apply 1/d² (polynomial) and 1/d (update) with d = fro_scale·‖·‖_F + eps.
   Normalization is 2 launches reading G twice instead of 3 launches reading it three times.
-- a launch plan per (stage, shape, dtype, device, layout) is cached after the first call: block sizes
-  from a small table (no autotuning), number of programs, the tile table on the device.
+- a launch plan per (stage, shape, dtype, device, layout) is cached after the first call
+  (REGISTRY.launch_plans, bounded): block sizes from a small table (no autotuning), number of
+  programs, the tile table on the device.
 
 Arithmetic: fp32 accumulation, one rounding of each stage's result to the compute dtype, as in v1 and
 torch's bmm/baddbmm; the folded scaling is applied in fp32 before that rounding.
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.registry import REGISTRY
 from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision, store_symmetric_tile
 
 VERSION = "v2"
@@ -210,8 +212,6 @@ class ApplyPlan:
     programs: int
 
 
-_PLANS: dict[tuple, object] = {}
-PLAN_CACHE_SIZE = 256
 
 
 def triangle_order(T: int, group: int) -> list[tuple[int, int]]:
@@ -229,13 +229,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few programs, each looping over several tiles
-
-
-def _remember(key, plan):
-    if len(_PLANS) >= PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = plan
-    return plan
 
 
 def sym_plan_params(M: int, dtype: torch.dtype, K: int = 0) -> tuple[int, int, int, int]:
@@ -270,27 +263,27 @@ def apply_plan_params(M: int, dtype: torch.dtype, N: int = 0) -> tuple[int, int,
 def sym_plan(B: int, M: int, K: int, dtype: torch.dtype, device: torch.device) -> SymPlan:
     """The cached launch plan: block sizes (sym_plan_params), programs, the tile table on the device."""
     key = ("sym", B, M, K, dtype, str(device))
-    plan = _PLANS.get(key)
+    plan = REGISTRY.launch_plans.get(key)
     if plan is not None:
         return plan
     block, block_k, warps, stages = sym_plan_params(M, dtype, K)
     T = triton.cdiv(M, block)
     tiles = torch.tensor(triangle_order(T, 8), dtype=torch.int32, device=device).reshape(-1, 2)
     programs = max(1, min(B * tiles.shape[0], num_sms(device)))
-    return _remember(key, SymPlan(block, block_k, 8, warps, stages, programs, tiles))
+    return REGISTRY.launch_plans.put(key, SymPlan(block, block_k, 8, warps, stages, programs, tiles))
 
 
 def apply_plan(B: int, M: int, N: int, dtype: torch.dtype, device: torch.device) -> ApplyPlan:
     """The cached launch plan: block sizes (apply_plan_params) and the number of programs (the
     program count is a runtime argument: a new shape never recompiles)."""
     key = ("apply", B, M, N, dtype, str(device))
-    plan = _PLANS.get(key)
+    plan = REGISTRY.launch_plans.get(key)
     if plan is not None:
         return plan
     bm, bn, bk, warps, stages = apply_plan_params(M, dtype, N)
     total = B * triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = max(1, min(total, num_sms(device)))
-    return _remember(key, ApplyPlan(bm, bn, bk, 8, warps, stages, programs))
+    return REGISTRY.launch_plans.put(key, ApplyPlan(bm, bn, bk, 8, warps, stages, programs))
 
 
 def tma_ok(T: torch.Tensor) -> bool:
