@@ -7,9 +7,8 @@ from torch import Tensor
 
 from . import backends
 from .backends.dispatch import ALGORITHMS, choose_ns_dtype
+from .backends.op import COMPUTE_DTYPES
 from .coefficients import DEFAULT_RESTARTS, Schedule, check_restarts, resolve_schedule
-
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def resolve_dtype(dtype, device: torch.device, shape: tuple[int, int] | None = None) -> torch.dtype:

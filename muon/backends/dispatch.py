@@ -13,7 +13,15 @@ What ns_dtype="auto" computes in: bf16 on CUDA (tensor cores); on a CPU the meas
 `CPU_DTYPE_TABLE` (one entry per CPU model, thread count and shape, `python -m bench ns-dtype`), fp32
 wherever it has nothing to say (another CPU, an unmeasured shape class, sharded groups).
 
-## Backend table — `choose_backend(X, dtype)`
+## The kernel — `choose_kernel(backend, algorithm, batch, s, l, dtype, device_type, steps=, reasons=)`
+
+The one function that maps a stack's shape, compute dtype and device, a group's `backend` and
+`ns_algorithm`, the facts of the process (`reasons`: which backends can run here, from
+`muon.backends.registry.REGISTRY`) and the tables below to the kernel that runs (`muon.backends.op.Kernel`).
+Pure: the plan calls it (through `muon.backends.plan_kernel`) once per bucket when it is built and
+keeps the answer; `muon.newton_schulz` once per call.
+
+## Backend table — `choose_for_shape(batch, m, n, dtype, device_type)`
 
 Source: bench/results/h100-899c9f9/kernels.csv — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0,
 commit 899c9f9, NS of 5 Keller steps on fp32 inputs in bf16, `triton.testing.do_bench` medians, every
@@ -240,12 +248,17 @@ def dtype_table_from_rows(rows) -> tuple[DtypeEntry, ...]:
     return tuple(table)
 
 
-def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
+def read_rows(*paths) -> list[dict]:
+    """The rows of `python -m bench` CSV files, in order."""
     rows = []
     for path in paths:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
-    return dtype_table_from_rows(rows)
+    return rows
+
+
+def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
+    return dtype_table_from_rows(read_rows(*paths))
 
 
 # ---------------------------------------------------------------------------------------- backend table
@@ -345,11 +358,7 @@ def table_from_rows(rows) -> tuple[Entry, ...]:
 
 
 def table_from_csv(*paths) -> tuple[Entry, ...]:
-    rows = []
-    for path in paths:
-        with open(path, newline="") as f:
-            rows.extend(csv.DictReader(f))
-    return table_from_rows(rows)
+    return table_from_rows(read_rows(*paths))
 
 
 def _distance(e: Entry, batch: int, short: int, long: int) -> float:
