@@ -341,3 +341,33 @@ def test_registry_owns_the_process_state_and_clears_in_place():
     for k in "abc":
         cache.put(k, k)
     assert list(cache) == ["b", "c"]
+
+
+def test_a_plan_whose_choice_depends_on_the_batch_chooses_once_per_batch(monkeypatch):
+    """backend="auto" on CUDA (batch_matters; forced here on the CPU): the plan keeps a BatchKernel,
+    which chooses at a bucket's first step and never again."""
+    import muon
+    from muon.backends.op import BatchKernel, Kernel
+
+    monkeypatch.setattr(dispatch, "batch_matters", lambda backend, algorithm, device_type: True)
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=gen, requires_grad=True) for s in [(8, 12), (12, 8), (8, 12), (6, 6)]]
+    twin = [p.detach().clone().requires_grad_(True) for p in params]
+    opt, ref = muon.Muon(params, lr=0.02), muon.Muon(twin, lr=0.02, backend="torch")
+    calls = []
+    real = dispatch.choose_kernel
+    monkeypatch.setattr(dispatch, "choose_kernel", lambda *a, **kw: calls.append(a[:7]) or real(*a, **kw))
+    for step in range(3):
+        for p, q in zip(params, twin):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin))
+        if step == 0:
+            runs = [b.run for b in opt._plan.groups[0].buckets]
+            assert all(isinstance(r, BatchKernel) for r in runs)
+            assert sorted(b for r in runs for b in r.by_batch) == [1, 3]  # (8, 12) x3 (one tall), (6, 6)
+            assert all(k == Kernel("torch") for r in runs for k in r.by_batch.values())
+            calls.clear()
+    assert calls == []

@@ -84,37 +84,37 @@ def unavailable_reason(name: str, X: Tensor) -> str | None:
 
 
 class _Reasons:
-    """backend -> why it cannot run on `device` (None: it can), asked only for the backends a choice
-    needs (auto never imports the CUDA extension to learn that it would not pick it)."""
+    """backend -> why it cannot run on `probe`'s device (None: it can), asked only for the backends a
+    choice needs (auto never imports the CUDA extension to learn that it would not pick it)."""
 
-    __slots__ = ("device",)
+    __slots__ = ("probe",)
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, probe: Tensor) -> None:
+        self.probe = probe
 
     def __getitem__(self, name: str) -> str | None:
-        return unavailable_reason(name, torch.empty(0, device=self.device))
+        return unavailable_reason(name, self.probe)
 
 
 def _shape(X: Tensor) -> tuple[int, int, int]:
     return tuple(X.shape) if X.ndim == 3 else (1, *X.shape[-2:])
 
 
-def choose(backend: str, algorithm: str, shape: tuple[int, int, int], device: torch.device,
-           ns_dtype: torch.dtype, steps: int, restarts=DEFAULT_RESTARTS):
+def choose(backend: str, algorithm: str, shape: tuple[int, int, int], probe: Tensor, ns_dtype: torch.dtype,
+           steps: int, restarts=DEFAULT_RESTARTS):
     """The kernel (`muon.backends.op.Kernel`) of (backend, algorithm) for a (B, s, l) stack (s <= l) on
-    `device` computed in `ns_dtype`: `dispatch.choose_kernel` with this process's facts.
+    `probe`'s device computed in `ns_dtype`: `dispatch.choose_kernel` with this process's facts.
     BackendUnavailable when the backend cannot run there."""
     from .dispatch import choose_kernel
 
-    return choose_kernel(backend, algorithm, *shape, ns_dtype, device.type, steps=steps,
-                         restarts=tuple(restarts), reasons=_Reasons(device))
+    return choose_kernel(backend, algorithm, *shape, ns_dtype, probe.device.type, steps=steps,
+                         restarts=tuple(restarts), reasons=_Reasons(probe))
 
 
 def resolve(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, steps: int,
             restarts=DEFAULT_RESTARTS):
     """`choose` for the (B, s, l) stack X (s <= l): its shape and device."""
-    return choose(backend, algorithm, _shape(X), X.device, ns_dtype, steps, restarts)
+    return choose(backend, algorithm, _shape(X), X, ns_dtype, steps, restarts)
 
 
 def plan_kernel(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, steps: int,
@@ -128,8 +128,8 @@ def plan_kernel(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, 
     kernel = resolve(backend, algorithm, X, ns_dtype, steps, restarts)  # raises where it cannot run
     if not batch_matters(backend, kernel.algorithm, X.device.type):
         return kernel
-    (_, s, l), device, algorithm = _shape(X), X.device, kernel.algorithm
-    return BatchKernel(lambda batch: choose(backend, algorithm, (batch, s, l), device, ns_dtype, steps, restarts))
+    (_, s, l), probe, algorithm = _shape(X), X.new_empty(0), kernel.algorithm  # a 0-element stand-in
+    return BatchKernel(lambda batch: choose(backend, algorithm, (batch, s, l), probe, ns_dtype, steps, restarts))
 
 
 def run_auto(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
