@@ -1,10 +1,10 @@
-"""Shared launcher helpers: interpreter detection, dtype mapping, autotune config filtering."""
+"""Shared launcher helpers: interpreter detection, dtype mapping, batch chunks, output checks (the
+shared tile code of the kernels is kernels/tiles.py)."""
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from triton import knobs
 
 # Kernels are decorated at import: the interpreter (TRITON_INTERPRET=1) is fixed for the process then.
@@ -61,22 +61,3 @@ def batch_chunks(B: int):
     """(start, stop) ranges of at most MAX_GRID_Y matrices: one launch each."""
     for start in range(0, B, MAX_GRID_Y):
         yield start, min(B, start + MAX_GRID_Y)
-
-
-@triton.jit
-def store_symmetric_tile(base, res, offs_i, offs_j, valid, s_m, s_n):
-    """Store tile (ti, tj), ti >= tj, of a symmetric result and its mirror (tj, ti).
-
-    offs_i/offs_j: the tile's row/column indices; valid: their in-bounds mask; s_m/s_n: the output's
-    strides. Off the diagonal every row index exceeds every column index, so the whole tile is
-    "lower"; in a diagonal tile the lower half comes from the tile and the strict upper half from the
-    mirror, so every element is written exactly once and the result is exactly symmetric even though
-    (i, j) and (j, i) were rounded from different dot products. The mirror is stored from the
-    transposed tile so its writes stay row-contiguous.
-    """
-    oi = offs_i.to(tl.int64)
-    oj = offs_j.to(tl.int64)
-    lower = offs_i[:, None] >= offs_j[None, :]
-    tl.store(base + oi[:, None] * s_m + oj[None, :] * s_n, res, mask=valid & lower)
-    upper_t = offs_j[:, None] < offs_i[None, :]
-    tl.store(base + oj[:, None] * s_m + oi[None, :] * s_n, tl.trans(res), mask=tl.trans(valid) & upper_t)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.registry import REGISTRY
 from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype, check_out, dot_precision, next_pow2
 from .aol import check_precondition
 
@@ -182,18 +183,16 @@ def _ns_small_kernel(
             tl.debug_barrier()
 
 
-_COEF_CACHE: dict[tuple, torch.Tensor] = {}
-
-
 def coefficient_tensor(coefficients, device) -> torch.Tensor:
-    """The (steps, 3) fp32 coefficient table on `device`, cached so repeated calls copy nothing to
-    the device (and a CUDA-graph capture after the first call sees no host-to-device copy)."""
+    """The (steps, 3) fp32 coefficient table on `device`, cached (REGISTRY.coefficients, bounded) so
+    repeated calls copy nothing to the device (and a CUDA-graph capture after the first call sees no
+    host-to-device copy)."""
     key = (tuple(tuple(float(v) for v in abc) for abc in coefficients), str(torch.device(device)))
-    table = _COEF_CACHE.get(key)
+    table = REGISTRY.coefficients.get(key)
     if table is None:
         # never empty (a zero-step schedule still passes a valid pointer; the kernel reads no row)
         table = torch.tensor(key[0] or ((0.0, 0.0, 0.0),), dtype=torch.float32, device=device)
-        _COEF_CACHE[key] = table
+        REGISTRY.coefficients.put(key, table)
     return table
 
 

@@ -16,11 +16,14 @@ Compared with the v1 stages (kernels/syrk.py, kernels/poly_apply.py: one program
   writes its fp32 diagonal, whose sum is ‖X / max|X|‖_F² (the trace of X·Xᵀ); the next two stages of
   that step read it and apply 1/d² (polynomial) and 1/d (update) with d = fro_scale·‖·‖_F + eps.
   Normalization is 2 launches reading G twice instead of 3 launches reading it three times.
-- a launch plan per (stage, shape, dtype, device, layout) is cached after the first call: block sizes
-  from a small table (no autotuning), number of programs, the tile table on the device.
+- a launch plan per (stage, shape, dtype, device, layout) is cached after the first call
+  (REGISTRY.launch_plans, bounded): block sizes from a small table (no autotuning), number of
+  programs, the tile table on the device.
 
 Arithmetic: fp32 accumulation, one rounding of each stage's result to the compute dtype, as in v1 and
-torch's bmm/baddbmm; the folded scaling is applied in fp32 before that rounding.
+torch's bmm/baddbmm; the folded scaling is applied in fp32 before that rounding. The pointer-load
+mainloops, the epilogues, the grouped tile order and the mirrored store are v1's own code
+(kernels/tiles.py); what is v2's is the persistent tile loop, the descriptor loads and the folding.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision, store_symmetric_tile
+from ..backends.registry import REGISTRY
+from ._common import INTERPRETED, as_batched, check_compute_dtype, dot_precision
+from .tiles import add_tile, apply_tile, gram_tile, grouped_tile, store_tile, sym_epilogue
 
 VERSION = "v2"
 # Feature detection: GPU machines may carry an older Triton than the one this was written against.
@@ -77,7 +82,6 @@ def _sym_persistent(
     if USE_TMA:
         desc = tl.make_tensor_descriptor(X, shape=[total // n_tiles, M, K], strides=[s_xb, s_xm, 1],
                                          block_shape=[1, BLOCK, BLOCK_K])
-    offs_k = tl.arange(0, BLOCK_K)
     for t in tl.range(pid, total, num_progs, warp_specialize=WS):
         b = t // n_tiles
         loc = t - b * n_tiles
@@ -86,26 +90,17 @@ def _sym_persistent(
         b64 = b.to(tl.int64)
         offs_i = ti * BLOCK + tl.arange(0, BLOCK)
         offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-        oi = offs_i.to(tl.int64)
-        oj = offs_j.to(tl.int64)
         mask_i = offs_i[:, None] < M
         mask_j = offs_j[None, :] < M
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         if USE_TMA:
+            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 a = desc.load([b, ti * BLOCK, k0]).reshape(BLOCK, BLOCK_K)
                 bt = desc.load([b, tj * BLOCK, k0]).reshape(BLOCK, BLOCK_K)
                 acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
         else:
-            xi = X + b64 * s_xb + oi[:, None] * s_xm + offs_k[None, :] * s_xk
-            xj = X + b64 * s_xb + oj[None, :] * s_xm + offs_k[:, None] * s_xk
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                k_ok = (k0 + offs_k) < K
-                a = tl.load(xi, mask=mask_i & k_ok[None, :], other=0.0)
-                bt = tl.load(xj, mask=mask_j & k_ok[:, None], other=0.0)
-                acc = tl.dot(a, bt, acc, input_precision=PRECISION)
-                xi += BLOCK_K * s_xk
-                xj += BLOCK_K * s_xk
+            acc = gram_tile(X + b64 * s_xb, offs_i, offs_j, mask_i, mask_j, K, s_xm, s_xk, BLOCK, BLOCK_K,
+                            PRECISION, STAGES)
 
         if WRITE_DIAG:
             if ti == tj:
@@ -118,14 +113,8 @@ def _sym_persistent(
             inv = _inv_denom(DIAG, b64, M, fro_scale, eps, 1024)
             be = beta * inv * inv
             al = alpha * (inv * inv) * (inv * inv)
-        acc = acc * al
-        valid = mask_i & mask_j
-        if HAS_C:
-            cp = C + b64 * s_cb + oi[:, None] * s_cm + oj[None, :] * s_cn
-            acc += be * tl.load(cp, mask=valid, other=0.0).to(tl.float32)
-        res = acc.to(OUT.dtype.element_ty)
-        o_base = OUT + b64 * s_ob
-        store_symmetric_tile(o_base, res, offs_i, offs_j, valid, s_om, s_on)
+        sym_epilogue(acc, al, be, C + b64 * s_cb, OUT + b64 * s_ob, offs_i, offs_j, mask_i & mask_j,
+                     s_cm, s_cn, s_om, s_on, HAS_C)
 
 
 @triton.jit
@@ -146,43 +135,28 @@ def _apply_persistent(
                                            block_shape=[1, BLOCK_M, BLOCK_K])
         x_desc = tl.make_tensor_descriptor(X, shape=[n_mat, M, N], strides=[s_xb, s_xm, 1],
                                            block_shape=[1, BLOCK_K, BLOCK_N])
-    ok = tl.arange(0, BLOCK_K)
-    per_group = GROUP_M * tiles_n
     for t in tl.range(pid, total, num_progs, warp_specialize=WS):
         b = t // per_mat
-        loc = t - b * per_mat
-        first_m = (loc // per_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        tm = first_m + (loc % per_group) % group_rows
-        tn = (loc % per_group) // group_rows
+        tm, tn = grouped_tile(t - b * per_mat, tiles_m, tiles_n, GROUP_M)
         b64 = b.to(tl.int64)
         om = (tm * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         on = (tn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = om[:, None] < M
         mask_n = on[None, :] < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in tl.range(0, M, BLOCK_K, num_stages=STAGES):
                 bt = b_desc.load([b, tm * BLOCK_M, k0]).reshape(BLOCK_M, BLOCK_K)
                 xt = x_desc.load([b, k0, tn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
                 acc = tl.dot(bt, xt, acc, input_precision=PRECISION)
         else:
-            bp = Bm + b64 * s_bb + om[:, None] * s_bm + ok[None, :] * s_bk
-            xp = X + b64 * s_xb + ok.to(tl.int64)[:, None] * s_xm + on[None, :] * s_xn
-            for k0 in tl.range(0, M, BLOCK_K, num_stages=STAGES):
-                k_ok = (k0 + ok) < M
-                bt = tl.load(bp, mask=mask_m & k_ok[None, :], other=0.0)
-                xt = tl.load(xp, mask=k_ok[:, None] & mask_n, other=0.0)
-                acc = tl.dot(bt, xt, acc, input_precision=PRECISION)
-                bp += BLOCK_K * s_bk
-                xp += BLOCK_K * s_xm
+            acc = apply_tile(Bm + b64 * s_bb, X + b64 * s_xb, om, on, mask_m, mask_n, M, s_bm, s_bk, s_xm, s_xn,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, STAGES)
         valid = mask_m & mask_n
-        x_tile = tl.load(X + b64 * s_xb + om[:, None] * s_xm + on[None, :] * s_xn, mask=valid, other=0.0)
-        acc += a * x_tile.to(tl.float32)
+        acc = add_tile(acc, a, X + b64 * s_xb, om, on, valid, s_xm, s_xn)
         if NORM_IN:
             acc = acc * _inv_denom(DIAG, b64, M, fro_scale, eps, 1024)
-        tl.store(OUT + b64 * s_ob + om[:, None] * s_om + on[None, :] * s_on, acc.to(OUT.dtype.element_ty),
-                 mask=valid)
+        store_tile(OUT + b64 * s_ob, acc, om, on, valid, s_om, s_on)
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -210,8 +184,6 @@ class ApplyPlan:
     programs: int
 
 
-_PLANS: dict[tuple, object] = {}
-PLAN_CACHE_SIZE = 256
 
 
 def triangle_order(T: int, group: int) -> list[tuple[int, int]]:
@@ -229,13 +201,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few programs, each looping over several tiles
-
-
-def _remember(key, plan):
-    if len(_PLANS) >= PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = plan
-    return plan
 
 
 def sym_plan_params(M: int, dtype: torch.dtype, K: int = 0) -> tuple[int, int, int, int]:
@@ -270,27 +235,27 @@ def apply_plan_params(M: int, dtype: torch.dtype, N: int = 0) -> tuple[int, int,
 def sym_plan(B: int, M: int, K: int, dtype: torch.dtype, device: torch.device) -> SymPlan:
     """The cached launch plan: block sizes (sym_plan_params), programs, the tile table on the device."""
     key = ("sym", B, M, K, dtype, str(device))
-    plan = _PLANS.get(key)
+    plan = REGISTRY.launch_plans.get(key)
     if plan is not None:
         return plan
     block, block_k, warps, stages = sym_plan_params(M, dtype, K)
     T = triton.cdiv(M, block)
     tiles = torch.tensor(triangle_order(T, 8), dtype=torch.int32, device=device).reshape(-1, 2)
     programs = max(1, min(B * tiles.shape[0], num_sms(device)))
-    return _remember(key, SymPlan(block, block_k, 8, warps, stages, programs, tiles))
+    return REGISTRY.launch_plans.put(key, SymPlan(block, block_k, 8, warps, stages, programs, tiles))
 
 
 def apply_plan(B: int, M: int, N: int, dtype: torch.dtype, device: torch.device) -> ApplyPlan:
     """The cached launch plan: block sizes (apply_plan_params) and the number of programs (the
     program count is a runtime argument: a new shape never recompiles)."""
     key = ("apply", B, M, N, dtype, str(device))
-    plan = _PLANS.get(key)
+    plan = REGISTRY.launch_plans.get(key)
     if plan is not None:
         return plan
     bm, bn, bk, warps, stages = apply_plan_params(M, dtype, N)
     total = B * triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = max(1, min(total, num_sms(device)))
-    return _remember(key, ApplyPlan(bm, bn, bk, 8, warps, stages, programs))
+    return REGISTRY.launch_plans.put(key, ApplyPlan(bm, bn, bk, 8, warps, stages, programs))
 
 
 def tma_ok(T: torch.Tensor) -> bool:

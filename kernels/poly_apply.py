@@ -3,7 +3,8 @@
 B is the m×m polynomial of the Gram matrix and X the m×n iterate (m <= n). Each program owns one
 BLOCK_M×BLOCK_N tile of X'; the X tile of its a·X term is read once in the epilogue, in fp32, before the
 single rounding to the output dtype (as torch's baddbmm does). Tiles are visited in GROUP_M-row groups
-so the programs running together share B's row panels and X's column panels in L2.
+so the programs running together share B's row panels and X's column panels in L2. The tile code is
+kernels/tiles.py's, shared with the v2 kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype, check_out, dot_precision, next_pow2
+from .tiles import add_tile, apply_tile, grouped_tile, store_tile
 
 
 def _configs() -> list[triton.Config]:
@@ -59,38 +61,16 @@ def _poly_apply_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    # grouped tile order for L2 reuse
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    tm = first_m + (pid % per_group) % group_rows
-    tn = (pid % per_group) // group_rows
-
+    tm, tn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     om = (tm * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     on = (tn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    ok = tl.arange(0, BLOCK_K)
-    bp = Bm + b * s_bb + om[:, None] * s_bm + ok[None, :] * s_bk
-    xp = X + b * s_xb + ok.to(tl.int64)[:, None] * s_xm + on[None, :] * s_xn
     mask_m = om[:, None] < M
     mask_n = on[None, :] < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):  # the inner dim is m: B is m×m
-        k_ok = (k0 + ok) < M
-        bt = tl.load(bp, mask=mask_m & k_ok[None, :], other=0.0)
-        xt = tl.load(xp, mask=k_ok[:, None] & mask_n, other=0.0)
-        acc = tl.dot(bt, xt, acc, input_precision=PRECISION)
-        bp += BLOCK_K * s_bk
-        xp += BLOCK_K * s_xm
-
+    acc = apply_tile(Bm + b * s_bb, X + b * s_xb, om, on, mask_m, mask_n, M, s_bm, s_bk, s_xm, s_xn,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, None)
     valid = mask_m & mask_n
-    x_tile = tl.load(X + b * s_xb + om[:, None] * s_xm + on[None, :] * s_xn, mask=valid, other=0.0)
-    acc += a * x_tile.to(tl.float32)
-    tl.store(OUT + b * s_ob + om[:, None] * s_om + on[None, :] * s_on, acc.to(OUT.dtype.element_ty), mask=valid)
+    store_tile(OUT + b * s_ob, add_tile(acc, a, X + b * s_xb, om, on, valid, s_xm, s_xn), om, on, valid, s_om, s_on)
 
 
 def poly_apply(Bm: torch.Tensor, X: torch.Tensor, a: float, out: torch.Tensor | None = None) -> torch.Tensor:

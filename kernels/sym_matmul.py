@@ -12,7 +12,8 @@ exactly once and the result is exactly symmetric even though the two halves' dot
 differently.
 
 Accumulation is fp32 (tl.dot) and the epilogue alpha·acc + beta·D is fp32; the result is rounded
-once to C's dtype, as torch's bmm/baddbmm do. Every stride is an argument (A = X, B = X.mT needs no
+once to C's dtype, as torch's bmm/baddbmm do. The tile code is kernels/tiles.py's (shared with the
+standard NS kernels). Every stride is an argument (A = X, B = X.mT needs no
 copy); the batch is grid axis 1.
 """
 
@@ -21,12 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-from ._common import store_symmetric_tile
-
-INTERPRETED: bool = bool(knobs.runtime.interpret)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (the batch): longer stacks launch in chunks
+from ._common import INTERPRETED, batch_chunks, dot_precision
+from .tiles import dot_mainloop, lower_tile, scale_add, store_symmetric_tile
 
 
 @triton.jit
@@ -40,14 +38,7 @@ def _matmul_kernel(
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     if SYMMETRIC:
-        # pid enumerates the lower triangle of tiles row by row: pid = i·(i+1)/2 + j, j <= i.
-        # The fp32 square root is exact enough for any realistic tile count; the two corrections
-        # make the integer result exact regardless.
-        i = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
-        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
-        pid_m = i
-        pid_n = pid - i * (i + 1) // 2
+        pid_m, pid_n = lower_tile(pid)  # the lower triangle of tiles, row by row
     else:
         grid_n = tl.cdiv(N, BLOCK)
         pid_m = pid // grid_n
@@ -57,18 +48,10 @@ def _matmul_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_ptr = A + bid * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
     b_ptr = B + bid * s_bb + rk[:, None] * s_bk + rn[None, :] * s_bn
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
-        b = tl.load(b_ptr, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptr += BLOCK_K * s_ak
-        b_ptr += BLOCK_K * s_bk
+    acc = dot_mainloop(a_ptr, b_ptr, rm[:, None] < M, rn[None, :] < N, K, s_ak, s_bk, BLOCK, BLOCK, BLOCK_K,
+                       PRECISION, None)
     valid = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = acc * alpha
-    if HAS_D:
-        d = tl.load(D + bid * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, mask=valid, other=0.0)
-        acc += beta * d.to(tl.float32)
+    acc = scale_add(acc, alpha, beta, D + bid * s_db + rm[:, None] * s_dm + rn[None, :] * s_dn, valid, HAS_D)
     out = acc.to(C.dtype.element_ty)
     c_base = C + bid * s_cb
     if SYMMETRIC:
@@ -116,17 +99,15 @@ def _launch(A, B, D, alpha, beta, symmetric: bool, out_dtype=None) -> torch.Tens
     block, block_k, warps, stages = _config(M, A.dtype)
     tiles_m, tiles_n = triton.cdiv(M, block), triton.cdiv(N, block)
     tiles = tiles_m * (tiles_m + 1) // 2 if symmetric else tiles_m * tiles_n
-    precision = "ieee" if A.dtype == torch.float32 else "tf32"  # fp32 must be true fp32, not TF32
     Dt = D if D is not None else C
-    for start in range(0, bs, MAX_GRID_Y):
-        stop = min(bs, start + MAX_GRID_Y)
+    for start, stop in batch_chunks(bs):
         a, b, d, c = A[start:stop], B[start:stop], Dt[start:stop], C[start:stop]
         _matmul_kernel[(tiles, stop - start)](
             a, b, d, c, M, N, K,
             *a.stride(), *b.stride(), *d.stride(), *c.stride(),
             float(alpha), float(beta),
             HAS_D=D is not None, SYMMETRIC=symmetric,
-            BLOCK=block, BLOCK_K=block_k, PRECISION=precision, num_warps=warps, num_stages=stages,
+            BLOCK=block, BLOCK_K=block_k, PRECISION=dot_precision(A.dtype), num_warps=warps, num_stages=stages,
         )
     return C
 

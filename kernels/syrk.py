@@ -10,6 +10,7 @@ element is written exactly once and the result is exactly symmetric (no two prog
 address). The b·A term of the polynomial is the epilogue (the A tile is read once, in fp32).
 
 Accumulation is fp32 (tl.dot); the result is rounded once to the output dtype, as torch's bmm/baddbmm do.
+The tile code (mainloop, epilogue, mirrored store) is kernels/tiles.py's, shared with the v2 kernels.
 Batched over the leading dim with every stride an argument; per-step values (alpha, beta) are runtime.
 """
 
@@ -19,16 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    INTERPRETED,
-    as_batched,
-    batch_chunks,
-    check_compute_dtype,
-    check_out,
-    dot_precision,
-    next_pow2,
-    store_symmetric_tile,
-)
+from ._common import INTERPRETED, as_batched, batch_chunks, check_compute_dtype, check_out, dot_precision, next_pow2
+from .tiles import gram_tile, lower_tile, sym_epilogue
 
 
 def _configs() -> list[triton.Config]:
@@ -71,44 +64,15 @@ def _syrk_kernel(
     HAS_C: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT = alpha·X·Xᵀ (+ beta·C), lower-triangle tiles only, each stored to both triangles."""
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    # linear id -> lower-triangle tile (ti >= tj), id = ti(ti+1)/2 + tj; the fp32 sqrt is within one
-    # of the exact root for any realistic tile count, and the two corrections make it exact
-    ti = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
-    ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
-    tj = pid - ti * (ti + 1) // 2
-
+    ti, tj = lower_tile(tl.program_id(0))
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BLOCK_K)
-    # int64 offsets: a single matrix may hold more than 2^31 elements, and views have any strides
-    oi = offs_i.to(tl.int64)
-    oj = offs_j.to(tl.int64)
-    xi = X + b * s_xb + oi[:, None] * s_xm + offs_k[None, :] * s_xk
-    xj = X + b * s_xb + oj[None, :] * s_xm + offs_k[:, None] * s_xk
     mask_i = offs_i[:, None] < M
     mask_j = offs_j[None, :] < M
-
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(xi, mask=mask_i & k_ok[None, :], other=0.0)
-        bt = tl.load(xj, mask=mask_j & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
-        xi += BLOCK_K * s_xk
-        xj += BLOCK_K * s_xk
-
-    acc = acc * alpha
-    valid = mask_i & mask_j
-    if HAS_C:
-        cp = C + b * s_cb + oi[:, None] * s_cm + oj[None, :] * s_cn
-        acc += beta * tl.load(cp, mask=valid, other=0.0).to(tl.float32)
-    res = acc.to(OUT.dtype.element_ty)
-
-    o_base = OUT + b * s_ob
-    store_symmetric_tile(o_base, res, offs_i, offs_j, valid, s_om, s_on)
+    acc = gram_tile(X + b * s_xb, offs_i, offs_j, mask_i, mask_j, K, s_xm, s_xk, BLOCK, BLOCK_K, PRECISION, None)
+    sym_epilogue(acc, alpha, beta, C + b * s_cb, OUT + b * s_ob, offs_i, offs_j, mask_i & mask_j,
+                 s_cm, s_cn, s_om, s_on, HAS_C)
 
 
 def _launch(X3, C3, O3, alpha: float, beta: float, dtype: torch.dtype) -> None:

@@ -129,7 +129,7 @@ def checked_state_dict(opt, state_dict: dict) -> dict:
             group["adjust_lr_fn"] = current["adjust_lr_fn"]
         merged = {**(opt.defaults if kind else {**opt.defaults, **opt._adamw_defaults}), **group}
         try:
-            options.check_group({**merged, "params": current["params"]}, index, opt._runs)
+            options.check_group({**merged, "params": current["params"]}, index)
         except ValueError as error:
             raise ValueError(f"cannot load {where}: {error}") from None
         check_saved_state(state_dict["state"], saved["params"], current["params"], kind, where,

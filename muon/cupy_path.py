@@ -9,13 +9,13 @@ without copies; CuPy arrays reach here through `muon.newton_schulz`'s zero-copy 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .backends.registry import REGISTRY
 from .coefficients import Schedule
 
 # Installed packages carry the sources in muon/_csrc (setup.py's build_py); a checkout has csrc/.
@@ -47,13 +47,18 @@ def unavailable_reason(X: Tensor) -> str | None:
     return None
 
 
-@functools.cache
 def _module(device_index: int):
-    import cupy
+    """The compiled CuPy module of the CUDA sources on a device (kept in REGISTRY.native)."""
+    key = ("cupy", device_index)
+    module = REGISTRY.native.get(key)
+    if module is None:
+        import cupy
 
-    with cupy.cuda.Device(device_index):
-        code = (SOURCE_DIR / "ns_rtc.cu").read_text()
-        return cupy.RawModule(code=code, options=("-std=c++17", f"-I{SOURCE_DIR}"), backend="nvrtc")
+        with cupy.cuda.Device(device_index):
+            code = (SOURCE_DIR / "ns_rtc.cu").read_text()
+            module = REGISTRY.native[key] = cupy.RawModule(code=code, options=("-std=c++17", f"-I{SOURCE_DIR}"),
+                                                           backend="nvrtc")
+    return module
 
 
 def _function(device_index: int, name: str, smem: int = 0):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import runner
+from . import backends
 from .backends.dispatch import ALGORITHMS, choose_ns_dtype
+from .backends.op import COMPUTE_DTYPES
 from .coefficients import DEFAULT_RESTARTS, Schedule, check_restarts, resolve_schedule
-
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def resolve_dtype(dtype, device: torch.device, shape: tuple[int, int] | None = None) -> torch.dtype:
@@ -128,5 +127,5 @@ def orthogonalize(
     # "auto" (backend and algorithm) is decided in one place, as for the optimizer's plan, on the
     # stack as NS sees it (tall matrices on their small side); the op transposes them itself
     probe = X.mT if m > n else X
-    run = runner.resolve(backend, algorithm, probe, dtype, schedule.steps, restarts)
+    run = backends.resolve(backend, algorithm, probe, dtype, schedule.steps, restarts)
     return run(X, schedule, dtype).reshape(G.shape).to(out_dtype)

@@ -142,7 +142,6 @@ class Muon(Optimizer):
         self.process_group = process_group
         self._plan: engine.Plan | None = None
         self._plan_version = 0  # bumped when groups change
-        self._runs: dict = {}  # NS run functions by (backend, algorithm, device, s, l, dtype, steps)
         # AdamW groups take these where the group does not set them.
         self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay,
                                 "cautious_weight_decay": cautious_weight_decay}
@@ -182,7 +181,7 @@ class Muon(Optimizer):
             for key in muon_keys - set(self._adamw_defaults) - given - {"use_muon"}:
                 added.pop(key, None)
         try:
-            options.check_group(added, index, self._runs)
+            options.check_group(added, index)
         except Exception:
             self.param_groups.pop()
             raise
@@ -268,7 +267,9 @@ class Muon(Optimizer):
         return plan
 
     def _resolve_run(self, index: int, group: dict, X: Tensor, ns_dtype: torch.dtype, schedule):
-        return options.run_for(self._runs, group, index, X, ns_dtype, schedule.steps)
+        """(algorithm, kernel) of a bucket whose stacks look like X, chosen once when the plan is built
+        (`muon.backends.plan_kernel`); the plan keeps the kernel and calls it every step."""
+        return options.kernel_for(group, index, X, ns_dtype, schedule.steps)
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -296,7 +297,7 @@ class Muon(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
         checkpoint.upgrade(self)
-        self._plan, self._runs = None, {}
+        self._plan = None
         self._plan_version = self.__dict__.get("_plan_version", 0) + 1
 
     def __deepcopy__(self, memo: dict) -> Muon:

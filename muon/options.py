@@ -13,9 +13,8 @@ from torch import Tensor
 
 from . import distributed
 from ._shapes import ADJUST_LR_FNS, block_layout, matrix_shape, row_blocks, stored_matrix_shape, update_scale
-from .backends import BACKENDS, BackendUnavailable
+from .backends import BACKENDS, BackendUnavailable, plan_kernel
 from .backends.dispatch import ALGORITHMS
-from .backends.runner import resolve
 from .coefficients import resolve_schedule
 from .newton_schulz import COMPUTE_DTYPES, resolve_dtype
 
@@ -120,15 +119,15 @@ def check_unique(param_groups: list[dict], params) -> None:
         seen[id(p)] = where
 
 
-def check_group(group: dict, index: int, runs: dict) -> None:
+def check_group(group: dict, index: int) -> None:
     if group["use_muon"]:
-        check_muon_group(group, index, runs)
+        check_muon_group(group, index)
     else:
         check_adamw_group(group, index)
 
 
-def resolve_runs(group: dict, index: int, runs: dict) -> None:
-    """Resolve the group's NS backend for each matrix shape and device now, so that an unknown or
+def resolve_kernels(group: dict, index: int) -> None:
+    """Resolve the group's NS kernel for each matrix shape and device now, so that an unknown or
     unusable backend is an error at construction, and the step imports nothing."""
     name = group["backend"]
     if name != "auto" and name not in BACKENDS:
@@ -138,31 +137,31 @@ def resolve_runs(group: dict, index: int, runs: dict) -> None:
     # "auto" resolves per bucket at plan time and falls back to standard NS where Gram cannot run
     algorithms = ("standard", "gram") if group["ns_algorithm"] == "gram" else ("standard",)
     steps = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"]).steps
+    seen = set()
     for p in group["params"]:
         X = p.to_local() if distributed.is_dtensor(p) else p
         _, m, n = matrix_shape(p.shape, group["flatten"], group["transposed"])
         for r in set(row_blocks(m, group["split"], group["heads"])):
+            # sharded (DTensor) groups resolve "auto" without a shape: one dtype per collective
+            shape = None if X is not p else (min(r, n), max(r, n))
+            key = (min(r, n), max(r, n), X.dtype, X.device, shape is None)
+            if key in seen:
+                continue
+            seen.add(key)
+            # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
+            probe = torch.empty((1, min(r, n), max(r, n)), dtype=X.dtype, device=X.device)
             for algorithm in algorithms:
-                # a (1, s, l) stand-in with the parameter's device and dtype: backends look at those
-                probe = torch.empty((1, min(r, n), max(r, n)), dtype=X.dtype, device=X.device)
-                # sharded (DTensor) groups resolve "auto" without a shape: one dtype per collective
-                shape = None if X is not p else probe.shape[-2:]
-                run_for(runs, group, index, probe, resolve_dtype(group["ns_dtype"], X.device, shape), steps, algorithm)
+                kernel_for(group, index, probe, resolve_dtype(group["ns_dtype"], X.device, shape), steps, algorithm)
 
 
-def run_for(runs: dict, group: dict, index: int, X: Tensor, ns_dtype: torch.dtype, steps: int,
-            algorithm: str | None = None):
-    """(algorithm, run) of the group's backend for stack X, cached in `runs`; a BackendError naming
-    the group when it cannot run."""
-    algorithm = algorithm or group["ns_algorithm"]
-    key = (group["backend"], algorithm, X.device, X.shape[-2], X.shape[-1], ns_dtype, steps)
-    run = runs.get(key)
-    if run is None:
-        try:
-            run = runs[key] = resolve(group["backend"], algorithm, X, ns_dtype, steps)
-        except BackendUnavailable as exc:
-            raise BackendError(f"param_groups[{index}]: {exc}") from None
-    return run.algorithm, run
+def kernel_for(group: dict, index: int, X: Tensor, ns_dtype: torch.dtype, steps: int, algorithm: str | None = None):
+    """(algorithm, kernel) of the group's backend for stack X (`muon.backends.plan_kernel`), a
+    BackendError naming the group when it cannot run."""
+    try:
+        kernel = plan_kernel(group["backend"], algorithm or group["ns_algorithm"], X, ns_dtype, steps)
+    except BackendUnavailable as exc:
+        raise BackendError(f"param_groups[{index}]: {exc}") from None
+    return kernel.algorithm, kernel
 
 
 def check_real(group: dict, key: str, index: int, low: float, high: float = math.inf, *, open_high=False,
@@ -212,7 +211,7 @@ def check_tensors(group: dict, index: int, kind: str) -> None:
         if not p.is_floating_point():
             raise ValueError(f"{where} must be floating point, got {p.dtype}")
 
-def check_muon_group(group: dict, index: int, runs: dict) -> None:
+def check_muon_group(group: dict, index: int) -> None:
     check_lr(group, index)
     check_real(group, "momentum", index, 0.0, 1.0, open_high=True)
     steps = group["ns_steps"]
@@ -300,7 +299,7 @@ def check_muon_group(group: dict, index: int, runs: dict) -> None:
                 raise ValueError(
                     f"param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}, an {r}×{n} matrix): {error}"
                 ) from error
-    resolve_runs(group, index, runs)
+    resolve_kernels(group, index)
 
 def resolve_flatten(group: dict, index: int) -> None:
     """flatten=None (the default: not chosen) becomes False, unless the group holds a parameter with 4 or

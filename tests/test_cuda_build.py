@@ -16,6 +16,7 @@ import torch
 import muon
 from muon import _native
 from muon.backends import BackendUnavailable, cuda_backend
+from muon.backends.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED_BUILD = os.environ.get("MUON_SKIP_CUDA_BUILD", "0") not in ("", "0")
@@ -81,7 +82,7 @@ def test_no_gpu_reason_names_it():
 
 
 def test_missing_extension_message(monkeypatch):
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(REGISTRY, "native", {})
 
     def fail(name):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
@@ -90,11 +91,11 @@ def test_missing_extension_message(monkeypatch):
     assert _native.load() is None
     msg = _native.load_error()
     assert "muon._C is not built" in msg and "nvcc" in msg and "fused-muon[cupy]" in msg
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(REGISTRY, "native", {})
     monkeypatch.setattr(_native.importlib, "import_module",
                         lambda name: (_ for _ in ()).throw(ImportError("undefined symbol: cudaFoo")))
     assert _native.load() is None and "failed to load (undefined symbol: cudaFoo)" in _native.load_error()
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(REGISTRY, "native", {})
 
 
 def test_non_bf16_compute_dtype_is_rejected():

@@ -208,7 +208,7 @@ def test_unknown_or_unreadable_cpu_falls_back_to_fp32(monkeypatch):
     def no_file(*args, **kwargs):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(dispatch, "_CPU_MODEL", {})
+    monkeypatch.setattr(dispatch.REGISTRY, "host", {})
     monkeypatch.setattr("builtins.open", no_file)
     monkeypatch.setattr(dispatch.platform, "processor", lambda: "")
     assert dispatch.cpu_model() == ""
@@ -243,3 +243,131 @@ def test_optimizer_and_newton_schulz_resolve_auto_from_the_table(monkeypatch):
     assert sorted(str(b.ns_dtype) for b in opt._plan.groups[0].buckets) == ["torch.bfloat16", "torch.float32"]
     for p, q in zip(engine, loop):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the kernel, chosen once
+class _Facts(dict):
+    """reasons for choose_kernel that remember which backends were asked about."""
+
+    def __init__(self, **reasons):
+        super().__init__(reasons)
+        self.asked = []
+
+    def __getitem__(self, name):
+        self.asked.append(name)
+        return super().__getitem__(name)
+
+
+def test_choose_kernel_is_a_function_of_shape_dtype_device_options_and_facts():
+    from muon.backends.op import Kernel
+
+    choose = lambda backend, algorithm, b, s, l, dtype, device, facts, **kw: dispatch.choose_kernel(  # noqa: E731
+        backend, algorithm, b, s, l, dtype, device, steps=5, reasons=facts, **kw)
+    facts = _Facts(triton=None, cuda="no extension")
+    assert choose("auto", "standard", 64, 128, 128, BF16, "cuda", facts) == Kernel("triton")  # measured 0.042 ms
+    assert choose("auto", "standard", 1, 128, 128, BF16, "cuda", facts) == Kernel("torch")  # batch 64x away
+    assert facts.asked == ["triton"]  # never the extension auto does not pick
+    unusable = choose("auto", "standard", 64, 128, 128, BF16, "cuda", _Facts(triton="no Triton here"))
+    assert unusable == Kernel("torch") and "no Triton here" in unusable.reason
+    cpu = _Facts()
+    assert choose("auto", "standard", 64, 128, 128, BF16, "cpu", cpu) == Kernel("torch") and cpu.asked == []
+    assert choose("auto", "gram", 4, 64, 256, BF16, "cuda", cpu) == Kernel("torch", "gram", restarts=(2,))
+    assert choose("auto", "auto", 4, 64, 256, BF16, "cpu", cpu).algorithm == "gram"  # the FLOP model, n > 1.5 m
+    assert choose("cuda", "auto", 4, 64, 256, BF16, "cpu", _Facts(cuda=None)) == Kernel("cuda")  # no Gram NS there
+    with pytest.raises(backends.BackendUnavailable, match="no extension"):
+        choose("cuda", "standard", 4, 64, 256, BF16, "cuda", facts)
+    with pytest.raises(backends.BackendUnavailable, match="has no Gram Newton–Schulz"):
+        choose("cuda", "gram", 4, 64, 256, BF16, "cuda", _Facts(cuda=None))
+    with pytest.raises(backends.BackendUnavailable, match="unknown backend"):
+        choose("fastest", "standard", 4, 64, 256, BF16, "cuda", facts)
+    table = (dispatch.Entry(8, 64, 256, "bfloat16", "muon[triton:persistent]", "triton-v2", 1.0, 2.0),)
+    persistent = Kernel("triton", path="persistent")
+    assert choose("auto", "standard", 8, 64, 256, BF16, "cuda", facts, table=table) == persistent
+    assert persistent.name == "triton:persistent" and Kernel("triton", path="auto").name == "triton"
+
+
+def test_the_plan_chooses_each_buckets_kernel_once(monkeypatch):
+    """The step calls the kernel its plan chose when it was built: no choice after the first step."""
+    import muon
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, requires_grad=True) for s in [(8, 12), (8, 12), (12, 20), (6, 6)]]
+    opt = muon.Muon(params, lr=0.02)
+    calls = []
+    real = dispatch.choose_kernel
+    monkeypatch.setattr(dispatch, "choose_kernel", lambda *a, **kw: calls.append(a[:7]) or real(*a, **kw))
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        if step == 0:
+            buckets = opt._plan.groups[0].buckets
+            assert len(calls) == len(buckets) == 3
+            assert all(b.run == backends.op.Kernel("torch") for b in buckets)
+            calls.clear()
+    assert calls == []
+
+
+def test_batch_kernel_chooses_once_per_batch():
+    from muon.backends.op import BatchKernel, Kernel
+
+    asked = []
+    kernel = BatchKernel(lambda batch: asked.append(batch) or Kernel("torch"))
+    schedule = resolve_schedule("keller", 5, 1e-7)
+    for batch in (4, 4, 2, 4, 2):
+        X = torch.randn(batch, 8, 16)
+        assert torch.equal(kernel(X, schedule, torch.float32), backends.module("torch").run(X, schedule, torch.float32))
+    assert asked == [4, 2] and set(kernel.by_batch) == {4, 2}
+
+
+def test_registry_owns_the_process_state_and_clears_in_place():
+    from muon.backends.registry import REGISTRY, BoundedCache
+
+    muon_ns = torch.randn(4, 6)
+    before = backends.module("torch")
+    import muon
+
+    muon.newton_schulz(muon_ns)
+    assert REGISTRY.modules["torch"] is before and REGISTRY.sizes()["fns"] >= 1
+    schedules = REGISTRY.schedules
+    try:
+        REGISTRY.clear()
+        assert REGISTRY.schedules is schedules and set(REGISTRY.sizes().values()) == {0}
+    finally:
+        backends.module("torch")  # what the package loads at import
+    muon.newton_schulz(muon_ns)  # rebuilt on use
+    assert REGISTRY.modules["torch"] is before
+    cache = BoundedCache(2)
+    for k in "abc":
+        cache.put(k, k)
+    assert list(cache) == ["b", "c"]
+
+
+def test_a_plan_whose_choice_depends_on_the_batch_chooses_once_per_batch(monkeypatch):
+    """backend="auto" on CUDA (batch_matters; forced here on the CPU): the plan keeps a BatchKernel,
+    which chooses at a bucket's first step and never again."""
+    import muon
+    from muon.backends.op import BatchKernel, Kernel
+
+    monkeypatch.setattr(dispatch, "batch_matters", lambda backend, algorithm, device_type: True)
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=gen, requires_grad=True) for s in [(8, 12), (12, 8), (8, 12), (6, 6)]]
+    twin = [p.detach().clone().requires_grad_(True) for p in params]
+    opt, ref = muon.Muon(params, lr=0.02), muon.Muon(twin, lr=0.02, backend="torch")
+    calls = []
+    real = dispatch.choose_kernel
+    monkeypatch.setattr(dispatch, "choose_kernel", lambda *a, **kw: calls.append(a[:7]) or real(*a, **kw))
+    for step in range(3):
+        for p, q in zip(params, twin):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin))
+        if step == 0:
+            runs = [b.run for b in opt._plan.groups[0].buckets]
+            assert all(isinstance(r, BatchKernel) for r in runs)
+            assert sorted(b for r in runs for b in r.by_batch) == [1, 3]  # (8, 12) x3 (one tall), (6, 6)
+            assert all(k == Kernel("torch") for r in runs for k in r.by_batch.values())
+            calls.clear()
+    assert calls == []

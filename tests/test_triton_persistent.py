@@ -185,18 +185,18 @@ def test_plans_are_cached(device):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_and_is_cached():
-    from muon.backends import graphs
+    from muon.backends.registry import REGISTRY
 
     schedule = resolve_schedule("keller", 5, 1e-7)
-    graphs.CACHE.clear()
-    before = graphs.CACHE.captures
+    REGISTRY.graphs.clear()
+    before = REGISTRY.graphs.captures
     for path in ("auto", "persistent"):
         for _ in range(3):
             G = torch.randn(8, 64, 256, device="cuda")
             eager = triton_backend.run(G, schedule, torch.bfloat16, path=path, graphs=False)
             replay = triton_backend.run(G, schedule, torch.bfloat16, path=path, graphs=True)
             assert torch.equal(eager, replay)
-    assert graphs.CACHE.captures - before == 2
+    assert REGISTRY.graphs.captures - before == 2
     # an outer capture disables ours (eager launches are captured by the caller instead)
     G = torch.randn(8, 64, 256, device="cuda")
     triton_backend.run(G, schedule, torch.bfloat16, graphs=True)
@@ -233,7 +233,8 @@ def test_auto_runs_the_path_the_table_names(monkeypatch, device):
         calls.append(kwargs)
         return real(X, schedule, dtype, **kwargs)
 
-    monkeypatch.setattr(dispatch, "choose_backend", lambda X, dtype: dispatch.Choice("triton", {"path": "persistent"}))
+    persistent = dispatch.Choice("triton", {"path": "persistent"})
+    monkeypatch.setattr(dispatch, "choose_for_shape", lambda *shape, **kw: persistent)
     monkeypatch.setattr(triton_backend, "run", spy)
     G = torch.randn(2, 16, 40, device=device)
     out = muon.newton_schulz(G, dtype=torch.bfloat16, backend="auto")

@@ -13,7 +13,15 @@ What ns_dtype="auto" computes in: bf16 on CUDA (tensor cores); on a CPU the meas
 `CPU_DTYPE_TABLE` (one entry per CPU model, thread count and shape, `python -m bench ns-dtype`), fp32
 wherever it has nothing to say (another CPU, an unmeasured shape class, sharded groups).
 
-## Backend table — `choose_backend(X, dtype)`
+## The kernel — `choose_kernel(backend, algorithm, batch, s, l, dtype, device_type, steps=, reasons=)`
+
+The one function that maps a stack's shape, compute dtype and device, a group's `backend` and
+`ns_algorithm`, the facts of the process (`reasons`: which backends can run here, from
+`muon.backends.registry.REGISTRY`) and the tables below to the kernel that runs (`muon.backends.op.Kernel`).
+Pure: the plan calls it (through `muon.backends.plan_kernel`) once per bucket when it is built and
+keeps the answer; `muon.newton_schulz` once per call.
+
+## Backend table — `choose_for_shape(batch, m, n, dtype, device_type)`
 
 Source: bench/results/h100-899c9f9/kernels.csv — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0,
 commit 899c9f9, NS of 5 Keller steps on fp32 inputs in bf16, `triton.testing.do_bench` medians, every
@@ -43,6 +51,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .op import Kernel
+from .registry import REGISTRY
 
 # ----------------------------------------------------------------------------- NS algorithm
 # algorithm="auto": standard Newton–Schulz or Gram Newton–Schulz (muon.backends.torch_backend.run_gram).
@@ -157,13 +168,10 @@ CPU_DTYPE_TABLE: tuple[DtypeEntry, ...] = (
     DtypeEntry('AMD EPYC', 2, 256, 1024, 'float32', 198.7, 1670.0),
 )
 
-_CPU_MODEL: dict[str, str] = {}
-
-
 def cpu_model() -> str:
     """This machine's CPU model name (/proc/cpuinfo "model name", else platform.processor()); "" if
-    neither says. Read once per process."""
-    model = _CPU_MODEL.get("name")
+    neither says. Read once per process (kept in REGISTRY.host)."""
+    model = REGISTRY.host.get("cpu_model")
     if model is None:
         model = ""
         try:
@@ -174,21 +182,18 @@ def cpu_model() -> str:
                         break
         except OSError:
             pass
-        model = _CPU_MODEL["name"] = model or platform.processor() or ""
+        model = REGISTRY.host["cpu_model"] = model or platform.processor() or ""
     return model
-
-
-_HOST: dict[str, tuple[str, int]] = {}
 
 
 def _this_machine() -> tuple[str, int]:
     """(CPU model, torch threads). torch.compile builds the optimizer's plan inside a compiled step
     and can trace neither a file read nor torch.get_num_threads: there it reads what the last eager
-    call saw (or, before any, the CPU model read at import and one thread). Not
+    call saw (REGISTRY.host; before any, the CPU model read at import and one thread). Not
     torch.compiler.assume_constant_result, which would import torch._dynamo (and Triton) with muon."""
     if torch.compiler.is_compiling():
-        return _HOST.get("facts", (_CPU_MODEL.get("name", ""), 1))
-    facts = _HOST["facts"] = (cpu_model(), torch.get_num_threads())
+        return REGISTRY.host.get("facts", (REGISTRY.host.get("cpu_model", ""), 1))
+    facts = REGISTRY.host["facts"] = (cpu_model(), torch.get_num_threads())
     return facts
 
 
@@ -243,12 +248,17 @@ def dtype_table_from_rows(rows) -> tuple[DtypeEntry, ...]:
     return tuple(table)
 
 
-def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
+def read_rows(*paths) -> list[dict]:
+    """The rows of `python -m bench` CSV files, in order."""
     rows = []
     for path in paths:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
-    return dtype_table_from_rows(rows)
+    return rows
+
+
+def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
+    return dtype_table_from_rows(read_rows(*paths))
 
 
 # ---------------------------------------------------------------------------------------- backend table
@@ -348,11 +358,7 @@ def table_from_rows(rows) -> tuple[Entry, ...]:
 
 
 def table_from_csv(*paths) -> tuple[Entry, ...]:
-    rows = []
-    for path in paths:
-        with open(path, newline="") as f:
-            rows.extend(csv.DictReader(f))
-    return table_from_rows(rows)
+    return table_from_rows(read_rows(*paths))
 
 
 def _distance(e: Entry, batch: int, short: int, long: int) -> float:
@@ -388,19 +394,67 @@ def choose_for_shape(batch: int, m: int, n: int, dtype: torch.dtype, device_type
                   f"{e.batch}x{e.short}x{e.long}")
 
 
-_CHOICES: dict[tuple, Choice] = {}
-
-
 def choose_backend(X: Tensor, dtype: torch.dtype = torch.bfloat16) -> Choice:
-    """The auto choice for a (B, m, n) stack X computed in `dtype`; cached per shape class key."""
+    """The table's choice for a (B, m, n) stack X computed in `dtype` (`choose_for_shape`)."""
     B, m, n = X.shape if X.ndim == 3 else (1, *X.shape[-2:])
-    key = (B, m, n, dtype, X.device.type)
-    choice = _CHOICES.get(key)
-    if choice is None:
-        if len(_CHOICES) > 4096:
-            _CHOICES.clear()
-        choice = _CHOICES[key] = choose_for_shape(B, m, n, dtype, X.device.type)
-    return choice
+    return choose_for_shape(B, m, n, dtype, X.device.type)
+
+
+# ----------------------------------------------------------------------------- the kernel
+# backends with Gram NS (`run_gram`); "auto" runs torch's (muon's Triton Gram kernels are unmeasured)
+GRAM_BACKENDS = ("torch", "triton")
+
+
+def choose_kernel(backend: str, algorithm: str, batch: int, s: int, l: int, dtype: torch.dtype,
+                  device_type: str, *, steps: int, restarts=(2,), reasons, table: tuple[Entry, ...] | None = None
+                  ) -> Kernel:
+    """The Newton–Schulz kernel for a (batch, s, l) stack (s <= l) computed in `dtype` on a `device_type`
+    device, for a group's `backend` ("auto", "torch", "triton", "cuda") and `algorithm` ("standard",
+    "gram", "auto") with `steps` NS steps (and Gram's `restarts`). A pure function of its arguments:
+
+    - `reasons[name]`: why backend `name` cannot run on this device, None when it can (what the
+      registry knows of this process: packages, extension, interpreter); read only for the backends
+      the answer needs;
+    - `table`: the measured backend table (default BACKEND_TABLE).
+
+    algorithm="auto": `choose_algorithm`, then standard where the backend has no Gram NS. A named
+    backend runs if it can, else BackendUnavailable with its reason (or, for Gram NS on a backend
+    without it, the backends that have it). backend="auto": Gram NS on torch; standard NS on the
+    provider `choose_for_shape` names for this shape when it can run here, else torch.
+    """
+    from . import BACKENDS, BackendUnavailable
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    if algorithm == "auto":
+        algorithm = choose_algorithm(s, l, device_type, dtype, steps=steps, restarts=restarts)
+        if algorithm == "gram" and backend not in ("auto", *GRAM_BACKENDS):
+            algorithm = "standard"
+    restarts = tuple(restarts) if algorithm == "gram" else ()
+    if backend != "auto":
+        reason = reasons[backend]
+        if reason is not None:
+            raise BackendUnavailable(reason)
+        if algorithm == "gram" and backend not in GRAM_BACKENDS:
+            raise BackendUnavailable(
+                f"backend={backend!r} has no Gram Newton–Schulz: use algorithm='standard', or backend='torch' "
+                "or 'triton' for algorithm='gram'"
+            )
+        return Kernel(backend, algorithm, restarts=restarts, reason="named by the group")
+    if algorithm == "gram":
+        return Kernel("torch", "gram", restarts=restarts, reason="auto: muon's Gram kernels are unmeasured")
+    choice = choose_for_shape(batch, s, l, dtype, device_type, table)
+    if choice.backend != "torch":
+        reason = reasons[choice.backend]
+        if reason is None:
+            return Kernel(choice.backend, "standard", path=choice.kwargs.get("path", ""), reason=choice.reason)
+        return Kernel("torch", "standard", reason=f"{choice.reason}, but it cannot run here: {reason}")
+    return Kernel("torch", "standard", reason=choice.reason)
+
+
+def batch_matters(backend: str, algorithm: str, device_type: str) -> bool:
+    """Whether `choose_kernel`'s answer can change with the batch (only the table's, on CUDA)."""
+    return backend == "auto" and algorithm == "standard" and device_type == "cuda"
 
 
 def main(argv=None) -> None:

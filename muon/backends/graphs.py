@@ -8,7 +8,8 @@ whose GPU work is small (launch-bound); see `triton_backend.GRAPH_MAX_FLOPS`.
 
 Disabled (eager launches instead) on non-CUDA tensors, inside an outer stream capture (a graph in a
 graph would capture our copies, which is the caller's business) and while torch.compile traces.
-Bounded: at most `CAPACITY` graphs (least recently used dropped first).
+Bounded: at most `CAPACITY` graphs (least recently used dropped first). The process's cache is
+`muon.backends.registry.REGISTRY.graphs`.
 """
 
 from __future__ import annotations
@@ -94,5 +95,3 @@ class GraphCache:
         self.captures += 1
         return _Entry(graph, static_in, static_out)
 
-
-CACHE = GraphCache()

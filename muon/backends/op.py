@@ -7,19 +7,20 @@ G is one m×n matrix or a (B, m, n) stack, either orientation (tall matrices run
 small side), any strides and float dtype. coefficients are the schedule's (a, b, c) of every step,
 flattened (3·steps floats); fro_scale, eps and precondition ("frobenius" or "aol") are the rest of
 `muon.coefficients.Schedule`. dtype is the compute dtype, and the result's: G's shape in `dtype` (a
-tall G's result is the transpose of a contiguous stack, as the kernels write it). backend is "torch",
-"triton", "cuda" or "auto" (the measured dispatch table per call, `muon.backends.run_auto`); algorithm
-"standard" or "gram" (resolved by the caller: `muon.backends.runner.resolve`); restarts are Gram NS's
-(ignored by standard NS).
+tall G's result is the transpose of a contiguous stack, as the kernels write it). backend names the
+kernel: "torch", "triton" (v1, its path by shape), "triton:small", "triton:gemm", "triton:persistent",
+"cuda" — what a `Kernel` resolved by `muon.backends.resolve` passes — or "auto" (resolved at the call,
+for callers of the op itself and a compiled step's first trace); algorithm "standard" or "gram"
+(resolved by the caller); restarts are Gram NS's (ignored by standard NS).
 
 Kernels:
-- default (every device, CompositeExplicitAutograd): the pure-torch backend (`torch_backend.run` /
-  `run_gram`), the oracle every other kernel is tested against. backend="auto" asks the dispatch
-  table per call, which names torch off CUDA (never a kernel on a CPU); backend="triton" on a CPU tensor runs the Triton
-  kernels in Triton's interpreter (TRITON_INTERPRET=1, how CI tests them) and "cuda" raises the
-  backend's error (`BackendUnavailable`).
-- CUDA: the backend the argument names: the torch backend (cuBLAS), the Triton kernels
-  (`triton_backend`) or the CUDA extension (`cuda_backend`), "auto" by the dispatch table.
+- every device (one kernel, registered as CompositeExplicitAutograd and for CUDA): the backend the
+  argument names, checked first (`BackendUnavailable` with the fix). On CUDA: the torch backend
+  (cuBLAS), the Triton kernels (`triton_backend`, the path after the colon) or the CUDA extension
+  (`cuda_backend`). Elsewhere the
+  pure-torch backend (`torch_backend.run` / `run_gram`), the oracle every other kernel is tested
+  against ("auto" names it there: never a kernel on a CPU), or the Triton kernels in Triton's
+  interpreter on a CPU tensor (TRITON_INTERPRET=1, how CI tests them); "cuda" raises.
 - fake (meta): G's (transposed) layout in `dtype`, what FakeTensor and torch.compile see; the op is
   opaque to torch.compile, which calls the registered kernel (no graph break, eager's bits).
 - autograd: the gradient of the torch oracle (recomputed in backward), as the torch backend had.
@@ -27,7 +28,9 @@ Kernels:
 Each kernel looks the backend's `run` (`run_gram`) up on its module at every call, so instrumentation
 that replaces the attribute (bench profile, the tests' spies) still sees the calls.
 
-`call(X, schedule, dtype, backend, algorithm, restarts)` is how muon calls the op. Under a
+`Kernel(backend, algorithm, path, restarts)` is one resolved kernel (what `muon.backends.dispatch.
+choose_kernel` answers and a plan keeps per bucket); called as `kernel(X, schedule, dtype)` it runs
+the op through `call(X, schedule, dtype, name, algorithm, restarts)`, how muon calls the op. Under a
 TorchDispatchMode of the user's (profilers, op and FLOP counters, bench's half-precision emulation:
 any mode not of torch's own tracing machinery) it runs the kernel directly, so the mode sees the
 backend's aten ops as before rather than one opaque op.
@@ -39,10 +42,69 @@ import torch
 from torch import Tensor
 
 from ..coefficients import Schedule
+from .registry import REGISTRY
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 OP_ALGORITHMS = ("standard", "gram")
-OP_BACKENDS = ("auto", "torch", "triton", "cuda")
+TRITON_PATHS = ("small", "gemm", "persistent")  # "triton" alone: v1, its path by shape
+OP_BACKENDS = ("auto", "torch", "triton", *(f"triton:{p}" for p in TRITON_PATHS), "cuda")
+
+
+def kernel_name(backend: str, path: str = "") -> str:
+    """The op's backend argument of a backend and its path ("" or "auto": the backend's default)."""
+    return f"{backend}:{path}" if path and path != "auto" else backend
+
+
+class Kernel:
+    """One resolved Newton–Schulz kernel: a backend ("torch", "triton", "cuda"), its path (triton's:
+    "" for v1 by shape, "small", "gemm", "persistent"), the algorithm ("standard", "gram") and Gram's
+    restarts, and why it was chosen. Called, it runs muon::newton_schulz with it."""
+
+    __slots__ = ("backend", "path", "algorithm", "restarts", "reason", "name")
+
+    def __init__(self, backend: str, algorithm: str = "standard", *, path: str = "", restarts=(),
+                 reason: str = "") -> None:
+        self.backend, self.path, self.algorithm = backend, "" if path == "auto" else path, algorithm
+        self.restarts = tuple(restarts) if algorithm == "gram" else ()
+        self.reason = reason
+        self.name = kernel_name(backend, path)
+
+    def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
+        return call(X, schedule, dtype, self.name, self.algorithm, self.restarts)
+
+    def _key(self) -> tuple:
+        return self.name, self.algorithm, self.restarts
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Kernel) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        restarts = f", restarts={self.restarts}" if self.restarts else ""
+        return f"Kernel({self.name!r}, {self.algorithm!r}{restarts})"
+
+
+class BatchKernel:
+    """A bucket's kernel where the dispatch table's answer depends on the batch (backend="auto" on
+    CUDA) and the plan was built without it: `choose(batch)` runs at the first call with each batch
+    size and its Kernel is kept here (a bucket has one or two chunk sizes). While torch.compile traces
+    a batch not chosen yet, the op is called with "auto" and chooses at run time."""
+
+    __slots__ = ("choose", "by_batch", "algorithm")
+
+    def __init__(self, choose) -> None:
+        self.choose, self.by_batch, self.algorithm = choose, {}, "standard"
+
+    def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
+        batch = X.shape[0] if X.ndim == 3 else 1
+        kernel = self.by_batch.get(batch)
+        if kernel is None:
+            if torch.compiler.is_compiling():
+                return call(X, schedule, dtype, "auto", "standard", ())
+            kernel = self.by_batch[batch] = self.choose(batch)
+        return kernel(X, schedule, dtype)
 
 
 def schedule_args(schedule: Schedule) -> tuple[list[float], float, float, str]:
@@ -51,18 +113,13 @@ def schedule_args(schedule: Schedule) -> tuple[list[float], float, float, str]:
     return coefficients, float(schedule.fro_scale), float(schedule.eps), schedule.precondition
 
 
-# the op's arguments -> Schedule (a handful of distinct schedules per process; bounded anyway)
-_SCHEDULES: dict = {}
-
-
 def _schedule(coefficients, fro_scale: float, eps: float, precondition: str) -> Schedule:
+    """The op's arguments -> Schedule (REGISTRY.schedules: a handful per process, bounded anyway)."""
     key = (tuple(coefficients), fro_scale, eps, precondition)
-    schedule = _SCHEDULES.get(key)
+    schedule = REGISTRY.schedules.get(key)
     if schedule is None:
-        if len(_SCHEDULES) > 256:
-            _SCHEDULES.clear()
         steps = tuple(key[0][i : i + 3] for i in range(0, len(coefficients), 3))
-        schedule = _SCHEDULES[key] = Schedule(steps, fro_scale, eps, precondition)
+        schedule = REGISTRY.schedules.put(key, Schedule(steps, fro_scale, eps, precondition))
     return schedule
 
 
@@ -103,63 +160,39 @@ def _apply(G: Tensor, coefficients, fro_scale, eps, precondition, dtype, restart
     return _unstack(Y, G, transposed)
 
 
-_FNS: dict = {}
+def _backend_fn(name: str, algorithm: str):
+    """fn(X, schedule, dtype, restarts) of kernel `name`: its backend's `run`/`run_gram` looked up at
+    each call (instrumentation that replaces the attribute sees the calls)."""
+    from . import module
 
-
-def _backend_fn(backend: str, algorithm: str):
-    """fn(X, schedule, dtype, restarts) of a backend, its `run`/`run_gram` looked up at each call."""
-    fn = _FNS.get((backend, algorithm))
-    if fn is None:
-        fn = _FNS[(backend, algorithm)] = _make_backend_fn(backend, algorithm)
-    return fn
-
-
-def _make_backend_fn(backend: str, algorithm: str):
-    from . import _module, run_auto
-
+    backend, _, path = name.partition(":")
+    mod = module(backend)
     if algorithm == "gram":
-        # "auto" runs the torch backend's Gram NS (muon.backends.select_gram)
-        module = _module("torch" if backend == "auto" else backend)
-        return lambda X, schedule, dtype, restarts: module.run_gram(X, schedule, dtype, tuple(restarts))
-    if backend == "auto":
-        return lambda X, schedule, dtype, restarts: run_auto(X, schedule, dtype)
-    module = _module(backend)
-    return lambda X, schedule, dtype, restarts: module.run(X, schedule, dtype)
+        return lambda X, schedule, dtype, restarts: mod.run_gram(X, schedule, dtype, tuple(restarts))
+    if path:
+        return lambda X, schedule, dtype, restarts: mod.run(X, schedule, dtype, path=path)
+    return lambda X, schedule, dtype, restarts: mod.run(X, schedule, dtype)
 
 
-def _torch_fn(algorithm: str):
-    return _backend_fn("torch", algorithm)
-
-
-def _default_kernel(G, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, restarts):
+def _kernel(G, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, restarts):
+    """The op's kernel on every device: the backend `backend` names ("auto": resolved here), checked
+    first (BackendUnavailable with the fix). The backend function is kept in REGISTRY.fns per
+    (kernel, algorithm, device) where the check's answer cannot change: torch everywhere, any named
+    kernel on a CUDA device."""
     _check(G, coefficients, dtype, backend, algorithm)
-    if backend in ("triton", "cuda"):
-        from . import BackendUnavailable, unavailable_reason
+    key = (backend, algorithm, G.device)
+    fn = REGISTRY.fns.get(key)
+    if fn is None:
+        name = backend
+        if backend != "torch":
+            from . import resolve
 
-        X, _ = _stack(G)
-        reason = unavailable_reason(backend, X)
-        if reason is not None:
-            raise BackendUnavailable(reason)
-        fn = _backend_fn(backend, algorithm)
-    else:
-        fn = _backend_fn(backend, algorithm)  # "auto": the dispatch table, which names torch off CUDA
-    return _apply(G, coefficients, fro_scale, eps, precondition, dtype, restarts, fn)
-
-
-# (backend, algorithm, device) that passed the availability check on a CUDA device
-_CUDA_CHECKED: set = set()
-
-
-def _cuda_kernel(G, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, restarts):
-    _check(G, coefficients, dtype, backend, algorithm)
-    key = (backend, algorithm, str(G.device))
-    if key not in _CUDA_CHECKED:
-        from . import select, select_gram
-
-        X, _ = _stack(G)
-        (select_gram if algorithm == "gram" else select)(backend, X)  # BackendUnavailable with the fix
-        _CUDA_CHECKED.add(key)
-    fn = _backend_fn(backend, algorithm)
+            X, _ = _stack(G)
+            kernel = resolve(backend.partition(":")[0], algorithm, X, dtype, len(coefficients) // 3)
+            name = kernel.name if backend == "auto" else backend
+        fn = _backend_fn(name, algorithm)
+        if backend == "torch" or (G.device.type == "cuda" and backend != "auto"):
+            REGISTRY.fns[key] = fn
     return _apply(G, coefficients, fro_scale, eps, precondition, dtype, restarts, fn)
 
 
@@ -173,8 +206,8 @@ SCHEMA = (
 # plain eager NS call must import neither.
 _LIB = torch.library.Library("muon", "DEF")
 _LIB.define(SCHEMA)
-_LIB.impl("newton_schulz", _default_kernel, "CompositeExplicitAutograd")
-_LIB.impl("newton_schulz", _cuda_kernel, "CUDA")
+_LIB.impl("newton_schulz", _kernel, "CompositeExplicitAutograd")
+_LIB.impl("newton_schulz", _kernel, "CUDA")  # the same kernel: a CUDA tensor's backend is the argument's
 
 
 def _fake(G, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, restarts):
@@ -195,7 +228,7 @@ def _backward(ctx, grad: Tensor):
     coefficients, fro_scale, eps, precondition, dtype, _, algorithm, restarts = ctx.args
     with torch.enable_grad():
         G = ctx.G.detach().requires_grad_(True)
-        Y = _apply(G, coefficients, fro_scale, eps, precondition, dtype, restarts, _torch_fn(algorithm))
+        Y = _apply(G, coefficients, fro_scale, eps, precondition, dtype, restarts, _backend_fn("torch", algorithm))
         (dG,) = torch.autograd.grad(Y, G, grad)
     return dG, None, None, None, None, None, None, None, None
 
@@ -218,7 +251,6 @@ def call(X: Tensor, schedule: Schedule, dtype: torch.dtype, backend: str, algori
     coefficients, fro_scale, eps, precondition = schedule_args(schedule)
     args = (X, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, [int(r) for r in restarts])
     if not torch.compiler.is_compiling() and _user_mode_active():
-        kernel = _cuda_kernel if X.device.type == "cuda" else _default_kernel
-        return kernel(*args)
+        return _kernel(*args)
     return torch.ops.muon.newton_schulz.default(*args)
 OPERATOR = torch.ops.muon.newton_schulz.default  # the registered op

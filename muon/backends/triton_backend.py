@@ -10,14 +10,14 @@ version v1, the one measured on an H100 (kernels/NOTES.md). path="persistent" ru
 TMA kernels (kernels/persistent.py), unmeasured so far and therefore only when asked for.
 
 On CUDA, calls whose GPU work is small (launch-bound, below GRAPH_MAX_FLOPS) replay a cached CUDA
-graph of the whole sequence (muon/backends/graphs.py): one launch of host cost instead of 3 + 3·steps.
+graph of the whole sequence (muon/backends/graphs.py; the cache is REGISTRY.graphs): one launch of
+host cost instead of 3 + 3·steps.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from typing import Literal
 
 import torch
@@ -62,8 +62,11 @@ def unavailable_reason(X: Tensor) -> str | None:
             "backend='triton' got a CPU tensor: move it to a CUDA GPU, or set TRITON_INTERPRET=1 in the "
             "environment before muon.kernels is imported to run the kernels in Triton's CPU interpreter (slow)"
         )
-    kernels = sys.modules.get("muon.kernels")
-    if kernels is not None and not kernels.INTERPRETED:
+    # Triton picks the interpreter when a kernel is defined: muon.kernels, imported now if it was not
+    # before, says whether it was imported with TRITON_INTERPRET=1 set
+    from muon import kernels
+
+    if not kernels.INTERPRETED:
         return (
             "backend='triton' got a CPU tensor, but muon.kernels was imported before TRITON_INTERPRET=1 was set "
             "(Triton picks the interpreter when a kernel is defined): set it before the first import"
@@ -125,9 +128,10 @@ def run(
     call = lambda X: fn(X, schedule.coefficients, schedule.fro_scale, schedule.eps, dtype,
                         precondition=schedule.precondition)
     if use_graph(X, schedule, graphs):
-        from . import graphs as _graphs
+        from .graphs import graph_key
+        from .registry import REGISTRY
 
-        return _graphs.CACHE.run(_graphs.graph_key(X, schedule, dtype, fn.__name__), X, call)
+        return REGISTRY.graphs.run(graph_key(X, schedule, dtype, fn.__name__), X, call)
     return call(X)
 
 
