@@ -58,9 +58,11 @@ class StepState:
         self.scalars: dict[tuple, Tensor] = {} if scalars is None else scalars
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
-            transposed: bool = False, device=None, create: bool = True) -> Tensor | None:
+            transposed: bool = False, device=None, create: bool = True,
+            low: torch.dtype | None = None) -> Tensor | None:
         """The local tensor of state[p][key] (created when missing), checked to have `shape`
-        (default: the parameter's local shape; counters: one element) and to lie on `device`."""
+        (default: the parameter's local shape; counters: one element), the dtype of the group's
+        state_dtype `low` (`muon.functional.state_dtype`) and to lie on `device`."""
         d = self.state.get(p)
         value = None if d is None else d.get(key)
         hit = self.seen.get((id(p), key))
@@ -70,15 +72,15 @@ class StepState:
             made = self.made.get((id(p), key))
             if made is not None:
                 return local(made)
-            F.check_state(key, p, None, place(where))
+            F.check_state(key, p, None, place(where), low)
             if not create:
                 return None
-            value = F.zero_state(key, p, flatten, transposed)
+            value = F.zero_state(key, p, flatten, transposed, low)
             self.made[id(p), key] = value
             self.installs.append((p, key, value))
             return local(value)
         t = local(value)
-        F.check_state(key, p, t, place(where))  # a state the step would have to cast: refused, naming it
+        F.check_state(key, p, t, place(where), low)  # a state the step would have to cast: refused, naming it
         if key in COUNTERS:
             fits = t.numel() == 1
             expected = ()
@@ -250,6 +252,10 @@ class ChunkMomentum:
     scratch: bool
     packed: Packed | None = None  # repacked this step: installed at the commit
     each: list[Tensor] | None = None  # the members' own momentum tensors (not packed)
+    # state_dtype bf16/int8: (the members' stored momentum tensors, their int8 scales or None), and
+    # per member the next momentum in that form (`_stored`), copied in at the commit
+    low: tuple | None = None
+    stored: list | None = None
 
 
 def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState) -> ChunkMomentum:
@@ -261,6 +267,16 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
     chunk = b.chunks[ci]
     members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
+    if b.low is not None:  # bf16 / int8 state: read into an opmath stack, stored back at the commit
+        each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), low=b.low) for mb in members]
+        scales = None
+        if b.low == torch.int8:
+            scales = [st.get(mb.param, "momentum_scale", _where(gplan, mb.index), F.scale_shape(mb.param.shape),
+                             low=b.low) for mb in members]  # fmt: skip
+        M = torch.empty(shape, dtype=b.opmath, device=b.device)
+        chunk.to_stack(members, [F.read_momentum(q, None if scales is None else scales[k], b.opmath)
+                                 for k, q in enumerate(each)], M)  # fmt: skip
+        return ChunkMomentum(M, True, low=(each, scales))
     if b.sharded or any(run.mode == "each" for run in chunk.runs):
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
                 for mb in members]  # fmt: skip
@@ -296,7 +312,13 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
         bad_mat = ~ok_mat
     _stack_grads(b, chunk, bad_mat, G)
     weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
-    _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
+    nxt, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
+    if cm.low is not None:  # the next momentum in its stored form, copied into the state at the commit
+        members = b.members[chunk.first : chunk.last]
+        ok = None if ok_all is None else ok_all[chunk.flag_index].unbind()
+        each, scales = cm.low
+        cm.stored = [F.store_momentum(v, b.low, None if ok is None else ok[k], None if scales is None else
+                                      (each[k], scales[k])) for k, v in enumerate(chunk.from_stack(members, nxt))]
     if cm.scratch:
         cm.M = None  # the scratch stack is U's now (or freed)
     return MomentumPhase(chunk, U, ok_mat, bad_mat, weight)
@@ -417,6 +439,11 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
 
     def commit() -> None:
         for ci, (chunk, cm, (_, bad_mat, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
+            if cm.low is not None:  # bf16 / int8 state: the stored form computed before the commit
+                torch._foreach_copy_(cm.low[0], [q for q, _ in cm.stored])
+                if cm.low[1] is not None:
+                    torch._foreach_copy_(cm.low[1], [scale for _, scale in cm.stored])
+                continue
             # the momentum in place, from the sanitized gradients (with phase one's lerp weight)
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
             _stack_grads(b, chunk, bad_mat, G)
@@ -461,17 +488,17 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     (k, numel) for the moments of a run of same-shape parameters, (k,) for the counters (the whole
     bucket). entries: the bucket's parameters' state dicts (`StepState.entries`)."""
     return packed_state(plan, (id(b), first, key), b.params[first:last], gplan.index, b.indices[first:last], key,
-                        st, None if b.sharded else entries[first:last], b.device)
+                        st, None if b.sharded else entries[first:last], b.device, b.low)
 
 
 def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indices: list[int], key: str,
-                 st: StepState, entries: list | None, device):
+                 st: StepState, entries: list | None, device, low: torch.dtype | None = None):
     """State entry `key` of `params` as one stack: (k, numel) for moments (same-shape parameters),
     (k,) for counters. The packed stack the state holds views of (read and written in place), else
     the state's values copied into a new stack whose views the commit installs (repacked); entries
     None (DTensor shards): gathered into a scratch stack and written back at the commit. Returns
     (stack, Packed to record under `pkey` or None, tensors to write back or None). group, indices:
-    where the parameters are (param_groups[group]['params'][i]), for errors."""
+    where the parameters are (param_groups[group]['params'][i]), for errors; low: the group's state_dtype."""
     counter = key in COUNTERS
     sharded = entries is None
     if not sharded:
@@ -479,7 +506,7 @@ def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indi
         stack = None if packed is None else packed.holds(entries, key)
         if stack is not None:
             return stack, None, None  # checked when it was packed; the same tensors since
-    current = [st.get(p, key, (group, i), device=device if key == "step" else None, create=sharded)
+    current = [st.get(p, key, (group, i), device=device if key == "step" else None, create=sharded, low=low)
                for p, i in zip(params, indices, strict=True)]  # fmt: skip
     k = len(params)
     if sharded:
@@ -489,7 +516,7 @@ def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indi
     shape = tuple(local(params[0]).shape)
     missing = any(t is None for t in current)
     S = (torch.zeros if missing else torch.empty)((k,) if counter else (k, max(1, _numel(shape))),
-                                                  dtype=F.state_dtype(key, params[0]), device=device)
+                                                  dtype=F.state_dtype(key, params[0], low), device=device)
     views = list((S if counter else S.view(k, *shape)).unbind(0))
     pairs = [(v, t.reshape(v.shape)) for v, t in zip(views, current, strict=True) if t is not None]
     if pairs:
@@ -560,7 +587,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     ok = None if ok_all is None else ok_all[b.flag_index]
     steps, step_size, bc2_sqrt = F.adamw_scalars(counters[0][0], ok, beta1, beta2, lr, dtype, st.const)
     rows = None if ok is None else ok.view(-1, 1)
-    mdtype = F.state_dtype("exp_avg", b.params[0])
+    # the moments' lerp weights in their dtype (bf16 moments of state_dtype: read in opmath)
+    mdtype = dtype if b.low is not None else F.state_dtype("exp_avg", b.params[0])
     w1 = _per_run(F.masked(rows, 1 - beta1, 0.0, mdtype, device, st.const), sizes)
     w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
     bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
@@ -569,7 +597,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     # W·(1 - lr·wd) per parameter, 1 where skipped; cautious: per element, only where the update u
     # (W -= lr·u, u = m̂/(sqrt(v̂)+eps) up to the positive lr/bias_correction1) agrees in sign with W
     decay = None if wd == 0 else _per_run(F.masked(rows, 1 - lr * wd, 1.0, dtype, device, st.const), sizes)
-    moments, updates = [], []
+    moments, updates, stored = [], [], []
     r = 0
     for chunk in b.chunks:
         numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
@@ -584,10 +612,12 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             G.append(g)
             M.append((EA, EAS))
-            out.append(torch.empty_like(EA[0]))
+            out.append(torch.empty_like(EA[0], dtype=dtype if b.low is not None else None))
             r += 1
-        F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part], bc2_sqrt[part],
-                          beta2, eps, out)  # fmt: skip
+        nxt = F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part],
+                                bc2_sqrt[part], beta2, eps, out, low=b.low is not None)  # fmt: skip
+        if nxt is not None:  # bf16 moments (state_dtype): their next values, copied in at the commit
+            stored.extend(zip(*nxt, strict=True))
         del G
         if cautious:  # the parameters in opmath, a temporary of the chunk
             for k, ((first, last), u) in enumerate(zip(chunk.runs, out, strict=True)):
@@ -611,6 +641,10 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 G.append(g)
                 r += 1
             part = slice(r - len(chunk.runs), r)
+            if stored:
+                torch._foreach_copy_([m[k][0] for m in moments[part] for k in (0, 1)],
+                                     [t for pair in stored[part] for t in pair])  # fmt: skip
+                continue
             F.adamw_advance([m[0][0] for m in moments[part]], [m[1][0] for m in moments[part]], G, w1[part],
                             w2[part], beta2)  # fmt: skip
         STEP, SKIP = counters[0][0], counters[1][0]

@@ -42,7 +42,7 @@ from ..newton_schulz import resolve_dtype
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
 MUON_PLAN_KEYS = (
     "flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn", "variant",
-    "split", "heads", "ns_algorithm", "transposed",
+    "split", "heads", "ns_algorithm", "transposed", "state_dtype",
 )  # fmt: skip
 COUNTERS = ("step", "nonfinite_skips")  # one-element state: a loaded (1,) tensor fits a 0-dim slot
 # The default bound of a chunk's stacked gradient per device type (`Muon(chunk_bytes=...)`): on a CPU
@@ -282,6 +282,9 @@ class MuonBucket:
     # rows only; params and gradients are the parameters' local shards, read every step.
     sharded: bool = False
     exchange: object | None = None  # sharded row buckets: muon.distributed.sharded.BlockExchange
+    # the group's state_dtype (bf16, int8): the momentum is read into an opmath stack and stored back
+    # rounded or quantized (`muon.functional.read_momentum` / `store_momentum`); None: kept as is
+    low: torch.dtype | None = None
     # (P,) positions of the members' gradients in the step's flag vector (every chunk's, in order)
     flag_index: Tensor | None = None
     all_owners: bool = True  # every member keeps its parameter's counters (no later row blocks)
@@ -327,6 +330,7 @@ class AdamWBucket:
     flag_index: Tensor  # (P,) positions of the parameters' gradients in the step's flag vector
     # DTensor (FSDP2) parameters: params holds the DTensors, the step uses their local shards
     sharded: bool = False
+    low: torch.dtype | None = None  # the group's state_dtype (bf16 moments)
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -379,7 +383,8 @@ def plan_key(param_groups: list[dict], version: int) -> tuple:
     # (dynamo cannot trace is_inference: a compiled step's tensors are what it was traced with)
     compiling = torch.compiler.is_compiling()
     for group in param_groups:
-        key.append(tuple(_option_key(group[k]) for k in MUON_PLAN_KEYS) if group["use_muon"] else False)
+        key.append(tuple(_option_key(group.get(k)) for k in MUON_PLAN_KEYS) if group["use_muon"]
+                   else ("adamw", group.get("state_dtype")))
         key.append(
             tuple(
                 # is_inference: `p.data = <inference tensor>` rebuilds the plan, which refuses it
@@ -536,7 +541,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         shape=(offset, s, l),
         gdtype=gdtype,
         pdtype=pdtype,
-        mdtype=state_dtype("momentum_buffer", members[0].param),
+        mdtype=state_dtype("momentum_buffer", members[0].param, group.get("state_dtype")),
         device=device,
         chunks=chunks,
         run=run,
@@ -544,6 +549,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         ns_dtype=ns_dtype,
         opmath=opmath(pdtype),
         normuon=normuon,
+        low=group.get("state_dtype"),
         algorithm=algorithm,
         split=any(mb.row is not None for mb in members),
         sharded=sharded,
@@ -618,9 +624,10 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
             device=device,
             gdtype=gdtype,
             opmath=opmath(pdtype),
-            fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
+            fusable=pdtype == gdtype and device.type in ("cpu", "cuda") and group.get("state_dtype") is None,
             flag_index=torch.tensor([flag_pos[i] for i, _ in entries], device=device),
             sharded=shards[0] is not params[0],
+            low=group.get("state_dtype"),
         )
         if planner.chunk_buckets and len(chunks) > 1:  # every chunk a bucket of its own (atomic=False)
             for c in chunks:
