@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
     "quality": ("bench.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
     "memory": ("bench.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
+    "state-dtype": ("bench.state_dtype", "does bf16 / int8 optimizer state train like fp32 state (seeds)"),
     "ns-dtype": ("bench.ns_dtype", "fp32 vs bf16 Newton–Schulz on this CPU: the table ns_dtype='auto' reads"),
     "versions": ("bench.versions", "the resolved versions of the suite's packages, and what `import kernels` loads"),
     "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),
