@@ -413,9 +413,14 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     members_of = [b.members[c.first : c.last] for c in b.chunks]
     params_of = [_whole_params(b, c) for c in b.chunks]
     decays = []
+    # a distributed NS phase takes whole buckets: their parameters are updated in place, member by
+    # member (`muon.functional.commit_update`, the same bits), not stacked whole at the commit
+    member_commit = results is not None
     for chunk, members, params, (ok_mat, _, _) in zip(b.chunks, members_of, params_of, ok_mats, strict=True):
         numel = (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2]
         ws.need(b.gdtype, b.device, numel)
+        if member_commit:
+            break
         ws.need(b.opmath, b.device, numel, slot=1)
         if wd == 0:
             decays.append(None)
@@ -429,6 +434,13 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             (decay,) = F.cautious_decay([W], [out[chunk.lo : chunk.hi]], decay, 1, stacked=True)
             del W
         decays.append(decay)
+    work = member_decay = out_views = None
+    if member_commit:
+        out_views = b.chunks[0].from_stack(b.members, out)
+        if b.pdtype not in (torch.float32, torch.float64):  # fp32 copies of bf16/fp16 parameters
+            work = b.chunks[0].from_stack(b.members, torch.empty(b.shape, dtype=b.opmath, device=b.device))
+        target = F.opmath_view(b.params, work)
+        member_decay = F.decay_factors(ok, lr, wd, cautious, target, out_views, 1, b.opmath, b.device, st.const)
     weights = None
     if any(cm.each is not None for cm in held):  # members' own momentum tensors: per-member weights
         weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device, st.const)
@@ -463,6 +475,9 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         if moments is not None:
             for chunk, nxt in zip(b.chunks, next_moments, strict=True):
                 torch._foreach_copy_(moments[chunk.first : chunk.last], nxt)
+        if member_commit:
+            F.commit_update(b.params, work, member_decay, out_views)
+            return
         # the parameters, chunk by chunk: stacked in opmath, W·decay + update, written back
         for chunk, members, params, decay in zip(b.chunks, members_of, params_of, decays, strict=True):
             W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
