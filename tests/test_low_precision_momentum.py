@@ -3,14 +3,16 @@
 
 - The op's torch kernel (the oracle, `muon.functional` in torch ops) against float64: the momentum
   within fp32 rounding, the requantized state within half a quantization step (|x - q·s| <= s/2 + fp32
-  ulps), bf16 within half a bf16 ulp; the op never writes its inputs (the state is the caller's to
-  commit).
+  ulps, rows = dim 0 as `quantize_blockwise` cuts them), bf16 within half a bf16 ulp; the op never
+  writes its inputs (the state is the caller's to commit).
 - The Triton kernel (interpreter on a CPU, compiled on a GPU) equals the torch kernel bit for bit: int8
-  and bf16 states, fp32/bf16/fp16 NS outputs, n below, above and not a multiple of 256, one row,
-  stacks, transposed and strided U views (a stacked NS buffer), bf16 gradients, a skipped parameter
-  (weight 0), with and without Nesterov.
-- With weight 0 the next state is the stored one, bit for bit: quantize(dequantize(q, s)) = (q, s)
-  (checked over every fp32 absmax of three binades, and on blocks of any scale).
+  and bf16 states, fp32/bf16/fp16 NS outputs, rows below, above and not a multiple of 256, one row,
+  1-D, 3-D and 4-D parameters, stacks of parameters with one weight each, transposed and strided U
+  views (a stacked NS buffer), bf16 gradients, a skipped parameter (weight 0), with and without Nesterov.
+- With weight 0 the next state is the stored one, bit for bit. Requantizing a dequantized block would
+  give it back too for every scale a block can have (fl(fl(127·s)/127) = s, checked over every fp32
+  absmax of three binades), but not for an arbitrary scale (one in 128 moves by an ulp): the op keeps
+  the stored bits where weight is 0, as `F.store_momentum` does for a skipped parameter.
 - torch.library.opcheck: schema (mutated outputs only), fake kernel, AOT dispatch.
 """
 
@@ -37,12 +39,17 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_state(shape, state_dtype, device, gen, spread=1.0):
+def make_state(shape, state_dtype, device, gen, spread=1.0, stacked=False):
+    """A stored momentum: one parameter of `shape`, or (stacked) shape[0] parameters of shape[1:],
+    each quantized on its own (scales (B, rows, blocks))."""
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * spread
     x = x.float().to(device)
-    if state_dtype == torch.int8:
+    if state_dtype != torch.int8:
+        return x.to(torch.bfloat16), None
+    if not stacked:
         return F.quantize_blockwise(x)
-    return x.to(torch.bfloat16), None
+    q, s = F.quantize_blockwise(x.reshape(shape[0] * shape[1], *shape[2:]))
+    return q.view(shape), s.view(shape[0], shape[1], -1)
 
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +93,8 @@ def test_torch_kernel_matches_float64(shape, state_dtype, nesterov, grad_dtype):
         assert_bitwise(scale, scale0, "scale")
 
     buf = F.dequantize_blockwise(state, scale).double() if scale is not None else state.double()
-    G = grad.double()
+    rows = shape[0]
+    buf, G, U = buf.reshape(rows, -1), grad.double().reshape(rows, -1), U.reshape(rows, -1)
     w64 = float(w)
     nxt = buf + w64 * (G - buf)
     ref_u = G + MOMENTUM * (nxt - G) if nesterov else nxt
@@ -96,19 +104,19 @@ def test_torch_kernel_matches_float64(shape, state_dtype, nesterov, grad_dtype):
     assert ((U.double() - ref_u).abs() <= 4 * eps32 * big + 1e-30).all()
     if scale is None:
         ulp_bf16 = torch.finfo(torch.bfloat16).eps
-        err = (new_state.double() - nxt).abs()
+        err = (new_state.double().reshape(rows, -1) - nxt).abs()
         assert (err <= 0.5 * ulp_bf16 * nxt.abs() * 2 + 4 * eps32 * big + 1e-30).all()
         assert new_scale is None
         return
     assert new_state.dtype == torch.int8 and new_scale.dtype == torch.float32
-    assert new_scale.shape == (*shape[:-1], F.quant_blocks(shape[-1]))
+    assert new_state.shape == shape and new_scale.shape == F.scale_shape(shape)
     assert new_state.abs().max() <= 127
-    deq = F.dequantize_blockwise(new_state, new_scale).double()
-    s = torch.repeat_interleave(new_scale.double(), F.QUANT_BLOCK, dim=-1)[..., : shape[-1]]
+    deq = F.dequantize_blockwise(new_state, new_scale).double().reshape(rows, -1)
+    n = nxt.shape[1]
+    s = torch.repeat_interleave(new_scale.double(), F.QUANT_BLOCK, dim=-1)[:, :n]
     # the quantization bound of functional.quantize_blockwise, plus the fp32 rounding of nxt
     assert ((deq - nxt).abs() <= s / 2 + 4 * eps32 * big + 1e-30).all()
     # the scale is the block's absmax / 127 of the fp32 momentum
-    n = shape[-1]
     pad = F.quant_blocks(n) * F.QUANT_BLOCK - n
     amax = torch.nn.functional.pad(nxt.abs(), (0, pad)).unflatten(-1, (-1, F.QUANT_BLOCK)).amax(-1)
     assert ((new_scale.double() - amax / 127).abs() <= 4 * eps32 * amax / 127 + 1e-30).all()
@@ -159,12 +167,38 @@ def test_weight_zero_leaves_the_state_unchanged(state_dtype):
             assert_bitwise(new_scale, scale, "scale")
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_weight_zero_keeps_a_scale_requantization_would_move(kernel, device):
+    """A scale no block produces (loaded, or set by hand): fl(fl(127·s)/127) != s, so requantizing its
+    dequantized block moves the scale by an ulp; weight 0 keeps the stored bits anyway (`F.store_momentum`'s
+    ok/old, the kernel's `w == 0`)."""
+    if kernel == "triton" and not HAS_TRITON:
+        pytest.skip("needs Triton")
+    s = torch.tensor([[1.0078812, 2.0**-20 * 1.0078812]], dtype=torch.float32)
+    q = torch.randint(-127, 128, (1, 512), dtype=torch.int8, generator=torch.Generator().manual_seed(9))
+    q[0, 0], q[0, 300] = 127, -127
+    moved = F.quantize_blockwise(F.dequantize_blockwise(q, s))[1]
+    assert not torch.equal(moved, s)  # requantization alone would change the state
+    q, s = q.to(device), s.to(device)
+    grad = torch.randn(1, 512).to(device)
+    w = torch.tensor(0.0, device=device)
+    if kernel == "torch":
+        _, new_state, new_scale = call(q, s, grad, w, True)
+    else:
+        new_state, new_scale = kernel_call(q, s, grad, w, True, torch.empty(1, 512, device=device))
+    assert_bitwise(new_state, q, "state")
+    assert_bitwise(new_scale, s, "scale")
+    if kernel == "torch":  # and a nonzero weight requantizes
+        _, _, advanced = call(q, s, torch.zeros_like(grad), torch.tensor(1e-30, device=device), True)
+        assert torch.equal(advanced.cpu(), moved)
+
+
 # ----------------------------------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("state_dtype", [torch.int8, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(4, 300), (2, 3, 10)], ids=str)
 def test_opcheck(shape, state_dtype):
     gen = torch.Generator().manual_seed(3)
-    state, scale = make_state(shape, state_dtype, "cpu", gen)
+    state, scale = make_state(shape, state_dtype, "cpu", gen, stacked=len(shape) == 3)
     grad = torch.randn(shape, generator=gen)
     u = torch.empty(shape[::-1], dtype=torch.bfloat16).mT if len(shape) == 2 else torch.empty(shape)
     state_out = torch.empty_like(state)
@@ -208,7 +242,7 @@ def kernel_call(state, scale, grad, weight, nesterov, u, momentum=MOMENTUM):
 def assert_kernel_matches(state, scale, grad, weight, nesterov, u, momentum=MOMENTUM):
     U, ref_state, ref_scale = torch_momentum(state, scale, grad, weight, momentum, nesterov)
     state_out, scale_out = kernel_call(state, scale, grad, weight, nesterov, u, momentum)
-    assert_bitwise(u, U.to(u.dtype), "U")
+    assert_bitwise(u, U.reshape(u.shape).to(u.dtype), "U")
     assert_bitwise(state_out, ref_state, "state")
     if scale is not None:
         assert_bitwise(scale_out, ref_scale, "scale")
@@ -234,6 +268,9 @@ CASES = [  # (shape, state dtype, U dtype, nesterov, weight)
     ((1, 7), torch.bfloat16, torch.bfloat16, True, 0.05),
     ((4, 600), torch.int8, torch.float32, True, 0.0),
     ((4, 600), torch.bfloat16, torch.bfloat16, False, 0.0),
+    ((37,), torch.int8, torch.float32, True, 0.05),  # a 1-D parameter: 37 rows of one element
+    ((3, 5, 90), torch.int8, torch.bfloat16, True, 0.05),  # one 3-D parameter: 3 rows of 450
+    ((3, 5, 90), torch.bfloat16, torch.float32, True, 0.05),  # bf16: taken as a stack, same bits
 ]
 
 
@@ -268,12 +305,24 @@ def test_kernel_writes_a_transposed_slot_of_a_stacked_buffer(state_dtype, u_dtyp
 @pytest.mark.interpret
 @pytest.mark.parametrize("state_dtype", [torch.int8, torch.bfloat16], ids=str)
 def test_kernel_one_launch_for_a_stack(state_dtype, device):
-    """A stack of same-shape parameters (B, m, n) in one call, U into a transposed (B, n, m) buffer."""
+    """A stack of 3 same-shape parameters (3, 8, 270), each quantized on its own, in one call: U into a
+    transposed (3, 270, 8) buffer, one weight per parameter (the second skipped); equal to the oracle
+    and to three single-parameter calls."""
     gen = torch.Generator().manual_seed(6)
-    state, scale = make_state((3, 8, 270), state_dtype, device, gen)
+    state, scale = make_state((3, 8, 270), state_dtype, device, gen, stacked=True)
     grad = torch.randn(3, 8, 270, generator=gen).to(device)
+    weight = torch.tensor([0.05, 0.0, 0.05], device=device)
     buf = torch.full((3, 270, 8), float("nan"), dtype=torch.bfloat16, device=device)
-    assert_kernel_matches(state, scale, grad, torch.tensor(0.05, device=device), True, buf.mT)
+    assert_kernel_matches(state, scale, grad, weight, True, buf.mT)
+    new_state, new_scale = kernel_call(state, scale, grad, weight, True, torch.empty(3, 8, 270, device=device))
+    for i in range(3):
+        U, one_state, one_scale = torch_momentum(state[i], None if scale is None else scale[i], grad[i], weight[i],
+                                                 MOMENTUM, True)
+        assert_bitwise(buf[i].mT, U.view(8, 270).to(torch.bfloat16), f"U of parameter {i}")
+        assert_bitwise(new_state[i], one_state, f"state of parameter {i}")
+        if scale is not None:
+            assert_bitwise(new_scale[i], one_scale, f"scale of parameter {i}")
+    assert_bitwise(new_state[1], state[1], "the skipped parameter's state")
 
 
 @interpret
@@ -287,6 +336,9 @@ def test_kernel_four_dim_state_and_non_viewable_output(device):
     grad = torch.randn(shape, generator=gen).to(device)
     u = torch.full((2, 4, 3, 260), float("nan"), device=device).transpose(0, 1)  # (4, 2, ...) not viewable
     assert_kernel_matches(state, scale, grad, torch.tensor(0.05, device=device), False, u)
+    # the NS input as the engine stacks it: the (rows, row length) matrix, here a transposed slot
+    u = torch.full((2 * 3 * 260, 4), float("nan"), dtype=torch.bfloat16, device=device).mT
+    assert_kernel_matches(state, scale, grad, torch.tensor(0.05, device=device), True, u)
 
 
 @interpret
