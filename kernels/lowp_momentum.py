@@ -45,7 +45,7 @@ QUANT_MAX = tl.constexpr(127.0)
 # elements per program: 4096 on a GPU (32 per thread at 4 warps: 16-byte int8 loads); the interpreter
 # takes small tiles so tiny test shapes walk several row tiles
 _TILE = 1024 if INTERPRETED else 4096
-_WARPS = 4
+_WARPS = 8
 STATE_DTYPES = (torch.int8, torch.bfloat16)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 U_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -117,7 +117,7 @@ def momentum_specializations():
                                         ("bf16", "fp32", "bf16", "rows", 4096), ("bf16", "fp32", "bf16", "cols", 4096),
                                         ("i8", "fp32", "bf16", "rows", 64)):
         sig = dict(Q=f"*{state}", S="*fp32", G=f"*{grad}", W="*fp32", QO=f"*{state}", SO="*fp32", U=f"*{u}",
-                   M="i32", N="i32", n_blocks="i32", momentum="fp32", **dict.fromkeys(strides, "i32"))
+                   M="i32", N="i32", n_blocks="i32", momentum="fp32", s_w="i32", **dict.fromkeys(strides, "i32"))
         rows, block = mod.tile_shape(n)
         unit = {"s_qn": 1, "s_sn": 1, "s_pn": 1, "s_un" if u_layout == "rows" else "s_um": 1}
         consts = dict(INT8=state == "i8", NESTEROV=True, ROWS=rows, BLOCK=block, **unit)
