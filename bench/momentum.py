@@ -1,8 +1,8 @@
 """The fused low-precision momentum pass (issue 30) in `python -m bench kernels`: its bandwidth against
 the memory-copy limit.
 
-Per parameter shape and state dtype (int8 blockwise, bf16), with fp32 gradients and a bf16 NS input,
-in the same interleaved rounds (do_bench per round):
+Per (B, m, n) stack of B same-shape parameters (one launch) and state dtype (int8 blockwise, bf16),
+with fp32 gradients and a bf16 NS input, in the same interleaved rounds (do_bench per round):
 - `muon[triton:lowp_momentum]`: the Triton kernel (kernels/lowp_momentum.py), outputs preallocated;
 - `muon[torch:lowp_momentum]`: the op's torch kernel (muon.functional in torch ops), what a CPU runs;
 - `copy`: one device copy of the same number of bytes (read + write), the memory-copy limit.
@@ -57,7 +57,11 @@ def measure(device: torch.device, results: Results, rounds: int, rep_ms: float, 
     for shape in shapes or SHAPES:
         for state_dtype in STATE_DTYPES:
             x = torch.randn(shape, device=device, generator=gen)
-            state, scale = F.quantize_blockwise(x) if state_dtype == torch.int8 else (x.to(state_dtype), None)
+            if state_dtype == torch.int8:  # B parameters of m rows, each quantized on its own
+                q, s = F.quantize_blockwise(x.view(-1, shape[-1]))
+                state, scale = q.view(shape), s.view(*shape[:2], -1)
+            else:
+                state, scale = x.to(state_dtype), None
             grad = torch.randn(shape, device=device, generator=gen)
             w = torch.tensor(0.05, device=device)
             u = torch.empty(shape, dtype=torch.bfloat16, device=device)
