@@ -42,8 +42,9 @@ from ._common import INTERPRETED, batch_chunks, next_pow2
 
 QUANT_BLOCK = 256  # muon.functional.QUANT_BLOCK (kept equal by tests/test_low_precision_momentum.py)
 QUANT_MAX = tl.constexpr(127.0)
-# elements per program: 4096 on a GPU (32 per thread at 4 warps: 16-byte int8 loads); the interpreter
-# takes small tiles so tiny test shapes walk several row tiles
+# elements per program: 4096 on a GPU (16 per thread at 8 warps: one 16-byte int8 load; 40-64 registers
+# on sm_90a, where 4 warps took up to 126); the interpreter takes small tiles so tiny test shapes walk
+# several row tiles
 _TILE = 1024 if INTERPRETED else 4096
 _WARPS = 8
 STATE_DTYPES = (torch.int8, torch.bfloat16)

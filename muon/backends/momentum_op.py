@@ -204,7 +204,8 @@ def low_precision_momentum(state: Tensor, scale: Tensor | None, grad: Tensor, we
     (or state_out / scale_out where given) for the caller to copy into the state at its commit.
 
     weight: 1 - momentum, or 0 for a skipped parameter; a 0-dim tensor on the device (a masked
-    scalar, no host sync), or a Python float."""
+    scalar, no host sync), one value per parameter of a stack ((B,) or (B, 1, 1)), or a Python float.
+    A stack: state (B, ...) with scale (B, rows, blocks) (int8), each parameter quantized on its own."""
     if not isinstance(weight, Tensor):
         weight = torch.tensor(float(weight), dtype=_opmath(grad), device=grad.device)
     if state_out is None:
