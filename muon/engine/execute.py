@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..backends.momentum_op import low_precision_momentum
 from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local
 
 
@@ -267,16 +268,13 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
     chunk = b.chunks[ci]
     members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
-    if b.low is not None:  # bf16 / int8 state: read into an opmath stack, stored back at the commit
+    if b.low is not None:  # bf16 / int8 state: the fused momentum pass per member (`muon_momentum`)
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), low=b.low) for mb in members]
         scales = None
         if b.low == torch.int8:
             scales = [st.get(mb.param, "momentum_scale", _where(gplan, mb.index), F.scale_shape(mb.param.shape),
                              low=b.low) for mb in members]  # fmt: skip
-        M = torch.empty(shape, dtype=b.opmath, device=b.device)
-        chunk.to_stack(members, [F.read_momentum(q, None if scales is None else scales[k], b.opmath)
-                                 for k, q in enumerate(each)], M)  # fmt: skip
-        return ChunkMomentum(M, True, low=(each, scales))
+        return ChunkMomentum(None, True, low=(each, scales))
     if b.sharded or any(run.mode == "each" for run in chunk.runs):
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
                 for mb in members]  # fmt: skip
@@ -311,14 +309,22 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
         ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
         bad_mat = ~ok_mat
     _stack_grads(b, chunk, bad_mat, G)
-    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
-    nxt, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
-    if cm.low is not None:  # the next momentum in its stored form, copied into the state at the commit
+    if cm.low is not None:
+        # bf16 / int8 state (state_dtype): `muon::low_precision_momentum` per member reads its stored
+        # momentum and gradient once, writes its rows of the NS input U (opmath) and returns the next
+        # momentum in its stored form, copied into the state at the commit (a skipped member's: its bits)
+        weight = F.masked(ok_mat, 1.0 - momentum, 0.0, b.opmath, device, const)
         members = b.members[chunk.first : chunk.last]
-        ok = None if ok_all is None else ok_all[chunk.flag_index].unbind()
+        U = torch.empty(G.shape, dtype=b.opmath, device=device)
+        grads, outs = chunk.from_stack(members, G), chunk.from_stack(members, U)
+        weights = [weight] * len(members) if weight.ndim == 0 else \
+            list(weight.view(-1)[[mb.offset - chunk.lo for mb in members]].unbind())
         each, scales = cm.low
-        cm.stored = [F.store_momentum(v, b.low, None if ok is None else ok[k], None if scales is None else
-                                      (each[k], scales[k])) for k, v in enumerate(chunk.from_stack(members, nxt))]
+        cm.stored = [low_precision_momentum(q, None if scales is None else scales[k], grads[k], weights[k], momentum,
+                                            group["nesterov"], outs[k]) for k, q in enumerate(each)]  # fmt: skip
+        return MomentumPhase(chunk, U, ok_mat, bad_mat, weight)
+    weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
+    _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
     if cm.scratch:
         cm.M = None  # the scratch stack is U's now (or freed)
     return MomentumPhase(chunk, U, ok_mat, bad_mat, weight)
