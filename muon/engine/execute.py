@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..backends.momentum_op import low_precision_momentum
-from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local
+from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local, stack_rows
 
 
 class StepState:
@@ -149,7 +149,8 @@ class Workspace:
         numel = 1
         for size in shape:
             numel *= size
-        return self.buffers[dtype, device, slot][offset : offset + numel].view(shape)
+        buffer = self.buffers[dtype, device, slot]
+        return (buffer if offset == 0 and numel == buffer.numel() else buffer[offset : offset + numel]).view(shape)
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -356,7 +357,7 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
     else:
         neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
     scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
-    X = out[chunk.lo : chunk.hi]
+    X = stack_rows(out, chunk.lo, chunk.hi)
     if not b.normuon:
         torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
         return None
@@ -437,7 +438,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         if cautious:
             W = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.opmath, device=b.device)
             chunk.to_stack(members, params, W)
-            (decay,) = F.cautious_decay([W], [out[chunk.lo : chunk.hi]], decay, 1, stacked=True)
+            (decay,) = F.cautious_decay([W], [stack_rows(out, chunk.lo, chunk.hi)], decay, 1, stacked=True)
             del W
         decays.append(decay)
     work = member_decay = out_views = None
@@ -488,7 +489,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         for chunk, members, params, decay in zip(b.chunks, members_of, params_of, decays, strict=True):
             W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
             chunk.to_stack(members, params, W)
-            F.commit_stack(W, decay, out[chunk.lo : chunk.hi])
+            F.commit_stack(W, decay, stack_rows(out, chunk.lo, chunk.hi))
             torch._foreach_copy_(chunk.targets(members, params), chunk.from_stack(members, W))
 
     return commit

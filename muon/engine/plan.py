@@ -61,6 +61,11 @@ def local(t: Tensor) -> Tensor:
     return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
 
 
+def stack_rows(t: Tensor, lo: int, hi: int) -> Tensor:
+    """t[lo:hi], or t itself where that is all of it (no op dispatched: a step slices often)."""
+    return t if lo == 0 and hi == t.shape[0] else t[lo:hi]
+
+
 @dataclass
 class Member:
     """A parameter's place in a Muon bucket: matrices [offset, offset + count) of the stack.
@@ -144,7 +149,7 @@ class Run:
         if self.mode != "each" and not torch.compiler.is_compiling():
             # one op, no per-member views (torch.compile does not trace stack(out=a view): it takes the
             # multi-tensor copy below, the same values)
-            X = out[self.lo - base : self.hi - base]
+            X = stack_rows(out, self.lo - base, self.hi - base)
             Y = X.mT if self.transpose else X
             if self.mode == "cat":
                 torch.cat(tensors, out=Y)
@@ -160,7 +165,7 @@ class Run:
         """The members' views of their rows of `stack`: parameter-shaped, or block-shaped for row blocks."""
         if self.mode == "each":
             return [mb.view(stack, base) for mb in members]
-        X = stack[self.lo - base : self.hi - base]
+        X = stack_rows(stack, self.lo - base, self.hi - base)
         Y = X.mT if self.transpose else X
         if self.mode == "stack":
             return list(Y.unbind(0))
@@ -170,7 +175,7 @@ class Run:
 
     def neurons(self, members: list[Member], stack: Tensor, base: int, shape_of) -> list[Tensor]:
         """The members' views of a NorMuon moment stack ((k, s) rows, or (k, l) columns for tall)."""
-        X = stack[self.lo - base : self.hi - base]
+        X = stack_rows(stack, self.lo - base, self.hi - base)
         if self.mode in ("stack", "flat"):
             return list(X.unbind(0))
         if self.mode == "cat":
