@@ -1,32 +1,38 @@
 """One step of a plan: computed first, committed after, with opt.state the only storage.
 
-`execute(plan, param_groups, state, ok_all, fused_adamw, ns_phase, atomic, workspace)` runs, per group,
+`execute(plan, param_groups, state, ok_all, fused_adamw, ns_phase, atomic)` runs, per group,
 
 1. Muon buckets, one chunk at a time in one process (the whole bucket where a distributed NS phase
    takes it): the chunk's gradients and momentum stacked into temporaries, the NS input
-   (`muon.functional.muon_momentum`), the NS, and the scaled update -lr·s·O (NorMuon's normalized
-   O for variant="normuon") into the bucket's update stack; the chunk's temporaries are freed
-   before the next. Then the decay factors (cautious: per element) and the fp32 work copies of
-   bf16/fp16 parameters;
-2. AdamW buckets, one chunk at a time: the update m̂ / (sqrt(v̂) + eps) per parameter, the step
-   sizes and decay factors (`muon.functional`), the next moments only as the chunk's temporaries;
+   (`muon.functional.muon_momentum`; a low-precision state_dtype: `muon::low_precision_momentum` per
+   member, which also returns the next momentum in its stored form), the NS, and the scaled update
+   -lr·s·O (NorMuon's normalized O for variant="normuon") into the bucket's update stack; the
+   chunk's temporaries are freed before the next. Then the decay factors per matrix (cautious: per
+   element, from the chunk's parameters stacked in opmath);
+2. AdamW buckets: the per-parameter scalars once for the bucket (`muon.functional.adamw_scalars`),
+   then chunk by chunk the update m̂ / (sqrt(v̂) + eps) over every run of same-shape parameters at
+   once (`adamw_direction`), the next moments only as the chunk's temporaries;
 
 and only then commits: missing state entries are installed into `opt.state`, and every write runs
-in place — momentum `lerp_` and moments from the gradients (sanitized into a workspace allocated
-before the commit), counters, and parameters. Everything that can fail (a backend, an out-of-memory,
+in place — momentum `lerp_` and moments from the gradients (sanitized again into a workspace
+allocated before the commit), low-precision states copied from their stored forms, counters, and
+parameters (each chunk's stacked in opmath into the workspace, W·decay + update, written back;
+whole distributed buckets member by member). Everything that can fail (a backend, an out-of-memory,
 a collective, an interrupt raised by code the step calls) happens before the first write, so **a
 step that raises changes nothing**: parameters and state keep their bits. What this costs, held
 until the commit: per Muon bucket its scaled update in opmath (4 B per parameter for fp32 and bf16
-parameters), per AdamW bucket its update (the moments' dtype), the fp32 work copies of bf16/fp16
-parameters, per-element decay factors with cautious weight decay, and one workspace of the largest
-chunk's gradients; during the compute phase, one chunk's stacks and NS workspace at a time
-(docs/guarantees.md gives the bytes per parameter). With `atomic=False` each bucket is committed as
-soon as it is computed: a failure can leave earlier buckets stepped, for the smallest footprint.
+parameters), per AdamW bucket its update, the next momentum / moments of a state_dtype group in
+their stored form, per-element decay factors with cautious weight decay, and a workspace of the
+largest chunk's gradients and parameters; during the compute phase, one chunk's stacks and NS
+workspace at a time (docs/guarantees.md gives the bytes per parameter). With `atomic=False` each
+bucket is committed as soon as it is computed: a failure can leave earlier buckets stepped, for the
+smallest footprint.
 
 Skipped parameters (non-finite gradients) are handled with per-parameter masked scalars (0-dim
-tensors), never with host syncs or per-element masks, so the step has no data-dependent Python and
-can be captured (CUDA graphs, torch.compile). The arithmetic per element is that of the reference
-loop (`muon.reference`), which calls the same functions on one parameter at a time.
+tensors, or one per row of a stack), never with host syncs or per-element masks, so the step has no
+data-dependent Python and can be captured (CUDA graphs, torch.compile). The arithmetic per element
+is that of the reference loop (`muon.reference`), which calls the same functions on one parameter
+at a time.
 """
 
 from __future__ import annotations
