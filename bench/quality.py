@@ -131,7 +131,7 @@ def aol_target_shift(G: torch.Tensor, polar: torch.Tensor) -> float:
     """How far AOL moves the target: D·G (D the AOL row scales of the small side, float64) has another
     polar factor than G unless D is a multiple of I; converged NS with AOL reaches polar(D·G), so this
     is the error AOL keeps however many steps run."""
-    from muon.backends.torch_ref import aol_scales, normalize
+    from muon.backends.torch_backend import aol_scales, normalize
     from muon.coefficients import resolve_schedule
 
     tall = G.shape[0] > G.shape[1]

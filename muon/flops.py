@@ -97,10 +97,10 @@ def newton_schulz_flops(
 def newton_schulz_elementwise_flops(m: int, n: int, steps: int = 5, precondition: str = "frobenius") -> int:
     """Non-matmul FLOPs of NS on one m×n matrix: the normalization and the per-step scalings.
 
-    Normalization (scale-safe, see muon.backends.torch_ref.normalize): |x|, max, divide, square,
+    Normalization (scale-safe, see muon.backends.torch_backend.normalize): |x|, max, divide, square,
     accumulate, divide = 6 per element. Per step: B = b·A + c·(A·A) is 3 per element of the s×s
     Gram matrix and X = a·X + B·X is 2 per element of X. precondition="aol" (with steps >= 1, see
-    muon.backends.torch_ref.aol_rescale) adds, on the s×s Gram matrix A, |A| and the row sums (2 per
+    muon.backends.torch_backend.aol_rescale) adds, on the s×s Gram matrix A, |A| and the row sums (2 per
     element), d_i·d_j and the product (2 per element), per row max, sqrt, times fro_scale and the
     reciprocal (4), and one multiply per element of X.
     """
