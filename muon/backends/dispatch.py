@@ -97,7 +97,7 @@ def choose_algorithm(m: int, n: int, device, dtype: torch.dtype, *, steps: int =
     that is n > 1.5·m — because there is no measurement to go on and the CPU's matmul time follows
     its FLOPs; half precision because Gram NS is stable there (restart) and less accurate in fp32.
     """
-    from ..flops import newton_schulz_flops
+    from ..ns_flops import newton_schulz_flops
 
     short, long = min(m, n), max(m, n)
     if dtype not in GRAM_DTYPES or short == 0 or steps == 0:
