@@ -394,4 +394,5 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     """quality.png: bench.plots.quality (every plot of the bench lives in bench/plots.py)."""
     from . import plots
 
-    plots.quality(rows, path, meta)
+    plots.quality(rows, path, meta, y_max=Y_MAX, is_reference=lambda r: Config(
+        r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference)

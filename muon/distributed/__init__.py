@@ -21,10 +21,14 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
 from __future__ import annotations
 
 from .agreement import finite_flags
-from .state_dict_dtypes import decode_state_dict_dtypes, encode_state_dict_dtypes
 from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
 
 # used by muon.optim and the tests
+from .layout import LocalShardMismatch as LocalShardMismatch
+from .ownership import _assign as _assign
+from .ownership import _chunk_rows as _chunk_rows
+from .ownership import ns_flops as ns_flops
+from .ownership import share_buckets as share_buckets
 from .replicated import agree_plan as agree_plan
 from .replicated import check_sharded_plan as check_sharded_plan
 from .replicated import loop_agree as loop_agree
@@ -32,17 +36,13 @@ from .replicated import orthogonalize_all as orthogonalize_all
 from .replicated import prepare as prepare
 from .replicated import replicated_ns as replicated_ns
 from .replicated import splits_work as splits_work
-from .layout import LocalShardMismatch as LocalShardMismatch
-from .ownership import _assign as _assign
-from .ownership import _chunk_rows as _chunk_rows
-from .ownership import ns_flops as ns_flops
-from .ownership import share_buckets as share_buckets
 from .sharded import as_dtensor as as_dtensor
 from .sharded import plan_mesh as plan_mesh
 from .sharded import planner_for as planner_for
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)
 from .sharded import refuse as refuse
 from .sharded import sharded_ns as sharded_ns
+from .state_dict_dtypes import decode_state_dict_dtypes, encode_state_dict_dtypes
 from .traffic import CommBytes, comm_bytes_per_step
 
 __all__ = [
