@@ -259,7 +259,7 @@ def quality(rows: list[dict], path: Path, meta: dict, *, y_max: float, is_refere
     written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line. Errors
     above `y_max` (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
     edge, marked with an upward arrow. `is_reference(row)` says whether a row is the reference (both
-    from bench.quality, which calls this: plots import no command)."""
+    from bench.experiments.quality, which calls this: plots import no command)."""
     plt = pyplot()
     if plt is None:
         return

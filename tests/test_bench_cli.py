@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bench import common as bench_common
-from bench import profile as bench_profile
 from bench import schema
 from bench.cli import COMMANDS, main
+from bench.optimizer import profile as bench_profile
 from muon.backends import torch_backend
 from muon.coefficients import resolve_schedule
 

@@ -4,6 +4,10 @@
   `muon.kernels`), bench/ and tests/ — module level and deferred (inside functions) alike, absolute
   and relative — has no cycle. A deferred import hides a circle from the interpreter, not from a reader.
 * The library does not import its tools (`muon.tools`) nor the benchmarks (`bench`).
+* bench/'s parts stand apart: the kernel microbenchmarks (bench.kernel), the optimizer-step benchmarks
+  (bench.optimizer) and the experiments (bench.experiments) import bench's shared top-level modules
+  (common, schema, timing, plots, models, data, gpt) and their own part, never another part; only
+  the entry points (bench.cli, bench.run_all) bring them together.
 * The tools keep their public names: `muon.flops` and `muon.profiling` are the tools' own objects.
 
 The graph is read with `ast` (nothing is imported), so it covers code that needs a GPU, Triton or
@@ -115,6 +119,19 @@ def test_the_library_imports_neither_its_tools_nor_the_benchmarks():
     library = [m for m in graph if m.startswith("muon") and not m.startswith(TOOL_NAMES)]
     wrong = {f"{m} -> {t} ({graph[m][t]})" for m in library for t in graph[m] if t.startswith((*TOOL_NAMES, "bench"))}
     assert not wrong, sorted(wrong)
+
+
+BENCH_PARTS = ("bench.kernel", "bench.optimizer", "bench.experiments")
+
+
+def test_bench_parts_import_no_other_part_and_shared_modules_import_no_part():
+    graph = import_graph(modules())
+    part = lambda m: next((p for p in BENCH_PARTS if m == p or m.startswith(p + ".")), None)  # noqa: E731
+    entry = ("bench.cli", "bench.run_all", "bench.__main__")
+    wrong = {f"{m} -> {t} ({graph[m][t]})" for m in graph if m.startswith("bench") and m not in entry
+             for t in graph[m] if part(t) and part(t) != part(m)}
+    assert not wrong, sorted(wrong)
+    assert all(p in graph for p in BENCH_PARTS)
 
 
 def test_tools_keep_their_public_names():

@@ -300,7 +300,7 @@ def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
 SOURCE = "bench/results/h100-899c9f9/kernels.csv"
 REACH = 1.0  # log2: a measurement speaks for shapes within a factor 2 of it in batch, s and l
 BASELINE = "muon[torch]"
-# provider (as bench/kernels.py names it) -> (backend, keyword arguments of its run) that auto may pick
+# provider (as bench/kernel/newton_schulz.py names it) -> (backend, keyword arguments of its run) that auto may pick
 AUTO_PROVIDERS = {
     "muon[triton]": ("triton", {"path": "auto"}),
     "muon[triton:small]": ("triton", {"path": "small"}),

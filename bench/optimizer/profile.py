@@ -30,8 +30,8 @@ from muon.backends.torch_backend import normalize
 from muon.coefficients import Schedule, resolve_schedule
 from muon.newton_schulz import orthogonalize
 
-from . import models
-from .common import (
+from .. import models
+from ..common import (
     default_out,
     dtype_of,
     fmt_table,
