@@ -29,9 +29,11 @@ inside one kernel (BLAS packing buffers), which RSS does. Every row carries both
 `extra.counted` from a fresh optimizer counted in the same process after the RSS measurement.
 
 Configurations (`--configs`, default all): muon.Muon default, foreach=False, atomic=False (a
-skipped row where muon.Muon has no `atomic` argument), variant="normuon", bf16 parameters, DDP on
+skipped row where muon.Muon has no `atomic` argument), variant="normuon", bf16 parameters,
+state_dtype=bfloat16 and int8 (low-precision momentum), DDP on
 2 gloo ranks (rank 0 measured; skipped with the reason where it cannot run), the same matrices in a
-muon AdamW group (use_muon=False) with nonfinite="skip", "raise", foreach=False and bf16 parameters,
+muon AdamW group (use_muon=False) with nonfinite="skip", "raise", foreach=False, state_dtype=bfloat16
+and bf16 parameters,
 torch.optim.Muon (its Newton–Schulz patched to compute in fp32: its bf16 NS is very slow on a CPU;
 the memory pattern is the same) and torch.optim.AdamW fused and foreach.
 
@@ -90,12 +92,16 @@ CONFIGS: dict[str, Config] = {
     "muon-nonatomic": Config("muon.Muon(atomic=False)[torch]", "muon", {"atomic": False}),
     "muon-normuon": Config("muon.Muon(variant=normuon)[torch]", "muon", {"variant": "normuon"}),
     "muon-bf16-params": Config("muon.Muon[torch]", "muon", dtype=torch.bfloat16),
+    "muon-state-bf16": Config("muon.Muon(state_dtype=bfloat16)[torch]", "muon", {"state_dtype": torch.bfloat16}),
+    "muon-state-int8": Config("muon.Muon(state_dtype=int8)[torch]", "muon", {"state_dtype": torch.int8}),
     "muon-ddp": Config("muon.Muon[torch]+DDP(2 gloo ranks)", "muon", ranks=2,
                        note="rank 0 of 2 gloo processes on loopback, replicated parameters and gradients"),
     "muon-adamw": Config("muon.Muon(use_muon=False)[torch]", "adamw"),
     "muon-adamw-raise": Config("muon.Muon(use_muon=False,nonfinite=raise)[torch]", "adamw",
                                {"nonfinite": "raise"}),
     "muon-adamw-loop": Config("muon.Muon(use_muon=False,foreach=False)[torch]", "adamw", {"foreach": False}),
+    "muon-adamw-state-bf16": Config("muon.Muon(use_muon=False,state_dtype=bfloat16)[torch]", "adamw",
+                                    {"state_dtype": torch.bfloat16}),
     "muon-adamw-bf16-params": Config("muon.Muon(use_muon=False)[torch]", "adamw", dtype=torch.bfloat16),
     "torch-muon": Config("torch.optim.Muon", "torch", note=TORCH_MUON_NOTE),
     "torch-adamw-fused": Config("torch.optim.AdamW(fused)", "torch", {"fused": True}),

@@ -14,6 +14,10 @@ Whole NS:
     ns_persistent(G, coefficients, fro_scale, eps, dtype, tma=None)
                                                        v2: persistent TMA GEMM stages, normalization
                                                        folded into step 1 (kernels/persistent.py)
+Optimizer state:
+    lowp_momentum(state, scale, grad, weight, momentum, nesterov, u_out, state_out, scale_out)
+                                                       Muon's momentum over an int8 blockwise / bf16
+                                                       state in one pass (kernels/lowp_momentum.py)
 """
 
 if __name__ != "muon.kernels":
@@ -38,6 +42,7 @@ except ModuleNotFoundError as _exc:
     ) from None
 
 from ._common import INTERPRETED
+from .lowp_momentum import lowp_momentum
 from .normalize import normalize
 from .ns_gemm import ns_gemm
 from .ns_small import MAX_SMALL_SIDE, max_small_side, ns_small
@@ -49,6 +54,7 @@ __all__ = [
     "INTERPRETED",
     "MAX_SMALL_SIDE",
     "gram",
+    "lowp_momentum",
     "max_small_side",
     "normalize",
     "ns_gemm",

@@ -33,9 +33,10 @@ def _mod(name: str):
     return importlib.import_module(f"muon.kernels.{name}")
 
 
-def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
+def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int, **options) -> dict:
     """Compile one specialization for sm_90a; returns {'regs', 'stack', 'smem', 'wgmma', 'tma'}
-    (wgmma: Hopper tensor-core MMA instructions in the PTX; tma: tensor-memory-accelerator bulk copies)."""
+    (wgmma: Hopper tensor-core MMA instructions in the PTX; tma: tensor-memory-accelerator bulk copies).
+    options: further compile options of the kernel's launch (enable_fp_fusion=False)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -49,7 +50,7 @@ def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_st
     compiled = triton.compile(
         ASTSource(fn, sig, consts, attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **options},
     )
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -101,6 +102,27 @@ def specializations(dtype: str = "bf16"):
             yield (f"ns_small m={m} n={n} (BN={bn}, in registers={regs}{', aol' if aol else ''})",
                    small._ns_small_kernel, sig, consts, warps, 2)
     yield from aol_specializations(dtype)
+    if dtype == "bf16":
+        yield from momentum_specializations()
+
+
+def momentum_specializations():
+    """The fused low-precision momentum pass (kernels/lowp_momentum.py): its own dtypes (state int8 or
+    bf16, gradient, NS output), contiguous and transposed U, a 256-element block and a short row. The
+    7th item: the launch's compile options (no mul+add contraction)."""
+    mod = _mod("lowp_momentum")
+    strides = [f"s_{t}{d}" for t in "qsgopu" for d in "bmn"]
+    for state, grad, u, u_layout, n in (("i8", "fp32", "bf16", "rows", 4096), ("i8", "fp32", "bf16", "cols", 4096),
+                                        ("i8", "fp32", "fp32", "rows", 4096), ("i8", "bf16", "bf16", "rows", 4096),
+                                        ("bf16", "fp32", "bf16", "rows", 4096), ("bf16", "fp32", "bf16", "cols", 4096),
+                                        ("i8", "fp32", "bf16", "rows", 64)):
+        sig = dict(Q=f"*{state}", S="*fp32", G=f"*{grad}", W="*fp32", QO=f"*{state}", SO="*fp32", U=f"*{u}",
+                   M="i32", N="i32", n_blocks="i32", momentum="fp32", s_w="i32", **dict.fromkeys(strides, "i32"))
+        rows, block = mod.tile_shape(n)
+        unit = {"s_qn": 1, "s_sn": 1, "s_pn": 1, "s_un" if u_layout == "rows" else "s_um": 1}
+        consts = dict(INT8=state == "i8", NESTEROV=True, ROWS=rows, BLOCK=block, **unit)
+        yield (f"lowp_momentum state={state} grad={grad} U={u} ({u_layout} contiguous) n={n} ({rows}x{block})",
+               mod._lowp_momentum_kernel, sig, consts, mod._WARPS, 1, {"enable_fp_fusion": False})
 
 
 def aol_specializations(dtype: str = "bf16"):
@@ -160,10 +182,10 @@ def main(argv=None) -> None:
     dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if args.fp32 else ["bf16"])
     for dtype in dtypes:
         specs = persistent_specializations(dtype) if args.only == "persistent" else specializations(dtype)
-        for name, kernel, sig, consts, warps, stages in specs:
+        for name, kernel, sig, consts, warps, stages, *options in specs:
             if args.only and args.only not in name:
                 continue
-            r = compile_one(kernel, sig, consts, warps, stages)
+            r = compile_one(kernel, sig, consts, warps, stages, **(options[0] if options else {}))
             print(f"{dtype:5s} {name:70s} warps={warps} stages={stages} regs={r['regs']:3d} "
                   f"spill_stack={r['stack']:5d}B smem={r['smem'] // 1024:3d}KB wgmma={r['wgmma']} tma={r['tma']}",
                   flush=True)

@@ -48,16 +48,20 @@ def as_list(values: Tensor) -> list[Tensor] | Tensor:
 
 
 # ------------------------------------------------------------------------------------- state
-def state_dtype(key: str, p: Tensor) -> torch.dtype:
+def state_dtype(key: str, p: Tensor, low: torch.dtype | None = None) -> torch.dtype:
     """The dtype of state entry `key` of parameter p: momentum and moments in the gradient's /
-    parameter's dtype (as torch.optim.Muon and AdamW keep them), NorMuon's moments in opmath, torch's
-    fp32 `step`, an int64 skip counter."""
+    parameter's dtype (as torch.optim.Muon and AdamW keep them) or the group's `state_dtype` (low:
+    bf16, or int8 for the momentum, with its fp32 `momentum_scale`), NorMuon's moments in opmath,
+    torch's fp32 `step`, an int64 skip counter."""
     if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        if low is not None:
+            return low
         return (p.grad if key == "momentum_buffer" and p.grad is not None else p).dtype
-    return {"normuon_v": opmath(p.dtype), "step": torch.float32, "nonfinite_skips": torch.int64}[key]
+    return {"normuon_v": opmath(p.dtype), "step": torch.float32, "nonfinite_skips": torch.int64,
+            "momentum_scale": torch.float32}[key]
 
 
-def check_state(key: str, p: Tensor, value: Tensor | None, where: str) -> None:
+def check_state(key: str, p: Tensor, value: Tensor | None, where: str, low: torch.dtype | None = None) -> None:
     """Refuse state entry `key` of parameter p (`where`: "param_groups[i]['params'][j]") that the
     step could only use by casting it: every path (the engine's plan, the reference loop) calls this
     for every entry it reads or creates, before anything is written.
@@ -68,7 +72,8 @@ def check_state(key: str, p: Tensor, value: Tensor | None, where: str) -> None:
     `step` as loaded; the step engine copies their values). An AdamW group also needs the gradient
     in the parameter's dtype (its moments are kept in the parameter's dtype and take the gradient
     in, as torch's fused AdamW requires). 0-element parameters are never updated: never refused.
-    value: the state's tensor (its local shard for a DTensor), None where a fresh one is made.
+    value: the state's tensor (its local shard for a DTensor), None where a fresh one is made;
+    low: the group's state_dtype.
     """
     if key in ("step", "nonfinite_skips") or p.numel() == 0:
         return
@@ -81,7 +86,7 @@ def check_state(key: str, p: Tensor, value: Tensor | None, where: str) -> None:
         )
     if value is None:
         return
-    expected = state_dtype(key, p)
+    expected = state_dtype(key, p, low)
     if value.dtype != expected:
         what = f"{p.dtype}" if grad is None or grad.dtype == p.dtype else f"{p.dtype} with a {grad.dtype} gradient"
         raise ValueError(
@@ -93,9 +98,15 @@ def check_state(key: str, p: Tensor, value: Tensor | None, where: str) -> None:
         )
 
 
-def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = False) -> Tensor:
+def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = False,
+               low: torch.dtype | None = None) -> Tensor:
     """A fresh state entry of parameter p, the value every path starts from (stacks in the engine
-    are zeros of the same dtype); flatten/transposed: the group's, for the shape of `normuon_v`."""
+    are zeros of the same dtype); flatten/transposed: the group's, for the shape of `normuon_v`;
+    low: its state_dtype (int8 momentum: zeros and zero scales, one per block of the stored last dim)."""
+    if low is not None and key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        return torch.zeros(p.shape, dtype=low, device=p.device)
+    if key == "momentum_scale":
+        return torch.zeros(scale_shape(p.shape), dtype=torch.float32, device=p.device)
     if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         like = p.grad if key == "momentum_buffer" and p.grad is not None else p
         return torch.zeros_like(like, memory_format=torch.preserve_format)
@@ -114,9 +125,91 @@ def muon_momentum(buf: Tensor, G: Tensor, weight: Tensor, momentum: float, neste
     G is scratch (the gathered, sanitized gradient): with nesterov it is overwritten by U.
     `torch.lerp(B, G, w)` is bit for bit `B.lerp_(G, w)`; the caller commits B' with a copy.
     scratch: buf is a stacked copy too, and B' is computed in its place (one temporary fewer).
+    A gradient of another dtype than buf (bf16 gradients, a state_dtype momentum read in fp32) is
+    upcast first.
     """
+    if G.dtype != buf.dtype:
+        G = G.to(buf.dtype)
     nxt = buf.lerp_(G, weight) if scratch else torch.lerp(buf, G, weight)
     return nxt, (G.lerp_(nxt, momentum) if nesterov else nxt)
+
+
+# ------------------------------------------------------------------------- low-precision state
+# `state_dtype` of a group: None (the gradient's / parameter's dtype, as torch keeps it), torch.bfloat16
+# (Muon momentum and AdamW moments in bf16, rounded to nearest), torch.int8 (Muon momentum blockwise
+# absmax-linear quantized: `state[p]["momentum_buffer"]` int8 of the parameter's shape and
+# `state[p]["momentum_scale"]` fp32, one scale per block). Arithmetic always runs in fp32 (fp64 for
+# fp64 parameters): the state is dequantized, advanced, and requantized at the commit.
+LOW_PRECISION = (torch.bfloat16, torch.int8)
+QUANT_BLOCK = 256  # elements of a quantization block, along the last dim of the stored parameter
+QUANT_MAX = 127.0
+
+
+def quant_blocks(n: int, block: int = QUANT_BLOCK) -> int:
+    """Blocks of a row of n elements (the last one may be shorter)."""
+    return -(-n // block)
+
+
+def scale_shape(shape: torch.Size | tuple) -> tuple[int, int]:
+    """The shape of `momentum_scale` of a parameter of `shape` (as stored): its rows (dim 0: an output
+    row, an expert) each cut into blocks of `QUANT_BLOCK` elements, one scale per block."""
+    shape = tuple(shape)
+    row = 1
+    for size in shape[1:]:
+        row *= size
+    return (shape[0], quant_blocks(row))
+
+
+def quantize_blockwise(x: Tensor, block: int = QUANT_BLOCK) -> tuple[Tensor, Tensor]:
+    """x (rows, ...) -> (q int8 of x's shape, scale fp32 (rows, ceil(row / block))): each row (dim 0,
+    the rest flattened) cut into blocks of `block` consecutive elements (the last one may be
+    shorter); per block scale = absmax / 127 and q = round(x / scale) (round half to even; a block of
+    zeros has scale 0 and q 0). Blocks never cross a row, so row-sharded parameters (FSDP2's dim 0)
+    hold whole blocks. |x - dequantize(q, scale)| <= scale / 2 elementwise, up to the fp32 rounding
+    of x / scale."""
+    rows = x.shape[0]
+    xf = x.float().reshape(rows, -1)
+    n = xf.shape[1]
+    nb = quant_blocks(n, block)
+    if nb * block != n:
+        xf = torch.nn.functional.pad(xf, (0, nb * block - n))
+    xb = xf.view(rows, nb, block)
+    scale = xb.abs().amax(-1) / QUANT_MAX
+    q = torch.where(scale.unsqueeze(-1) > 0, xb / scale.unsqueeze(-1), 0.0).round_().clamp_(-QUANT_MAX, QUANT_MAX)
+    q = q.to(torch.int8).view(rows, nb * block)[:, :n]
+    return q.reshape(x.shape), scale
+
+
+def dequantize_blockwise(q: Tensor, scale: Tensor, block: int = QUANT_BLOCK) -> Tensor:
+    """The fp32 values of `quantize_blockwise`'s (q, scale): q · the scale of its block, q's shape."""
+    rows, nb = scale.shape
+    qf = q.float().reshape(rows, -1)
+    n = qf.shape[1]
+    if nb * block != n:
+        qf = torch.nn.functional.pad(qf, (0, nb * block - n))
+    x = (qf.view(rows, nb, block) * scale.unsqueeze(-1)).view(rows, nb * block)[:, :n]
+    return x.reshape(q.shape)
+
+
+def read_momentum(buf: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The momentum in `dtype` (opmath) from its stored form: bf16 upcast, int8 dequantized."""
+    if scale is not None:
+        return dequantize_blockwise(buf, scale).to(dtype)
+    return buf.to(dtype)
+
+
+def store_momentum(nxt: Tensor, state_dtype: torch.dtype, ok: Tensor | None = None,
+                   old: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+    """The next momentum (opmath) in its stored form, to be copied into the state at the commit:
+    (bf16 rounded to nearest, None) or (int8, its scales). A skipped parameter (ok False; old: its
+    stored (q, scale)) keeps them bit for bit: requantizing the dequantized value could move a scale
+    by an ulp (bf16 needs nothing: its upcast value rounds back to itself)."""
+    if state_dtype != torch.int8:
+        return nxt.to(state_dtype), None
+    q, scale = quantize_blockwise(nxt)
+    if ok is not None:
+        q, scale = torch.where(ok, q, old[0]), torch.where(ok, scale, old[1])
+    return q, scale
 
 
 # ------------------------------------------------------------------------------------ NorMuon
@@ -231,7 +324,8 @@ def adamw_scalars(steps: Tensor, ok: Tensor | None, beta1: float, beta2: float, 
 
 
 def adamw_direction(exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grad: list[Tensor], w1, w2,
-                    bias_correction2_sqrt: list[Tensor], beta2: float, eps: float, out: list[Tensor]) -> None:
+                    bias_correction2_sqrt: list[Tensor], beta2: float, eps: float, out: list[Tensor],
+                    low: bool = False) -> tuple[list[Tensor], list[Tensor]] | None:
     """torch.optim.AdamW's update up to the step size, m̂ / (sqrt(v̂) + eps), into `out`, without
     writing state: the next moments are computed in out's place and one temporary.
 
@@ -241,16 +335,31 @@ def adamw_direction(exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grad: list[
     of k same-shape parameters, with (k, 1) scalars) or per parameter (the reference loop: 0-dim
     scalars). w1 is 1 - beta1 and w2 beta2, or 0 and 1 for a skipped parameter, whose gradient must
     already be sanitized (0 * NaN is NaN). `adamw_advance` then writes the same m' and v' in place.
+
+    low (bf16 moments, state_dtype=torch.bfloat16): the moments are read upcast to out's dtype, m'
+    and v' are computed out of place and returned rounded to the moments' dtype (to be copied into
+    the state at the commit; a skipped parameter's moments come back bit for bit).
     """
-    torch._foreach_copy_(out, exp_avg)
-    torch._foreach_lerp_(out, grad, w1)  # torch.lerp's bits
-    v = torch._foreach_mul(exp_avg_sq, w2)
+    if low:
+        m = torch._foreach_lerp([t.to(out[0].dtype) for t in exp_avg], grad, w1)
+        v = torch._foreach_mul([t.to(out[0].dtype) for t in exp_avg_sq], w2)
+    else:
+        torch._foreach_copy_(out, exp_avg)
+        torch._foreach_lerp_(out, grad, w1)  # torch.lerp's bits
+        m = out
+        v = torch._foreach_mul(exp_avg_sq, w2)
     torch._foreach_addcmul_(v, grad, grad, value=1 - beta2)
+    stored = None
+    if low:
+        stored = ([t.to(exp_avg[0].dtype) for t in m], [t.to(exp_avg_sq[0].dtype) for t in v])
+        torch._foreach_copy_(out, m)
+        del m
     # sqrt(v) / sqrt(bc2) + eps, as torch computes it; then m / that
     torch._foreach_sqrt_(v)
     torch._foreach_div_(v, bias_correction2_sqrt)
     torch._foreach_add_(v, eps)
     torch._foreach_div_(out, v)
+    return stored
 
 
 def adamw_advance(exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grad: list[Tensor], w1, w2, beta2: float) -> None:
@@ -304,5 +413,6 @@ def opmath_view(params: list[Tensor], work: list[Tensor] | None) -> list[Tensor]
 __all__ = [
     "adamw_advance", "adamw_direction", "adamw_scalars", "as_list", "cautious_decay", "check_state", "commit_stack",
     "commit_update", "decay_factors", "masked", "muon_momentum", "neuron_shape", "normuon_update", "opmath", "scalar",
-    "state_dtype", "zero_state",
+    "state_dtype", "zero_state", "LOW_PRECISION", "QUANT_BLOCK", "quant_blocks", "scale_shape", "quantize_blockwise",
+    "dequantize_blockwise", "read_momentum", "store_momentum",
 ]  # fmt: skip

@@ -124,6 +124,7 @@ class Muon(Optimizer):
         transposed: bool = False,
         atomic: bool = True,
         chunk_bytes: int | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         options.check_options(nonfinite, foreach, atomic, chunk_bytes)
         options.check_process_group(process_group)
@@ -144,13 +145,15 @@ class Muon(Optimizer):
         self._plan_version = 0  # bumped when groups change
         # AdamW groups take these where the group does not set them.
         self._adamw_defaults = {"lr": lr, "betas": betas, "eps": adamw_eps, "weight_decay": weight_decay,
-                                "cautious_weight_decay": cautious_weight_decay}
+                                "cautious_weight_decay": cautious_weight_decay,
+                                "state_dtype": None if state_dtype == torch.int8 else state_dtype}
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, use_muon=True, flatten=flatten, batched=batched,
             backend=backend, ns_dtype=ns_dtype, variant=variant, normuon_beta2=normuon_beta2,
             normuon_eps=normuon_eps, cautious_weight_decay=cautious_weight_decay, ns_algorithm=ns_algorithm,
             split=list(split) if isinstance(split, tuple) else split, heads=heads, transposed=transposed,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
         # ns_dtype travels as a string, so distributed full-state-dict checkpoints can carry it
@@ -272,10 +275,13 @@ class Muon(Optimizer):
         return options.kernel_for(group, index, X, ns_dtype, schedule.steps)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, full_precision: bool = False) -> dict:
         """torch's state dict, holding only types torch.load(weights_only=True) accepts
-        (`muon.serialization.encode_callables`)."""
-        return serialization.encode_callables(super().state_dict())
+        (`muon.serialization.encode_callables`). The state is as kept (a group's state_dtype: bf16, or
+        int8 momentum with its `momentum_scale`); full_precision=True gives it in the dtypes
+        torch.optim.Muon and torch.optim.AdamW keep, to load into them (`muon.serialization.full_precision`)."""
+        state_dict = serialization.encode_callables(super().state_dict())
+        return serialization.full_precision(self, state_dict) if full_precision else state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from muon.Muon, torch.optim.Muon or torch.optim.AdamW, validated first.

@@ -238,6 +238,13 @@ def check_muon_group(group: dict, index: int) -> None:
                     "does not support sharded parameters yet (replicated/DDP parameters work)"
                 )
     resolve_flatten(group, index)
+    check_state_dtype(group, index, (torch.bfloat16, torch.int8))
+    if group["state_dtype"] is not None and (group.get("split") is not None or group.get("heads") is not None):
+        raise ValueError(
+            f"param_groups[{index}]: state_dtype={group['state_dtype']} does not combine with split/heads yet (the "
+            "blocks of one parameter step in different buckets, its low-precision momentum is one tensor); use "
+            "state_dtype=None in this group"
+        )
     check_real(group, "normuon_beta2", index, 0.0, 1.0, open_high=True)
     check_real(group, "normuon_eps", index, 0.0)
     if not group["normuon_eps"] > 0:  # it also floors the norm NorMuon divides by
@@ -383,6 +390,33 @@ def check_split(group: dict, index: int) -> None:
                     "e.g. contiguous"
                 ) from None
 
+def check_state_dtype(group: dict, index: int, allowed: tuple) -> None:
+    """state_dtype: None (the gradient's / parameter's dtype), torch.bfloat16, or for Muon groups
+    torch.int8 (blockwise-quantized momentum, `muon.functional.quantize_blockwise`)."""
+    low = group.setdefault("state_dtype", None)
+    if low is None:
+        return
+    kind = "a Muon" if group["use_muon"] else "an AdamW"
+    if low not in allowed:
+        why = "" if group["use_muon"] else (
+            "; int8 AdamW moments would need a dynamic (non-linear) 8-bit scheme for the second moment, which "
+            "this optimizer does not implement: use torch.bfloat16 here, int8 in the Muon groups")
+        raise ValueError(
+            f"param_groups[{index}]: state_dtype must be None or one of {allowed} in {kind} group, got {low!r}{why}"
+        )
+    for i, p in enumerate(group["params"]):
+        if distributed.is_dtensor(p):
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); state_dtype={low} does not support "
+                "sharded parameters yet (one process and replicated/DDP parameters work)"
+            )
+        if p.dtype == torch.float64:
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}] is float64; state_dtype={low} keeps its state in lower "
+                "precision than the parameter's arithmetic (fp64): use state_dtype=None for fp64 parameters"
+            )
+
+
 def check_adamw_group(group: dict, index: int) -> None:
     check_lr(group, index)
     betas = group["betas"]
@@ -396,5 +430,6 @@ def check_adamw_group(group: dict, index: int) -> None:
     cautious = group.setdefault("cautious_weight_decay", False)
     if not isinstance(cautious, bool):
         raise ValueError(f"param_groups[{index}]: cautious_weight_decay must be True or False, got {cautious!r}")
+    check_state_dtype(group, index, (torch.bfloat16,))
     check_tensors(group, index, "AdamW")
 

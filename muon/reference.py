@@ -57,13 +57,15 @@ class _Pending:
     def __init__(self, state) -> None:
         self.state, self.installs, self.commits = state, [], []
 
-    def get(self, p: Tensor, key: str, where: str, flatten: bool = False, transposed: bool = False):
+    def get(self, p: Tensor, key: str, where: str, flatten: bool = False, transposed: bool = False,
+            low: torch.dtype | None = None):
         """state[p][key], or a fresh entry (`muon.functional.zero_state`) installed at the commit;
-        a state the step would have to cast is refused (`muon.functional.check_state`)."""
+        a state the step would have to cast is refused (`muon.functional.check_state`); low: the
+        group's state_dtype."""
         value = (self.state.get(p) or {}).get(key)
-        F.check_state(key, p, None if value is None else local(value), where)
+        F.check_state(key, p, None if value is None else local(value), where, low)
         if value is None:
-            value = F.zero_state(key, p, flatten, transposed)
+            value = F.zero_state(key, p, flatten, transposed, low)
             self.installs.append((p, key, value))
         return value
 
@@ -148,10 +150,12 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
     normuon, cautious = group["variant"] == "normuon", group.get("cautious_weight_decay", False)
     schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
 
+    low = group.get("state_dtype")
     updates, phases, places = [], [], _places(group, index)
     for p, g, ok in zip(params, grads, finite):
         where = places[id(p)]
-        buf = pending.get(p, "momentum_buffer", where)
+        buf = pending.get(p, "momentum_buffer", where, low=low)
+        scale = pending.get(p, "momentum_scale", where, low=low) if low == torch.int8 else None
         skips = pending.get(p, "nonfinite_skips", where)  # absent from a torch.optim.Muon state dict
         v = pending.get(p, "normuon_v", where, flatten, transposed) if normuon else None  # per neuron (matrix row)
         if ok is None:  # 0-size parameter: nothing to do
@@ -159,8 +163,13 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
             phases.append(None)
             continue
         g = torch.where(ok, g, 0)  # a placeholder where not finite; its lerp weight is 0 below
-        weight = F.masked(ok, 1.0 - momentum, 0.0, buf.dtype, ok.device)
-        nxt, U = F.muon_momentum(buf, g, weight, momentum, group["nesterov"])
+        # a bf16/int8 state (state_dtype) is read in opmath and stored back at the commit
+        value = buf if low is None else F.read_momentum(buf, scale, F.opmath(p.dtype))
+        weight = F.masked(ok, 1.0 - momentum, 0.0, value.dtype, ok.device)
+        nxt, U = F.muon_momentum(value, g, weight, momentum, group["nesterov"])
+        if low is not None:
+            q, new_scale = F.store_momentum(nxt, low, ok, None if scale is None else (buf, scale))
+            nxt = (q, scale, new_scale)
         updates.append(U)
         phases.append((buf, nxt, skips, ~ok, v))
 
@@ -202,7 +211,12 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
 
         def commit(p=p, work=work, decay=decay, update=update, buf=buf, nxt=nxt, skips=skips, skipped=skipped,
                    moments=moments) -> None:
-            buf.copy_(nxt)
+            if isinstance(nxt, tuple):  # stored form (state_dtype): momentum and int8 scales
+                buf.copy_(nxt[0])
+                if nxt[1] is not None:
+                    nxt[1].copy_(nxt[2])
+            else:
+                buf.copy_(nxt)
             skips.add_(skipped)
             if moments is not None:
                 moments[0].copy_(moments[1])
@@ -275,9 +289,10 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
     wd, eps = group["weight_decay"], group["eps"]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     places = _places(group, index)
+    low = group.get("state_dtype")
     for p, g, ok in zip(params, grads, finite):
         step, ea, eas, skips = (
-            pending.get(p, key, places[id(p)]) for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips")
+            pending.get(p, key, places[id(p)], low=low) for key in ("step", "exp_avg", "exp_avg_sq", "nonfinite_skips")
         )
         if ok is None:
             continue
@@ -302,17 +317,23 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
         p, g, ea, eas = local(p), local(g), local(ea), local(eas)
         g = torch.where(ok, g, 0)
         new_steps, step_size, bc2_sqrt = F.adamw_scalars(steps.view(()), ok, beta1, beta2, lr, dtype)
-        w1 = F.masked(ok, 1 - beta1, 0.0, ea.dtype, p.device)
-        w2 = F.masked(ok, beta2, 1.0, eas.dtype, p.device)
-        update = torch.empty_like(ea)
-        F.adamw_direction([ea], [eas], [g], [w1], [w2], [bc2_sqrt], beta2, eps, [update])
+        # bf16 moments of state_dtype: read in opmath, their next values stored back at the commit
+        mdtype = dtype if low is not None else ea.dtype
+        w1 = F.masked(ok, 1 - beta1, 0.0, mdtype, p.device)
+        w2 = F.masked(ok, beta2, 1.0, mdtype, p.device)
+        update = torch.empty_like(ea, dtype=mdtype)
+        nxt = F.adamw_direction([ea], [eas], [g], [w1], [w2], [bc2_sqrt], beta2, eps, [update], low=low is not None)
         work = _work_copy(p)
         target = [p] if work is None else work
         decay = F.decay_factors(ok, lr, wd, cautious, target, [update], -1, dtype, p.device)
 
         def commit(p=p, ea=ea, eas=eas, g=g, w1=w1, w2=w2, steps=steps, skips=skips, new_steps=new_steps, work=work,
-                   decay=decay, update=update, step_size=step_size, skipped=~ok) -> None:
-            F.adamw_advance([ea], [eas], [g], [w1], [w2], beta2)
+                   decay=decay, update=update, step_size=step_size, skipped=~ok, nxt=nxt) -> None:
+            if nxt is not None:
+                ea.copy_(nxt[0][0])
+                eas.copy_(nxt[1][0])
+            else:
+                F.adamw_advance([ea], [eas], [g], [w1], [w2], beta2)
             steps.copy_(new_steps)
             skips.add_(skipped)
             F.commit_update([p], work, decay, [update], step_size)

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from . import distributed, options
-from .functional import neuron_shape, opmath
+from .functional import dequantize_blockwise, neuron_shape, opmath, quantize_blockwise, scale_shape
 
 # Keys of state[p] per group kind (torch.optim.Muon and torch.optim.AdamW keep subsets of these).
-STATE_KEYS = {True: frozenset({"momentum_buffer", "nonfinite_skips", "normuon_v"}),
+STATE_KEYS = {True: frozenset({"momentum_buffer", "momentum_scale", "nonfinite_skips", "normuon_v"}),
               False: frozenset({"step", "exp_avg", "exp_avg_sq", "nonfinite_skips"})}
 CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust_lr_fn in a state dict
 # Attributes beyond torch's (defaults, state, param_groups) that the step needs; torch's
@@ -19,7 +19,7 @@ CALLABLE = "callable:"  # prefix of the string that stands for a callable adjust
 PICKLED_ATTRS = ("nonfinite", "foreach", "process_group", "_adamw_defaults")
 # Options added later than a pickle or state dict may be: their defaults give the behaviour of before.
 NEW_OPTIONS = {"variant": "muon", "normuon_beta2": 0.95, "normuon_eps": 1e-8, "cautious_weight_decay": False,
-               "ns_algorithm": "standard", "split": None, "heads": None, "transposed": False}
+               "ns_algorithm": "standard", "split": None, "heads": None, "transposed": False, "state_dtype": None}
 # Options that describe the parameters rather than the training: a saved group without one (an older
 # version's, torch.optim.Muon's) takes the value of the group it is loaded into, not the default.
 LAYOUT_OPTIONS = ("transposed",)
@@ -37,9 +37,10 @@ def encode_callables(state_dict: dict) -> dict:
 
 
 def after_load(opt, state_dict: dict) -> None:
-    """What torch's load_state_dict leaves to us: NorMuon moments in opmath, every group's
-    defaults, int64 counters."""
+    """What torch's load_state_dict leaves to us: NorMuon moments in opmath, momentum and moments in
+    each group's state_dtype, every group's defaults, int64 counters."""
     restore_normuon_dtype(opt, state_dict)
+    restore_state_dtypes(opt, state_dict)
     # ("momentum" stays: in an AdamW group it is a scheduler's beta1, muon.options.SCHEDULED_BETA1)
     muon_only = opt.defaults.keys() - opt._adamw_defaults.keys() - {"use_muon", options.SCHEDULED_BETA1}
     for group in opt.param_groups:
@@ -64,7 +65,7 @@ def upgrade(opt) -> None:
     for key, value in NEW_OPTIONS.items():
         opt.defaults.setdefault(key, value)
     for group in opt.param_groups:  # a loaded group without them takes this optimizer's defaults
-        for key in NEW_OPTIONS if group.get("use_muon", True) else ("cautious_weight_decay",):
+        for key in NEW_OPTIONS if group.get("use_muon", True) else ("cautious_weight_decay", "state_dtype"):
             group.setdefault(key, opt.defaults[key])
     opt.__dict__.setdefault("_adamw_defaults", {"lr": opt.defaults["lr"], "betas": (0.9, 0.95), "eps": 1e-8,
                                                 "weight_decay": opt.defaults["weight_decay"]})
@@ -83,6 +84,67 @@ def restore_normuon_dtype(opt, state_dict: dict) -> None:
             value = state_dict["state"].get(pid, {}).get("normuon_v")
             if value is not None and opt.state[p]["normuon_v"].dtype != opmath(p.dtype):
                 opt.state[p]["normuon_v"] = value.to(device=p.device, dtype=opmath(p.dtype), copy=True)
+
+def restore_state_dtypes(opt, state_dict: dict) -> None:
+    """torch casts every loaded state tensor to the parameter's dtype: take the momentum (and its
+    int8 scales) and AdamW's moments from the state dict as saved and convert them to the group's
+    state_dtype — int8 from a float momentum is quantized (`muon.functional.quantize_blockwise`), a
+    float momentum from an int8 one dequantized, bf16 rounded to nearest (a bf16 state saved and
+    loaded comes back bit for bit)."""
+    for saved_group, group in zip(state_dict["param_groups"], opt.param_groups):
+        low = group.get("state_dtype")
+        keys = ("momentum_buffer",) if group["use_muon"] else ("exp_avg", "exp_avg_sq")
+        for pid, p in zip(saved_group["params"], group["params"]):
+            saved = state_dict["state"].get(pid)
+            state = opt.state.get(p)
+            if not saved or state is None:
+                continue
+            for key in keys:
+                value = saved.get(key)
+                if value is None:
+                    continue
+                scale = saved.get("momentum_scale") if key == "momentum_buffer" else None
+                quantized = scale is not None and value.dtype == torch.int8
+                if not quantized and low is None:
+                    continue  # torch's cast to the parameter's dtype is the state as saved
+                if key == "momentum_buffer":
+                    state.pop("momentum_scale", None)
+                if quantized and low == torch.int8:  # the saved int8 state as it was
+                    state[key] = value.to(device=p.device, copy=True)
+                    state["momentum_scale"] = scale.to(device=p.device, dtype=torch.float32, copy=True)
+                    continue
+                if quantized:
+                    value = dequantize_blockwise(value.to(p.device), scale.to(p.device, torch.float32))
+                if low == torch.int8:
+                    state[key], state["momentum_scale"] = quantize_blockwise(value.to(p.device, torch.float32))
+                else:
+                    like = p.grad if key == "momentum_buffer" and p.grad is not None else p
+                    state[key] = value.to(device=p.device, dtype=low or like.dtype, copy=True)
+
+
+def full_precision(opt, state_dict: dict) -> dict:
+    """`Muon.state_dict(full_precision=True)`: the state with the momentum and moments in the dtype
+    torch.optim.Muon / torch.optim.AdamW keep (the gradient's / parameter's): int8 momentum
+    dequantized (its scales dropped), bf16 state upcast. What torch's optimizers load."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+    for pid, p in zip(ids, params):
+        saved = state_dict["state"].get(pid)
+        if not saved:
+            continue
+        # torch's state dict holds the optimizer's own per-parameter dicts: a copy, never them
+        saved = state_dict["state"][pid] = dict(saved)
+        scale = saved.pop("momentum_scale", None)
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            value = saved.get(key)
+            if value is None:
+                continue
+            if scale is not None and key == "momentum_buffer":
+                value = dequantize_blockwise(value, scale)
+            like = p.grad if key == "momentum_buffer" and p.grad is not None else p
+            saved[key] = value.to(like.dtype)
+    return state_dict
+
 
 def checked_state_dict(opt, state_dict: dict) -> dict:
     """A copy of state_dict with each group's kind (and callable adjust_lr_fn) resolved; raises on misfits."""
@@ -114,7 +176,9 @@ def checked_state_dict(opt, state_dict: dict) -> dict:
             raise ValueError(f"{where} has amsgrad or maximize set; muon's AdamW groups support neither")
         if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
             raise ValueError(f"{where} is torch.optim.Adam's (L2 weight decay); AdamW groups decouple it")
-        group = {**group, "use_muon": kind}
+        # how the state is stored is this optimizer's choice: a saved state of another state_dtype is
+        # converted to it (`restore_state_dtypes`)
+        group = {**group, "use_muon": kind, "state_dtype": current.get("state_dtype")}
         if kind:
             for key in LAYOUT_OPTIONS:
                 if key not in group and key in current:
@@ -157,8 +221,9 @@ def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: s
         for key, value in saved.items():
             if not isinstance(value, Tensor):
                 raise ValueError(f"{at}: {key} must be a Tensor, got {type(value).__name__}")
+            quantized = key == "momentum_buffer" and value.dtype == torch.int8 and "momentum_scale" in saved
             if key in ("momentum_buffer", "exp_avg", "exp_avg_sq") and (
-                tuple(value.shape) != tuple(p.shape) or not value.is_floating_point()
+                tuple(value.shape) != tuple(p.shape) or not (value.is_floating_point() or quantized)
             ):
                 raise ValueError(
                     f"{at}: {key} is {tuple(value.shape)} {value.dtype}, the parameter is {tuple(p.shape)}"
@@ -169,6 +234,14 @@ def check_saved_state(state: dict, ids: list, params: list, kind: bool, where: s
                 raise ValueError(
                     f"{at}: normuon_v is {tuple(value.shape)} {value.dtype}, NorMuon keeps one entry per "
                     f"matrix row of the parameter: {neuron_shape(p.shape, flatten, transposed)}"
+                )
+            if key == "momentum_scale" and (
+                tuple(value.shape) != scale_shape(p.shape) or saved.get("momentum_buffer") is None
+                or saved["momentum_buffer"].dtype != torch.int8
+            ):
+                raise ValueError(
+                    f"{at}: momentum_scale {tuple(value.shape)} goes with an int8 momentum_buffer of the parameter's "
+                    f"shape and has one scale per block of {scale_shape(p.shape)}"
                 )
             if key in ("step", "nonfinite_skips") and value.numel() != 1:
                 raise ValueError(f"{at}: {key} must have one element, got shape {tuple(value.shape)}")

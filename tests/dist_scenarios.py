@@ -476,6 +476,28 @@ def scenario_ddp_normuon_cautious():
     return run
 
 
+def scenario_ddp_state_dtype():
+    """state_dtype bf16 and int8 (low-precision momentum and moments) on replicated parameters: the state
+    is each rank's whole copy, read in fp32 and stored back at the commit; equal to one process, ranks
+    identical."""
+
+    def run():
+        world = dist.get_world_size()
+        for low in (torch.bfloat16, torch.int8):
+            kw = dict(state_dtype=low, ns_dtype=torch.float64)
+            ref, _ = reference_run(Net, 16, 20, world, **kw)
+            model, init = build(Net, "ddp")
+            opt = make_optimizer(model, **kw)
+            train(model, opt, 16, 20, STEPS)
+            assert opt._plan is not None and opt._plan.dist is not None
+            p = opt.param_groups[0]["params"][0]
+            assert opt.state[p]["momentum_buffer"].dtype == low
+            assert_matches(model, ref, init, f"ddp, state_dtype={low}")
+            assert_ranks_identical(model, f"ddp, state_dtype={low}")
+
+    return run
+
+
 def scenario_ddp_transposed():
     """transposed=True (weights read as (in, out), transformers' Conv1D) on replicated parameters: a
     wide, a square (split into unequal, mirrored blocks) and an expert stack (heads: tall blocks)
@@ -624,6 +646,7 @@ SCENARIOS = {
     "fsdp_step_on_the_plan": scenario_fsdp_on_plan,
     "fsdp_plan_equals_loop": scenario_fsdp_plan_equals_loop,
     "ddp_transposed_matches_single": scenario_ddp_transposed(),
+    "ddp_state_dtype_matches_single": scenario_ddp_state_dtype(),
     "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
 }
 _OUTDIR = ""

@@ -38,6 +38,11 @@ CEILINGS = {
     # nonfinite="skip": 8.0, 4.5 — the update (4) and one chunk's gradients and next second moment
     # (4.75 before the arithmetic ran in the update's place)
     "muon-adamw": (8.3, 4.6),
+    # state_dtype (issue 30's targets: kept <= 2.15 bf16, <= 1.15 int8): the step holds each chunk's
+    # momentum read in fp32 and the bucket's next momentum in its stored form until the commit
+    "muon-state-bf16": (2.15, 9.0),  # 2.0, 8.5
+    "muon-state-int8": (1.15, 8.0),  # 1.016 (one fp32 scale per 256 elements), 7.516
+    "muon-adamw-state-bf16": (4.3, 9.0),  # 4.0, 8.75 (the next moments held in bf16 until the commit)
     "muon-adamw-raise": (8.3, 0.3),  # nonfinite="raise": 8.0, 0.0 (torch's fused kernel in place)
     "muon-adamw-loop": (8.3, 4.6),  # foreach=False: 8.0, 4.5 (the loop: 8.0, 13.0)
     "muon-adamw-bf16-params": (4.3, 2.6),  # 4.0, 2.375 (6.25 with the fp32 copies of a whole bucket)

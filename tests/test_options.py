@@ -35,7 +35,7 @@ def test_metadata_keys_are_accepted():
 def test_adamw_groups_carry_only_adamw_keys():
     opt = muon.Muon([{"params": [_w(4, 4)]}, {"params": [_w(4)], "use_muon": False}])
     assert set(opt.param_groups[1]) == {"params", "use_muon", "lr", "betas", "eps", "weight_decay",
-                                        "cautious_weight_decay"}  # fmt: skip
+                                        "cautious_weight_decay", "state_dtype"}  # fmt: skip
 
 
 @pytest.mark.parametrize("steps", [0, -1])

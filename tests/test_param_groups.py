@@ -223,13 +223,13 @@ def test_muon_only_options_are_muons_group_options():
     from muon.param_groups import MUON_ONLY_OPTIONS
 
     opt = muon.Muon([torch.zeros(2, 2, requires_grad=True)])
-    shared = {"lr", "weight_decay", "eps", "cautious_weight_decay", "use_muon"}
+    shared = {"lr", "weight_decay", "eps", "cautious_weight_decay", "use_muon", "state_dtype"}
     assert set(opt.defaults) - shared == MUON_ONLY_OPTIONS
 
 
 def test_optimizer_adamw_groups_hold_only_adamw_keys():
     opt = muon.Muon(muon.param_groups(TinyLM(tied=False), adamw_options={"lr": 3e-3}), lr=0.02)
-    adamw_keys = {"params", "use_muon", "lr", "betas", "eps", "weight_decay", "cautious_weight_decay"}
+    adamw_keys = {"params", "use_muon", "lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype"}
     for group in opt.param_groups:
         if not group["use_muon"]:
             assert set(group) <= adamw_keys, sorted(set(group) - adamw_keys)

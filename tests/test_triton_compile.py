@@ -43,9 +43,10 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
     for line in rows:
         assert int(re.search(r"spill_stack=\s*(\d+)B", line).group(1)) == 0, line
         assert int(re.search(r"smem=\s*(\d+)KB", line).group(1)) <= 227, line  # sm_90 per-block limit
-    # the GEMM stages use Hopper's wgmma (the AOL rescale kernels are elementwise)
+    # the GEMM stages use Hopper's wgmma (the AOL rescale kernels and the momentum pass are elementwise)
     assert all(int(re.search(r"wgmma=(\d+)", line).group(1)) > 0 for line in rows
-               if "ns_small" not in line and " aol " not in line)
+               if "ns_small" not in line and " aol " not in line and "lowp_momentum" not in line)
+    assert sum("lowp_momentum" in line for line in rows) == 7, run.stdout
     # the fused kernel with AOL preconditioning and the AOL rescale kernels of the tiled drivers
     assert sum("aol" in line for line in rows if "ns_small" in line) == 4, run.stdout
     assert sum(line.split()[1] == "aol" for line in rows) == 4, run.stdout

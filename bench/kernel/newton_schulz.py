@@ -12,7 +12,8 @@ on the torch backend and the Triton default path: muon[torch:aol] / muon[triton:
 preconditioning at --aol-steps, default one step fewer: Turbo-Muon's setting) and muon[torch:fp16] /
 muon[triton:fp16] (fp16 compute, rows with dtype float16); every importable peer
 (bench/kernel/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
-square GEMM as the device's ceiling.
+square GEMM as the device's ceiling. Then the fused low-precision momentum pass against a copy of the
+same bytes (bench/kernel/momentum.py; op low_precision_momentum, a skipped row on a CPU).
 
 Timing (bench/timing.py): per shape, every provider and the shape's GEMM in --rounds interleaved
 rounds (CPU, one thread: process CPU time; CUDA: triton.testing.do_bench per round, CUDA-graph replay for
@@ -59,7 +60,7 @@ from ..common import (
 )
 from ..schema import Results
 from ..timing import interleaved, ratio
-from . import peers
+from . import momentum, peers
 
 # (B, m, n): the H100 measurement of the dispatch table (muon/backends/dispatch.py), then small-side and
 # mid-size classes it does not cover yet, one tall shape (m > n; NS transposes it).
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         measure_shape(args, device, (b, m, n), kind, fixed, schedule, aol_schedule, aol_steps, gen, peer_names,
                       explicit, gemm_provider, peak_rate, rounds, rep_ms, results)
 
+    momentum.measure(device, results, rounds, rep_ms)  # the fused low-precision momentum pass (issue 30)
     paths = results.write(out_dir, "kernels")
     clock = next((r["clock"] for r in results.ok("newton_schulz")), "")
     print(wrap(f"Newton–Schulz on {results.meta['device']}, commit {results.meta['commit']}: {clock}, median of "
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if line:
         print(line)
     if not args.no_plot:
-        png = plots.kernels(results.rows, out_dir / "kernels.png")
+        png = plots.kernels([r for r in results.rows if r["op"] != momentum.OP], out_dir / "kernels.png")
         paths += [png] if png else []
     print("wrote " + ", ".join(p.name for p in paths) + f" in {out_dir}")
     return 0

@@ -25,11 +25,12 @@ def decode_state_dict_dtypes(optimizer, state_dict: dict) -> dict:
     groups = []
     for group in state_dict["param_groups"]:
         group = dict(group)
-        value = group.get("ns_dtype")
-        if isinstance(value, str) and value.startswith("torch."):
-            dtype = getattr(torch, value[len("torch.") :], None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"state_dict param_groups has ns_dtype={value!r}, not a torch dtype")
-            group["ns_dtype"] = dtype
+        for key in ("ns_dtype", "state_dtype"):
+            value = group.get(key)
+            if isinstance(value, str) and value.startswith("torch."):
+                dtype = getattr(torch, value[len("torch.") :], None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"state_dict param_groups has {key}={value!r}, not a torch dtype")
+                group[key] = dtype
         groups.append(group)
     return {**state_dict, "param_groups": groups}

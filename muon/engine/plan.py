@@ -42,7 +42,7 @@ from ..newton_schulz import resolve_dtype
 # weight_decay, momentum, nesterov, betas, eps of AdamW) are read every step.
 MUON_PLAN_KEYS = (
     "flatten", "batched", "backend", "ns_dtype", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn", "variant",
-    "split", "heads", "ns_algorithm", "transposed",
+    "split", "heads", "ns_algorithm", "transposed", "state_dtype",
 )  # fmt: skip
 COUNTERS = ("step", "nonfinite_skips")  # one-element state: a loaded (1,) tensor fits a 0-dim slot
 # The default bound of a chunk's stacked gradient per device type (`Muon(chunk_bytes=...)`): on a CPU
@@ -59,6 +59,11 @@ def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (its `_local_tensor`, an attribute read: no dispatch, and it
     follows FSDP2 re-pointing a parameter at new storage), or t itself."""
     return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
+
+
+def stack_rows(t: Tensor, lo: int, hi: int) -> Tensor:
+    """t[lo:hi], or t itself where that is all of it (no op dispatched: a step slices often)."""
+    return t if lo == 0 and hi == t.shape[0] else t[lo:hi]
 
 
 @dataclass
@@ -144,7 +149,7 @@ class Run:
         if self.mode != "each" and not torch.compiler.is_compiling():
             # one op, no per-member views (torch.compile does not trace stack(out=a view): it takes the
             # multi-tensor copy below, the same values)
-            X = out[self.lo - base : self.hi - base]
+            X = stack_rows(out, self.lo - base, self.hi - base)
             Y = X.mT if self.transpose else X
             if self.mode == "cat":
                 torch.cat(tensors, out=Y)
@@ -160,7 +165,7 @@ class Run:
         """The members' views of their rows of `stack`: parameter-shaped, or block-shaped for row blocks."""
         if self.mode == "each":
             return [mb.view(stack, base) for mb in members]
-        X = stack[self.lo - base : self.hi - base]
+        X = stack_rows(stack, self.lo - base, self.hi - base)
         Y = X.mT if self.transpose else X
         if self.mode == "stack":
             return list(Y.unbind(0))
@@ -170,7 +175,7 @@ class Run:
 
     def neurons(self, members: list[Member], stack: Tensor, base: int, shape_of) -> list[Tensor]:
         """The members' views of a NorMuon moment stack ((k, s) rows, or (k, l) columns for tall)."""
-        X = stack[self.lo - base : self.hi - base]
+        X = stack_rows(stack, self.lo - base, self.hi - base)
         if self.mode in ("stack", "flat"):
             return list(X.unbind(0))
         if self.mode == "cat":
@@ -282,6 +287,9 @@ class MuonBucket:
     # rows only; params and gradients are the parameters' local shards, read every step.
     sharded: bool = False
     exchange: object | None = None  # sharded row buckets: muon.distributed.sharded.BlockExchange
+    # the group's state_dtype (bf16, int8): the momentum is read into an opmath stack and stored back
+    # rounded or quantized (`muon.functional.read_momentum` / `store_momentum`); None: kept as is
+    low: torch.dtype | None = None
     # (P,) positions of the members' gradients in the step's flag vector (every chunk's, in order)
     flag_index: Tensor | None = None
     all_owners: bool = True  # every member keeps its parameter's counters (no later row blocks)
@@ -327,6 +335,7 @@ class AdamWBucket:
     flag_index: Tensor  # (P,) positions of the parameters' gradients in the step's flag vector
     # DTensor (FSDP2) parameters: params holds the DTensors, the step uses their local shards
     sharded: bool = False
+    low: torch.dtype | None = None  # the group's state_dtype (bf16 moments)
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -379,7 +388,8 @@ def plan_key(param_groups: list[dict], version: int) -> tuple:
     # (dynamo cannot trace is_inference: a compiled step's tensors are what it was traced with)
     compiling = torch.compiler.is_compiling()
     for group in param_groups:
-        key.append(tuple(_option_key(group[k]) for k in MUON_PLAN_KEYS) if group["use_muon"] else False)
+        key.append(tuple(_option_key(group.get(k)) for k in MUON_PLAN_KEYS) if group["use_muon"]
+                   else ("adamw", group.get("state_dtype")))
         key.append(
             tuple(
                 # is_inference: `p.data = <inference tensor>` rebuilds the plan, which refuses it
@@ -536,7 +546,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         shape=(offset, s, l),
         gdtype=gdtype,
         pdtype=pdtype,
-        mdtype=state_dtype("momentum_buffer", members[0].param),
+        mdtype=state_dtype("momentum_buffer", members[0].param, group.get("state_dtype")),
         device=device,
         chunks=chunks,
         run=run,
@@ -544,6 +554,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         ns_dtype=ns_dtype,
         opmath=opmath(pdtype),
         normuon=normuon,
+        low=group.get("state_dtype"),
         algorithm=algorithm,
         split=any(mb.row is not None for mb in members),
         sharded=sharded,
@@ -618,9 +629,10 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
             device=device,
             gdtype=gdtype,
             opmath=opmath(pdtype),
-            fusable=pdtype == gdtype and device.type in ("cpu", "cuda"),
+            fusable=pdtype == gdtype and device.type in ("cpu", "cuda") and group.get("state_dtype") is None,
             flag_index=torch.tensor([flag_pos[i] for i, _ in entries], device=device),
             sharded=shards[0] is not params[0],
+            low=group.get("state_dtype"),
         )
         if planner.chunk_buckets and len(chunks) > 1:  # every chunk a bucket of its own (atomic=False)
             for c in chunks:

@@ -1,32 +1,38 @@
 """One step of a plan: computed first, committed after, with opt.state the only storage.
 
-`execute(plan, param_groups, state, ok_all, fused_adamw, ns_phase, atomic, workspace)` runs, per group,
+`execute(plan, param_groups, state, ok_all, fused_adamw, ns_phase, atomic)` runs, per group,
 
 1. Muon buckets, one chunk at a time in one process (the whole bucket where a distributed NS phase
    takes it): the chunk's gradients and momentum stacked into temporaries, the NS input
-   (`muon.functional.muon_momentum`), the NS, and the scaled update -lr·s·O (NorMuon's normalized
-   O for variant="normuon") into the bucket's update stack; the chunk's temporaries are freed
-   before the next. Then the decay factors (cautious: per element) and the fp32 work copies of
-   bf16/fp16 parameters;
-2. AdamW buckets, one chunk at a time: the update m̂ / (sqrt(v̂) + eps) per parameter, the step
-   sizes and decay factors (`muon.functional`), the next moments only as the chunk's temporaries;
+   (`muon.functional.muon_momentum`; a low-precision state_dtype: `muon::low_precision_momentum` per
+   member, which also returns the next momentum in its stored form), the NS, and the scaled update
+   -lr·s·O (NorMuon's normalized O for variant="normuon") into the bucket's update stack; the
+   chunk's temporaries are freed before the next. Then the decay factors per matrix (cautious: per
+   element, from the chunk's parameters stacked in opmath);
+2. AdamW buckets: the per-parameter scalars once for the bucket (`muon.functional.adamw_scalars`),
+   then chunk by chunk the update m̂ / (sqrt(v̂) + eps) over every run of same-shape parameters at
+   once (`adamw_direction`), the next moments only as the chunk's temporaries;
 
 and only then commits: missing state entries are installed into `opt.state`, and every write runs
-in place — momentum `lerp_` and moments from the gradients (sanitized into a workspace allocated
-before the commit), counters, and parameters. Everything that can fail (a backend, an out-of-memory,
+in place — momentum `lerp_` and moments from the gradients (sanitized again into a workspace
+allocated before the commit), low-precision states copied from their stored forms, counters, and
+parameters (each chunk's stacked in opmath into the workspace, W·decay + update, written back;
+whole distributed buckets member by member). Everything that can fail (a backend, an out-of-memory,
 a collective, an interrupt raised by code the step calls) happens before the first write, so **a
 step that raises changes nothing**: parameters and state keep their bits. What this costs, held
 until the commit: per Muon bucket its scaled update in opmath (4 B per parameter for fp32 and bf16
-parameters), per AdamW bucket its update (the moments' dtype), the fp32 work copies of bf16/fp16
-parameters, per-element decay factors with cautious weight decay, and one workspace of the largest
-chunk's gradients; during the compute phase, one chunk's stacks and NS workspace at a time
-(docs/guarantees.md gives the bytes per parameter). With `atomic=False` each bucket is committed as
-soon as it is computed: a failure can leave earlier buckets stepped, for the smallest footprint.
+parameters), per AdamW bucket its update, the next momentum / moments of a state_dtype group in
+their stored form, per-element decay factors with cautious weight decay, and a workspace of the
+largest chunk's gradients and parameters; during the compute phase, one chunk's stacks and NS
+workspace at a time (docs/guarantees.md gives the bytes per parameter). With `atomic=False` each
+bucket is committed as soon as it is computed: a failure can leave earlier buckets stepped, for the
+smallest footprint.
 
 Skipped parameters (non-finite gradients) are handled with per-parameter masked scalars (0-dim
-tensors), never with host syncs or per-element masks, so the step has no data-dependent Python and
-can be captured (CUDA graphs, torch.compile). The arithmetic per element is that of the reference
-loop (`muon.reference`), which calls the same functions on one parameter at a time.
+tensors, or one per row of a stack), never with host syncs or per-element masks, so the step has no
+data-dependent Python and can be captured (CUDA graphs, torch.compile). The arithmetic per element
+is that of the reference loop (`muon.reference`), which calls the same functions on one parameter
+at a time.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local
+from ..backends.momentum_op import low_precision_momentum
+from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local, stack_rows
 
 
 class StepState:
@@ -58,9 +65,11 @@ class StepState:
         self.scalars: dict[tuple, Tensor] = {} if scalars is None else scalars
 
     def get(self, p: Tensor, key: str, where: str, shape: tuple | None = None, flatten: bool = False,
-            transposed: bool = False, device=None, create: bool = True) -> Tensor | None:
+            transposed: bool = False, device=None, create: bool = True,
+            low: torch.dtype | None = None) -> Tensor | None:
         """The local tensor of state[p][key] (created when missing), checked to have `shape`
-        (default: the parameter's local shape; counters: one element) and to lie on `device`."""
+        (default: the parameter's local shape; counters: one element), the dtype of the group's
+        state_dtype `low` (`muon.functional.state_dtype`) and to lie on `device`."""
         d = self.state.get(p)
         value = None if d is None else d.get(key)
         hit = self.seen.get((id(p), key))
@@ -70,15 +79,15 @@ class StepState:
             made = self.made.get((id(p), key))
             if made is not None:
                 return local(made)
-            F.check_state(key, p, None, place(where))
+            F.check_state(key, p, None, place(where), low)
             if not create:
                 return None
-            value = F.zero_state(key, p, flatten, transposed)
+            value = F.zero_state(key, p, flatten, transposed, low)
             self.made[id(p), key] = value
             self.installs.append((p, key, value))
             return local(value)
         t = local(value)
-        F.check_state(key, p, t, place(where))  # a state the step would have to cast: refused, naming it
+        F.check_state(key, p, t, place(where), low)  # a state the step would have to cast: refused, naming it
         if key in COUNTERS:
             fits = t.numel() == 1
             expected = ()
@@ -146,7 +155,8 @@ class Workspace:
         numel = 1
         for size in shape:
             numel *= size
-        return self.buffers[dtype, device, slot][offset : offset + numel].view(shape)
+        buffer = self.buffers[dtype, device, slot]
+        return (buffer if offset == 0 and numel == buffer.numel() else buffer[offset : offset + numel]).view(shape)
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -250,6 +260,10 @@ class ChunkMomentum:
     scratch: bool
     packed: Packed | None = None  # repacked this step: installed at the commit
     each: list[Tensor] | None = None  # the members' own momentum tensors (not packed)
+    # state_dtype bf16/int8: (the members' stored momentum tensors, their int8 scales or None), and
+    # per member the next momentum in that form (`_stored`), copied in at the commit
+    low: tuple | None = None
+    stored: list | None = None
 
 
 def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState) -> ChunkMomentum:
@@ -261,6 +275,13 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
     chunk = b.chunks[ci]
     members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
+    if b.low is not None:  # bf16 / int8 state: the fused momentum pass per member (`muon_momentum`)
+        each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), low=b.low) for mb in members]
+        scales = None
+        if b.low == torch.int8:
+            scales = [st.get(mb.param, "momentum_scale", _where(gplan, mb.index), F.scale_shape(mb.param.shape),
+                             low=b.low) for mb in members]  # fmt: skip
+        return ChunkMomentum(None, True, low=(each, scales))
     if b.sharded or any(run.mode == "each" for run in chunk.runs):
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
                 for mb in members]  # fmt: skip
@@ -295,6 +316,20 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
         ok_mat = ok_all[chunk.matrix_flag_index].view(-1, 1, 1)
         bad_mat = ~ok_mat
     _stack_grads(b, chunk, bad_mat, G)
+    if cm.low is not None:
+        # bf16 / int8 state (state_dtype): `muon::low_precision_momentum` per member reads its stored
+        # momentum and gradient once, writes its rows of the NS input U (opmath) and returns the next
+        # momentum in its stored form, copied into the state at the commit (a skipped member's: its bits)
+        weight = F.masked(ok_mat, 1.0 - momentum, 0.0, b.opmath, device, const)
+        members = b.members[chunk.first : chunk.last]
+        U = torch.empty(G.shape, dtype=b.opmath, device=device)
+        grads, outs = chunk.from_stack(members, G), chunk.from_stack(members, U)
+        weights = [weight] * len(members) if weight.ndim == 0 else \
+            list(weight.view(-1)[[mb.offset - chunk.lo for mb in members]].unbind())
+        each, scales = cm.low
+        cm.stored = [low_precision_momentum(q, None if scales is None else scales[k], grads[k], weights[k], momentum,
+                                            group["nesterov"], outs[k]) for k, q in enumerate(each)]  # fmt: skip
+        return MomentumPhase(chunk, U, ok_mat, bad_mat, weight)
     weight = F.masked(ok_mat, 1.0 - momentum, 0.0, cm.M.dtype, device, const)
     _, U = F.muon_momentum(cm.M, G, weight, momentum, group["nesterov"], scratch=cm.scratch)
     if cm.scratch:
@@ -328,7 +363,7 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
     else:
         neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
     scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
-    X = out[chunk.lo : chunk.hi]
+    X = stack_rows(out, chunk.lo, chunk.hi)
     if not b.normuon:
         torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
         return None
@@ -391,9 +426,14 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     members_of = [b.members[c.first : c.last] for c in b.chunks]
     params_of = [_whole_params(b, c) for c in b.chunks]
     decays = []
+    # a distributed NS phase takes whole buckets: their parameters are updated in place, member by
+    # member (`muon.functional.commit_update`, the same bits), not stacked whole at the commit
+    member_commit = results is not None
     for chunk, members, params, (ok_mat, _, _) in zip(b.chunks, members_of, params_of, ok_mats, strict=True):
         numel = (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2]
         ws.need(b.gdtype, b.device, numel)
+        if member_commit:
+            break
         ws.need(b.opmath, b.device, numel, slot=1)
         if wd == 0:
             decays.append(None)
@@ -404,9 +444,16 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         if cautious:
             W = torch.empty((chunk.hi - chunk.lo, *b.shape[1:]), dtype=b.opmath, device=b.device)
             chunk.to_stack(members, params, W)
-            (decay,) = F.cautious_decay([W], [out[chunk.lo : chunk.hi]], decay, 1, stacked=True)
+            (decay,) = F.cautious_decay([W], [stack_rows(out, chunk.lo, chunk.hi)], decay, 1, stacked=True)
             del W
         decays.append(decay)
+    work = member_decay = out_views = None
+    if member_commit:
+        out_views = b.chunks[0].from_stack(b.members, out)
+        if b.pdtype not in (torch.float32, torch.float64):  # fp32 copies of bf16/fp16 parameters
+            work = b.chunks[0].from_stack(b.members, torch.empty(b.shape, dtype=b.opmath, device=b.device))
+        target = F.opmath_view(b.params, work)
+        member_decay = F.decay_factors(ok, lr, wd, cautious, target, out_views, 1, b.opmath, b.device, st.const)
     weights = None
     if any(cm.each is not None for cm in held):  # members' own momentum tensors: per-member weights
         weights = F.masked(ok, 1.0 - group["momentum"], 0.0, b.mdtype, b.device, st.const)
@@ -417,6 +464,11 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
 
     def commit() -> None:
         for ci, (chunk, cm, (_, bad_mat, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
+            if cm.low is not None:  # bf16 / int8 state: the stored form computed before the commit
+                torch._foreach_copy_(cm.low[0], [q for q, _ in cm.stored])
+                if cm.low[1] is not None:
+                    torch._foreach_copy_(cm.low[1], [scale for _, scale in cm.stored])
+                continue
             # the momentum in place, from the sanitized gradients (with phase one's lerp weight)
             G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
             _stack_grads(b, chunk, bad_mat, G)
@@ -436,11 +488,14 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         if moments is not None:
             for chunk, nxt in zip(b.chunks, next_moments, strict=True):
                 torch._foreach_copy_(moments[chunk.first : chunk.last], nxt)
+        if member_commit:
+            F.commit_update(b.params, work, member_decay, out_views)
+            return
         # the parameters, chunk by chunk: stacked in opmath, W·decay + update, written back
         for chunk, members, params, decay in zip(b.chunks, members_of, params_of, decays, strict=True):
             W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
             chunk.to_stack(members, params, W)
-            F.commit_stack(W, decay, out[chunk.lo : chunk.hi])
+            F.commit_stack(W, decay, stack_rows(out, chunk.lo, chunk.hi))
             torch._foreach_copy_(chunk.targets(members, params), chunk.from_stack(members, W))
 
     return commit
@@ -461,17 +516,17 @@ def run_state(plan: Plan, gplan: GroupPlan, b: AdamWBucket, first: int, last: in
     (k, numel) for the moments of a run of same-shape parameters, (k,) for the counters (the whole
     bucket). entries: the bucket's parameters' state dicts (`StepState.entries`)."""
     return packed_state(plan, (id(b), first, key), b.params[first:last], gplan.index, b.indices[first:last], key,
-                        st, None if b.sharded else entries[first:last], b.device)
+                        st, None if b.sharded else entries[first:last], b.device, b.low)
 
 
 def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indices: list[int], key: str,
-                 st: StepState, entries: list | None, device):
+                 st: StepState, entries: list | None, device, low: torch.dtype | None = None):
     """State entry `key` of `params` as one stack: (k, numel) for moments (same-shape parameters),
     (k,) for counters. The packed stack the state holds views of (read and written in place), else
     the state's values copied into a new stack whose views the commit installs (repacked); entries
     None (DTensor shards): gathered into a scratch stack and written back at the commit. Returns
     (stack, Packed to record under `pkey` or None, tensors to write back or None). group, indices:
-    where the parameters are (param_groups[group]['params'][i]), for errors."""
+    where the parameters are (param_groups[group]['params'][i]), for errors; low: the group's state_dtype."""
     counter = key in COUNTERS
     sharded = entries is None
     if not sharded:
@@ -479,7 +534,7 @@ def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indi
         stack = None if packed is None else packed.holds(entries, key)
         if stack is not None:
             return stack, None, None  # checked when it was packed; the same tensors since
-    current = [st.get(p, key, (group, i), device=device if key == "step" else None, create=sharded)
+    current = [st.get(p, key, (group, i), device=device if key == "step" else None, create=sharded, low=low)
                for p, i in zip(params, indices, strict=True)]  # fmt: skip
     k = len(params)
     if sharded:
@@ -489,7 +544,7 @@ def packed_state(plan: Plan, pkey: tuple, params: list[Tensor], group: int, indi
     shape = tuple(local(params[0]).shape)
     missing = any(t is None for t in current)
     S = (torch.zeros if missing else torch.empty)((k,) if counter else (k, max(1, _numel(shape))),
-                                                  dtype=F.state_dtype(key, params[0]), device=device)
+                                                  dtype=F.state_dtype(key, params[0], low), device=device)
     views = list((S if counter else S.view(k, *shape)).unbind(0))
     pairs = [(v, t.reshape(v.shape)) for v, t in zip(views, current, strict=True) if t is not None]
     if pairs:
@@ -560,7 +615,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     ok = None if ok_all is None else ok_all[b.flag_index]
     steps, step_size, bc2_sqrt = F.adamw_scalars(counters[0][0], ok, beta1, beta2, lr, dtype, st.const)
     rows = None if ok is None else ok.view(-1, 1)
-    mdtype = F.state_dtype("exp_avg", b.params[0])
+    # the moments' lerp weights in their dtype (bf16 moments of state_dtype: read in opmath)
+    mdtype = dtype if b.low is not None else F.state_dtype("exp_avg", b.params[0])
     w1 = _per_run(F.masked(rows, 1 - beta1, 0.0, mdtype, device, st.const), sizes)
     w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
     bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
@@ -569,7 +625,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     # W·(1 - lr·wd) per parameter, 1 where skipped; cautious: per element, only where the update u
     # (W -= lr·u, u = m̂/(sqrt(v̂)+eps) up to the positive lr/bias_correction1) agrees in sign with W
     decay = None if wd == 0 else _per_run(F.masked(rows, 1 - lr * wd, 1.0, dtype, device, st.const), sizes)
-    moments, updates = [], []
+    moments, updates, stored = [], [], []
     r = 0
     for chunk in b.chunks:
         numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
@@ -584,10 +640,12 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             G.append(g)
             M.append((EA, EAS))
-            out.append(torch.empty_like(EA[0]))
+            out.append(torch.empty_like(EA[0], dtype=dtype if b.low is not None else None))
             r += 1
-        F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part], bc2_sqrt[part],
-                          beta2, eps, out)  # fmt: skip
+        nxt = F.adamw_direction([m[0][0] for m in M], [m[1][0] for m in M], G, w1[part], w2[part],
+                                bc2_sqrt[part], beta2, eps, out, low=b.low is not None)  # fmt: skip
+        if nxt is not None:  # bf16 moments (state_dtype): their next values, copied in at the commit
+            stored.extend(zip(*nxt, strict=True))
         del G
         if cautious:  # the parameters in opmath, a temporary of the chunk
             for k, ((first, last), u) in enumerate(zip(chunk.runs, out, strict=True)):
@@ -611,6 +669,10 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 G.append(g)
                 r += 1
             part = slice(r - len(chunk.runs), r)
+            if stored:
+                torch._foreach_copy_([m[k][0] for m in moments[part] for k in (0, 1)],
+                                     [t for pair in stored[part] for t in pair])  # fmt: skip
+                continue
             F.adamw_advance([m[0][0] for m in moments[part]], [m[1][0] for m in moments[part]], G, w1[part],
                             w2[part], beta2)  # fmt: skip
         STEP, SKIP = counters[0][0], counters[1][0]
