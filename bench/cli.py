@@ -1,4 +1,7 @@
-"""`python -m bench <command>`: one module per command, each with add_arguments(parser) and run(args).
+"""`python -m bench <command>`: one module per command, each with add_arguments(parser) and run(args):
+kernel microbenchmarks in bench/kernel/, optimizer-step benchmarks (time, memory, FLOPs, profile) in
+bench/optimizer/ and bench/memory.py, experiments (muP telescope, NS quality, NS dtype) in
+bench/experiments/, bench/efficiency.py and bench/state_dtype.py; `all` (bench/run_all.py) runs the main job.
 
 Commands are imported only when chosen, so a command whose optional dependency is missing does not
 break the others.
@@ -11,16 +14,17 @@ import importlib
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "flops": ("bench.flops_cmd", "FLOP overhead of Muon over AdamW for model presets"),
-    "kernels": ("bench.kernels", "Newton–Schulz kernel microbenchmarks per backend and shape"),
-    "step": ("bench.step", "optimizer step time and memory against AdamW and torch.optim.Muon"),
-    "profile": ("bench.profile", "the optimizer step under torch.profiler / Nsight Compute"),
-    "telescope": ("bench.telescope", "telescoping muP hyperparameter sweep"),
+    "flops": ("bench.optimizer.flops", "FLOP overhead of Muon over AdamW for model presets"),
+    "kernels": ("bench.kernel.newton_schulz", "Newton–Schulz kernel microbenchmarks per backend and shape"),
+    "step": ("bench.optimizer.step_time", "optimizer step time and memory against AdamW and torch.optim.Muon"),
+    "profile": ("bench.optimizer.profile", "the optimizer step under torch.profiler / Nsight Compute"),
+    "telescope": ("bench.experiments.telescope", "telescoping muP hyperparameter sweep"),
     "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
-    "quality": ("bench.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
+    "quality": ("bench.experiments.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
     "memory": ("bench.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
+    "ns-dtype": ("bench.experiments.ns_dtype",
+                 "fp32 vs bf16 Newton–Schulz on this CPU: the table ns_dtype='auto' reads"),
     "state-dtype": ("bench.state_dtype", "does bf16 / int8 optimizer state train like fp32 state (seeds)"),
-    "ns-dtype": ("bench.ns_dtype", "fp32 vs bf16 Newton–Schulz on this CPU: the table ns_dtype='auto' reads"),
     "versions": ("bench.versions", "the resolved versions of the suite's packages, and what `import kernels` loads"),
     "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),
 }

@@ -72,7 +72,7 @@ cat "$OUT/env.txt"
 stage install 240 "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 # NS kernels first (the measurement the dispatch table needs): every muon path and installed peer on
-# the H100 table's shapes (bench/kernels.py); its CSV is rewritten after every shape.
+# the H100 table's shapes (bench/kernel/newton_schulz.py); its CSV is rewritten after every shape.
 stage bench_kernels 240 "$PY" -m bench kernels --out "$WORK/bench"
 # GPU tests: everything marked gpu, and the kernel tests (marked interpret), which on a CUDA machine
 # run the compiled kernels against float64 (tests/conftest.py only picks the interpreter without one).

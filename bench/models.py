@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muon import flops
-from muon.flops import _check_int  # the FLOP formulas' argument check, for the config's sizes
+from muon.ns_flops import _check_int  # the FLOP formulas' argument check, for the config's sizes
 
 __all__ = ["PRESETS", "Transformer", "TransformerConfig", "as_module", "build", "overhead", "parse_model"]
 

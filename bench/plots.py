@@ -253,14 +253,13 @@ def efficiency(result: dict, path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------- quality
-def quality(rows: list[dict], path: Path, meta: dict) -> None:
+def quality(rows: list[dict], path: Path, meta: dict, *, y_max: float, is_reference) -> None:
     """Error against FLOPs (relative to Keller-5), a panel per spectrum, one marker per configuration:
     colour = preset, shape = algorithm and preconditioning, filled = bf16 / open = fp16, the step count
     written beside it; Keller-5 bf16 (the reference) circled, with its error as a dotted line. Errors
-    above Y_MAX (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
-    edge, marked with an upward arrow."""
-    from .quality import Y_MAX, Config
-
+    above `y_max` (a schedule that diverged: CANS's first polynomial after an AOL start) sit on the top
+    edge, marked with an upward arrow. `is_reference(row)` says whether a row is the reference (both
+    from bench.experiments.quality, which calls this: plots import no command)."""
     plt = pyplot()
     if plt is None:
         return
@@ -277,19 +276,19 @@ def quality(rows: list[dict], path: Path, meta: dict) -> None:
         for r in here:
             filled = r["dtype"] != "fp16"
             colour = colours[r["preset"]]
-            y = r["rel_err"] if math.isfinite(r["rel_err"]) and r["rel_err"] <= Y_MAX else Y_MAX
+            y = r["rel_err"] if math.isfinite(r["rel_err"]) and r["rel_err"] <= y_max else y_max
             ax.scatter(r["flops_vs_keller5"], y, marker=markers[(r["algorithm"], r["precondition"])],
                        s=30, facecolors=colour if filled else "none", edgecolors=colour, linewidths=1.0, zorder=3)
-            label = str(r["steps"]) + ("↑" if y == Y_MAX else "")
+            label = str(r["steps"]) + ("↑" if y == y_max else "")
             ax.annotate(label, (r["flops_vs_keller5"], y), fontsize=5, xytext=(3, 2), textcoords="offset points",
                         color=colour)
-            if Config(r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference:
+            if is_reference(r):
                 ax.scatter(r["flops_vs_keller5"], r["rel_err"], marker="o", s=160, facecolors="none",
                            edgecolors="black", linewidths=1.2, zorder=4)
                 ax.axhline(r["rel_err"], color="black", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylim(top=Y_MAX * 1.15)
+        ax.set_ylim(top=y_max * 1.15)
         ax.set_title(f"{spectrum} ({here[0]['shape'] if here else ''})", fontsize=9)
         ax.set_xlabel("matmul FLOPs / Keller-5's (same shape)")
         ax.set_ylabel("rel. Frobenius error vs float64 U·Vᵀ")

@@ -23,8 +23,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, flops_cmd, kernels, memory, models, profile, schema, step, telescope
+from . import efficiency, memory, models, schema
 from .common import default_out, pick_device, set_threads
+from .experiments import telescope
+from .kernel import newton_schulz as kernels  # the stages go by their command names
+from .optimizer import flops, profile
+from .optimizer import step_time as step
 from .timing import NOISY
 
 # The batch at which the headline states the FLOP overhead: GPT-2's 0.5M tokens per step.
@@ -49,7 +53,7 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
     dev = ["--device", device]
     if quick:
         return [
-            ("flops", flops_cmd, ["--model", "tiny", "--model", "gpt2-124m", "--sweep", "65536,524288"]),
+            ("flops", flops, ["--model", "tiny", "--model", "gpt2-124m", "--sweep", "65536,524288"]),
             ("kernels", kernels, [*dev, "--shapes", "32x64,2x48x16", "--preset", "none",
                                   "--peers", "torch.optim.Muon", "--rep-ms", "1", "--gemm-size", "64"]),
             ("step", step, [*dev, "--model", QUICK_MODEL, "--rep-ms", "1"]),
@@ -57,7 +61,7 @@ def stages(device: str, quick: bool) -> list[tuple[str, object, list[str]]]:
             ("profile", profile, [*dev, "--model", QUICK_MODEL, "--steps", "1"]),
         ]
     gpu = device == "cuda"
-    plan = [("flops", flops_cmd, []), ("kernels", kernels, dev)]
+    plan = [("flops", flops, []), ("kernels", kernels, dev)]
     if gpu:
         plan += [
             ("step", step, [*dev, "--model", "gpt2-124m", "--model", "gpt2-1.5b"]),

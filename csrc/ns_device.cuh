@@ -35,7 +35,7 @@ template <> struct Load<Half> {
         return f;
     }
 };
-// Work precision of the normalization: fp64 for fp64 inputs, fp32 otherwise (as torch_ref.normalize).
+// Work precision of the normalization: fp64 for fp64 inputs, fp32 otherwise (as muon/backends/torch_backend.py normalize).
 template <typename T> struct Work { typedef float type; };
 template <> struct Work<double> { typedef double type; };
 
@@ -129,7 +129,7 @@ __device__ __forceinline__ void norm_apply_body(const NormParams& p) {
     u16* out = p.out + b * p.out_bs;
     const W amax = safe_amax(reduce_parts<W>(p.part_amax + b * p.parts, p.parts, true));
     const W norm = sqrt(reduce_parts<W>(p.part_ss + b * p.parts, p.parts, false));
-    // torch_ref: (norm * fro_scale + eps).clamp_min(finfo.tiny): a zero matrix stays zero.
+    // torch_backend.normalize: (norm * fro_scale + eps).clamp_min(finfo.tiny): a zero matrix stays zero.
     const W tiny = sizeof(W) == 8 ? (W)2.2250738585072014e-308 : (W)1.1754943508222875e-38;
     W denom = norm * (W)p.fro_scale + (W)p.eps;
     denom = denom > tiny ? denom : (denom != denom ? denom : tiny);

@@ -3,7 +3,7 @@
     d = aol_scales(A, fro_scale, eps)        d_i = 1 / (fro_scale·sqrt(max(Σ_j |A_ij|, eps)))
     aol_rescale_(X, A, fro_scale, eps)       X <- D·X, A <- D·A·D in place (D = diag(d))
 
-The arithmetic of muon/backends/torch_ref.py `aol_scales` / `aol_rescale` (Turbo-Muon, arXiv
+The arithmetic of muon/backends/torch_backend.py `aol_scales` / `aol_rescale` (Turbo-Muon, arXiv
 2512.04632): A = X0·X0ᵀ of the Frobenius start X0, row sums of |A| in fp32, D·A·D as A_ij·(d_i·d_j)
 so the result stays exactly symmetric, one rounding to the stored dtype. No matmul: the tiled
 drivers (ns_gemm, ns_persistent, gram_ns) call this between the first step's Gram product and the

@@ -22,7 +22,7 @@ def gram_ns(G: torch.Tensor, coefficients, fro_scale: float, eps: float, dtype: 
     last step do nothing). Normalization is the torch reference's (scale-safe; one elementwise pass).
     precondition="aol": the first R = X·Xᵀ rescales X and itself (kernels/aol.py), no extra product.
     """
-    from muon.backends.torch_ref import normalize
+    from muon.backends.torch_backend import normalize
     from muon.coefficients import Schedule
 
     from .aol import aol_rescale_, check_precondition

@@ -1,6 +1,6 @@
 """Scale-safe Frobenius normalization of a (B, m, n) stack: X0 = (X / max|X|) / (fro_scale·‖X / max|X|‖_F + eps).
 
-The same arithmetic as muon/backends/torch_ref.py `normalize`: dividing by the max-abs entry first brings
+The same arithmetic as muon/backends/torch_backend.py `normalize`: dividing by the max-abs entry first brings
 every matrix to max |x| = 1, so the fp32 sum of squares lies in [1, m·n] and can neither under- nor
 overflow for inputs anywhere in the fp32 range (1e-25 and 1e25 alike); a zero matrix maps to zero.
 Three launches, all per-matrix values staying on the device (no host sync), deterministic (no atomics):

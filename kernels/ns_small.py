@@ -3,7 +3,7 @@
 For m <= 128 (the small side) the m×m Gram matrix A and polynomial B fit on-chip (an fp32 128×128
 accumulator is 64 KB of registers across 8 warps), so one program runs normalization and every step:
 
-    X0 = scale-safe normalize(G)                     (as muon/backends/torch_ref.py)
+    X0 = scale-safe normalize(G)                     (as muon/backends/torch_backend.py)
     per step (a, b, c):  A = X·Xᵀ;  B = b·A + c·A·A;  X = a·X + B·X
 
 with the same roundings as the three-GEMM loop (A, B and X rounded to the compute dtype after each
@@ -68,7 +68,7 @@ def _ns_step(x, a, b, c, PRECISION: tl.constexpr):
 @triton.jit
 def _aol_scales(A, fro_scale, eps):
     """AOL row scales of an on-chip Gram tile: d_i = 1 / (fro_scale·sqrt(max(Σ_j |A_ij|, eps))), fp32
-    (muon/backends/torch_ref.py `aol_scales`); zero-padded rows get a finite scale and stay zero."""
+    (muon/backends/torch_backend.py `aol_scales`); zero-padded rows get a finite scale and stay zero."""
     rows = tl.sum(tl.abs(A.to(tl.float32)), axis=1)
     floor = tl.maximum(eps, 1.1754943508222875e-38)
     return tl.math.div_rn(1.0, fro_scale * tl.sqrt_rn(tl.maximum(rows, floor)))

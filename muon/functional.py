@@ -4,7 +4,7 @@
 Each function computes new values without writing optimizer state or parameters: a step first
 computes everything (momentum, NS, NorMuon moments, AdamW moments, decay factors) into new or
 scratch tensors, and only then commits it with in-place copies and adds (`commit_*`), so a step
-that raises on the way changes nothing (see `muon.engine.execute`).
+that raises on the way changes nothing (see `muon.engine.step`).
 
 Scalars that differ per parameter (lr·s, decay, lerp weights of skipped parameters) are 0-dim or
 (P,) device tensors built with `masked`, never host values read back, so a step has no host sync.

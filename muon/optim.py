@@ -2,7 +2,7 @@
 
 The class validates (`muon.options`) and packs; the math lives in `muon.functional`, the planned
 multi-tensor step in `muon.engine`, the per-parameter reference step in `muon.reference`, the
-distributed phases in `muon.distributed`, checkpoints in `muon.checkpoint`.
+distributed phases in `muon.distributed`, checkpoints in `muon.serialization`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, distributed, engine, options
+from . import distributed, engine, options, serialization
 from ._shapes import matrix_shape, update_scale
 from .coefficients import KELLER
 from .reference import params_with_grad, raise_nonfinite, reference_step
@@ -277,11 +277,11 @@ class Muon(Optimizer):
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self, full_precision: bool = False) -> dict:
         """torch's state dict, holding only types torch.load(weights_only=True) accepts
-        (`muon.checkpoint.encode_callables`). The state is as kept (a group's state_dtype: bf16, or
+        (`muon.serialization.encode_callables`). The state is as kept (a group's state_dtype: bf16, or
         int8 momentum with its `momentum_scale`); full_precision=True gives it in the dtypes
-        torch.optim.Muon and torch.optim.AdamW keep, to load into them (`muon.checkpoint.full_precision`)."""
-        state_dict = checkpoint.encode_callables(super().state_dict())
-        return checkpoint.full_precision(self, state_dict) if full_precision else state_dict
+        torch.optim.Muon and torch.optim.AdamW keep, to load into them (`muon.serialization.full_precision`)."""
+        state_dict = serialization.encode_callables(super().state_dict())
+        return serialization.full_precision(self, state_dict) if full_precision else state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from muon.Muon, torch.optim.Muon or torch.optim.AdamW, validated first.
@@ -292,17 +292,17 @@ class Muon(Optimizer):
         momentum_buffer in an AdamW group), wrong shapes and invalid hyperparameters are a ValueError,
         and a load that fails leaves the optimizer unchanged.
         """
-        super().load_state_dict(checkpoint.checked_state_dict(self, state_dict))
-        checkpoint.after_load(self, state_dict)
+        super().load_state_dict(serialization.checked_state_dict(self, state_dict))
+        serialization.after_load(self, state_dict)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.update({key: self.__dict__[key] for key in checkpoint.PICKLED_ATTRS if key in self.__dict__})
+        state.update({key: self.__dict__[key] for key in serialization.PICKLED_ATTRS if key in self.__dict__})
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
-        checkpoint.upgrade(self)
+        serialization.upgrade(self)
         self._plan = None
         self._plan_version = self.__dict__.get("_plan_version", 0) + 1
 

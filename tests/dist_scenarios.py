@@ -1,7 +1,8 @@
-"""Multi-process scenarios for tests/test_distributed.py (CPU, gloo).
+"""Multi-process scenarios for tests/test_distributed.py (CPU, gloo), on the harness of
+tests/dist_harness.py.
 
-`launch` starts `world` spawned processes that each run every scenario named, one after the other on
-one process group (process start-up is most of the cost on a 2-core machine). Each scenario checks
+`dist_harness.launch` starts `world` spawned processes that each run every scenario named, one after
+the other on one process group (process start-up is most of the cost on a 2-core machine). Each scenario checks
 its own assertions on every rank; each rank writes {scenario: "ok" | traceback} to
 <outdir>/rank<r>.json, which the tests read. A scenario that fails mid-step leaves the ranks out of
 step; the short collective timeout then fails the following ones instead of hanging.
@@ -10,16 +11,14 @@ step; the short collective timeout then fails the following ones instead of hang
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
 import time
-import traceback
 from datetime import timedelta
 
+import dist_harness
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import init_gloo, write_rank
 from torch import nn
 
 STEPS = 3
@@ -40,45 +39,6 @@ def _step(opt, count_flops: bool, previous):
     return previous
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(target, world: int, outdir: str, args: tuple = (), deadline_s: float = 120.0) -> list[int]:
-    """Run target(rank, world, port, outdir, *args) in `world` spawned processes; exit codes."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, outdir, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    end = time.monotonic() + deadline_s
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
-    codes = []
-    for p in procs:
-        if p.is_alive():  # the test failed by hanging: never leave the process behind
-            p.kill()
-            p.join()
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    return codes
-
-
-def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
-    torch.set_num_threads(1)  # two ranks share two cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
-# ---------------------------------------------------------------------------------------- models
 class Net(nn.Module):
     """Same-shape matrices (fc2, fc3), rows not divisible by 2 (fc4: 7×24, head bias 5), a 3-D expert
     stack with an odd number of experts, and a head and biases that param_groups routes to AdamW."""
@@ -479,20 +439,28 @@ def _nonfinite_ddp(foreach):
         assert torch.equal(full(p), before[n]), f"{n} changed although the step raised"
 
 
+def _ddp_equals_one_process(kw: dict, what: str, check=None) -> None:
+    """DDP with options `kw` equals one process on the averaged gradient (`reference_run`), the ranks
+    identical; check(opt), when given, runs after the steps."""
+    ref, _ = reference_run(Net, 16, 20, dist.get_world_size(), **kw)
+    model, init = build(Net, "ddp")
+    opt = make_optimizer(model, **kw)
+    train(model, opt, 16, 20, STEPS)
+    if check is not None:
+        check(opt)
+    assert_matches(model, ref, init, what)
+    assert_ranks_identical(model, what)
+
+
 def scenario_ddp_row_blocks():
     """split/heads row blocks (unequal blocks mirrored, equal ones stacked) and Gram NS on replicated
     parameters: each rank orthogonalizes its rows of the plan's block buckets; equal to one process."""
 
     def run():
-        world = dist.get_world_size()
         # DDP names its parameters module.*: the patterns match both
         kw = dict(groups_kw={"split": {"*fc2.weight": [16, 8]}, "heads": {"*fc3.weight": 4}},
                   ns_algorithm="gram", ns_dtype=torch.float64)
-        ref, _ = reference_run(Net, 16, 20, world, **kw)
-        model, init = build(Net, "ddp")
-        train(model, make_optimizer(model, **kw), 16, 20, STEPS)
-        assert_matches(model, ref, init, "ddp, split/heads, Gram NS")
-        assert_ranks_identical(model, "ddp, split/heads, Gram NS")
+        _ddp_equals_one_process(kw, "ddp, split/heads, Gram NS")
 
     return run
 
@@ -502,13 +470,8 @@ def scenario_ddp_normuon_cautious():
     after the all-gather): equal to one process, ranks identical."""
 
     def run():
-        world = dist.get_world_size()
         kw = dict(variant="normuon", cautious_weight_decay=True, ns_dtype=torch.float64)
-        ref, _ = reference_run(Net, 16, 20, world, **kw)
-        model, init = build(Net, "ddp")
-        train(model, make_optimizer(model, **kw), 16, 20, STEPS)
-        assert_matches(model, ref, init, "ddp, NorMuon + cautious weight decay")
-        assert_ranks_identical(model, "ddp, NorMuon + cautious weight decay")
+        _ddp_equals_one_process(kw, "ddp, NorMuon + cautious weight decay")
 
     return run
 
@@ -540,20 +503,16 @@ def scenario_ddp_transposed():
     wide, a square (split into unequal, mirrored blocks) and an expert stack (heads: tall blocks)
     read transposed, and NorMuon's column moments; equal to one process, ranks identical."""
 
+    def check(opt):
+        assert any(g.get("transposed") for g in opt.param_groups)
+        assert opt._plan is not None and opt._plan.dist is not None
+
     def run():
-        world = dist.get_world_size()
         marked = ["*fc2.weight", "*fc4.weight", "*experts"]
         for kw in (dict(groups_kw={"transposed": marked, "split": {"*fc2.weight": [16, 8]},
                                    "heads": {"*experts": 2}}, ns_dtype=torch.float64),
                    dict(groups_kw={"transposed": marked}, variant="normuon", ns_dtype=torch.float64)):
-            ref, _ = reference_run(Net, 16, 20, world, **kw)
-            model, init = build(Net, "ddp")
-            opt = make_optimizer(model, **kw)
-            assert any(g.get("transposed") for g in opt.param_groups)
-            train(model, opt, 16, 20, STEPS)
-            assert opt._plan is not None and opt._plan.dist is not None
-            assert_matches(model, ref, init, f"ddp, transposed {sorted(kw)}")
-            assert_ranks_identical(model, f"ddp, transposed {sorted(kw)}")
+            _ddp_equals_one_process(kw, f"ddp, transposed {sorted(kw)}", check)
 
     return run
 
@@ -696,17 +655,7 @@ _OUTDIR = ""
 def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     global _OUTDIR
     _OUTDIR = outdir
-    _init(rank, world, port, timeout_s=30)
-    results = {}
-    for name in names:
-        try:
-            SCENARIOS[name]()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    dist_harness.run_scenarios(SCENARIOS, rank, world, port, outdir, names, timeout_s=30)
 
 
 def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
@@ -714,7 +663,7 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
     inside the optimizer's collectives, must end with a clear error at the collective timeout.
     Set-up and the good step run under a generous timeout (a loaded machine's skew between ranks
     must not fail them); the short one is set only once both ranks are past them."""
-    _init(rank, world, port, timeout_s=30)
+    init_gloo(rank, world, port, timeout_s=30)
     model, _ = build(Net, "ddp")
     opt = make_optimizer(model)
     train(model, opt, 16, 20, 1)  # one good step: the failure hits the step's own collectives
@@ -730,8 +679,7 @@ def failing_rank(rank: int, world: int, port: int, outdir: str) -> None:
         message = "stepped"
     except Exception as exc:
         message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump({"message": message, "seconds": time.monotonic() - start}, f)
+    write_rank(outdir, rank, {"message": message, "seconds": time.monotonic() - start})
     if rank == 1:  # stay alive until rank 0 gave up: only the collective timeout can end its wait
         end = time.monotonic() + 20
         while not os.path.exists(os.path.join(outdir, "rank0.json")) and time.monotonic() < end:
@@ -746,14 +694,10 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return (p.to_local() if isinstance(p, DTensor) else p).detach()
 
 
-def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, kind: str) -> None:
-    """Rank 1 drops one gradient at step 2 (after two good steps): every rank must end the step with a
-    DistributedStepError naming the cause, change nothing, and exit cleanly (no abort, no hang).
-    The collective timeout only bounds a hang (the test's 60 s deadline catches one): generous, so
-    that a loaded machine's start-up skew between ranks never times out the good steps. After the
-    error the rank runs no collective of its own (the check reads local shards): it exits right
-    after Muon's collectives, as a training script that crashes on the error does."""
-    _init(rank, world, port, timeout_s=30)
+def _gradient_missing_on_rank_1(rank: int, world: int, port: int, kind: str):
+    """(model, optimizer) of a `kind` job after two good steps and a backward in which rank 1 dropped
+    fc3's gradient: the next step must raise on every rank."""
+    init_gloo(rank, world, port, timeout_s=30)
     model, _ = build(Net, kind)
     opt = make_optimizer(model)
     train(model, opt, 16, 20, 2)
@@ -761,6 +705,17 @@ def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, 
     loss_fn(model, x, y).backward()
     if rank == 1:
         (model.module if kind == "ddp" else model).fc3.weight.grad = None
+    return model, opt
+
+
+def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, kind: str) -> None:
+    """Rank 1 drops one gradient at step 2 (after two good steps): every rank must end the step with a
+    DistributedStepError naming the cause, change nothing, and exit cleanly (no abort, no hang).
+    The collective timeout only bounds a hang (the test's 60 s deadline catches one): generous, so
+    that a loaded machine's start-up skew between ranks never times out the good steps. After the
+    error the rank runs no collective of its own (the check reads local shards): it exits right
+    after Muon's collectives, as a training script that crashes on the error does."""
+    model, opt = _gradient_missing_on_rank_1(rank, world, port, kind)
     before = {n: _local(p).clone() for n, p in model.named_parameters()}
     start = time.monotonic()
     try:
@@ -770,8 +725,7 @@ def gradient_missing_on_one_rank(rank: int, world: int, port: int, outdir: str, 
         message = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     seconds = time.monotonic() - start
     unchanged = all(torch.equal(_local(p), before[n]) for n, p in model.named_parameters())
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump({"message": message, "seconds": seconds, "unchanged": unchanged}, f)
+    write_rank(outdir, rank, {"message": message, "seconds": seconds, "unchanged": unchanged})
     dist.destroy_process_group()
 
 
@@ -823,14 +777,7 @@ def collectives_finished_when_step_raises(rank: int, world: int, port: int, outd
     check runs right after the step raised, before this rank blocks or sleeps: the moment a
     crashing script would start its exit. A worker holds on after its caller in a fraction of
     collectives only, hence the repeats (each step with the error takes milliseconds)."""
-    _init(rank, world, port, timeout_s=30)
-    model, _ = build(Net, kind)
-    opt = make_optimizer(model)
-    train(model, opt, 16, 20, 2)
-    x, y = batch(2, rank, 16, 20)
-    loss_fn(model, x, y).backward()
-    if rank == 1:
-        (model.module if kind == "ddp" else model).fc3.weight.grad = None
+    model, opt = _gradient_missing_on_rank_1(rank, world, port, kind)
     messages, held, tracked = set(), [], 0
     for i in range(repeats):
         log: list = []
@@ -848,6 +795,5 @@ def collectives_finished_when_step_raises(rank: int, world: int, port: int, outd
                         f"(shape, dtype, use count, before): {still}")  # fmt: skip
         del log
         time.sleep(0.01)  # lets a held reference go before the next step
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump({"messages": sorted(messages), "held": held, "tracked": tracked}, f)
+    write_rank(outdir, rank, {"messages": sorted(messages), "held": held, "tracked": tracked})
     dist.destroy_process_group()

@@ -1,10 +1,13 @@
 """Helpers the tests share: parameters of an optimizer, gradients, step runners, bit-equality of
 parameters and state, the float64 references of the NorMuon/Muon and AdamW updates, GPT-2-shaped
-parameter sets, the reference loop as an optimizer (`ReferenceMuon`). Import as
-`from helpers import ...` (tests/ is on sys.path)."""
+parameter sets, the reference loop as an optimizer (`ReferenceMuon`), and the option matrix the
+step tests run over (`STEP_PATHS`, `OPTION_SETS`, `option_sets`: in the spirit of torch's
+OptimizerInfo, one list every file parametrizes with). Import as `from helpers import ...` (tests/ is
+on sys.path)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from nsref import ns_float64
 
@@ -19,6 +22,31 @@ class ReferenceMuon(muon.Muon):
 
     def _planned_step(self) -> bool:
         return False
+
+
+# ------------------------------------------------------------------------------ the option matrix
+# The three ways a step runs, as make_muon's `foreach`: the planned step (None, which True equals),
+# the same plan in its smallest chunks (False) and the per-parameter reference loop ("reference").
+STEP_PATHS = pytest.mark.parametrize("foreach", [None, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
+
+# Named option sets that change what a step computes beyond the defaults: NorMuon (per-neuron second
+# moments), cautious weight decay, and NS in bf16 (as on CUDA: the update is still formed in fp32).
+OPTION_SETS = {
+    "muon": {},
+    "normuon": {"variant": "normuon"},
+    "cautious": {"cautious_weight_decay": True},
+    "normuon+cautious": {"variant": "normuon", "cautious_weight_decay": True, "normuon_beta2": 0.9,
+                         "weight_decay": 0.3},
+    "bf16-ns": {"ns_dtype": torch.bfloat16},
+    "bf16-ns+normuon": {"ns_dtype": torch.bfloat16, "variant": "normuon"},
+}  # fmt: skip
+
+
+def option_sets(*names: str):
+    """@option_sets("muon", "normuon", ...): parametrize `options` over those OPTION_SETS (all: none
+    named), each a fresh dict named by its key."""
+    names = names or tuple(OPTION_SETS)
+    return pytest.mark.parametrize("options", [dict(OPTION_SETS[n]) for n in names], ids=list(names))
 
 
 def make_muon(params, foreach=None, **options) -> muon.Muon:

@@ -1,16 +1,16 @@
 """Four-process scenarios for tests/test_mesh.py (CPU, gloo, 2×2 meshes): FSDP2 × TP, HSDP and 1-D
 FSDP2 with uneven shards on the engine's plan, against one process replaying the same gradients and
-against the per-parameter loop (foreach=False). Launched like tests/dist_scenarios.py."""
+against the per-parameter loop (foreach=False), on the harness of tests/dist_harness.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import traceback
 
+import dist_harness
 import torch
 import torch.distributed as dist
-from dist_scenarios import _init
+from dist_harness import init_gloo, write_rank
 from torch import nn
 
 LR = 0.02
@@ -419,7 +419,7 @@ def load_on_tp2(rank: int, world: int, port: int, outdir: str) -> None:
     """A second job: the 2×2 checkpoint on a 1×2 mesh (tensor parallel over 2 ranks, no FSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    _init(rank, world, port, timeout_s=60)
+    init_gloo(rank, world, port, timeout_s=60)
     try:
         torch.manual_seed(1)
         model = Model(2)
@@ -428,8 +428,7 @@ def load_on_tp2(rank: int, world: int, port: int, outdir: str) -> None:
         message = "ok"
     except Exception:
         message = traceback.format_exc()
-    with open(os.path.join(outdir, f"tp2_rank{rank}.json"), "w") as f:
-        json.dump({"message": message}, f)
+    write_rank(outdir, rank, {"message": message}, prefix="tp2_")
     dist.destroy_process_group()
 
 
@@ -455,18 +454,12 @@ _RESULTS: dict = {}
 
 
 def run_scenarios(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
-    _init(rank, world, port, timeout_s=60)
-    _SOLO.extend(dist.new_group([r]) for r in range(world))
-    _OUTDIR.append(outdir)
-    results = {}
-    for name in names:
-        try:
-            SCENARIOS[name]()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        results["figures"] = {k: {a: sorted(b) if isinstance(b, set) else b for a, b in v.items()}
-                              for k, v in _RESULTS.items()}  # fmt: skip
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    def setup() -> None:
+        _SOLO.extend(dist.new_group([r]) for r in range(world))
+        _OUTDIR.append(outdir)
+
+    def figures() -> dict:
+        return {"figures": {k: {a: sorted(b) if isinstance(b, set) else b for a, b in v.items()}
+                            for k, v in _RESULTS.items()}}  # fmt: skip
+
+    dist_harness.run_scenarios(SCENARIOS, rank, world, port, outdir, names, timeout_s=60, setup=setup, extra=figures)

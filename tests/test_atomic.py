@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, make_muon, params_of, set_grads, snapshot
+from helpers import STEP_PATHS, assert_same, assert_snapshot, make_muon, params_of, set_grads, snapshot
 
 import muon.backends.torch_backend as torch_backend
 
@@ -36,7 +36,7 @@ class _FailOnCall:
         return self.run(*args, **kwargs)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("CUDA out of memory (simulated)")],
                          ids=["interrupt", "oom"])
 @pytest.mark.parametrize("options", [{}, {"cautious_weight_decay": True, "nonfinite": "raise"}], ids=["plain", "raise"])
@@ -60,7 +60,7 @@ def test_an_exception_in_the_second_ns_call_changes_nothing(monkeypatch, foreach
     assert_same(opt, clean)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 def test_a_failing_first_step_creates_no_state(monkeypatch, foreach):
     opt = _make(foreach)
     set_grads(params_of(opt), 1)

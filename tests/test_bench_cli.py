@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bench import common as bench_common
-from bench import profile as bench_profile
 from bench import schema
 from bench.cli import COMMANDS, main
-from muon.backends import torch_ref
+from bench.optimizer import profile as bench_profile
+from muon.backends import torch_backend
 from muon.coefficients import resolve_schedule
 
 QUICK_MODEL = "custom:layers=1,d=32,heads=2,mlp_dim=64,vocab=64,seq=16"
@@ -206,7 +206,7 @@ def test_staged_ns_is_the_torch_backend(dtype):
     schedule = resolve_schedule("polar_express", None, 1e-7)
     X = torch.randn(2, 8, 24)
     assert torch.equal(bench_profile.staged_newton_schulz(X, schedule, dtype),
-                       torch_ref.newton_schulz_torch(X, schedule, dtype))
+                       torch_backend.newton_schulz_torch(X, schedule, dtype))
 
 
 def test_all_quick(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`python -m bench quality` (bench/quality.py): the CSV's fixed columns, the metrics against hand
+"""`python -m bench quality` (bench/experiments/quality.py): the CSV's fixed columns, the metrics against hand
 computations, the half-precision GEMM emulation against torch's own, and the done-when check."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from bench import quality
 from bench.cli import main
+from bench.experiments import quality
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize
 

@@ -1,58 +1,39 @@
 """Distributed Muon on CPU with gloo and two processes: DDP and FSDP2 against one process.
 
 All scenarios share one spawned two-rank job (process start-up dominates on two cores); each test
-reads its scenario's verdict from both ranks. See tests/dist_scenarios.py for the scenarios.
+reads its scenario's verdict from both ranks. See tests/dist_scenarios.py for the scenarios and
+tests/dist_harness.py for the harness.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
+import dist_harness
 import dist_scenarios
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import launch, read_ranks
 
 from muon import distributed as mdist
 
-pytestmark = [
-    pytest.mark.skipif(
-        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-    ),
-    # one pytest-xdist worker runs every multi-process test, one at a time (and the module's shared
-    # two-rank job once)
-    pytest.mark.xdist_group("processes"),
-]
+pytestmark = dist_harness.marks()
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    codes = dist_scenarios.launch(
-        dist_scenarios.run_scenarios, WORLD, outdir, args=(list(dist_scenarios.SCENARIOS),), deadline_s=240
-    )
-    results = []
-    for r in range(WORLD):
-        path = os.path.join(outdir, f"rank{r}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else {})
-    return codes, results
+    return dist_harness.run_job(dist_scenarios, WORLD, str(tmp_path_factory.mktemp("dist")), deadline_s=240)
 
 
 @pytest.mark.parametrize("name", list(dist_scenarios.SCENARIOS))
 def test_scenario(verdicts, name):
-    codes, results = verdicts
-    for r, result in enumerate(results):
-        assert name in result, f"rank {r} never finished {name!r} (exit codes {codes})"
-        assert result[name] == "ok", f"rank {r}, {name}:\n{result[name]}"
+    dist_harness.assert_scenario_ok(*verdicts, name)
 
 
 def test_failing_rank_ends_with_clear_error(tmp_path):
-    codes = dist_scenarios.launch(dist_scenarios.failing_rank, WORLD, str(tmp_path), deadline_s=60)
+    codes = launch(dist_scenarios.failing_rank, WORLD, str(tmp_path), deadline_s=60)
     assert None not in codes, "a rank hung past the deadline"
-    rank0 = json.load(open(tmp_path / "rank0.json"))
-    rank1 = json.load(open(tmp_path / "rank1.json"))
+    rank0, rank1 = read_ranks(tmp_path, WORLD)
     assert "injected failure" in rank1["message"]
     assert rank0["message"].startswith("muon.distributed.DistributedStepError"), rank0["message"]
     # the step's first collective: the plan digest all-reduce, before any size-dependent one
@@ -62,13 +43,10 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, kind):
-    codes = dist_scenarios.launch(
-        dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60
-    )
+    codes = launch(dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60)
     assert None not in codes, "a rank hung past the deadline"
     assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
-    for r in range(WORLD):
-        result = json.load(open(tmp_path / f"rank{r}.json"))
+    for r, result in enumerate(read_ranks(tmp_path, WORLD)):
         message = result["message"]
         assert message.startswith("muon.distributed.DistributedStepError"), message
         # the cause, named: which parameter has a gradient on one rank and not on the other
@@ -83,12 +61,10 @@ def test_step_that_raises_leaves_no_collective_to_the_backend(tmp_path, kind):
     """When the step raises (here: a gradient missing on one rank), gloo's worker threads hold no
     tensor of the step's collectives any more: one that still did would release it during the
     process's exit and abort it (see muon.distributed.collectives)."""
-    codes = dist_scenarios.launch(
-        dist_scenarios.collectives_finished_when_step_raises, WORLD, str(tmp_path), args=(kind,), deadline_s=90
-    )
+    codes = launch(dist_scenarios.collectives_finished_when_step_raises, WORLD, str(tmp_path), args=(kind,),
+                   deadline_s=90)
     assert None not in codes, "a rank hung past the deadline"
-    for r in range(WORLD):
-        result = json.load(open(tmp_path / f"rank{r}.json"))
+    for r, result in enumerate(read_ranks(tmp_path, WORLD)):
         assert result["messages"] == ["muon.distributed.DistributedStepError"], result["messages"]
         assert result["tracked"] > 0, "no collective was recorded"
         assert not result["held"], f"rank {r}:\n" + "\n".join(result["held"][:5])

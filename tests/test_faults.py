@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from helpers import assert_state_dicts_equal, bit_equal, make_muon, run_steps, set_grads
+from helpers import STEP_PATHS, assert_state_dicts_equal, bit_equal, make_muon, run_steps, set_grads
 
 import muon
 
@@ -580,7 +580,7 @@ def test_nonfinite_injection_at_random_steps(seed):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 def test_a_parameter_made_an_inference_tensor_after_construction_is_refused_at_the_step(foreach):
     """`p.data = <inference tensor>` after the group was added: the next step refuses it, naming the
     parameter, before anything is written (the step would fail half-way on the in-place update)."""

@@ -46,8 +46,8 @@ def test_wheel_layout(tmp_path):
     assert (meta["Name"], meta["Version"]) == (DISTRIBUTION, muon.__version__)
     top_level = {n.split("/")[0] for n in names}
     assert "muon/kernels/__init__.py" in names and "muon/__init__.py" in names
-    assert "muon/backends/torch_ref.py" in names
-    assert "muon/distributed/__init__.py" in names and "muon/distributed/execute.py" in names
+    assert "muon/backends/torch_backend.py" in names
+    assert "muon/distributed/__init__.py" in names and "muon/distributed/replicated.py" in names
     # every package of the source tree is in the wheel (muon.engine once was not)
     packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "muon").rglob("__init__.py")}
     missing = {f"{p}/__init__.py" for p in packages} - set(names)

@@ -185,7 +185,7 @@ def test_bench_memory_writes_schema_rows(tmp_path, capsys, monkeypatch):
             ok[(key, "resident")]["median"] + ok[(key, "step_peak")]["median"], abs=0.002)
         assert ok[(key, "resident")]["extra"]["counted"] >= 0 and "counted" not in ok[(key, "state")]["extra"]
     assert ok[("muon", "state")]["median"] == 4.0 and ok[("torch-adamw-fused", "state")]["median"] == 8.0
-    assert ok[("muon", "state")]["provider"] == "muon.Muon[torch]"  # bench/step.py's spelling
+    assert ok[("muon", "state")]["provider"] == "muon.Muon[torch]"  # bench/optimizer/step_time.py's spelling
     nonatomic = [r for r in rows if r["extra"]["config"] == "muon-nonatomic"]
     if memory.has_atomic_option():
         assert all(r["status"] == "ok" for r in nonatomic)

@@ -1,44 +1,28 @@
 """DTensor layouts on 2×2 meshes with gloo and four processes: FSDP2 × TP, HSDP, 1-D FSDP2 with
-uneven shards, on the engine's plan (tests/mesh_scenarios.py)."""
+uneven shards, on the engine's plan (tests/mesh_scenarios.py, on the harness of tests/dist_harness.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-
-import dist_scenarios
+import dist_harness
 import mesh_scenarios
 import pytest
 import torch.distributed as dist
+from dist_harness import launch, read_ranks
 
-pytestmark = [
-    pytest.mark.skipif(
-        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-    ),
-    pytest.mark.xdist_group("processes"),  # with the other multi-process tests (tests/test_distributed.py)
-]
+pytestmark = dist_harness.marks()  # with the other multi-process tests (tests/test_distributed.py)
 WORLD = 4
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("mesh"))
-    codes = dist_scenarios.launch(
-        mesh_scenarios.run_scenarios, WORLD, outdir, args=(list(mesh_scenarios.SCENARIOS),), deadline_s=420
-    )
-    results = []
-    for r in range(WORLD):
-        path = os.path.join(outdir, f"rank{r}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else {})
-    return codes, results, outdir
+    return (*dist_harness.run_job(mesh_scenarios, WORLD, outdir, deadline_s=420), outdir)
 
 
 @pytest.mark.parametrize("name", list(mesh_scenarios.SCENARIOS))
 def test_mesh_scenario(verdicts, name):
     codes, results, _ = verdicts
-    for r, result in enumerate(results):
-        assert name in result, f"rank {r} never finished {name!r} (exit codes {codes})"
-        assert result[name] == "ok", f"rank {r}, {name}:\n{result[name]}"
+    dist_harness.assert_scenario_ok(codes, results, name)
 
 
 def test_checkpoint_2x2_loads_on_1x2(verdicts):
@@ -46,11 +30,10 @@ def test_checkpoint_2x2_loads_on_1x2(verdicts):
     2-process job with tensor parallelism only: every value bit for bit, then a step on the plan."""
     codes, results, outdir = verdicts
     assert results[0].get("checkpoint_2x2_loads_on_4x1") == "ok", "the 2×2 save failed"
-    codes = dist_scenarios.launch(mesh_scenarios.load_on_tp2, 2, outdir, deadline_s=120)
-    for r in range(2):
-        path = os.path.join(outdir, f"tp2_rank{r}.json")
-        assert os.path.exists(path), f"rank {r} of the 1×2 job never finished (exit codes {codes})"
-        assert json.load(open(path))["message"] == "ok", json.load(open(path))["message"]
+    codes = launch(mesh_scenarios.load_on_tp2, 2, outdir, deadline_s=120)
+    for r, result in enumerate(read_ranks(outdir, 2, prefix="tp2_")):
+        assert result, f"rank {r} of the 1×2 job never finished (exit codes {codes})"
+        assert result["message"] == "ok", result["message"]
 
 
 # DCP says so when it loads without torch.distributed: here that is the point

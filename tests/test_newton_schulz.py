@@ -120,7 +120,7 @@ def test_aol_four_steps_as_close_to_orthogonal_as_five_without(dtype):
 
 def test_aol_start_has_spectral_norm_at_most_one():
     """The AOL bound on the preconditioned start itself (float64, a step of the identity polynomial)."""
-    from muon.backends.torch_ref import aol_rescale, normalize
+    from muon.backends.torch_backend import aol_rescale, normalize
 
     for G in (torch.randn(3, 30, 70, dtype=torch.float64), torch.randn(2, 40, 40, dtype=torch.float64) ** 3):
         schedule = resolve_schedule("keller", 1, 1e-7, precondition="aol")

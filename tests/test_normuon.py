@@ -8,7 +8,7 @@ import io
 import docblocks
 import pytest
 import torch
-from helpers import adamw_reference, make_muon, normuon_reference, run_history, run_steps
+from helpers import STEP_PATHS, adamw_reference, make_muon, normuon_reference, run_history, run_steps
 from nsref import rel_err
 
 import muon
@@ -44,7 +44,7 @@ def _ref_kwargs(o, normuon=True):
                 cautious=o.get("cautious_weight_decay", False), adjust_lr_fn=o.get("adjust_lr_fn"))
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 @pytest.mark.parametrize("options", OPTIONS, ids=["defaults", "no-nesterov,rms,beta2", "cautious,eps"])
 def test_normuon_matches_float64_reference_over_steps(options, foreach):
     """float64: the step equals the hand-written algorithm to rounding (1e-12 of the distance moved),
@@ -174,7 +174,7 @@ def _build(dtype, foreach):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_state_dict_round_trip_is_bit_exact(dtype, foreach):
     """Save at step 3 (through torch.save / torch.load(weights_only=True)), load into a fresh optimizer,
     continue: bit-equal to the uninterrupted run. bf16 parameters keep fp32 second moments."""

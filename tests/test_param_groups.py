@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_muon
+from helpers import STEP_PATHS, make_muon
 from torch import nn
 
 import muon
@@ -425,7 +425,7 @@ def _keller_step(p, grad, buf, lr, wd, ns, beta=0.95):
 
 
 @pytest.mark.parametrize("shape", [(16, 3, 3, 3), (8, 4, 3, 3), (16, 3, 7, 7)])
-@pytest.mark.parametrize("foreach", [None, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
+@STEP_PATHS
 def test_flatten_is_kellers_conv_update_bit_for_bit(shape, foreach):
     """muon.Muon(flatten=True) on a conv weight is Keller's update, bit for bit, with the same NS (fp32)."""
     gen = torch.Generator().manual_seed(0)

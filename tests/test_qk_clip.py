@@ -452,7 +452,7 @@ def test_two_gloo_ranks_clip_identically_from_their_own_records(tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs gloo")
-    from dist_scenarios import launch
+    from dist_harness import launch
 
     codes = launch(_two_rank_job, 2, str(tmp_path), deadline_s=90)
     assert codes == [0, 0]

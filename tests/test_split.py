@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_muon, set_grads
+from helpers import STEP_PATHS, make_muon, set_grads
 from torch import nn
 
 import muon
@@ -62,7 +62,7 @@ def _rows(sizes, dim=0):
     return lambda t: list(t.split(list(sizes), dim=dim))
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_fused_qkv_split_is_three_separate_matrices(foreach):
     """Fused QKV (3d×d) split [d, d, d] over two layers: one batched bucket of 6 d×d matrices; the
     default update scale is s(d, d) = 1 per block, not sqrt(3) of the whole 3d×d matrix."""
@@ -72,7 +72,7 @@ def test_fused_qkv_split_is_three_separate_matrices(foreach):
                                    ns_dtype=torch.float32)  # fmt: skip
     _step_both(opt, whole, ref, parts, cut)
     _assert_bit_equal(opt, whole, ref, parts, cut)
-    if foreach is True:
+    if foreach is None:  # the planned step
         (bucket,) = opt._plan.groups[0].buckets
         # equal blocks: each parameter is one whole member of 3 matrices, stacked as itself
         assert bucket.shape == (6, D, D) and not bucket.split
@@ -88,7 +88,7 @@ def test_split_differs_from_the_whole_matrix():
     assert not torch.equal(cut(whole[0].detach())[0], parts[0][0].detach())
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_gqa_split_with_unequal_blocks(foreach):
     """Unequal blocks (q d×d, k and v d/4×d) land in two buckets; the momentum buffer is then the
     parameter's own tensor, kept in step with the stacks."""
@@ -98,12 +98,12 @@ def test_gqa_split_with_unequal_blocks(foreach):
                                    foreach=foreach, ns_dtype=torch.float32)  # fmt: skip
     _step_both(opt, whole, ref, parts, cut)
     _assert_bit_equal(opt, whole, ref, parts, cut)
-    if foreach is True:
+    if foreach is None:  # the planned step
         shapes = sorted(tuple(b.shape) for b in opt._plan.groups[0].buckets)
         assert shapes == [(3, D, D), (6, D // 4, D)]
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_tall_blocks_take_their_own_update_scale(foreach):
     """Tall blocks (24×8, orthogonalized transposed) with match_rms_adamw: 0.2·sqrt(24) per block."""
     sizes = [24, 24]
@@ -114,7 +114,7 @@ def test_tall_blocks_take_their_own_update_scale(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_per_head_split_of_an_expert_stack(foreach):
     """heads on a 3-D (E, m, n) stack cuts the rows of each expert's matrix: block j of expert e is
     the separate (m/h)×n matrix (e, j)."""
@@ -129,7 +129,7 @@ def test_per_head_split_of_an_expert_stack(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_flattened_conv_weight_splits_output_channels(foreach):
     """flatten=True: split applies after flattening, to the output channels of the (out, in·kh·kw) matrix."""
     sizes = [2, 6]
@@ -141,7 +141,7 @@ def test_flattened_conv_weight_splits_output_channels(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_bf16_parameters_with_split(foreach):
     sizes = [8, 4, 4]
     cut = _rows(sizes)
@@ -152,7 +152,7 @@ def test_bf16_parameters_with_split(foreach):
     _assert_bit_equal(opt, whole, ref, parts, cut)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_a_nonfinite_block_skips_the_whole_parameter_once(foreach):
     """The skip unit is the parameter: a NaN in its k rows leaves every block (and the momentum)
     untouched, and nonfinite_skips counts the step once even when the blocks sit in two buckets."""

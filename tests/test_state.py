@@ -11,7 +11,17 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import assert_same, assert_snapshot, bit_equal, make_muon, params_of, run_steps, set_grads, snapshot
+from helpers import (
+    STEP_PATHS,
+    assert_same,
+    assert_snapshot,
+    bit_equal,
+    make_muon,
+    params_of,
+    run_steps,
+    set_grads,
+    snapshot,
+)
 
 
 def _make(foreach, seed=0, **options):
@@ -179,7 +189,7 @@ def test_a_parameter_reshaped_to_the_same_numel_is_refused_not_reinterpreted():
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 def test_a_refused_first_step_creates_no_state(foreach):
     """Defect G: nonfinite="raise" refusing the first step created zero state for every parameter."""
     opt = _make(foreach, nonfinite="raise")
@@ -233,7 +243,7 @@ def _assert_bits(opt, bits):
     assert now.keys() == state.keys() and all(bit_equal(now[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 @pytest.mark.parametrize("index, key", [(0, "momentum_buffer"), (4, "exp_avg")])  # a Muon matrix, an AdamW vector
 @pytest.mark.parametrize("old, new", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_a_parameter_whose_dtype_changed_is_refused_naming_it_on_every_path(foreach, index, key, old, new):
@@ -291,7 +301,7 @@ def test_muon_momentum_in_the_gradients_dtype_is_accepted_as_torch_optim_muon_do
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 @pytest.mark.parametrize("fresh", [True, False])
 def test_an_adamw_gradient_of_another_dtype_than_its_parameter_is_refused(foreach, fresh):
     """AdamW keeps its moments in the parameter's dtype and lerps the gradient in: a gradient of
@@ -311,7 +321,7 @@ def test_an_adamw_gradient_of_another_dtype_than_its_parameter_is_refused(foreac
     _assert_bits(opt, bits)
 
 
-@pytest.mark.parametrize("foreach", [None, False, "reference"])
+@STEP_PATHS
 def test_a_state_loaded_into_parameters_of_another_dtype_is_cast_and_steps(foreach):
     """torch's load_state_dict casts floating state to each parameter's dtype: a checkpoint of fp32
     parameters loads into bf16 ones and steps (NorMuon's moments stay in fp32, their opmath)."""

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import ReferenceMuon, assert_same, gpt_like, make_muon, set_grads
+from helpers import STEP_PATHS, ReferenceMuon, assert_same, gpt_like, make_muon, option_sets, set_grads
 from helpers import params_of as _params
 
 import muon
@@ -52,20 +52,9 @@ def _set_grads(opt, step, bad=(), missing=()):
 SCHEDULE = {0: ((), ()), 1: ((1, 6, 9, 17, 21), ()), 2: ((), (3, 10, 19)), 3: ((0, 8, 12, 23), ()), 4: ((), ())}
 
 
-# Options that change the apply phase: NorMuon (per-neuron second moments, on mixed (m, n)/(n, m)
-# buckets too) and cautious weight decay (Muon and AdamW groups).
-APPLY_OPTIONS = [
-    {},
-    {"variant": "normuon"},
-    {"cautious_weight_decay": True},
-    {"variant": "normuon", "cautious_weight_decay": True, "normuon_beta2": 0.9, "weight_decay": 0.3},
-    {"ns_dtype": torch.bfloat16},  # O in bf16 (as on CUDA): the update is still formed in fp32
-    {"ns_dtype": torch.bfloat16, "variant": "normuon"},
-]
-APPLY_IDS = ["muon", "normuon", "cautious", "normuon+cautious", "bf16-ns", "bf16-ns+normuon"]
-
-
-@pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
+# Options that change the apply phase: helpers.OPTION_SETS (NorMuon on mixed (m, n)/(n, m) buckets
+# too, cautious weight decay on Muon and AdamW groups, NS in bf16).
+@option_sets()
 def test_planned_step_equals_reference_loop_bit_for_bit(options):
     fast = muon.Muon(_groups(), lr=0.02, foreach=True, **options)
     small = muon.Muon(_groups(), lr=0.02, foreach=False, **options)  # the same plan in its smallest chunks
@@ -85,7 +74,7 @@ def test_planned_step_equals_reference_loop_bit_for_bit(options):
     assert mixed.split and {mb.row for mb in mixed.members} == {None, 0, 16, 32, 48}
 
 
-@pytest.mark.parametrize("options", APPLY_OPTIONS, ids=APPLY_IDS)
+@option_sets()
 def test_switching_paths_and_resuming_keeps_the_same_bits(options):
     """State made by one path is picked up by the other (and adopted into a new plan's stacks)."""
     ref = ReferenceMuon(_groups(), lr=0.02, **options)
@@ -105,7 +94,7 @@ def test_switching_paths_and_resuming_keeps_the_same_bits(options):
     assert_same(ref, mixed)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_raise_in_a_later_group_changes_no_group(foreach):
     """nonfinite="raise": a NaN in group 1 raises before group 0 (or any state) changed; a retry with
     fixed gradients gives exactly the step of an optimizer that never saw the NaN."""
@@ -301,7 +290,7 @@ def test_cuda_graph_captures_the_whole_step():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"])
+@STEP_PATHS
 def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
     """A sparse gradient in group 1 is found before group 0 is touched (parameters and momentum)."""
     W = torch.randn(6, 8, requires_grad=True)

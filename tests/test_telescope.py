@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.telescope import grid, points_per_dim, telescope, total_runs, widths
+from bench.experiments.telescope import grid, points_per_dim, telescope, total_runs, widths
 
 
 def test_points_per_dim_shrink_by_4_to_the_minus_1_over_k():

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 from docblocks import one_thread, require  # noqa: F401 (one_thread: autouse)
-from helpers import make_muon
+from helpers import STEP_PATHS, make_muon, option_sets
 from torch import nn
 
 import muon
@@ -171,7 +171,7 @@ def max_difference(hf, lin) -> float:
     return max((as_linear(n, p) - theirs[n]).abs().max().item() for n, p in hf.named_parameters())
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
+@STEP_PATHS
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv1d_gpt2_updates_are_the_transposed_linear_updates(case, foreach):
     """10 steps; every parameter compared after every step: equal bit for bit (the fp32 noise
@@ -313,7 +313,7 @@ MARKED_CASES = {
 }
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
+@STEP_PATHS
 @pytest.mark.parametrize("case", list(MARKED_CASES))
 def test_user_marked_parameters_update_as_their_transposes(case, foreach):
     options, routing = MARKED_CASES[case]
@@ -371,9 +371,8 @@ def test_hand_built_transposed_group_and_its_checks():
         muon.param_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), transposed=["1.weight"])
 
 
-@pytest.mark.parametrize("foreach", [True, False, "reference"], ids=["planned", "smallest-chunks", "loop"])
-@pytest.mark.parametrize("options", [{}, {"variant": "normuon"}, {"cautious_weight_decay": True}],
-                         ids=["muon", "normuon", "cautious"])
+@STEP_PATHS
+@option_sets("muon", "normuon", "cautious")
 def test_bf16_and_stacked_transposed_parameters(options, foreach):
     """bf16 parameters (updated through fp32 work copies of the stacks) and 3-D/4-D stacks of (in,
     out) matrices, wide, tall and square, in one group: the transposes of the (out, in) updates."""

@@ -27,7 +27,7 @@ from nsref import NS_ERROR_FACTOR, NS_ERROR_FLOOR, assert_ns_close, ns_float64, 
 import muon  # noqa: E402
 from muon import kernels  # noqa: E402
 from muon.backends import BackendUnavailable, triton_backend  # noqa: E402
-from muon.backends.torch_ref import normalize as torch_normalize  # noqa: E402
+from muon.backends.torch_backend import normalize as torch_normalize  # noqa: E402
 from muon.coefficients import resolve_schedule  # noqa: E402
 
 pytestmark = pytest.mark.interpret
@@ -264,12 +264,12 @@ def test_aol_small_path_register_and_memory_variants(one_chunk, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_aol_rescale_stage_matches_the_torch_reference(dtype, device):
-    """kernels/aol.py against muon.backends.torch_ref.aol_rescale: the same fp32 arithmetic, so at most
+    """kernels/aol.py against muon.backends.torch_backend.aol_rescale: the same fp32 arithmetic, so at most
     one rounding of `dtype` apart; a zero row stays zero; D·A·D stays exactly symmetric."""
     from muon.kernels.aol import aol_rescale_
     from muon.kernels.aol import aol_scales as kernel_scales
 
-    from muon.backends.torch_ref import aol_rescale, aol_scales
+    from muon.backends.torch_backend import aol_rescale, aol_scales
 
     schedule = resolve_schedule("polar_express", 4, 1e-7, precondition="aol")  # fro_scale 1.02
     X = unit_rows((3, 37, 70), torch.float64, device)

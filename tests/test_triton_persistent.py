@@ -128,7 +128,7 @@ def assert_close_to_torchs(out, G, dtype=torch.bfloat16):
     bf16 NS error is a matter of luck per seed and the two differ by 2× between themselves (measured:
     0.0052 vs 0.0103 at 7×4097, seed 0, where the v1 tiled kernels give 0.0103 and these 0.0151; at
     3×2000 the order reverses: 0.025 / 0.017 / 0.0052)."""
-    from muon.backends.torch_ref import newton_schulz_torch
+    from muon.backends.torch_backend import newton_schulz_torch
 
     ref = ns_float64(G)
     m, n = G.shape[-2:]

@@ -17,9 +17,9 @@ wherever it has nothing to say (another CPU, an unmeasured shape class, sharded 
 
 The one function that maps a stack's shape, compute dtype and device, a group's `backend` and
 `ns_algorithm`, the facts of the process (`reasons`: which backends can run here, from
-`muon.backends.registry.REGISTRY`) and the tables below to the kernel that runs (`muon.backends.op.Kernel`).
-Pure: the plan calls it (through `muon.backends.plan_kernel`) once per bucket when it is built and
-keeps the answer; `muon.newton_schulz` once per call.
+`muon.backends.registry.REGISTRY`) and the tables below to the kernel that runs (a `KernelChoice`;
+`muon.backends.op.Kernel` runs it). Pure: the plan calls it (through `muon.backends.plan_kernel`)
+once per bucket when it is built and keeps the answer; `muon.newton_schulz` once per call.
 
 ## Backend table — `choose_for_shape(batch, m, n, dtype, device_type)`
 
@@ -52,10 +52,44 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .op import Kernel
-from .registry import REGISTRY
+from .registry import BACKENDS, REGISTRY, BackendUnavailable
 
 # ----------------------------------------------------------------------------- NS algorithm
+
+def kernel_name(backend: str, path: str = "") -> str:
+    """The op's backend argument of a backend and its path ("" or "auto": the backend's default)."""
+    return f"{backend}:{path}" if path and path != "auto" else backend
+
+
+class KernelChoice:
+    """One resolved Newton–Schulz kernel: a backend ("torch", "triton", "cuda"), its path (triton's:
+    "" for v1 by shape, "small", "gemm", "persistent"), the algorithm ("standard", "gram") and Gram's
+    restarts, and why it was chosen: what `choose_kernel` answers. `muon.backends.op.Kernel` is the one
+    that runs (called, it runs muon::newton_schulz with it); a choice equals the Kernel of the same key."""
+
+    __slots__ = ("backend", "path", "algorithm", "restarts", "reason", "name")
+
+    def __init__(self, backend: str, algorithm: str = "standard", *, path: str = "", restarts=(),
+                 reason: str = "") -> None:
+        self.backend, self.path, self.algorithm = backend, "" if path == "auto" else path, algorithm
+        self.restarts = tuple(restarts) if algorithm == "gram" else ()
+        self.reason = reason
+        self.name = kernel_name(backend, path)
+
+    def _key(self) -> tuple:
+        return self.name, self.algorithm, self.restarts
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, KernelChoice) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        restarts = f", restarts={self.restarts}" if self.restarts else ""
+        return f"{type(self).__name__}({self.name!r}, {self.algorithm!r}{restarts})"
+
+
 # algorithm="auto": standard Newton–Schulz or Gram Newton–Schulz (muon.backends.torch_backend.run_gram).
 #
 # Gram NS only in half precision (bf16, fp16): that is what it is built for (its restart keeps it
@@ -97,7 +131,7 @@ def choose_algorithm(m: int, n: int, device, dtype: torch.dtype, *, steps: int =
     that is n > 1.5·m — because there is no measurement to go on and the CPU's matmul time follows
     its FLOPs; half precision because Gram NS is stable there (restart) and less accurate in fp32.
     """
-    from ..flops import newton_schulz_flops
+    from ..ns_flops import newton_schulz_flops
 
     short, long = min(m, n), max(m, n)
     if dtype not in GRAM_DTYPES or short == 0 or steps == 0:
@@ -266,7 +300,7 @@ def dtype_table_from_csv(*paths) -> tuple[DtypeEntry, ...]:
 SOURCE = "bench/results/h100-899c9f9/kernels.csv"
 REACH = 1.0  # log2: a measurement speaks for shapes within a factor 2 of it in batch, s and l
 BASELINE = "muon[torch]"
-# provider (as bench/kernels.py names it) -> (backend, keyword arguments of its run) that auto may pick
+# provider (as bench/kernel/newton_schulz.py names it) -> (backend, keyword arguments of its run) that auto may pick
 AUTO_PROVIDERS = {
     "muon[triton]": ("triton", {"path": "auto"}),
     "muon[triton:small]": ("triton", {"path": "small"}),
@@ -407,7 +441,7 @@ GRAM_BACKENDS = ("torch", "triton")
 
 def choose_kernel(backend: str, algorithm: str, batch: int, s: int, l: int, dtype: torch.dtype,
                   device_type: str, *, steps: int, restarts=(2,), reasons, table: tuple[Entry, ...] | None = None
-                  ) -> Kernel:
+                  ) -> KernelChoice:
     """The Newton–Schulz kernel for a (batch, s, l) stack (s <= l) computed in `dtype` on a `device_type`
     device, for a group's `backend` ("auto", "torch", "triton", "cuda") and `algorithm` ("standard",
     "gram", "auto") with `steps` NS steps (and Gram's `restarts`). A pure function of its arguments:
@@ -422,8 +456,6 @@ def choose_kernel(backend: str, algorithm: str, batch: int, s: int, l: int, dtyp
     without it, the backends that have it). backend="auto": Gram NS on torch; standard NS on the
     provider `choose_for_shape` names for this shape when it can run here, else torch.
     """
-    from . import BACKENDS, BackendUnavailable
-
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     if algorithm == "auto":
@@ -440,16 +472,16 @@ def choose_kernel(backend: str, algorithm: str, batch: int, s: int, l: int, dtyp
                 f"backend={backend!r} has no Gram Newton–Schulz: use algorithm='standard', or backend='torch' "
                 "or 'triton' for algorithm='gram'"
             )
-        return Kernel(backend, algorithm, restarts=restarts, reason="named by the group")
+        return KernelChoice(backend, algorithm, restarts=restarts, reason="named by the group")
     if algorithm == "gram":
-        return Kernel("torch", "gram", restarts=restarts, reason="auto: muon's Gram kernels are unmeasured")
+        return KernelChoice("torch", "gram", restarts=restarts, reason="auto: muon's Gram kernels are unmeasured")
     choice = choose_for_shape(batch, s, l, dtype, device_type, table)
     if choice.backend != "torch":
         reason = reasons[choice.backend]
         if reason is None:
-            return Kernel(choice.backend, "standard", path=choice.kwargs.get("path", ""), reason=choice.reason)
-        return Kernel("torch", "standard", reason=f"{choice.reason}, but it cannot run here: {reason}")
-    return Kernel("torch", "standard", reason=choice.reason)
+            return KernelChoice(choice.backend, "standard", path=choice.kwargs.get("path", ""), reason=choice.reason)
+        return KernelChoice("torch", "standard", reason=f"{choice.reason}, but it cannot run here: {reason}")
+    return KernelChoice("torch", "standard", reason=choice.reason)
 
 
 def batch_matters(backend: str, algorithm: str, device_type: str) -> bool:

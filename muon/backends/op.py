@@ -41,8 +41,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..coefficients import Schedule
-from .registry import REGISTRY
+from ..coefficients import DEFAULT_RESTARTS, Schedule
+from . import dispatch
+from .dispatch import KernelChoice, kernel_name  # noqa: F401
+from .registry import REGISTRY, Reasons, module
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 OP_ALGORITHMS = ("standard", "gram")
@@ -50,40 +52,18 @@ TRITON_PATHS = ("small", "gemm", "persistent")  # "triton" alone: v1, its path b
 OP_BACKENDS = ("auto", "torch", "triton", *(f"triton:{p}" for p in TRITON_PATHS), "cuda")
 
 
-def kernel_name(backend: str, path: str = "") -> str:
-    """The op's backend argument of a backend and its path ("" or "auto": the backend's default)."""
-    return f"{backend}:{path}" if path and path != "auto" else backend
+class Kernel(KernelChoice):
+    """One resolved Newton–Schulz kernel (`dispatch.KernelChoice`) that runs: called, it runs
+    muon::newton_schulz with it."""
 
+    __slots__ = ()
 
-class Kernel:
-    """One resolved Newton–Schulz kernel: a backend ("torch", "triton", "cuda"), its path (triton's:
-    "" for v1 by shape, "small", "gemm", "persistent"), the algorithm ("standard", "gram") and Gram's
-    restarts, and why it was chosen. Called, it runs muon::newton_schulz with it."""
-
-    __slots__ = ("backend", "path", "algorithm", "restarts", "reason", "name")
-
-    def __init__(self, backend: str, algorithm: str = "standard", *, path: str = "", restarts=(),
-                 reason: str = "") -> None:
-        self.backend, self.path, self.algorithm = backend, "" if path == "auto" else path, algorithm
-        self.restarts = tuple(restarts) if algorithm == "gram" else ()
-        self.reason = reason
-        self.name = kernel_name(backend, path)
+    @classmethod
+    def of(cls, choice: KernelChoice) -> Kernel:
+        return cls(choice.backend, choice.algorithm, path=choice.path, restarts=choice.restarts, reason=choice.reason)
 
     def __call__(self, X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Tensor:
         return call(X, schedule, dtype, self.name, self.algorithm, self.restarts)
-
-    def _key(self) -> tuple:
-        return self.name, self.algorithm, self.restarts
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Kernel) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        restarts = f", restarts={self.restarts}" if self.restarts else ""
-        return f"Kernel({self.name!r}, {self.algorithm!r}{restarts})"
 
 
 class BatchKernel:
@@ -163,8 +143,6 @@ def _apply(G: Tensor, coefficients, fro_scale, eps, precondition, dtype, restart
 def _backend_fn(name: str, algorithm: str):
     """fn(X, schedule, dtype, restarts) of kernel `name`: its backend's `run`/`run_gram` looked up at
     each call (instrumentation that replaces the attribute sees the calls)."""
-    from . import module
-
     backend, _, path = name.partition(":")
     mod = module(backend)
     if algorithm == "gram":
@@ -185,8 +163,6 @@ def _kernel(G, coefficients, fro_scale, eps, precondition, dtype, backend, algor
     if fn is None:
         name = backend
         if backend != "torch":
-            from . import resolve
-
             X, _ = _stack(G)
             kernel = resolve(backend.partition(":")[0], algorithm, X, dtype, len(coefficients) // 3)
             name = kernel.name if backend == "auto" else backend
@@ -254,3 +230,23 @@ def call(X: Tensor, schedule: Schedule, dtype: torch.dtype, backend: str, algori
         return _kernel(*args)
     return torch.ops.muon.newton_schulz.default(*args)
 OPERATOR = torch.ops.muon.newton_schulz.default  # the registered op
+
+
+def _shape(X: Tensor) -> tuple[int, int, int]:
+    return tuple(X.shape) if X.ndim == 3 else (1, *X.shape[-2:])
+
+
+def choose(backend: str, algorithm: str, shape: tuple[int, int, int], probe: Tensor, ns_dtype: torch.dtype,
+           steps: int, restarts=DEFAULT_RESTARTS):
+    """The kernel (`muon.backends.op.Kernel`) of (backend, algorithm) for a (B, s, l) stack (s <= l) on
+    `probe`'s device computed in `ns_dtype`: `dispatch.choose_kernel` with this process's facts.
+    BackendUnavailable when the backend cannot run there."""
+    choice = dispatch.choose_kernel(backend, algorithm, *shape, ns_dtype, probe.device.type, steps=steps,
+                                    restarts=tuple(restarts), reasons=Reasons(probe))
+    return Kernel.of(choice)
+
+
+def resolve(backend: str, algorithm: str, X: Tensor, ns_dtype: torch.dtype, steps: int,
+            restarts=DEFAULT_RESTARTS):
+    """`choose` for the (B, s, l) stack X (s <= l): its shape and device."""
+    return choose(backend, algorithm, _shape(X), X, ns_dtype, steps, restarts)

@@ -28,6 +28,10 @@ attribute with monkeypatch); the next use rebuilds what it needs.
 
 from __future__ import annotations
 
+import importlib
+
+from torch import Tensor
+
 
 class BoundedCache(dict):
     """A dict that drops its oldest entry when `put` would exceed `capacity`."""
@@ -83,3 +87,66 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+# name -> module path; each module defines `run` and `unavailable_reason(tensor) -> str | None`.
+_MODULES = {
+    "torch": "muon.backends.torch_backend",
+    "triton": "muon.backends.triton_backend",
+    "cuda": "muon.backends.cuda_backend",
+}
+BACKENDS = tuple(_MODULES)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and how to fix it."""
+
+
+def module(name: str):
+    """The imported module of backend `name` (kept in REGISTRY.modules); BackendUnavailable if it
+    cannot be imported."""
+    mod = REGISTRY.modules.get(name)
+    if mod is not None:
+        return mod
+    try:
+        mod = REGISTRY.modules[name] = importlib.import_module(_MODULES[name])
+        return mod
+    except ModuleNotFoundError as exc:
+        if exc.name == _MODULES[name]:
+            raise BackendUnavailable(f"backend={name!r} is not part of this muon build") from exc
+        raise BackendUnavailable(f"backend={name!r} needs a missing package: {exc}") from exc
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend={name!r} could not be imported: {exc}") from exc
+
+
+def unavailable_reason(name: str, X: Tensor) -> str | None:
+    """None when backend `name` can run on X; otherwise the reason, with the fix. "auto" can always
+    run (torch is its fallback). Answers for a CUDA device are kept in REGISTRY.reasons."""
+    if name == "auto":
+        return None
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}"
+    cuda = X.device.type == "cuda"
+    key = (name, str(X.device))
+    if cuda and key in REGISTRY.reasons:
+        return REGISTRY.reasons[key]
+    try:
+        reason = module(name).unavailable_reason(X)
+    except BackendUnavailable as exc:
+        reason = str(exc)
+    if cuda:
+        REGISTRY.reasons[key] = reason
+    return reason
+
+
+class Reasons:
+    """backend -> why it cannot run on `probe`'s device (None: it can), asked only for the backends a
+    choice needs (auto never imports the CUDA extension to learn that it would not pick it)."""
+
+    __slots__ = ("probe",)
+
+    def __init__(self, probe: Tensor) -> None:
+        self.probe = probe
+
+    def __getitem__(self, name: str) -> str | None:
+        return unavailable_reason(name, self.probe)

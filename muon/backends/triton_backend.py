@@ -112,7 +112,7 @@ def run(
     call is launch-bound (None); ignored off CUDA, under an outer capture and under torch.compile.
     """
     if dtype == torch.float64:
-        from .torch_ref import newton_schulz_torch
+        from .torch_backend import newton_schulz_torch
 
         return newton_schulz_torch(X, schedule, dtype)
     from muon import kernels

@@ -8,41 +8,41 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
 * `ownership`: which rank orthogonalizes which matrices (greedy balance by NS FLOPs, computed from
   the engine's plan buckets) and the plan signature ranks agree on;
 * `agreement`: per step, the plan digest and the finite flags agreed over the ranks;
-* `execute`: replicated parameters run the engine's plan with the NS split over ranks and one
+* `replicated`: replicated parameters run the engine's plan with the NS split over ranks and one
   all-gather per Muon group; the per-parameter loop's (foreach=False) distributed NS;
 * `layout`: where each rank's shard of a DTensor matrix sits (1-D and n-D meshes, Shard(0)/Shard(1),
   FSDP2's strided shards over TP, Replicate), and what the plan refuses;
 * `sharded`: DTensor parameters on the engine's plan over their local shards, with one packed
   owner all_to_all out and one back per Muon group;
 * `traffic`: the bytes-per-step model against distributed AdamW;
-* `checkpoint`: state-dict hooks that let distributed checkpoints carry ns_dtype.
+* `state_dict_dtypes`: state-dict hooks that let distributed checkpoints carry ns_dtype.
 """
 
 from __future__ import annotations
 
 from .agreement import finite_flags
-from .checkpoint import decode_state_dict_dtypes, encode_state_dict_dtypes
 from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
 
 # used by muon.optim and the tests
-from .execute import agree_plan as agree_plan
-from .execute import check_sharded_plan as check_sharded_plan
-from .execute import loop_agree as loop_agree
-from .execute import orthogonalize_all as orthogonalize_all
-from .execute import prepare as prepare
-from .execute import replicated_ns as replicated_ns
-from .execute import splits_work as splits_work
 from .layout import LocalShardMismatch as LocalShardMismatch
 from .ownership import _assign as _assign
 from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops
 from .ownership import share_buckets as share_buckets
+from .replicated import agree_plan as agree_plan
+from .replicated import check_sharded_plan as check_sharded_plan
+from .replicated import loop_agree as loop_agree
+from .replicated import orthogonalize_all as orthogonalize_all
+from .replicated import prepare as prepare
+from .replicated import replicated_ns as replicated_ns
+from .replicated import splits_work as splits_work
 from .sharded import as_dtensor as as_dtensor
 from .sharded import plan_mesh as plan_mesh
 from .sharded import planner_for as planner_for
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)
 from .sharded import refuse as refuse
 from .sharded import sharded_ns as sharded_ns
+from .state_dict_dtypes import decode_state_dict_dtypes, encode_state_dict_dtypes
 from .traffic import CommBytes, comm_bytes_per_step
 
 __all__ = [

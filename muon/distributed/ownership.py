@@ -2,7 +2,7 @@
 
 Replicated parameters: the engine's plan (`muon.engine.build_plan`) groups a Muon group's matrices
 into buckets of one shape (B matrices of s×l). `share_buckets` gives every matrix of the step an
-owner by greedy longest-processing-time over its NS FLOPs (`muon.flops.newton_schulz_flops`); the
+owner by greedy longest-processing-time over its NS FLOPs (`muon.ns_flops.newton_schulz_flops`); the
 matrices of one bucket cost the same, so only how many each rank gets matters, and each rank owns a
 contiguous run of the bucket's rows (rank 0 first). Each rank's share of a group is one chunk of the
 group's all-gather; chunks are padded to the busiest rank's share.
@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..flops import newton_schulz_flops
+from ..ns_flops import newton_schulz_flops
 from .collectives import is_dtensor
 
 

@@ -301,7 +301,7 @@ def _blocks_of(t: Tensor, k: int, block) -> Tensor:
 
 
 def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
-    """The NS phase of a sharded plan (`muon.engine.execute`, module docstring)."""
+    """The NS phase of a sharded plan (`muon.engine.step`, module docstring)."""
     ex = plan.dist
     pg, rank = ex.pg, ex.rank
     U = [ph.U for ph in phases]

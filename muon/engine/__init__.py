@@ -4,8 +4,8 @@ per-parameter loop of `muon.reference`; both take their formulas from `muon.func
 
 from __future__ import annotations
 
-from .execute import bucket_ns, execute, finite_flags, first_nonfinite, local_ns
 from .plan import MUON_PLAN_KEYS, Plan, build_plan, default_chunk_bytes, local, plan_key
+from .step import bucket_ns, execute, finite_flags, first_nonfinite, local_ns
 
 __all__ = [
     "MUON_PLAN_KEYS", "Plan", "bucket_ns", "build_plan", "default_chunk_bytes", "execute", "finite_flags",

@@ -19,10 +19,10 @@ state. Per group it makes buckets:
 
 **`opt.state` is the only storage.** The plan keeps structure — members, offsets, flag indices,
 update scales, the chosen NS run — and no optimizer state: every step reads `opt.state[p]` (and
-creates a missing entry, installed at the step's commit, `muon.engine.execute.StepState`), so
+creates a missing entry, installed at the step's commit, `muon.engine.step.StepState`), so
 `state.clear()`, a replaced state, `.data =` or `set_()` on a state tensor and `load_state_dict`
 take effect at the next step because there is nothing else to read. The stacks a step computes
-with are its own temporaries (`muon.engine.execute`).
+with are its own temporaries (`muon.engine.step`).
 """
 
 from __future__ import annotations
@@ -363,10 +363,10 @@ class Plan:
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
     dist: object | None = None
-    # the state entries a step read and checked (`muon.engine.execute.StepState`): references to
+    # the state entries a step read and checked (`muon.engine.step.StepState`): references to
     # opt.state's own dicts and tensors, never copies, so `.data =` and `set_()` reach the step
     seen: dict = field(default_factory=dict)
-    # (id(bucket), chunk) -> muon.engine.execute.Packed: the stacks whose views the state holds (the
+    # (id(bucket), chunk) -> muon.engine.step.Packed: the stacks whose views the state holds (the
     # state's own storage: no second copy); a step checks they still are, else repacks
     packed: dict = field(default_factory=dict)
     # (value, dtype, device) -> 0-dim tensor of a Python number the step reads (`StepState.const`):

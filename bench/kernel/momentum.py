@@ -19,9 +19,9 @@ import torch
 
 from muon import functional as F
 
-from .common import dtype_name, shape_str
-from .schema import Results
-from .timing import interleaved
+from ..common import dtype_name, shape_str
+from ..schema import Results
+from ..timing import interleaved
 
 OP = "low_precision_momentum"
 # (B, m, n): parameters of a 4096-wide model, one of 16384 columns, stacks of GPT-2-sized matrices

@@ -79,7 +79,7 @@ def agree_plan(plan: Plan, ok: Tensor | None) -> Tensor | None:
 
 
 def replicated_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
-    """The NS phase of replicated parameters (`muon.engine.execute`): each rank orthogonalizes its
+    """The NS phase of replicated parameters (`muon.engine.step`): each rank orthogonalizes its
     rows of every bucket of the group into its chunk of the send buffer, one all-gather hands every
     rank every result, placed into per-bucket result stacks (all of them the step's temporaries)."""
     ex: Exchange = plan.dist

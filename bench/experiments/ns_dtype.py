@@ -24,9 +24,9 @@ from muon.backends import dispatch
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize
 
-from .common import REPO, device_name, fmt_table, parse_shape, progress, set_threads, shape_str, wrap
-from .schema import Results
-from .timing import interleaved, ratio
+from ..common import REPO, device_name, fmt_table, parse_shape, progress, set_threads, shape_str, wrap
+from ..schema import Results
+from ..timing import interleaved, ratio
 
 # squares and 1:4 rectangles over the sizes a CPU user trains (small models, tests); bf16 at 512x2048
 # takes ~15 s a call on a 2-core CPU without bf16 instructions, so the list stops at 256x1024 / 512^2

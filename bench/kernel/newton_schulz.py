@@ -11,9 +11,9 @@ Triton backend's default, kernel v1), the forced muon[triton:small] / [triton:ge
 on the torch backend and the Triton default path: muon[torch:aol] / muon[triton:aol] (AOL
 preconditioning at --aol-steps, default one step fewer: Turbo-Muon's setting) and muon[torch:fp16] /
 muon[triton:fp16] (fp16 compute, rows with dtype float16); every importable peer
-(bench/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
+(bench/kernel/peers.py), and the same run's GEMM rate (cuBLAS on a GPU) for X·Xᵀ of that shape plus one large
 square GEMM as the device's ceiling. Then the fused low-precision momentum pass against a copy of the
-same bytes (bench/momentum.py; op low_precision_momentum, a skipped row on a CPU).
+same bytes (bench/kernel/momentum.py; op low_precision_momentum, a skipped row on a CPU).
 
 Timing (bench/timing.py): per shape, every provider and the shape's GEMM in --rounds interleaved
 rounds (CPU, one thread: process CPU time; CUDA: triton.testing.do_bench per round, CUDA-graph replay for
@@ -42,8 +42,8 @@ from muon import backends, flops
 from muon.coefficients import resolve_schedule
 from muon.newton_schulz import orthogonalize, resolve_dtype
 
-from . import models, momentum, peers, plots
-from .common import (
+from .. import models, plots
+from ..common import (
     default_out,
     dtype_name,
     dtype_of,
@@ -58,8 +58,9 @@ from .common import (
     tflops,
     wrap,
 )
-from .schema import Results
-from .timing import interleaved, ratio
+from ..schema import Results
+from ..timing import interleaved, ratio
+from . import momentum, peers
 
 # (B, m, n): the H100 measurement of the dispatch table (muon/backends/dispatch.py), then small-side and
 # mid-size classes it does not cover yet, one tall shape (m > n; NS transposes it).

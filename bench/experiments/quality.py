@@ -131,7 +131,7 @@ def aol_target_shift(G: torch.Tensor, polar: torch.Tensor) -> float:
     """How far AOL moves the target: D·G (D the AOL row scales of the small side, float64) has another
     polar factor than G unless D is a multiple of I; converged NS with AOL reaches polar(D·G), so this
     is the error AOL keeps however many steps run."""
-    from muon.backends.torch_ref import aol_scales, normalize
+    from muon.backends.torch_backend import aol_scales, normalize
     from muon.coefficients import resolve_schedule
 
     tall = G.shape[0] > G.shape[1]
@@ -178,8 +178,8 @@ def capture_momentum(settings: dict, cache_dir: Path, seed: int = 0) -> tuple[di
     """Muon momentum buffers of the last block of the GPT experiment model after `settings['steps']`
     steps (bench/gpt.py, byte-level stdlib data, Muon as bench/efficiency.py builds it, NS in fp32),
     seeded; cached in cache_dir. Returns ({parameter name: float32 matrix}, provenance)."""
-    from . import data as D
-    from . import gpt
+    from .. import data as D
+    from .. import gpt
 
     key = hashlib.sha1(json.dumps({**settings, "seed": seed, "torch": torch.__version__}, sort_keys=True).encode())
     path = cache_dir / f"momentum-{key.hexdigest()[:12]}.pt"
@@ -347,7 +347,7 @@ def _settings(args) -> dict:
 
 
 def run(args) -> int:
-    from .common import REPO, device_name, git_commit, progress, versions
+    from ..common import REPO, device_name, git_commit, progress, versions
 
     torch.set_num_threads(args.threads)
     s = _settings(args)
@@ -363,7 +363,8 @@ def run(args) -> int:
     meta = {"commit": commit, **{f"{k}_version": v for k, v in versions().items()},
             "device": device_name(torch.device("cpu")), "torch_threads": args.threads,
             "half_gemms": "native torch" if args.native else "emulated: fp32 accumulation of exact upcast operands, "
-                          "one rounding to the half dtype per GEMM (bench/quality.py emulated_half_matmuls)",
+                          "one rounding to the half dtype per GEMM "
+                          "(bench/experiments/quality.py emulated_half_matmuls)",
             "settings": s, "quick": bool(args.quick), "wall_s": round(time.perf_counter() - start, 1),
             "spectra": {sp.name: {"shape": sp.shape, "kept_directions": sp.U_k.shape[1],
                                   "cond_of_kept": sp.cond_kept, "aol_target_shift": sp.aol_shift}
@@ -392,6 +393,7 @@ def run(args) -> int:
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
     """quality.png: bench.plots.quality (every plot of the bench lives in bench/plots.py)."""
-    from . import plots
+    from .. import plots
 
-    plots.quality(rows, path, meta)
+    plots.quality(rows, path, meta, y_max=Y_MAX, is_reference=lambda r: Config(
+        r["algorithm"], r["preset"], r["steps"], r["precondition"], r["dtype"]).is_reference)

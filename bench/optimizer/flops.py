@@ -19,9 +19,9 @@ import torch
 
 from muon import flops
 
-from . import models, plots
-from .common import CONSOLE_WIDTH, fmt_table, progress
-from .schema import Results
+from .. import models, plots
+from ..common import CONSOLE_WIDTH, fmt_table, progress
+from ..schema import Results
 
 PUBLISHED = [name for name, cfg in models.PRESETS.items() if cfg.published_params is not None]
 SWEEP = [2**k for k in range(14, 26)]  # 16K ... 32M tokens per step

@@ -55,10 +55,10 @@ from muon.newton_schulz import resolve_dtype
 from muon.optim import matrix_shape
 from muon.profiling import count_dispatched_ops
 
-from . import models, plots
-from .common import default_out, dtype_of, fmt_table, pick_device, progress, set_threads, skip_line, wrap
-from .schema import Results
-from .timing import PartClock, interleaved, ratio, synchronize
+from .. import models, plots
+from ..common import default_out, dtype_of, fmt_table, pick_device, progress, set_threads, skip_line, wrap
+from ..schema import Results
+from ..timing import PartClock, interleaved, ratio, synchronize
 
 GPU_MODELS = ["gpt2-124m", "gpt2-1.5b"]  # GPT-2 small and the 1B-class GPT-2 XL (1.56B, 1.47B on Muon)
 CPU_MODELS = ["tiny"]  # torch.optim.Muon computes NS in bf16: ~16 s a step for "small" on a 2-core CPU

@@ -1,7 +1,7 @@
 """Time muon.Muon's distributed step on GPUs with NCCL, per layout (unmeasured so far: no multi-GPU
 machine has run it). Run with torchrun, one process per GPU:
 
-    torchrun --standalone --nproc_per_node=4 bench/dist_mesh_timing.py --layout fsdp_tp --layers 32
+    torchrun --standalone --nproc_per_node=4 bench/optimizer/dist_step_time.py --layout fsdp_tp --layers 32
 
 Layouts: ddp (replicated), fsdp (FSDP2 over all ranks), fsdp_tp (FSDP2 × TP, mesh (W/2, 2): column-
 and row-parallel linears), hsdp (Replicate × Shard, mesh (2, W/2)). Per layout it prints one JSON row

@@ -26,12 +26,12 @@ import torch
 
 import muon
 from muon import backends
-from muon.backends.torch_ref import normalize
+from muon.backends.torch_backend import normalize
 from muon.coefficients import Schedule, resolve_schedule
 from muon.newton_schulz import orthogonalize
 
-from . import models
-from .common import (
+from .. import models
+from ..common import (
     default_out,
     dtype_of,
     fmt_table,
@@ -59,7 +59,7 @@ def stage(name: str):
 
 
 def staged_newton_schulz(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype) -> torch.Tensor:
-    """The torch backend's NS (muon.backends.torch_ref.newton_schulz_torch), op for op, with a range
+    """The torch backend's NS (muon.backends.torch_backend.newton_schulz_torch), op for op, with a range
     per stage; tests check it gives bit-identical results."""
     with stage("ns.normalize"):
         X = normalize(X, schedule).to(dtype)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import data as D
+from .. import data as D
 
 Point = tuple[float, ...]
 
@@ -215,8 +215,8 @@ def _settings(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from . import gpt as G
-    from .common import progress
+    from .. import gpt as G
+    from ..common import progress
 
     torch.set_num_threads(args.threads)
     s = _settings(args)
@@ -277,7 +277,7 @@ def write_rows(result: dict, out: Path) -> None:
     """telescope.csv (bench/schema.py): one row per run, its final validation loss."""
     import torch
 
-    from .schema import Results
+    from ..schema import Results
 
     rows = Results(torch.device("cpu"), "telescope")
     for i, st in enumerate(result["stages"]):
@@ -290,6 +290,6 @@ def write_rows(result: dict, out: Path) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """telescope.png: bench.plots.telescope."""
-    from . import plots
+    from .. import plots
 
     plots.telescope(result, path)
