@@ -1,7 +1,7 @@
 """`python -m bench <command>`: one module per command, each with add_arguments(parser) and run(args):
 kernel microbenchmarks in bench/kernel/, optimizer-step benchmarks (time, memory, FLOPs, profile) in
-bench/optimizer/ and bench/memory.py, experiments (muP telescope, NS quality, NS dtype) in
-bench/experiments/, bench/efficiency.py and bench/state_dtype.py; `all` (bench/run_all.py) runs the main job.
+bench/optimizer/ (memory too), experiments (muP telescope, NS quality, NS dtype) in
+bench/experiments/ (state-dtype too) and bench/efficiency.py; `all` (bench/run_all.py) runs the main job.
 
 Commands are imported only when chosen, so a command whose optional dependency is missing does not
 break the others.
@@ -21,10 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "telescope": ("bench.experiments.telescope", "telescoping muP hyperparameter sweep"),
     "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
     "quality": ("bench.experiments.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
-    "memory": ("bench.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
+    "memory": ("bench.optimizer.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
     "ns-dtype": ("bench.experiments.ns_dtype",
                  "fp32 vs bf16 Newton–Schulz on this CPU: the table ns_dtype='auto' reads"),
-    "state-dtype": ("bench.state_dtype", "does bf16 / int8 optimizer state train like fp32 state (seeds)"),
+    "state-dtype": ("bench.experiments.state_dtype", "does bf16 / int8 optimizer state train like fp32 state (seeds)"),
     "versions": ("bench.versions", "the resolved versions of the suite's packages, and what `import kernels` loads"),
     "all": ("bench.run_all", "the main job: every benchmark for this device, results to a folder"),
 }

@@ -316,7 +316,7 @@ def quality(rows: list[dict], path: Path, meta: dict, *, y_max: float, is_refere
 
 # ----------------------------------------------------------------------------------------- memory
 def memory(rows: list[dict], path: Path) -> Path | None:
-    """One bar per configuration (bench/memory.py): what the optimizer keeps between steps
+    """One bar per configuration (bench/optimizer/memory.py): what the optimizer keeps between steps
     (resident) and, stacked on it, the extra peak inside a step, in bytes per parameter (RSS); the
     state in opt.state as a black tick, the counting mode's peak total as a cross."""
     plt = pyplot()

@@ -23,11 +23,11 @@ import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, memory, models, schema
+from . import efficiency, models, schema
 from .common import default_out, pick_device, set_threads
 from .experiments import telescope
 from .kernel import newton_schulz as kernels  # the stages go by their command names
-from .optimizer import flops, profile
+from .optimizer import flops, memory, profile
 from .optimizer import step_time as step
 from .timing import NOISY
 
@@ -208,7 +208,7 @@ def step_headline(rows: list[dict]) -> list[str]:
 
 
 def memory_headline(rows: list[dict]) -> list[str]:
-    """Per configuration of bench/memory.py: what it keeps between steps and its extra peak in a step (RSS)."""
+    """Per memory configuration (bench/optimizer/memory.py): what it keeps between steps and its step peak (RSS)."""
     by: dict[str, dict] = {}
     for r in rows:
         if r.get("op") == memory.OP and r.get("status") == "ok":

@@ -1,4 +1,4 @@
-"""Optimizer memory (bench/memory.py): the counting mode is right on known cases, torch's optimizers
+"""Optimizer memory (bench/optimizer/memory.py): the counting mode is right on known cases, torch's optimizers
 show their known footprints, muon's figures stay under the ceilings below, and `python -m bench
 memory` writes rows of the one schema."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bench import common as bench_common
-from bench import memory, schema
+from bench import schema
 from bench.cli import main
+from bench.optimizer import memory
 
 LAYERS, DIM = 16, 256  # 1M parameters: every count below takes a few seconds
 # The step stacks a bucket chunk by chunk, each chunk at most muon.Muon's chunk_bytes (16 MiB on a CPU:
@@ -20,7 +21,7 @@ LAYERS, DIM = 16, 256  # 1M parameters: every count below takes a few seconds
 # 256x256), so they are the bytes per parameter of that model, measured 40 times faster.
 CHUNK_BYTES = 2 * DIM * DIM * 4
 
-# Ceilings, B/param, per configuration of bench/memory.py: (resident_max, step_peak_max) from the
+# Ceilings, B/param, per configuration of bench/optimizer/memory.py: (resident_max, step_peak_max) from the
 # counting mode. resident = what the optimizer keeps between steps, state included; step_peak = the
 # extra peak inside a step above what it keeps. Issue 27's targets:
 #   kept between steps: Muon <= 4.3, bf16 parameters <= 2.3, AdamW groups <= 8.3 (bf16 <= 4.3)
@@ -153,7 +154,7 @@ def test_ceilings_cover_every_single_process_muon_configuration():
 
 
 def test_counting_agrees_with_rss_on_the_default_configuration():
-    """The two methods of bench/memory.py agree on muon.Muon's default: within 0.5 B/param on what is
+    """The two methods of bench/optimizer/memory.py agree on muon.Muon's default: within 0.5 B/param on what is
     kept; on the step's peak RSS is at most 0.5 above the count (it also sees BLAS scratch and
     allocator slack) and at most 2.5 below it — the count is the bytes allocated, RSS the pages
     touched, and the bucket's update stack is allocated whole but written chunk by chunk (its rows of

@@ -268,7 +268,7 @@ def count_step_memory(make: Callable[[], torch.optim.Optimizer]) -> dict[str, in
     """The counting mode's figures for one optimizer, in bytes: `resident`, the storages created by
     its construction and first step still alive after it, and `step_peak`, the peak of live storages
     in its second step above those alive before it (the storages from the first step are followed,
-    so the second step's frees of them count). Also `state` (bench/memory.py's `state_bytes`)."""
+    so the second step's frees of them count). Also `state` (bench/optimizer/memory.py's `state_bytes`)."""
     with LiveTensors() as live:
         opt = make()
         opt.step()
@@ -359,13 +359,13 @@ def _last_line(text: str) -> str:
 def run_config(key: str, layers: int, dim: int, count: bool = True) -> dict:
     """Configuration `key` measured in fresh processes (one per rank); rank 0's figures, or
     {"error": why}."""
-    from .common import REPO
+    from ..common import REPO
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     ranks = CONFIGS[key].ranks
     port = _free_port() if ranks > 1 else 0
-    cmd = [sys.executable, "-m", "bench.memory", "--child", key, "--layers", str(layers), "--dim", str(dim),
+    cmd = [sys.executable, "-m", "bench.optimizer.memory", "--child", key, "--layers", str(layers), "--dim", str(dim),
            "--port", str(port), *([] if count else ["--no-count"])]
     procs = [subprocess.Popen([*cmd, "--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env, cwd=REPO) for r in range(ranks)]
@@ -408,9 +408,9 @@ def per_param(value: int, n: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import plots
-    from .common import default_out, progress, skip_line, wrap
-    from .schema import Results
+    from .. import plots
+    from ..common import default_out, progress, skip_line, wrap
+    from ..schema import Results
 
     keys = args.configs.split(",") if args.configs else list(CONFIGS)
     for key in keys:
@@ -499,13 +499,13 @@ def console_table(rows: list[dict]) -> str:
                       "counted peak": got.get("step_peak", {}).get("extra", {}).get("counted")})
     if not lines:
         return "no configuration ran"
-    from .common import fmt_table
+    from ..common import fmt_table
 
     return fmt_table(lines, list(lines[0]))
 
 
 def _child_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.memory")
+    ap = argparse.ArgumentParser(prog="python -m bench.optimizer.memory")
     ap.add_argument("--child", required=True, choices=list(CONFIGS))
     ap.add_argument("--layers", type=int, required=True)
     ap.add_argument("--dim", type=int, required=True)

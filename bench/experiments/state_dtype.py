@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO, progress, wrap
-from .schema import Results
+from ..common import REPO, progress, wrap
+from ..schema import Results
 
 STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
 QUICK = dict(width=64, depth=2, heads=4, seq_len=64, batch=16, tokens=2**17, lr=0.02, evals=8, val_count=3)
@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import data as D
-    from . import gpt as G
+    from .. import data as D
+    from .. import gpt as G
 
     torch.set_num_threads(args.threads)
     s = dict(QUICK)
