@@ -104,8 +104,16 @@ def zero_state(key: str, p: Tensor, flatten: bool = False, transposed: bool = Fa
     are zeros of the same dtype); flatten/transposed: the group's, for the shape of `normuon_v`;
     low: its state_dtype (int8 momentum: zeros and zero scales, one per block of the stored last dim)."""
     if low is not None and key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-        return torch.zeros(p.shape, dtype=low, device=p.device)
+        return torch.zeros_like(p, dtype=low, memory_format=torch.contiguous_format)  # a DTensor stays one
     if key == "momentum_scale":
+        if type(p).__name__ == "DTensor":  # row-sharded (or replicated) like the parameter: its rows' scales
+            from torch.distributed.tensor import DTensor
+
+            local = p.to_local()
+            shape = scale_shape(p.shape)
+            return DTensor.from_local(torch.zeros(scale_shape(local.shape) if local.dim() else (0, shape[1]),
+                                                  dtype=torch.float32, device=local.device),
+                                      p.device_mesh, p.placements, shape=shape, stride=(shape[1], 1))
         return torch.zeros(scale_shape(p.shape), dtype=torch.float32, device=p.device)
     if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         like = p.grad if key == "momentum_buffer" and p.grad is not None else p

@@ -405,10 +405,12 @@ def check_state_dtype(group: dict, index: int, allowed: tuple) -> None:
             f"param_groups[{index}]: state_dtype must be None or one of {allowed} in {kind} group, got {low!r}{why}"
         )
     for i, p in enumerate(group["params"]):
-        if distributed.is_dtensor(p):
+        # int8 blocks lie within rows (dim 0): a DTensor sharded on another dim would cut them
+        if distributed.is_dtensor(p) and any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
             raise ValueError(
-                f"param_groups[{index}]['params'][{i}] is a DTensor (FSDP2); state_dtype={low} does not support "
-                "sharded parameters yet (one process and replicated/DDP parameters work)"
+                f"param_groups[{index}]['params'][{i}] is a DTensor sharded on a dim other than 0 "
+                f"({p.placements}); state_dtype={low} keeps blocks within rows, so it takes row-sharded "
+                "(FSDP2's default Shard(0)) or replicated parameters"
             )
         if p.dtype == torch.float64:
             raise ValueError(

@@ -163,13 +163,17 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
             phases.append(None)
             continue
         g = torch.where(ok, g, 0)  # a placeholder where not finite; its lerp weight is 0 below
-        # a bf16/int8 state (state_dtype) is read in opmath and stored back at the commit
-        value = buf if low is None else F.read_momentum(buf, scale, F.opmath(p.dtype))
+        # a bf16/int8 state (state_dtype) is read in opmath and stored back at the commit (a DTensor's
+        # rows on this rank: its blocks lie within them)
+        value = buf
+        if low is not None:
+            value = distributed.as_dtensor(
+                F.read_momentum(local(buf), None if scale is None else local(scale), F.opmath(p.dtype)), buf)
         weight = F.masked(ok, 1.0 - momentum, 0.0, value.dtype, ok.device)
         nxt, U = F.muon_momentum(value, g, weight, momentum, group["nesterov"])
         if low is not None:
-            q, new_scale = F.store_momentum(nxt, low, ok, None if scale is None else (buf, scale))
-            nxt = (q, scale, new_scale)
+            q, new_scale = F.store_momentum(local(nxt), low, ok, None if scale is None else (local(buf), local(scale)))
+            nxt = (q, None if scale is None else local(scale), new_scale)
         updates.append(U)
         phases.append((buf, nxt, skips, ~ok, v))
 
@@ -212,7 +216,7 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
         def commit(p=p, work=work, decay=decay, update=update, buf=buf, nxt=nxt, skips=skips, skipped=skipped,
                    moments=moments) -> None:
             if isinstance(nxt, tuple):  # stored form (state_dtype): momentum and int8 scales
-                buf.copy_(nxt[0])
+                local(buf).copy_(nxt[0])
                 if nxt[1] is not None:
                     nxt[1].copy_(nxt[2])
             else:

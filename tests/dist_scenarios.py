@@ -292,8 +292,13 @@ def scenario_nonfinite_fsdp():
     assert not torch.equal(full(model.fc3.weight), before["fc3.weight"])
 
 
-def scenario_checkpoint_dcp():
-    """FSDP2 + torch.distributed.checkpoint (sharded state): resuming continues bit for bit."""
+def scenario_checkpoint_dcp(state_dtype=None):
+    """FSDP2 + torch.distributed.checkpoint (sharded state): resuming continues bit for bit (also with
+    an int8 momentum and its scales, sharded by rows as the parameters)."""
+    return lambda: _checkpoint_dcp(state_dtype)
+
+
+def _checkpoint_dcp(state_dtype):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -302,9 +307,9 @@ def scenario_checkpoint_dcp():
         set_optimizer_state_dict,
     )
 
-    path = os.path.join(_OUTDIR, "dcp")
+    path = os.path.join(_OUTDIR, f"dcp-{state_dtype}")
     model, _ = build(Net, "fsdp")
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, state_dtype=state_dtype)
     train(model, opt, 16, 20, 2)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
     train(model, opt, 16, 20, 2, start=2)
@@ -312,7 +317,7 @@ def scenario_checkpoint_dcp():
 
     torch.manual_seed(1)  # different initial values: everything must come from the checkpoint
     resumed = shard(Net())
-    opt2 = make_optimizer(resumed)
+    opt2 = make_optimizer(resumed, state_dtype=state_dtype)
     state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(resumed, state["model"])
@@ -498,6 +503,45 @@ def scenario_ddp_state_dtype():
     return run
 
 
+def scenario_fsdp_state_dtype():
+    """state_dtype bf16 and int8 on FSDP2 (row-sharded DTensors): each rank stores and quantizes its own
+    rows (blocks lie within rows); the plan equals one process and the per-parameter loop
+    (foreach=False) bit for bit, a non-finite gradient shard skipped on the way."""
+
+    def run():
+        world = dist.get_world_size()
+        for low in (torch.bfloat16, torch.int8):
+            kw = dict(state_dtype=low, ns_dtype=torch.float64)
+            ref, _ = reference_run(Net, 16, 20, world, **kw)
+            model, init = build(Net, "fsdp")
+            train(model, make_optimizer(model, **kw), 16, 20, STEPS)
+            assert_matches(model, ref, init, f"fsdp, state_dtype={low}")
+            runs = []
+            for foreach in (None, False):  # NS in the default dtype, as fsdp_plan_equals_loop runs it
+                model, _ = build(Net, "fsdp")
+                opt = make_optimizer(model, foreach=foreach, state_dtype=low)
+                for step in range(STEPS):
+                    x, y = batch(step, dist.get_rank(), 16, 20)
+                    loss_fn(model, x, y).backward()
+                    if step == 1 and dist.get_rank() == 1:
+                        model.fc3.weight.grad.to_local()[0, 1] = float("nan")
+                    _step(opt, False, None)
+                assert (opt._plan is not None) == (foreach is None)
+                runs.append((model, opt))
+            (plan_model, plan_opt), (loop_model, loop_opt) = runs
+            w = plan_model.fc3.weight
+            assert plan_opt.state[w]["momentum_buffer"].to_local().dtype == low
+            assert int(plan_opt.state[w]["nonfinite_skips"]) == 1
+            for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
+                assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ ({low})"
+                for key in ("momentum_buffer", "momentum_scale", "exp_avg", "exp_avg_sq"):
+                    if key in loop_opt.state[q]:
+                        a, b = plan_opt.state[p][key], loop_opt.state[q][key]
+                        assert torch.equal(full(a), full(b)), f"{name}: {key} differs ({low})"
+
+    return run
+
+
 def scenario_ddp_transposed():
     """transposed=True (weights read as (in, out), transformers' Conv1D) on replicated parameters: a
     wide, a square (split into unequal, mirrored blocks) and an expert stack (heads: tall blocks)
@@ -636,7 +680,8 @@ SCENARIOS = {
     "ddp_comm_bytes": scenario_comm_bytes("ddp"),
     "fsdp_comm_bytes": scenario_comm_bytes("fsdp"),
     "fsdp_nonfinite_agreed": scenario_nonfinite_fsdp,
-    "fsdp_checkpoint_dcp": scenario_checkpoint_dcp,
+    "fsdp_checkpoint_dcp": scenario_checkpoint_dcp(),
+    "fsdp_checkpoint_dcp_int8": scenario_checkpoint_dcp(torch.int8),
     "fsdp_checkpoint_full_rank0": scenario_checkpoint_full_fsdp,
     "ddp_checkpoint_plain": scenario_checkpoint_plain_ddp,
     "ddp_nonfinite_agreed": scenario_nonfinite_ddp(None),
@@ -647,6 +692,7 @@ SCENARIOS = {
     "fsdp_plan_equals_loop": scenario_fsdp_plan_equals_loop,
     "ddp_transposed_matches_single": scenario_ddp_transposed(),
     "ddp_state_dtype_matches_single": scenario_ddp_state_dtype(),
+    "fsdp_state_dtype_plan_loop_single": scenario_fsdp_state_dtype(),
     "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
 }
 _OUTDIR = ""

@@ -279,8 +279,8 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), low=b.low) for mb in members]
         scales = None
         if b.low == torch.int8:
-            scales = [st.get(mb.param, "momentum_scale", _where(gplan, mb.index), F.scale_shape(mb.param.shape),
-                             low=b.low) for mb in members]  # fmt: skip
+            scales = [st.get(mb.param, "momentum_scale", _where(gplan, mb.index),
+                             F.scale_shape(local(mb.param).shape), low=b.low) for mb in members]  # fmt: skip
         return ChunkMomentum(None, True, low=(each, scales))
     if b.sharded or any(run.mode == "each" for run in chunk.runs):
         each = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), local(mb.param.grad).shape)
