@@ -114,12 +114,34 @@ def restore_state_dtypes(opt, state_dict: dict) -> None:
                     state["momentum_scale"] = scale.to(device=p.device, dtype=torch.float32, copy=True)
                     continue
                 if quantized:
-                    value = dequantize_blockwise(value.to(p.device), scale.to(p.device, torch.float32))
+                    value = _rowwise(dequantize_blockwise, value.to(p.device), scale.to(p.device, torch.float32))
                 if low == torch.int8:
-                    state[key], state["momentum_scale"] = quantize_blockwise(value.to(p.device, torch.float32))
+                    q, new_scale = _rowwise(quantize_blockwise, value.to(p.device, torch.float32))
+                    state[key], state["momentum_scale"] = q, _like_rows(new_scale, q)
                 else:
                     like = p.grad if key == "momentum_buffer" and p.grad is not None else p
                     state[key] = value.to(device=p.device, dtype=low or like.dtype, copy=True)
+
+
+def _rowwise(fn, *tensors):
+    """fn on the local rows of row-sharded DTensors (FSDP2: quantization blocks lie within rows), its
+    results laid out as the first input again; plain tensors as they are."""
+    if not distributed.is_dtensor(tensors[0]):
+        return fn(*tensors)
+    out = fn(*(t.to_local() for t in tensors))
+    if isinstance(out, tuple):
+        return (distributed.as_dtensor(out[0], tensors[0]), *out[1:])
+    return distributed.as_dtensor(out, tensors[0])
+
+
+def _like_rows(scale: Tensor, q: Tensor) -> Tensor:
+    """Local int8 scales of a row-sharded DTensor momentum q as a DTensor laid out like it (rows)."""
+    if not distributed.is_dtensor(q):
+        return scale
+    from torch.distributed.tensor import DTensor
+
+    shape = (q.shape[0], scale.shape[-1])
+    return DTensor.from_local(scale, q.device_mesh, q.placements, run_check=False, shape=shape, stride=(shape[1], 1))
 
 
 def full_precision(opt, state_dict: dict) -> dict:

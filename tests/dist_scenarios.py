@@ -325,6 +325,19 @@ def _checkpoint_dcp(state_dtype):
     train(resumed, opt2, 16, 20, 2, start=2)
     for n, p in resumed.named_parameters():
         assert torch.equal(full(p), expected[n]), f"{n} after resuming from DCP differs"
+    if state_dtype is not None:  # a full-precision state loaded into this state_dtype: each rank converts its rows
+        from muon import functional as F
+
+        src = make_optimizer(resumed)
+        train(resumed, src, 16, 20, 1, start=4)
+        dst = make_optimizer(resumed, state_dtype=state_dtype)
+        dst.load_state_dict(src.state_dict())
+        w = resumed.fc3.weight
+        q, scale = dst.state[w]["momentum_buffer"], dst.state[w]["momentum_scale"]
+        expected_q, expected_scale = F.quantize_blockwise(src.state[w]["momentum_buffer"].to_local())
+        assert torch.equal(q.to_local(), expected_q) and torch.equal(scale.to_local(), expected_scale)
+        assert tuple(scale.shape) == F.scale_shape(w.shape)
+        train(resumed, dst, 16, 20, 1, start=5)
 
 
 def scenario_checkpoint_full_fsdp():
