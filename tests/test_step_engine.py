@@ -58,13 +58,16 @@ SCHEDULE = {0: ((), ()), 1: ((1, 6, 9, 17, 21), ()), 2: ((), (3, 10, 19)), 3: ((
 def test_planned_step_equals_reference_loop_bit_for_bit(options):
     fast = muon.Muon(_groups(), lr=0.02, foreach=True, **options)
     small = muon.Muon(_groups(), lr=0.02, foreach=False, **options)  # the same plan in its smallest chunks
+    # every smallest chunk a bucket committed at once, its parameters updated member by member
+    eager = muon.Muon(_groups(), lr=0.02, foreach=False, atomic=False, **options)
     loop = ReferenceMuon(_groups(), lr=0.02, **options)
     for step, (bad, missing) in SCHEDULE.items():
-        for opt in (fast, small, loop):
+        for opt in (fast, small, eager, loop):
             _set_grads(opt, step, bad, missing)
             opt.step()
         assert_same(fast, loop)
         assert_same(small, loop)
+        assert_same(eager, loop)
     assert small._plan is not None and any(len(b.chunks) > 1 for g in small._plan.groups for b in g.buckets)
     skips = [fast.state[p]["nonfinite_skips"].item() for p in _params(fast)]
     assert skips == [1 if j in (0, 1, 6, 8, 9, 12, 17, 21, 23) else 0 for j in range(len(skips))]

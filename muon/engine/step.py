@@ -387,9 +387,12 @@ def _neuron_shape(group: dict):
 
 def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, ok_all: Tensor | None,
                      st: StepState, ws: Workspace, results: list[Tensor] | None = None,
-                     phases: list[MomentumPhase] | None = None, cms: list[ChunkMomentum] | None = None):
+                     phases: list[MomentumPhase] | None = None, cms: list[ChunkMomentum] | None = None,
+                     atomic: bool = True):
     """One Muon bucket: momentum and NS chunk by chunk (or the given distributed `results` of its
-    single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit."""
+    single chunk's `phases`), the scaled update, decay factors; returns the bucket's commit.
+    atomic=False (each chunk a bucket, committed at once): parameters updated member by member in
+    place, without a stacked chunk of them (the smallest footprint)."""
     flatten, transposed = group["flatten"], group.get("transposed", False)
     # the skip counters of the members that keep them (not a split parameter's later blocks): one (k,) stack
     owners = b.members if b.all_owners else [mb for mb in b.members if mb.owner]
@@ -426,9 +429,10 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     members_of = [b.members[c.first : c.last] for c in b.chunks]
     params_of = [_whole_params(b, c) for c in b.chunks]
     decays = []
-    # a distributed NS phase takes whole buckets: their parameters are updated in place, member by
-    # member (`muon.functional.commit_update`, the same bits), not stacked whole at the commit
-    member_commit = results is not None
+    # a distributed NS phase takes whole buckets, and atomic=False wants the smallest footprint: their
+    # parameters are updated in place, member by member (`muon.functional.commit_update`, the same
+    # bits), not stacked at the commit
+    member_commit = results is not None or not atomic
     for chunk, members, params, (ok_mat, _, _) in zip(b.chunks, members_of, params_of, ok_mats, strict=True):
         numel = (chunk.hi - chunk.lo) * b.shape[1] * b.shape[2]
         ws.need(b.gdtype, b.device, numel)
@@ -745,7 +749,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
                     _commit(st, ws, commits)
         elif ns_phase is None:
             for b in gplan.buckets:
-                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws))
+                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, atomic=atomic))
                 if not atomic:
                     _commit(st, ws, commits)
         elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
