@@ -633,7 +633,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     r = 0
     for chunk in b.chunks:
         numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
-        ws.need(b.gdtype, device, numel)
+        if b.low is None:  # (bf16 moments are copied in from their next values: no gradients again)
+            ws.need(b.gdtype, device, numel)
         ws.need(dtype, device, numel, slot=1)
         part = slice(r, r + len(chunk.runs))
         G, M, out = [], [], []
@@ -660,8 +661,10 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         updates.extend(out)
 
     def commit() -> None:
+        if stored:  # bf16 moments (state_dtype): their next values, computed before the commit
+            torch._foreach_copy_([m[k][0] for m in moments for k in (0, 1)], [t for pair in stored for t in pair])
         r = 0
-        for chunk in b.chunks:
+        for chunk in b.chunks if not stored else ():
             G, offset = [], 0
             for first, last in chunk.runs:
                 shape = moments[r][0][0].shape
@@ -673,10 +676,6 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
                 G.append(g)
                 r += 1
             part = slice(r - len(chunk.runs), r)
-            if stored:
-                torch._foreach_copy_([m[k][0] for m in moments[part] for k in (0, 1)],
-                                     [t for pair in stored[part] for t in pair])  # fmt: skip
-                continue
             F.adamw_advance([m[0][0] for m in moments[part]], [m[1][0] for m in moments[part]], G, w1[part],
                             w2[part], beta2)  # fmt: skip
         STEP, SKIP = counters[0][0], counters[1][0]
