@@ -265,6 +265,8 @@ def tokens_to(tokens: list[float], losses: list[float], target: float) -> tuple[
     for i in range(1, len(xs)):
         if ys[i] <= target:
             y0, y1 = ys[i - 1], ys[i]
+            if not math.isfinite(y0):  # the shorter runs diverged: this length is all that is known
+                return float(tokens[i]), "at most"
             x = xs[i] if y0 == y1 else xs[i - 1] + (xs[i] - xs[i - 1]) * (y0 - target) / (y0 - y1)
             return math.exp(x), "interpolated"
     return math.inf, "not reached"

@@ -266,12 +266,13 @@ def train_wsd(
         return True
 
     ok = True
-    for step in range(1, steps + 1):
-        ok = step_once(step, steps)
-        if progress is not None:
-            progress.update(1)
-        if not ok:
-            break
+    for step in range(0, steps + 1):
+        if step:
+            ok = step_once(step, steps)
+            if progress is not None:
+                progress.update(1)
+            if not ok:
+                break
         if step == steps - max(1, round(decay_frac * steps)):
             stable[steps] = evaluate(model, val)
         if step in branch_at:
