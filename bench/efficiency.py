@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, help="seeds at each best lr (--preset cpu|gpu; default 3)")
     p.add_argument("--workers", type=int, help="runs at a time, one process each (--preset cpu|gpu)")
     p.add_argument("--device", help="cpu or cuda (--preset cpu|gpu; default: the preset's)")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS,
+                   help="run only these optimizers' share of the sweep (--preset cpu|gpu: processes sharing one "
+                   "--out split a sweep between them, each its own batches or optimizers; the analysis needs both)")
     p.add_argument("--max-extensions", type=int,
                    help="lrs added beyond each edge of a grid at most (--preset cpu|gpu; default 3)")
     p.add_argument("--width", type=int)

@@ -68,6 +68,7 @@ def settings(args) -> dict:
         given = getattr(args, f"{name}_lrs", None) or getattr(args, "lrs", None)
         if given is not None:
             s[f"{name}_lrs"] = sorted(given)
+    s["optimizers"] = tuple(getattr(args, "optimizers", None) or OPTIMIZERS)
     s["data"], s["max_bytes"] = args.data, args.max_bytes
     if s["width"] % s["head_dim"]:
         raise SystemExit(f"--width ({s['width']}) must be a multiple of --head-dim ({s['head_dim']})")
@@ -147,7 +148,7 @@ def plan(s: dict, done: dict) -> list[tuple[int, str, float, int]]:
     beyond an edge a finished grid's best lr sits on, then the further seeds at each settled best lr."""
     jobs = []
     for batch in s["batches"]:
-        for name in OPTIMIZERS:
+        for name in s.get("optimizers", OPTIMIZERS):
             st = grid_state(s, done, batch, name)
             if st["missing"]:
                 jobs += [(batch, name, lr, 0) for lr in st["missing"]]
