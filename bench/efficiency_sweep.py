@@ -277,7 +277,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return math.inf, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
 
 
 def fit_critical(batch_tokens: list[float], tokens: list[float]) -> dict:
@@ -334,6 +334,9 @@ def analyze(s: dict, done: dict) -> dict:
         common = [sd for sd in row["muon"]["seeds"] if sd in row["adamw"]["seeds"]]
         target = max(f for name in OPTIMIZERS for f in row[name]["final_val_loss"])
         row["target_loss"], row["seeds"] = target, common
+        # every seed of both optimizers run, both grids settled: otherwise a partial row (an unfinished sweep)
+        row["complete"] = len(common) == s["seeds"] and all(
+            not plan({**s, "batches": [batch], "optimizers": (n,)}, done) for n in OPTIMIZERS)
         per_seed = []
         for sd in common:
             need = {}
@@ -348,7 +351,7 @@ def analyze(s: dict, done: dict) -> dict:
         env = {n: tokens_to(row[n]["tokens"], row[n]["envelope"], target)[0] for n in OPTIMIZERS}
         row["ratio_envelope_seed0"] = env["adamw"] / env["muon"]
         rows.append(row)
-    complete = [r for r in rows if "per_seed" in r]
+    complete = [r for r in rows if r.get("complete")]
     critical = {}
     for name in OPTIMIZERS:
         means = {r["batch_tokens"]: [statistics.fmean(c) for c in zip(*r[name]["decayed"], strict=True)]
@@ -360,7 +363,7 @@ def analyze(s: dict, done: dict) -> dict:
         fit = fit_critical(list(reads), [t for t, _ in reads.values()])
         critical[name] = {"target_loss": target, "tokens": {str(b): t for b, (t, _) in reads.items()},
                           "read": {str(b): how for b, (_, how) in reads.items()}, **fit}
-    params = next((r[n]["params"] for r in complete for n in OPTIMIZERS), None)
+    params = next((r[n]["params"] for r in rows for n in OPTIMIZERS if n in r), None)
     return {"batches": rows, "critical_batch": critical, "params": params,
             "tokens_per_param": s["tokens"] / params if params else None,
             "complete": len(complete) == len(s["batches"]),
