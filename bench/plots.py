@@ -266,8 +266,9 @@ def efficiency_sweep(result: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(2, max(2, len(rows)), figsize=(4.2 * max(2, len(rows)), 7.6), squeeze=False)
     ax = axes[0][0]
     bt = [r["batch_tokens"] for r in rows]
-    ax.errorbar(bt, [r["ratio_mean"] for r in rows], yerr=[r["ratio_sd"] for r in rows], fmt="ko-", capsize=4,
-                label=f"measured (mean ± sd, {len(rows[0]['seeds'])} seeds)")
+    ax.errorbar(bt, [r["ratio_mean"] for r in rows], fmt="ko-", capsize=4,
+                yerr=[r["ratio_sd"] if math.isfinite(r["ratio_sd"]) else 0.0 for r in rows],
+                label="measured (mean ± sd over seeds)")
     for r in rows:
         ax.plot([r["batch_tokens"]] * len(r["per_seed"]), [p["ratio"] for p in r["per_seed"]], "k.", alpha=0.4)
     ax.plot(bt, [r["ratio_envelope_seed0"] for r in rows], "s:", color="C2", ms=4,
@@ -296,7 +297,10 @@ def efficiency_sweep(result: dict, path: Path) -> Path | None:
     ax.set_xlabel("batch tokens")
     ax.set_ylabel("tokens to the target (seed mean)")
     ax.set_title("critical batch: E(B) = E_min (1 + B / B_crit)", fontsize=9)
-    ax.legend(fontsize=7)
+    if result["critical_batch"]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "needs complete batch sizes", ha="center", va="center", transform=ax.transAxes)
     for ax in axes[0][2:]:
         ax.axis("off")
     for ax, r in zip(axes[1], rows, strict=False):
@@ -312,7 +316,8 @@ def efficiency_sweep(result: dict, path: Path) -> Path | None:
         ax.set_ylabel("val loss")
         lo = min(min(c) for n in ("muon", "adamw") for c in r[n]["decayed"])
         ax.set_ylim(lo - 0.05, lo + 1.2)
-        ax.set_title(f"batch {r['batch_tokens']} tokens: R = {r['ratio_mean']:.2f} ± {r['ratio_sd']:.2f}",
+        partial = "" if r.get("complete", True) else f" (partial: {len(r['seeds'])} seed(s))"
+        ax.set_title(f"batch {r['batch_tokens']} tokens: R = {r['ratio_mean']:.2f} ± {r['ratio_sd']:.2f}{partial}",
                      fontsize=9)
         ax.legend(fontsize=7)
     for ax in axes[1][len(rows):]:
