@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "test, one seed, constant lr (same as --preset quick)")
     p.add_argument("--preset", choices=("quick", "cpu", "gpu"),
                    help="cpu: the committed sweep (0.12 M parameters to 20 tokens each, 4 batch sizes, lr grids "
-                   "extended until each best is inside, 3 seeds; about an hour on 2 cores); gpu: the same sweep "
+                   "extended until each best is inside, 3 seeds; 1-2 hours on 2 cores); gpu: the same sweep "
                    "at 3.2 M parameters on a CUDA device; quick: --quick (bench/efficiency_sweep.py)")
     p.add_argument("--seeds", type=int, help="seeds at each best lr (--preset cpu|gpu; default 3)")
     p.add_argument("--workers", type=int, help="runs at a time, one process each (--preset cpu|gpu)")

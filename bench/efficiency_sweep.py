@@ -28,7 +28,8 @@ from . import data as D
 
 OPTIMIZERS = ("muon", "adamw")
 # 0.115 M non-embedding parameters (blocks, final norm and the untied 256 x 64 head) on 2.36 M tokens
-# (20.5 tokens per parameter); 4 batch sizes 4x apart, 256 to 16,384 tokens. About an hour on 2 cores.
+# (20.5 tokens per parameter); 4 batch sizes 4x apart, 256 to 16,384 tokens. 58 runs; 1 h 56 min on the 2-core machine
+# while other jobs shared it (bench/results/efficiency_cpu).
 CPU = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[4, 16, 64, 256], tokens=2_359_296,
            muon_lrs=[2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2], adamw_lrs=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3], seeds=3,
            val_count=16, workers=2, device="cpu")
