@@ -52,7 +52,20 @@ def tokens_to_reach(tokens: list[float], losses: list[float], target: float, sta
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="CPU settings: width 64, 3 batch sizes (minutes)")
+    p.add_argument("--quick", action="store_true", help="CPU settings: width 64, 3 batch sizes (minutes): a smoke "
+                   "test, one seed, constant lr (same as --preset quick)")
+    p.add_argument("--preset", choices=("quick", "cpu", "gpu"),
+                   help="cpu: the committed sweep (0.12 M parameters to 20 tokens each, 4 batch sizes, lr grids "
+                   "extended until each best is inside, 3 seeds; 1-2 hours on 2 cores); gpu: the same sweep "
+                   "at 3.2 M parameters on a CUDA device; quick: --quick (bench/efficiency_sweep.py)")
+    p.add_argument("--seeds", type=int, help="seeds at each best lr (--preset cpu|gpu; default 3)")
+    p.add_argument("--workers", type=int, help="runs at a time, one process each (--preset cpu|gpu)")
+    p.add_argument("--device", help="cpu or cuda (--preset cpu|gpu; default: the preset's)")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS,
+                   help="run only these optimizers' share of the sweep (--preset cpu|gpu: processes sharing one "
+                   "--out split a sweep between them, each its own batches or optimizers; the analysis needs both)")
+    p.add_argument("--max-extensions", type=int,
+                   help="lrs added beyond each edge of a grid at most (--preset cpu|gpu; default 3)")
     p.add_argument("--width", type=int)
     p.add_argument("--depth", type=int)
     p.add_argument("--head-dim", type=int, help="heads = width / head_dim")
@@ -128,6 +141,12 @@ def run(args) -> int:
     from .common import progress
 
     torch.set_num_threads(args.threads)
+    if args.preset == "quick":
+        args.quick = True
+    elif args.preset is not None:
+        from . import efficiency_sweep
+
+        return efficiency_sweep.run(args)
     s = _settings(args)
     ns_kwargs, ns_given = ns_options(args.ns)
     ns_dtype = ns_kwargs.pop("ns_dtype", "auto")

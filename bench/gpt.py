@@ -193,3 +193,100 @@ def train(
 
 def config_dict(cfg: GPTConfig) -> dict:
     return asdict(cfg)
+
+
+def wsd_multiplier(step: int, length: int, warmup: int, decay_frac: float) -> float:
+    """The lr multiplier of step `step` (1-based) of a run of `length` steps: linear warmup over `warmup`
+    steps, constant, then a linear decay over the last round(decay_frac·length) steps that ends one
+    decay step above 0 (warmup–stable–decay; Hägele et al. 2024 find it matches a cosine to the end)."""
+    decay = max(1, round(decay_frac * length))
+    start = length - decay
+    warm = min(1.0, step / warmup) if warmup else 1.0
+    return warm * (1.0 if step <= start else (length - step + 1) / (decay + 1))
+
+
+def decay_starts(lengths: list[int], decay_frac: float) -> dict[int, int]:
+    """{step after which a run of each length leaves the stable phase: that length}."""
+    return {length - max(1, round(decay_frac * length)): length for length in lengths}
+
+
+def train_wsd(
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    data: ByteData,
+    *,
+    batch: int,
+    lengths: list[int],
+    warmup: int,
+    decay_frac: float = 0.2,
+    seed: int = 0,
+    val: list | None = None,
+    val_count: int = 4,
+    val_batch: int = 16,
+    clip: float | None = 1.0,
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> dict:
+    """Warmup–stable–decay runs of several `lengths` (steps) from one trajectory.
+
+    The longest length is the run itself; for every shorter one the run's state (model, optimizer,
+    data order) is saved where that length's decay starts, the decay is run to its end and evaluated,
+    and the state is restored, so each end-of-decay loss is the one a separate run of that length
+    (same warmup, same data order) would end with. Returns {"lengths": [steps...], "decayed": [val
+    loss at each length's end of decay], "stable": [val loss where each decay starts]} (inf after a
+    non-finite training loss: a diverged run).
+    """
+    import copy
+
+    lengths = sorted(set(lengths))
+    steps = lengths[-1]
+    seq = model.cfg.seq_len
+    gen = torch.Generator().manual_seed(seed)
+    if val is None:
+        val = val_batches(data.val, val_batch, seq, val_count)
+    val = [(x.to(device), y.to(device)) for x, y in val]
+    base = [g["lr"] for g in opt.param_groups]
+    branch_at = {s: n for s, n in decay_starts(lengths, decay_frac).items() if n != steps}
+    decayed: dict[int, float] = {}
+    stable: dict[int, float] = {}
+
+    def step_once(step: int, length: int) -> bool:
+        m = wsd_multiplier(step, length, warmup, decay_frac)
+        for g, lr in zip(opt.param_groups, base, strict=True):
+            g["lr"] = lr * m
+        x, y = sample_batch(data.train, batch, seq, gen)
+        _, loss = model(x.to(device), y.to(device))
+        if not math.isfinite(loss.item()):
+            return False
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True
+
+    ok = True
+    for step in range(0, steps + 1):
+        if step:
+            ok = step_once(step, steps)
+            if progress is not None:
+                progress.update(1)
+            if not ok:
+                break
+        if step == steps - max(1, round(decay_frac * steps)):
+            stable[steps] = evaluate(model, val)
+        if step in branch_at:
+            length = branch_at[step]
+            stable[length] = evaluate(model, val)
+            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state())
+            branch_ok = all(step_once(s, length) for s in range(step + 1, length + 1))
+            decayed[length] = evaluate(model, val) if branch_ok else math.inf
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+            gen.set_state(saved[2])
+    if ok:
+        decayed[steps] = evaluate(model, val)
+    for length in lengths:
+        decayed.setdefault(length, math.inf)
+        stable.setdefault(length, math.inf)
+    return {"lengths": lengths, "decayed": [decayed[n] for n in lengths], "stable": [stable[n] for n in lengths]}

@@ -18,6 +18,8 @@
 # (and the whole run a budget, BUDGET_S, default 520 s); every stage runs even if an earlier one
 # fails; the exit status is that of the first failure. The muP telescope and data-efficiency
 # experiments train on the CPU and are not part of this GPU run (python -m bench all runs them).
+# `python -m bench efficiency --preset gpu` (the data-efficiency sweep at 3.2M parameters, ~80 runs of
+# 2^26 tokens) takes hours, far beyond this run's budget: it is a separate run (docs/efficiency.md).
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_run.sh OUTDIR}

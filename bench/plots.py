@@ -252,6 +252,84 @@ def efficiency(result: dict, path: Path) -> Path | None:
     return _save(fig, path, plt, dpi=110, bbox_inches="tight")
 
 
+def efficiency_sweep(result: dict, path: Path) -> Path | None:
+    """The sweep of `--preset cpu|gpu` (bench/efficiency_sweep.py): R(B) with its mean ± sd over seeds
+    beside the papers' figures; tokens to each optimizer's common target against the batch (the critical
+    batch fit); then per batch size the end-of-decay validation loss against tokens (mean over seeds,
+    min–max shaded) of both optimizers at their best lrs, with the target."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    rows = [r for r in result["batches"] if "per_seed" in r]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(2, max(2, len(rows)), figsize=(4.2 * max(2, len(rows)), 7.6), squeeze=False)
+    ax = axes[0][0]
+    bt = [r["batch_tokens"] for r in rows]
+    ax.errorbar(bt, [r["ratio_mean"] for r in rows], fmt="ko-", capsize=4,
+                yerr=[r["ratio_sd"] if math.isfinite(r["ratio_sd"]) else 0.0 for r in rows],
+                label="measured (mean ± sd over seeds)")
+    for r in rows:
+        ax.plot([r["batch_tokens"]] * len(r["per_seed"]), [p["ratio"] for p in r["per_seed"]], "k.", alpha=0.4)
+    ax.plot(bt, [r["ratio_envelope_seed0"] for r in rows], "s:", color="C2", ms=4,
+            label="lr tuned per length (seed 0)")
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.axhspan(1.10, 1.15, color="C1", alpha=0.2, label="Essential AI: 1.10–1.15")
+    ax.axhspan(1.1, 1.4, color="C0", alpha=0.08, label="Wen et al.: 1.1 (1.2B) – 1.4 (0.1B)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch tokens")
+    ax.set_ylabel("R(B) = AdamW tokens / Muon tokens")
+    ax.set_title("token ratio to the same loss", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    for name, style in (("muon", "C0o-"), ("adamw", "C1s-")):
+        c = result["critical_batch"].get(name)
+        if not c:
+            continue
+        xs = [int(b) for b in c["tokens"]]
+        ax.plot(xs, list(c["tokens"].values()), style,
+                label=f"{name}: to {c['target_loss']:.3f}, B_crit ≈ {c['b_crit']:.3g}")
+        if math.isfinite(c["b_crit"]):
+            grid = [min(xs) * (max(xs) / min(xs)) ** (i / 40) for i in range(41)]
+            ax.plot(grid, [c["e_min"] * (1 + b / c["b_crit"]) for b in grid], style[:2] + ":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch tokens")
+    ax.set_ylabel("tokens to the target (seed mean)")
+    ax.set_title("critical batch: E(B) = E_min (1 + B / B_crit)", fontsize=9)
+    if result["critical_batch"]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "needs complete batch sizes", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[0][2:]:
+        ax.axis("off")
+    for ax, r in zip(axes[1], rows, strict=False):
+        for name, colour in (("muon", "C0"), ("adamw", "C1")):
+            curves = r[name]["decayed"]
+            mean = [sum(c) / len(c) for c in zip(*curves, strict=True)]
+            ax.plot(r[name]["tokens"], mean, "o-", color=colour, ms=3, label=f"{name} (lr {r[name]['best_lr']:g})")
+            ax.fill_between(r[name]["tokens"], [min(c) for c in zip(*curves, strict=True)],
+                            [max(c) for c in zip(*curves, strict=True)], color=colour, alpha=0.2)
+        ax.axhline(r["target_loss"], color="gray", ls="--", lw=1, label="target")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens (end of decay of each run length)")
+        ax.set_ylabel("val loss")
+        lo = min(min(c) for n in ("muon", "adamw") for c in r[n]["decayed"])
+        ax.set_ylim(lo - 0.05, lo + 1.2)
+        partial = "" if r.get("complete", True) else f" (partial: {len(r['seeds'])} seed(s))"
+        ax.set_title(f"batch {r['batch_tokens']} tokens: R = {r['ratio_mean']:.2f} ± {r['ratio_sd']:.2f}{partial}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in axes[1][len(rows):]:
+        ax.axis("off")
+    s = result["settings"]
+    fig.suptitle(f"Muon vs AdamW, --preset {result['preset']}: width {s['width']}, depth {s['depth']}, "
+                 f"{result['params']:,} non-embedding params, {result['tokens_per_param']:.1f} tokens/param",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, plt, dpi=110, bbox_inches="tight")
+
+
 # ---------------------------------------------------------------------------------------- quality
 def quality(rows: list[dict], path: Path, meta: dict, *, y_max: float, is_reference) -> None:
     """Error against FLOPs (relative to Keller-5), a panel per spectrum, one marker per configuration:

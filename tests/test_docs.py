@@ -73,7 +73,7 @@ def test_pages_run_elsewhere_are_covered_and_the_docs_exist():
         assert blocks(page), page
         assert page in (ROOT / test).read_text(), f"{test} does not run {page}"
     expected = {"optimizer", "newton-schulz", "guarantees", "distributed", "qk-clip", "mup", "kernels",
-                "benchmarks", "contributing", "migration", "recipes"}
+                "benchmarks", "contributing", "migration", "recipes", "efficiency"}
     assert {p.removeprefix("docs/").removesuffix(".md") for p in PAGES if p.startswith("docs/")} >= expected
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= 12 * 1024, "README.md is over 12 KB: move detail to docs/"
