@@ -1,7 +1,7 @@
 """`python -m bench <command>`: one module per command, each with add_arguments(parser) and run(args):
 kernel microbenchmarks in bench/kernel/, optimizer-step benchmarks (time, memory, FLOPs, profile) in
 bench/optimizer/ (memory too), experiments (muP telescope, NS quality, NS dtype) in
-bench/experiments/ (state-dtype too) and bench/efficiency.py; `all` (bench/run_all.py) runs the main job.
+bench/experiments/ (efficiency and state-dtype too); `all` (bench/run_all.py) runs the main job.
 
 Commands are imported only when chosen, so a command whose optional dependency is missing does not
 break the others.
@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "step": ("bench.optimizer.step_time", "optimizer step time and memory against AdamW and torch.optim.Muon"),
     "profile": ("bench.optimizer.profile", "the optimizer step under torch.profiler / Nsight Compute"),
     "telescope": ("bench.experiments.telescope", "telescoping muP hyperparameter sweep"),
-    "efficiency": ("bench.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
+    "efficiency": ("bench.experiments.efficiency", "Muon vs AdamW data efficiency across batch sizes"),
     "quality": ("bench.experiments.quality", "Newton–Schulz error against the float64 polar factor per FLOP"),
     "memory": ("bench.optimizer.memory", "optimizer memory per configuration on the CPU, bytes per parameter (RSS)"),
     "ns-dtype": ("bench.experiments.ns_dtype",

@@ -253,7 +253,7 @@ def efficiency(result: dict, path: Path) -> Path | None:
 
 
 def efficiency_sweep(result: dict, path: Path) -> Path | None:
-    """The sweep of `--preset cpu|gpu` (bench/efficiency_sweep.py): R(B) with its mean ± sd over seeds
+    """The sweep of `--preset cpu|gpu` (bench/experiments/efficiency_sweep.py): R(B) with its mean ± sd over seeds
     beside the papers' figures; tokens to each optimizer's common target against the batch (the critical
     batch fit); then per batch size the end-of-decay validation loss against tokens (mean over seeds,
     min–max shaded) of both optimizers at their best lrs, with the target."""

@@ -23,9 +23,9 @@ import time
 import traceback
 from pathlib import Path
 
-from . import efficiency, models, schema
+from . import models, schema
 from .common import default_out, pick_device, set_threads
-from .experiments import telescope
+from .experiments import efficiency, telescope
 from .kernel import newton_schulz as kernels  # the stages go by their command names
 from .optimizer import flops, memory, profile
 from .optimizer import step_time as step

@@ -253,7 +253,7 @@ def test_kernels_times_the_aol_and_fp16_variants(tmp_path):
 
 
 def test_efficiency_ns_options():
-    from bench.efficiency import ns_options
+    from bench.experiments.efficiency import ns_options
     from muon.coefficients import resolve_schedule
 
     kwargs, given = ns_options("coefficients=you,steps=4,precondition=aol,dtype=bf16,algorithm=gram")

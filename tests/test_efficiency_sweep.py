@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from bench import efficiency_sweep as E
 from bench import gpt as G
 from bench.cli import main
+from bench.experiments import efficiency_sweep as E
 
 SMALL_DATA = ["--max-bytes", str(2**18)]
 

@@ -11,7 +11,7 @@ import torch
 from bench import data as D
 from bench import gpt as G
 from bench.cli import main
-from bench.efficiency import tokens_to_reach
+from bench.experiments.efficiency import tokens_to_reach
 
 SMALL_DATA = ["--max-bytes", str(2**18)]
 

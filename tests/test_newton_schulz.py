@@ -341,7 +341,7 @@ def test_import_is_lazy_and_never_initializes_cuda():
 
 def test_muon_takes_aol_through_a_preconditioned_preset():
     """muon.coefficients.preconditioned: AOL in a Muon group today, through ns_coefficients (what
-    bench/efficiency.py --ns precondition=aol passes); the update is NS with AOL of the gradient."""
+    bench/experiments/efficiency.py --ns precondition=aol passes); the update is NS with AOL of the gradient."""
     from muon.coefficients import preconditioned
 
     g = torch.randn(32, 80)

@@ -176,7 +176,7 @@ def synthetic(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def capture_momentum(settings: dict, cache_dir: Path, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """Muon momentum buffers of the last block of the GPT experiment model after `settings['steps']`
-    steps (bench/gpt.py, byte-level stdlib data, Muon as bench/efficiency.py builds it, NS in fp32),
+    steps (bench/gpt.py, byte-level stdlib data, Muon as bench/experiments/efficiency.py builds it, NS in fp32),
     seeded; cached in cache_dir. Returns ({parameter name: float32 matrix}, provenance)."""
     from .. import data as D
     from .. import gpt

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import data as D
+from .. import data as D
 
 OPTIMIZERS = ("muon", "adamw")
 # 0.115 M non-embedding parameters (blocks, final norm and the untied 256 x 64 head) on 2.36 M tokens
@@ -183,8 +183,8 @@ def train_one(s: dict, job: tuple) -> dict:
     """One run of the sweep: batch, optimizer, lr, seed; the record cached in runs.jsonl."""
     import torch
 
-    from . import gpt as G
-    from .common import git_commit
+    from .. import gpt as G
+    from ..common import git_commit
 
     batch, name, lr, seed = job
     if "data" not in _WORKER:
@@ -379,7 +379,7 @@ def write_rows(s: dict, done: dict, result: dict, out: Path) -> None:
     one per batch size and seed (R), each with seed, lr, best, tokens and params in `extra`."""
     import torch
 
-    from .schema import Results
+    from ..schema import Results
 
     rows = Results(torch.device(s["device"] if s["device"] != "cuda" or torch.cuda.is_available() else "cpu"),
                    "efficiency")
@@ -429,7 +429,7 @@ def run(args) -> int:
     (out / "efficiency_sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     write_rows(s, done, result, out)
     if not args.no_plot:
-        from . import plots
+        from .. import plots
 
         plots.efficiency_sweep(result, out / "efficiency.png")
     if args.json:

@@ -22,7 +22,7 @@ import math
 import time
 from pathlib import Path
 
-from . import data as D
+from .. import data as D
 
 QUICK = dict(width=64, depth=2, head_dim=16, seq_len=64, batches=[8, 16, 32], tokens=2**17,
              muon_lrs=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2], adamw_lrs=[6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2], evals=12,
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("quick", "cpu", "gpu"),
                    help="cpu: the committed sweep (0.12 M parameters to 20 tokens each, 4 batch sizes, lr grids "
                    "extended until each best is inside, 3 seeds; 1-2 hours on 2 cores); gpu: the same sweep "
-                   "at 3.2 M parameters on a CUDA device; quick: --quick (bench/efficiency_sweep.py)")
+                   "at 3.2 M parameters on a CUDA device; quick: --quick (bench/experiments/efficiency_sweep.py)")
     p.add_argument("--seeds", type=int, help="seeds at each best lr (--preset cpu|gpu; default 3)")
     p.add_argument("--workers", type=int, help="runs at a time, one process each (--preset cpu|gpu)")
     p.add_argument("--device", help="cpu or cuda (--preset cpu|gpu; default: the preset's)")
@@ -92,7 +92,7 @@ def ns_options(text: str) -> tuple[dict, dict]:
     coefficients (muon.coefficients.preconditioned), which every Muon accepts."""
     from muon.coefficients import KELLER, preconditioned
 
-    from .common import dtype_of
+    from ..common import dtype_of
 
     given = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -137,8 +137,8 @@ def _settings(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from . import gpt as G
-    from .common import progress
+    from .. import gpt as G
+    from ..common import progress
 
     torch.set_num_threads(args.threads)
     if args.preset == "quick":
@@ -215,7 +215,7 @@ def write_rows(result: dict, out: Path) -> None:
     size (the token ratio)."""
     import torch
 
-    from .schema import Results
+    from ..schema import Results
 
     rows = Results(torch.device("cpu"), "efficiency")
     for r in result["batches"]:
@@ -233,6 +233,6 @@ def write_rows(result: dict, out: Path) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """efficiency.png: bench.plots.efficiency."""
-    from . import plots
+    from .. import plots
 
     plots.efficiency(result, path)
