@@ -31,7 +31,7 @@ def test_scenario(verdicts, name):
 
 
 def test_failing_rank_ends_with_clear_error(tmp_path):
-    codes = launch(dist_scenarios.failing_rank, WORLD, str(tmp_path), deadline_s=60)
+    codes = launch(dist_scenarios.failing_rank, WORLD, str(tmp_path), deadline_s=60, finalize=True)
     assert None not in codes, "a rank hung past the deadline"
     rank0, rank1 = read_ranks(tmp_path, WORLD)
     assert "injected failure" in rank1["message"]
@@ -43,7 +43,8 @@ def test_failing_rank_ends_with_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_gradient_missing_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, kind):
-    codes = launch(dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60)
+    codes = launch(dist_scenarios.gradient_missing_on_one_rank, WORLD, str(tmp_path), args=(kind,), deadline_s=60,
+                   finalize=True)
     assert None not in codes, "a rank hung past the deadline"
     assert codes == [0] * WORLD, f"a rank did not exit cleanly (exit codes {codes})"
     for r, result in enumerate(read_ranks(tmp_path, WORLD)):
@@ -62,7 +63,7 @@ def test_step_that_raises_leaves_no_collective_to_the_backend(tmp_path, kind):
     tensor of the step's collectives any more: one that still did would release it during the
     process's exit and abort it (see muon.distributed.collectives)."""
     codes = launch(dist_scenarios.collectives_finished_when_step_raises, WORLD, str(tmp_path), args=(kind,),
-                   deadline_s=90)
+                   deadline_s=90, finalize=True)
     assert None not in codes, "a rank hung past the deadline"
     for r, result in enumerate(read_ranks(tmp_path, WORLD)):
         assert result["messages"] == ["muon.distributed.DistributedStepError"], result["messages"]
