@@ -516,6 +516,33 @@ def scenario_ddp_state_dtype():
     return run
 
 
+def _fsdp_plan_equals_loop(what: str, **kw):
+    """FSDP2 on the plan and on the per-parameter loop (foreach=False) with optimizer options kw, a NaN
+    in rank 1's shard of fc3's gradient at step 1: parameters and every state entry bit for bit alike,
+    fc3 skipped once. Returns the plan's (model, optimizer)."""
+    runs = []
+    for foreach in (None, False):
+        model, _ = build(Net, "fsdp")
+        opt = make_optimizer(model, foreach=foreach, **kw)
+        for step in range(STEPS):
+            x, y = batch(step, dist.get_rank(), 16, 20)
+            loss_fn(model, x, y).backward()
+            if step == 1 and dist.get_rank() == 1:
+                model.fc3.weight.grad.to_local()[0, 1] = float("nan")
+            _step(opt, False, None)
+        assert (opt._plan is not None) == (foreach is None)
+        runs.append((model, opt))
+    (plan_model, plan_opt), (loop_model, loop_opt) = runs
+    for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
+        assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ{what}"
+        for key in ("momentum_buffer", "momentum_scale", "exp_avg", "exp_avg_sq", "nonfinite_skips"):
+            if key in loop_opt.state[q]:
+                a, b = plan_opt.state[p][key], loop_opt.state[q][key]
+                assert torch.equal(full(a), full(b)), f"{name}: state {key} differs between the plan and the loop{what}"
+    assert int(plan_opt.state[plan_model.fc3.weight]["nonfinite_skips"]) == 1
+    return plan_model, plan_opt
+
+
 def scenario_fsdp_state_dtype():
     """state_dtype bf16 and int8 on FSDP2 (row-sharded DTensors): each rank stores and quantizes its own
     rows (blocks lie within rows); the plan equals one process and the per-parameter loop
@@ -529,28 +556,10 @@ def scenario_fsdp_state_dtype():
             model, init = build(Net, "fsdp")
             train(model, make_optimizer(model, **kw), 16, 20, STEPS)
             assert_matches(model, ref, init, f"fsdp, state_dtype={low}")
-            runs = []
-            for foreach in (None, False):  # NS in the default dtype, as fsdp_plan_equals_loop runs it
-                model, _ = build(Net, "fsdp")
-                opt = make_optimizer(model, foreach=foreach, state_dtype=low)
-                for step in range(STEPS):
-                    x, y = batch(step, dist.get_rank(), 16, 20)
-                    loss_fn(model, x, y).backward()
-                    if step == 1 and dist.get_rank() == 1:
-                        model.fc3.weight.grad.to_local()[0, 1] = float("nan")
-                    _step(opt, False, None)
-                assert (opt._plan is not None) == (foreach is None)
-                runs.append((model, opt))
-            (plan_model, plan_opt), (loop_model, loop_opt) = runs
+            # NS in the default dtype, as fsdp_plan_equals_loop runs it
+            plan_model, plan_opt = _fsdp_plan_equals_loop(f" (state_dtype={low})", state_dtype=low)
             w = plan_model.fc3.weight
             assert plan_opt.state[w]["momentum_buffer"].to_local().dtype == low
-            assert int(plan_opt.state[w]["nonfinite_skips"]) == 1
-            for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
-                assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ ({low})"
-                for key in ("momentum_buffer", "momentum_scale", "exp_avg", "exp_avg_sq"):
-                    if key in loop_opt.state[q]:
-                        a, b = plan_opt.state[p][key], loop_opt.state[q][key]
-                        assert torch.equal(full(a), full(b)), f"{name}: {key} differs ({low})"
 
     return run
 
@@ -645,26 +654,7 @@ def scenario_fsdp_plan_equals_loop():
     """FSDP2 on the plan computes the bits of the per-parameter loop (foreach=False), parameters and
     momentum, with cautious weight decay and a non-finite gradient shard skipped on the way;
     nonfinite="raise" raises on every rank and changes nothing."""
-    runs = []
-    for foreach in (None, False):
-        model, _ = build(Net, "fsdp")
-        opt = make_optimizer(model, foreach=foreach, cautious_weight_decay=True)
-        for step in range(STEPS):
-            x, y = batch(step, dist.get_rank(), 16, 20)
-            loss_fn(model, x, y).backward()
-            if step == 1 and dist.get_rank() == 1:
-                model.fc3.weight.grad.to_local()[0, 1] = float("nan")
-            _step(opt, False, None)
-        assert (opt._plan is not None) == (foreach is None)
-        runs.append((model, opt))
-    (plan_model, plan_opt), (loop_model, loop_opt) = runs
-    for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):
-        assert torch.equal(full(p), full(q)), f"{name}: the plan and the loop differ"
-        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "nonfinite_skips"):
-            if key in loop_opt.state[q]:
-                a, b = plan_opt.state[p][key], loop_opt.state[q][key]
-                assert torch.equal(full(a), full(b)), f"{name}: state {key} differs between the plan and the loop"
-    assert int(plan_opt.state[plan_model.fc3.weight]["nonfinite_skips"]) == 1
+    plan_model, _ = _fsdp_plan_equals_loop("", cautious_weight_decay=True)
 
     opt = make_optimizer(plan_model, nonfinite="raise")
     before = {n: full(p).clone() for n, p in plan_model.named_parameters()}
