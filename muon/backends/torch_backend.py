@@ -73,7 +73,11 @@ def newton_schulz_torch(X: Tensor, schedule: Schedule, dtype: torch.dtype) -> Te
         if aol and i == 0:
             X, A = aol_rescale(X, A, schedule)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        # each product is dropped as soon as nothing reads it: the workspace is X, A and B, then
+        # X, B and the next X (on square matrices one stack fewer than holding all four)
+        del A
         X = torch.baddbmm(X, B, X, beta=a)
+        del B
     return X
 
 

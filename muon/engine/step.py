@@ -151,6 +151,10 @@ class Workspace:
             if self.buffers.get(key) is None or self.buffers[key].numel() < numel:
                 self.buffers[key] = torch.empty(numel, dtype=key[0], device=key[1])
 
+    def release(self) -> None:
+        self.sizes.clear()
+        self.buffers.clear()
+
     def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0, slot: int = 0) -> Tensor:
         numel = 1
         for size in shape:
@@ -365,9 +369,10 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
     scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
     X = stack_rows(out, chunk.lo, chunk.hi)
     if not b.normuon:
-        torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
+        torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath (X may be O itself)
         return None
-    X.copy_(O)
+    if X is not O:
+        X.copy_(O)
     n, s, l = X.shape
     # the members' moments stacked (unused entries of the other kind stay zero)
     rows = torch.zeros((n, s), dtype=dtype, device=device) if chunk.has_rows else None
@@ -406,7 +411,9 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         if b.normuon:
             moments.append(st.get(mb.param, "normuon_v", _where(gplan, mb.index),
                                   F.neuron_shape(mb.param.shape, flatten, transposed), flatten, transposed))
-    out = torch.empty(b.shape, dtype=b.opmath, device=b.device)
+    # the bucket's scaled update; a bucket of one chunk scales its NS result in place when that is
+    # already in opmath, so the update is not a stack alive beside the Newton–Schulz workspace
+    out = None if results is None and len(b.chunks) == 1 else torch.empty(b.shape, dtype=b.opmath, device=b.device)
     next_moments, held, ok_mats = [], [], []
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
         for ci, chunk in enumerate(b.chunks):
@@ -414,6 +421,9 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             ph = muon_momentum(b, chunk, group, ok_all, cm, st.const)
             O = bucket_ns(b, ph.U)
             del ph.U
+            if out is None:
+                owned = O.dtype == b.opmath and O.shape == b.shape and O.is_contiguous()
+                out = O if owned else torch.empty(b.shape, dtype=b.opmath, device=b.device)
             next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             del O
             held.append(cm)
@@ -766,12 +776,15 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
 
 def _commit(st: StepState, ws: Workspace, commits: list) -> None:
     """Install the new state entries, allocate the workspace, then every pending write (nothing
-    below allocates more than the workspace or calls code that can fail on valid inputs)."""
+    below allocates more than the workspace or calls code that can fail on valid inputs). The
+    workspace is freed after: atomic=False commits bucket by bucket, and its scratch must not stay
+    alive through the next bucket's Newton–Schulz."""
     ws.allocate()
     st.install()
     for commit in commits:
         commit()
     commits.clear()
+    ws.release()
 
 
 __all__ = ["MomentumPhase", "StepState", "Workspace", "bucket_ns", "execute", "finite_flags", "first_nonfinite",
