@@ -201,15 +201,15 @@ class Muon(Optimizer):
                 # a momentum-cycling scheduler's value is this AdamW group's beta1 (muon.options)
                 options.check_real(group, options.SCHEDULED_BETA1, index, 0.0, 1.0, open_high=True)
                 group["betas"] = (group[options.SCHEDULED_BETA1], group["betas"][1])
-        # the per-parameter loop only where the plan does not take the layout (parameters on several
-        # devices; DTensors under foreach=False, gathered in full on every rank)
+        # the per-parameter loop only where the plan does not take the layout (DTensors under
+        # foreach=False, gathered in full on every rank)
         if not self._planned_step():
             reference_step(self.param_groups, self.state, self.nonfinite, self.process_group)
         return loss
 
     def _planned_step(self) -> bool:
         """The batched step through the plan; False when it does not apply (distributed layouts the
-        plan does not take, parameters on several devices), and the reference loop runs instead."""
+        plan does not take under foreach=False), and the reference loop runs instead."""
         # the replicated process group is part of the key: a plan for one process is not a plan
         # for many (torch.distributed initialized after a first step, process_group reassigned)
         pg = distributed.replicated_group(self.process_group)
@@ -238,7 +238,8 @@ class Muon(Optimizer):
     def _build_plan(self, key: tuple, pg) -> engine.Plan | None:
         """The plan, with its distributed part when a process group of several ranks replicates the
         parameters or for row-sharded FSDP2 DTensors (`muon.distributed`); None for other DTensor
-        layouts and for parameters on several devices, which run the reference loop."""
+        layouts under foreach=False, which run the reference loop. Parameters on several devices get a
+        bucket per device (in one process only)."""
         devices, sharded = set(), False
         for index, group in enumerate(self.param_groups):
             params, grads = params_with_grad(group, index)  # raises on sparse gradients
@@ -255,14 +256,18 @@ class Muon(Optimizer):
                 distributed.refuse(view, self.param_groups, str(exc))
             distributed.prepare_sharded(plan, self.param_groups, view)
             return plan
-        if len(devices) > 1:
-            return None
+        if len(devices) > 1 and pg is not None:
+            raise NotImplementedError(
+                f"parameters on several devices ({', '.join(sorted(map(str, devices)))}) with a process group of "
+                f"{torch.distributed.get_world_size(pg)} ranks: a replicated step keeps one device per process "
+                "(as DistributedDataParallel does)"
+            )
         # a distributed NS phase takes whole buckets; one process stacks them chunk by chunk
         # (foreach=False: the smallest chunks, two matrices of a Muon bucket or one AdamW parameter)
         chunk_bytes = None
         if pg is None and devices:
             chunk_bytes = 1 if self.foreach is False else \
-                getattr(self, "chunk_bytes", None) or engine.default_chunk_bytes(next(iter(devices)))
+                getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices))
         plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes,
                                  chunk_buckets=not getattr(self, "atomic", True))
         if pg is not None:

@@ -1,8 +1,8 @@
 """The per-parameter reference step of `muon.Muon` (foreach=False): readable, one parameter at a
 time, and bit for bit what the step engine (`muon.engine`) computes. Both take every formula from
 `muon.functional`; this path differs only in how it walks the parameters (no stacking, no cached
-plan: it reads and writes `opt.state` directly) and it is the path for parameters on several
-devices and for DTensor layouts the engine's plan does not take.
+plan: it reads and writes `opt.state` directly) and it is the path for DTensors under
+foreach=False.
 
 Like the engine it computes everything first and commits after, so a step that raises changes
 nothing, and a refused first step creates no state.

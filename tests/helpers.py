@@ -18,7 +18,7 @@ from muon._shapes import update_scale
 class ReferenceMuon(muon.Muon):
     """The per-parameter reference loop (`muon.reference`) as an optimizer: the oracle the step
     engine is compared with, bit for bit (the library runs it only for layouts the plan does not
-    take: parameters on several devices, DTensors under foreach=False)."""
+    take: DTensors under foreach=False)."""
 
     def _planned_step(self) -> bool:
         return False

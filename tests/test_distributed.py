@@ -256,3 +256,19 @@ def test_comm_bytes_model_on_meshes():
     assert sum(hsdp.muon_optimizer_per_rank) - agreement == 8 * (per_matrix // 2 + 3 * (per_matrix // 2) // 2)
     with pytest.raises(ValueError, match="mesh_shape and one placements entry"):
         mdist.comm_bytes_per_step(shapes, world_size=4, sharding="mesh")
+
+
+def test_parameters_on_several_devices_with_a_process_group_are_refused(fake_world):
+    """A replicated step keeps one device per process: parameters on two devices with a group of two
+    ranks are a clear error at the first step, before anything is written."""
+    from muon import Muon
+
+    fake_world(0)
+    a = torch.nn.Parameter(torch.randn(8, 8))
+    b = torch.nn.Parameter(torch.randn(8, 8, device="meta"))  # a second device, never computed on
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = a.detach().clone()
+    opt = Muon([a, b], lr=0.02)
+    with pytest.raises(NotImplementedError, match=r"several devices \(cpu, meta\) with a process group of 2 ranks"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state

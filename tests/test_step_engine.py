@@ -293,6 +293,48 @@ def test_cuda_graph_captures_the_whole_step():
         assert torch.equal(p, q)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("atomic", [True, False])
+def test_parameters_on_several_devices_step_on_the_plan(atomic):
+    """A group with parameters on the CPU and on the GPU runs the plan (a bucket per device, the finite
+    flags copied to each bucket's device): bit for bit what one optimizer per device computes, a
+    non-finite gradient skipped on either device."""
+
+    def make(devices):
+        gen = torch.Generator().manual_seed(0)
+        mats = [torch.randn(s, generator=gen).to(d).requires_grad_(True)
+                for s, d in zip([(16, 24), (24, 16), (16, 24), (12, 12)], devices, strict=True)]  # fmt: skip
+        bias = [torch.randn(7, generator=gen).to(d).requires_grad_(True) for d in devices[:2]]
+        return mats, bias
+
+    devices = ["cpu", "cuda", "cuda", "cpu"]
+    mats, bias = make(devices)
+    mixed = muon.Muon([{"params": mats}, {"params": bias, "use_muon": False}], lr=0.02, atomic=atomic)
+    twins, twin_bias = make(devices)
+    per_device = [
+        muon.Muon([{"params": [p for p, d in zip(twins, devices) if d == dev]},
+                   {"params": [q for q, d in zip(twin_bias, devices[:2]) if d == dev], "use_muon": False}],
+                  lr=0.02, atomic=atomic)
+        for dev in ("cpu", "cuda")
+    ]  # fmt: skip
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(mats + bias, twins + twin_bias, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            if step == 1 and p is mats[1]:
+                g[0, 0] = float("nan")  # the GPU parameter is skipped, the CPU ones step
+            p.grad, q.grad = g.to(p.device), g.to(q.device)
+        mixed.step()
+        for opt in per_device:
+            opt.step()
+        for p, q in zip(mats + bias, twins + twin_bias, strict=True):
+            assert torch.equal(p, q), p.shape
+    assert mixed._plan is not None
+    assert {b.device.type for g in mixed._plan.groups for b in g.buckets} == {"cpu", "cuda"}
+    assert mixed.state[mats[1]]["nonfinite_skips"].item() == 1
+
+
 @STEP_PATHS
 def test_a_step_failing_in_a_later_group_changes_no_group(foreach):
     """A sparse gradient in group 1 is found before group 0 is touched (parameters and momentum)."""

@@ -173,9 +173,10 @@ def finite_flags(plan: Plan) -> Tensor | None:
         nonempty = [g for g in grads if g.numel() > 0]
         norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
         zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
-        return torch.stack([next(norms) if g.numel() > 0 else zero for g in grads]).isfinite()
+        return torch.stack([next(norms).to(zero.device) if g.numel() > 0 else zero for g in grads]).isfinite()
     norms = torch._foreach_norm(grads, float("inf"))
-    return torch.stack(norms).isfinite()
+    home = grads[0].device  # parameters on several devices: one vector on the first one's
+    return torch.stack([n if n.device == home else n.to(home) for n in norms]).isfinite()
 
 
 def first_nonfinite(plan: Plan, ok_all: Tensor) -> tuple[int, int] | None:
@@ -747,18 +748,19 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
     are known finite; ns_phase(plan, gplan, phases) -> per bucket its NS result (None: one process,
     chunk by chunk); atomic=False commits every bucket as soon as it is computed."""
     st, ws = StepState(state, plan.seen, plan.scalars), Workspace()
+    flags = _FlagsOn(ok_all)
     commits = []
     for gplan in plan.groups:
         group = param_groups[gplan.index]
         _empty_state(gplan, group, st)
         if not gplan.use_muon:
             for b in gplan.buckets:
-                commits.append(adamw_update(plan, gplan, b, group, ok_all, fused_adamw, st, ws))
+                commits.append(adamw_update(plan, gplan, b, group, flags.on(b.device), fused_adamw, st, ws))
                 if not atomic:
                     _commit(st, ws, commits)
         elif ns_phase is None:
             for b in gplan.buckets:
-                commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, atomic=atomic))
+                commits.append(muon_bucket_step(plan, gplan, b, group, flags.on(b.device), st, ws, atomic=atomic))
                 if not atomic:
                     _commit(st, ws, commits)
         elif gplan.buckets:  # distributed: every bucket is one chunk, its NS phase runs on all of them
@@ -772,6 +774,22 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
             if not atomic:
                 _commit(st, ws, commits)
     _commit(st, ws, commits)
+
+
+class _FlagsOn:
+    """The step's finite flags on a bucket's device: the vector itself, or one copy per other device
+    (a group's parameters may lie on several devices; every bucket is on one)."""
+
+    def __init__(self, ok_all: Tensor | None) -> None:
+        self.ok_all, self.copies = ok_all, {}
+
+    def on(self, device: torch.device) -> Tensor | None:
+        ok = self.ok_all
+        if ok is None or ok.device == device:
+            return ok
+        if device not in self.copies:
+            self.copies[device] = ok.to(device)
+        return self.copies[device]
 
 
 def _commit(st: StepState, ws: Workspace, commits: list) -> None:
