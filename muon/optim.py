@@ -245,8 +245,13 @@ class Muon(Optimizer):
             params, grads = params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
-        if sharded and self.foreach is False:  # every layout, each full matrix gathered on every rank
-            return None
+        if sharded and self.foreach is False:  # every layout: each full matrix gathered on every rank
+            distributed.check_options(self.param_groups)
+            plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=1,
+                                     chunk_buckets=not getattr(self, "atomic", True),
+                                     plan_muon=distributed.plan_gathered)  # fmt: skip
+            distributed.prepare_gathered(plan, self.param_groups)
+            return plan
         if sharded:  # DTensors (FSDP2, TP, HSDP): the plan over their local shards, or a clear error
             view = distributed.plan_mesh(self.param_groups)
             try:

@@ -530,7 +530,9 @@ def _fsdp_plan_equals_loop(what: str, **kw):
             if step == 1 and dist.get_rank() == 1:
                 model.fc3.weight.grad.to_local()[0, 1] = float("nan")
             _step(opt, False, None)
-        assert (opt._plan is not None) == (foreach is None)
+        # both on the engine: the owner plan's all_to_alls, or foreach=False's every matrix gathered
+        assert opt._plan is not None and opt._plan.dist.sharded
+        assert (opt._plan.dist.agree is None) == (foreach is None)
         runs.append((model, opt))
     (plan_model, plan_opt), (loop_model, loop_opt) = runs
     for (name, p), q in zip(plan_model.named_parameters(), loop_model.parameters(), strict=True):

@@ -341,6 +341,85 @@ def scenario_fail_closed():
         raise AssertionError("NorMuon on DTensors took a silent route")
 
 
+def scenario_gathered_layouts():
+    """Layouts the owner plan refuses step under foreach=False, every full matrix gathered on every
+    rank (`muon.distributed.gathered`), bit for bit what one process computes on the same gradients:
+    two meshes in one optimizer (1-D and 2×2), a weight sharded on its columns, a conv weight sharded
+    inside its flattened columns, an expert stack sharded on both matrix dims, a tall matrix on an
+    HSDP-like layout, an AdamW bias with an empty shard; a NaN in one rank's gradient shard skips that
+    parameter on every rank. The default (foreach=None) refuses the two meshes and names foreach=False;
+    shards of other sizes than their placements give are refused on every rank with nothing changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from muon import Muon
+    from muon.distributed import DistributedStepError
+
+    rank = dist.get_rank()
+    line, square = init_device_mesh("cpu", (4,)), init_device_mesh("cpu", (2, 2))
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w": (12, 8), "conv": (6, 3, 4, 2), "experts": (3, 8, 6), "tall": (16, 6), "bias": (6,)}
+    layouts = {"w": (line, [Shard(1)]), "conv": (line, [Shard(2)]), "experts": (square, [Shard(1), Shard(2)]),
+               "tall": (square, [Shard(0), Replicate()]), "bias": (line, [Shard(0)])}  # fmt: skip
+    values = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+    def groups(ps):
+        return [{"params": [ps["w"], ps["experts"], ps["tall"]]}, {"params": [ps["conv"]], "flatten": True},
+                {"params": [ps["bias"]], "use_muon": False}]  # fmt: skip
+
+    sharded = {k: nn.Parameter(distribute_tensor(v.clone(), *layouts[k])) for k, v in values.items()}
+    plain = {k: nn.Parameter(v.clone()) for k, v in values.items()}
+    opt = Muon(groups(sharded), lr=LR, weight_decay=0.1, foreach=False)
+    ref = Muon(groups(plain), lr=LR, weight_decay=0.1, process_group=_SOLO[rank])
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        for k, G in grads.items():
+            sharded[k].grad = distribute_tensor(G, *layouts[k])
+            plain[k].grad = G.clone()
+        if step == 1:
+            if rank == 2:  # rank 2 holds columns 4:6 of w
+                sharded["w"].grad.to_local()[0, 0] = float("nan")
+            plain["w"].grad[0, 4] = float("nan")
+        if step == 0:  # the owner plan does not take two meshes, and says what does
+            try:
+                Muon(groups(sharded), lr=LR).step()
+            except ValueError as exc:
+                assert "foreach=False" in str(exc), str(exc)
+            else:
+                raise AssertionError("the owner plan took two meshes")
+        opt.step()
+        ref.step()
+        for k in shapes:
+            assert torch.equal(full(sharded[k]), plain[k].detach()), f"{k}: gathered differs from one process"
+            for key, v in ref.state[plain[k]].items():
+                assert torch.equal(full(opt.state[sharded[k]][key]), v), f"{k}: state {key} differs"
+    assert opt._plan is not None and opt._plan.dist.agree is not None, "not on the gathered plan"
+    assert int(opt.state[sharded["w"]]["nonfinite_skips"]) == 1
+
+    full_w = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    rows, start = [3, 1, 2, 2][rank], [0, 3, 4, 6][rank]  # torch.chunk gives 2 each
+
+    def custom(t):
+        return DTensor.from_local(t[start : start + rows].clone(), line, [Shard(0)], shape=t.shape, stride=t.stride())
+
+    W = nn.Parameter(custom(full_w))
+    W.grad = custom(torch.ones(8, 6))
+    before = W.to_local().clone()
+    gathered = Muon([W], foreach=False)
+    try:
+        gathered.step()
+    except DistributedStepError as exc:
+        text = str(exc)
+        if rank in (0, 1):
+            assert "param_groups[0]['params'][0]: this rank's parameter shard has shape" in text, text
+        else:
+            assert "another rank refused the plan" in text, text
+    else:
+        raise AssertionError("custom shard sizes were gathered")
+    assert torch.equal(W.to_local(), before) and not gathered.state
+
+
 def train(model, opt, dp_rank, steps, start=0):
     for step in range(start, start + steps):
         x, y = batch(step, dp_rank)
@@ -442,6 +521,7 @@ def load_in_one_process(outdir: str) -> None:
 SCENARIOS = {
     "checkpoint_2x2_loads_on_4x1": scenario_checkpoint_across_layouts,
     "fail_closed_on_every_rank": scenario_fail_closed,
+    "gathered_layouts_match_one_process": scenario_gathered_layouts,
     "tp_fsdp_matches_replay_and_loop": scenario_matches_replay_and_loop("tp_fsdp"),
     "hsdp_matches_replay_and_loop": scenario_matches_replay_and_loop("hsdp"),
     "uneven_fsdp_matches_replay_and_loop": scenario_matches_replay_and_loop("uneven"),

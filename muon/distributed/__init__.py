@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from .agreement import finite_flags
 from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
+from .gathered import plan_muon_group as plan_gathered  # noqa: F401  (muon.optim)
+from .gathered import prepare as prepare_gathered  # noqa: F401  (muon.optim)
 
 # used by muon.optim and the tests
 from .layout import LocalShardMismatch as LocalShardMismatch
@@ -37,6 +39,7 @@ from .replicated import prepare as prepare
 from .replicated import replicated_ns as replicated_ns
 from .replicated import splits_work as splits_work
 from .sharded import as_dtensor as as_dtensor
+from .sharded import check_options as check_options
 from .sharded import plan_mesh as plan_mesh
 from .sharded import planner_for as planner_for
 from .sharded import prepare as prepare_sharded  # noqa: F401  (muon.optim)

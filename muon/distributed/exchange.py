@@ -37,5 +37,8 @@ class Exchange:
     sharded: bool = False  # FSDP2 (DTensor) parameters: `muon.distributed.sharded`
     # the engine's NS phase for this plan: (plan, group plan, momentum phases) -> NS results per bucket
     ns_phase: Callable | None = None
+    # (plan, flags) -> the agreed flags, where the plan's ranks do not share one process group
+    # (`muon.distributed.gathered`); None: `agreement.agree` over `pg`
+    agree: Callable | None = None
 
 

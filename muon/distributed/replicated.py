@@ -75,6 +75,8 @@ def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
 def agree_plan(plan: Plan, ok: Tensor | None) -> Tensor | None:
     """`agreement.agree` with this plan's digest: the agreed flags (see muon.distributed.agreement)."""
     ex: Exchange = plan.dist
+    if ex.agree is not None:
+        return ex.agree(plan, ok)
     return agree(ex.pg, ex.digest, ex.signature, ok, ex.device)
 
 

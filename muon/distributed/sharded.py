@@ -48,30 +48,35 @@ from .layout import LocalShardMismatch, MeshView, matrix_layout, mesh_dims, mesh
 from .ownership import _assign, digest, ns_flops, plan_signature
 
 
+def check_options(param_groups: list[dict]) -> None:
+    """Options of a Muon group with DTensor parameters that no distributed NS phase implements (the
+    owner plan's or foreach=False's gathered one): refused before any work, naming the group."""
+    for gi, group in enumerate(param_groups):
+        if not group["use_muon"] or not any(p.grad is not None and is_dtensor(p) for p in group["params"]):
+            continue
+        if group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard":
+            raise NotImplementedError(
+                f"param_groups[{gi}]: split, heads and ns_algorithm other than 'standard' are not supported yet "
+                "for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) parameters"
+            )
+        if group.get("transposed", False):
+            raise NotImplementedError(
+                f"param_groups[{gi}]: transposed=True ((in, out) matrices) is not supported yet for FSDP2 "
+                "(DTensor) parameters: their shards would be columns of the matrix"
+            )
+        if group["variant"] != "muon":
+            raise NotImplementedError(
+                f"param_groups[{gi}]: variant={group['variant']!r} is not supported for DTensor parameters (its "
+                "per-row moments and norm need whole rows of the update, which a rank's shard may not hold)"
+            )
+
+
 def plan_mesh(param_groups: list[dict]) -> MeshView:
     """The plan mesh of these groups' DTensor parameters (module docstring); refuses options and
     meshes the plan does not take, naming the group or parameter."""
-    meshes = []
-    for gi, group in enumerate(param_groups):
-        dtensors = [p for p in group["params"] if p.grad is not None and is_dtensor(p)]
-        if group["use_muon"] and dtensors:
-            if group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard":
-                raise NotImplementedError(
-                    f"param_groups[{gi}]: split, heads and ns_algorithm other than 'standard' are not supported yet "
-                    "for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) parameters"
-                )
-            if group.get("transposed", False):
-                raise NotImplementedError(
-                    f"param_groups[{gi}]: transposed=True ((in, out) matrices) is not supported yet for FSDP2 "
-                    "(DTensor) parameters: their shards would be columns of the matrix"
-                )
-            if group["variant"] != "muon":
-                raise NotImplementedError(
-                    f"param_groups[{gi}]: variant={group['variant']!r} is not on the plan for DTensor parameters "
-                    "(its per-row moments and norm need whole matrices after NS); Muon(..., foreach=False) runs it "
-                    "in the per-parameter loop, which gathers full matrices on every rank"
-                )
-        meshes.extend(p.device_mesh for p in dtensors)
+    check_options(param_groups)
+    meshes = [p.device_mesh for group in param_groups for p in group["params"]
+              if p.grad is not None and is_dtensor(p)]  # fmt: skip
     view = mesh_view(max(meshes, key=lambda m: m.ndim))  # the first mesh of most dims
     for gi, group in enumerate(param_groups):
         for i, p in enumerate(group["params"]):

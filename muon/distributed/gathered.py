@@ -1,0 +1,193 @@
+"""DTensor parameters of any layout under `foreach=False`: the engine's plan over the local shards,
+with an NS phase that gathers every full matrix on every rank.
+
+`Muon(..., foreach=False)` asks for it where the owner plan (`muon.distributed.sharded`) refuses a
+layout: parameters on several device meshes, shards that are not one rectangular block of the
+matrix (conv weights sharded inside their flattened columns, expert stacks sharded on a matrix dim).
+It is correct for every layout DTensor can gather, at the price the loop it replaces paid: every
+full matrix of a Muon group is held on every rank during its NS, and the NS work is not split.
+
+* The plan (`plan_muon_group`): one bucket per parameter over its local shard, seen as the
+  shard's own (count, s, l) matrices (`matrix_shape` of the local shape). Momentum, scaling, weight
+  decay and the commit are elementwise, so they run on the shard where it lies; the update scale
+  is the full matrix's. AdamW groups are the engine's, over local shards.
+* The NS phase (`gathered_ns`), per Muon group, in parameter order (the same on every rank): each
+  parameter's NS input gathered in full (`DTensor.full_tensor`; a plain tensor is already whole),
+  every same-shape matrix of the group orthogonalized in one batched call (one call per parameter
+  where the group is not batched), tall matrices as their contiguous transposes as one process
+  stacks them, and every rank keeps its shard of each result (`redistribute` from Replicate: a
+  local slice, no communication).
+* The agreement (`agree_gathered`): the plan digest and the DTensor gradients' finite flags, per
+  mesh and mesh dim (one small all-reduce and one host sync each); a rank whose shards are not
+  what their placements say refuses in it, so every rank raises and nothing is written. The flags
+  of plain tensors are each rank's own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .._shapes import matrix_shape, update_scale
+from ..coefficients import resolve_schedule
+from ..engine import Plan
+from ..engine.plan import Member, Planner, link_empty_muon, local, muon_bucket
+from ..newton_schulz import resolve_dtype
+from .agreement import agree
+from .collectives import is_dtensor
+from .exchange import Exchange
+from .layout import _indices
+from .ownership import digest, plan_signature
+from .sharded import _Orthogonalize, check_options
+
+
+def plan_muon_group(planner: Planner, gplan, group: dict, with_grad, flag_pos) -> None:
+    """`muon.engine.plan.plan_muon_group` under foreach=False with DTensors (module docstring): one
+    bucket per parameter, over its local shard."""
+    flatten = group["flatten"]
+    schedule = resolve_schedule(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    run = _Orthogonalize(group["backend"])
+    for i, p in with_grad:
+        if p.numel() == 0:  # nothing to orthogonalize; state as one process keeps it
+            link_empty_muon(planner, gplan, i, p)
+            continue
+        _check_gradient(p, f"param_groups[{gplan.index}]['params'][{i}]")
+        shard = local(p)
+        count, s, l = matrix_shape(shard.shape, flatten)
+        _, m, n = matrix_shape(p.shape, flatten)
+        member = Member(i, p, 0, count, False)
+        bucket = muon_bucket(planner, gplan.index, group, [(member, update_scale(group["adjust_lr_fn"], m, n))],
+                             (s, l), p.dtype, p.grad.dtype, shard.device, flag_pos, schedule, run,
+                             resolve_dtype(group["ns_dtype"], shard.device), sharded=True)  # fmt: skip
+        gplan.buckets.append(bucket)
+
+
+def _check_gradient(p: Tensor, where: str) -> None:
+    """The gradient must lie as its parameter does: the step reads both shard by shard."""
+    g = p.grad
+    if is_dtensor(p) != is_dtensor(g) or (
+        is_dtensor(p) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements))
+    ):
+        laid = "a plain tensor" if not is_dtensor(g) else f"laid out as {tuple(g.placements)}"
+        mine = f"a DTensor with placements {tuple(p.placements)}" if is_dtensor(p) else "a plain tensor"
+        raise ValueError(
+            f"{where} is {mine}, but its gradient is {laid}: the step needs gradients laid out like their "
+            "parameters (FSDP2 and TP give that; reduce Partial gradients before the step)"
+        )
+
+
+def _refusal(param_groups: list[dict]) -> str | None:
+    """Why this rank cannot gather (a shard of another size than its placements give: DTensor's
+    gathers assume torch.chunk's sizes), or None. Known on this rank only: the agreement carries it."""
+    for gi, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None or not is_dtensor(p) or p.numel() == 0:
+                continue
+            mesh = p.device_mesh
+            coord = mesh.get_coordinate()
+            where = f"param_groups[{gi}]['params'][{i}]"
+            expected = tuple(len(ix) for ix in _indices(tuple(p.shape), tuple(mesh.mesh.shape), coord,
+                                                        p.placements, where))  # fmt: skip
+            for t, what in ((p, "parameter"), (p.grad, "gradient")):
+                if tuple(t.to_local().shape) != expected:
+                    return (
+                        f"{where}: this rank's {what} shard has shape {tuple(t.to_local().shape)}, but placements "
+                        f"{tuple(p.placements)} of shape {tuple(p.shape)} give {expected} (torch.chunk's sizes): "
+                        "shards of other sizes cannot be gathered"
+                    )
+    return None
+
+
+def prepare(plan: Plan, param_groups: list[dict]) -> None:
+    """Attach the gathered NS phase and its agreement to a plan of DTensor groups under foreach=False."""
+    signature = plan_signature(param_groups)
+    device = local(plan.flag_params[0]).device if plan.flag_params else None
+    # every mesh of the groups' DTensor parameters, with or without a gradient (a rank without one must
+    # still take part in the agreement), in parameter order: the same on every rank
+    meshes: dict = {}
+    for group in param_groups:
+        for p in group["params"]:
+            if is_dtensor(p):
+                meshes.setdefault(p.device_mesh, [])
+    for position, p in enumerate(plan.flag_params):
+        if is_dtensor(p):
+            meshes[p.device_mesh].append(position)
+    flags_of = {mesh: None if not positions else torch.tensor(positions, device=device)
+                for mesh, positions in meshes.items()}  # fmt: skip
+    ex = Exchange(None, 1, 0, signature, digest(signature), device, sharded=True, ns_phase=gathered_ns,
+                  agree=functools.partial(agree_gathered, flags_of, _refusal(param_groups)))  # fmt: skip
+    for gplan in plan.groups:
+        if gplan.use_muon:
+            group = param_groups[gplan.index]
+            ex.groups[gplan.index] = (group["flatten"], group["batched"])
+    plan.dist = ex
+
+
+def agree_gathered(flags_of: dict, refusal: str | None, plan: Plan, ok: Tensor | None) -> Tensor | None:
+    """The plan digest and the DTensor gradients' flags agreed per mesh dim (module docstring)."""
+    ex: Exchange = plan.dist
+    for mesh, positions in flags_of.items():
+        for d in range(mesh.ndim):
+            flags = None if ok is None or positions is None else ok[positions]
+            agreed = agree(mesh.get_group(d), ex.digest, ex.signature, flags, ex.device, refusal=refusal)
+            if flags is not None and agreed is not flags:
+                ok = ok.index_put((positions,), agreed)
+    return ok
+
+
+def _gather(U: Tensor, p: Tensor) -> Tensor:
+    """The full tensor of p's shape whose local shard (this rank's) is U."""
+    if not is_dtensor(p):
+        return U
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(U, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride()).full_tensor()  # fmt: skip
+
+
+def _shard(O: Tensor, p: Tensor) -> Tensor:
+    """This rank's shard of a full tensor of p's shape, laid out as p is (a local slice)."""
+    if not is_dtensor(p):
+        return O
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = p.device_mesh
+    full = DTensor.from_local(O, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return full.redistribute(mesh, p.placements).to_local()
+
+
+def gathered_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
+    """The NS phase of a gathered plan (`muon.engine.step`, module docstring): per bucket, its
+    result (the local shard's matrices, (count, s, l) in the NS dtype)."""
+    flatten, batched = plan.dist.groups[gplan.index]
+    # per bucket its full (count, s, l) NS input and count; (shape key) -> bucket positions
+    fulls, counts, batches = [], [], {}
+    for k, (b, ph) in enumerate(zip(gplan.buckets, phases, strict=True)):
+        p = b.members[0].param
+        count, m, n = matrix_shape(p.shape, flatten)
+        X = _gather(ph.U.view(local(p).shape), p).reshape(count, m, n)
+        counts.append(count)
+        fulls.append(X.mT.contiguous() if m > n else X)  # tall: the transposes, as one process stacks them
+        key = (min(m, n), max(m, n), X.dtype, b.ns_dtype)
+        batches.setdefault(key if batched else (k,), []).append(k)
+    outs: list = [None] * len(fulls)
+    for positions in batches.values():
+        b = gplan.buckets[positions[0]]
+        stack = torch.cat([fulls[k] for k in positions]) if len(positions) > 1 else fulls[positions[0]]
+        for k in positions:
+            fulls[k] = None  # the inputs go as the stack is made
+        result = b.run(stack, b.schedule, b.ns_dtype)
+        for k, O in zip(positions, result.split([counts[k] for k in positions]), strict=True):
+            outs[k] = O
+    results = []
+    for b, O in zip(gplan.buckets, outs, strict=True):
+        p = b.members[0].param
+        _, m, n = matrix_shape(p.shape, flatten)
+        O = O.mT if m > n else O
+        results.append(_shard(O.reshape(p.shape), p).reshape(b.shape))
+    return results
+
+
+__all__ = ["agree_gathered", "check_options", "gathered_ns", "plan_muon_group", "prepare"]
