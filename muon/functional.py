@@ -1,5 +1,6 @@
-"""Every formula of a Muon step, once: the reference loop (`muon.reference`), the step engine
-(`muon.engine`) and the distributed phases (`muon.distributed`) all import these.
+"""Every formula of a Muon step, once: the step engine (`muon.engine`), the distributed phases
+(`muon.distributed`) and the tests' per-parameter reference loop (tests/reference_loop.py) all
+import these.
 
 Each function computes new values without writing optimizer state or parameters: a step first
 computes everything (momentum, NS, NorMuon moments, AdamW moments, decay factors) into new or

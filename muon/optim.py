@@ -1,8 +1,9 @@
 """The Muon optimizer: a drop-in for torch.optim.Muon, with AdamW groups, batching and fast backends.
 
 The class validates (`muon.options`) and packs; the math lives in `muon.functional`, the planned
-multi-tensor step in `muon.engine`, the per-parameter reference step in `muon.reference`, the
-distributed phases in `muon.distributed`, checkpoints in `muon.serialization`.
+multi-tensor step in `muon.engine` (the one step implementation; its oracle, the per-parameter loop,
+is tests/reference_loop.py), the distributed NS phases in `muon.distributed`, checkpoints in
+`muon.serialization`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch.optim import Optimizer
 from . import distributed, engine, options, serialization
 from ._shapes import matrix_shape, update_scale
 from .coefficients import KELLER
-from .reference import params_with_grad, raise_nonfinite, reference_step
 
 __all__ = ["Muon", "matrix_shape", "update_scale"]
 
@@ -86,8 +86,8 @@ class Muon(Optimizer):
     Under torch.distributed the NS work is split across ranks (`muon.distributed`): replicated
     (DDP) parameters over ``process_group`` (default: the world once initialized) and DTensors
     (FSDP2, FSDP2 × TP, HSDP, uneven shards) over their mesh run on the plan; a layout the plan does
-    not take is an error naming the parameter (``foreach=False`` runs DTensors in the per-parameter
-    loop of `muon.reference`, which gathers every full matrix on every rank, any layout).
+    not take is an error naming the parameter (``foreach=False`` runs DTensors of any layout on the
+    plan with every full matrix gathered on every rank, `muon.distributed.gathered`).
     Every multi-rank step agrees the plan and the finite flags first (one host sync), so a NaN on
     one rank skips the parameter everywhere and a gradient missing on one rank is a
     DistributedStepError on every rank.
@@ -130,7 +130,7 @@ class Muon(Optimizer):
         options.check_process_group(process_group)
         self.nonfinite = nonfinite
         # None or True: the planned, batched step (muon.engine); False: the same in its smallest chunks
-        # (DTensors: the per-parameter loop of muon.reference, every layout gathered)
+        # (DTensors: one bucket per parameter, every full matrix gathered on every rank)
         self.foreach = foreach
         # True: a step that raises changes nothing (its updates are held until every bucket is computed);
         # False: each bucket is committed as soon as it is computed (the smallest footprint)
@@ -201,15 +201,12 @@ class Muon(Optimizer):
                 # a momentum-cycling scheduler's value is this AdamW group's beta1 (muon.options)
                 options.check_real(group, options.SCHEDULED_BETA1, index, 0.0, 1.0, open_high=True)
                 group["betas"] = (group[options.SCHEDULED_BETA1], group["betas"][1])
-        # the per-parameter loop only where the plan does not take the layout (DTensors under
-        # foreach=False, gathered in full on every rank)
-        if not self._planned_step():
-            reference_step(self.param_groups, self.state, self.nonfinite, self.process_group)
+        self._planned_step()
         return loss
 
-    def _planned_step(self) -> bool:
-        """The batched step through the plan; False when it does not apply (distributed layouts the
-        plan does not take under foreach=False), and the reference loop runs instead."""
+    def _planned_step(self) -> None:
+        """Every group's update through the plan (`muon.engine`), built when the groups or the options
+        that shape it changed."""
         # the replicated process group is part of the key: a plan for one process is not a plan
         # for many (torch.distributed initialized after a first step, process_group reassigned)
         pg = distributed.replicated_group(self.process_group)
@@ -220,29 +217,26 @@ class Muon(Optimizer):
         if plan is None or plan.key != key:
             self._plan = None  # a build that raises leaves no stale plan behind
             plan = self._plan = self._build_plan(key, pg)
-        if plan is None:
-            return False
         ok = engine.finite_flags(plan)
         if plan.dist is not None:  # all ranks hold the same plan; the flags agreed (one host sync)
             ok = distributed.agree_plan(plan, ok)
         if ok is not None and self.nonfinite == "raise":
             bad = engine.first_nonfinite(plan, ok)  # a host sync
             if bad is not None:
-                raise_nonfinite(self.param_groups, *bad)
+                options.raise_nonfinite(self.param_groups, *bad)
             ok = None  # every gradient is finite: no masking
         ns_phase = None if plan.dist is None else plan.dist.ns_phase
         engine.execute(plan, self.param_groups, self.state, ok, self.nonfinite == "raise", ns_phase,
                        getattr(self, "atomic", True))
-        return True
 
-    def _build_plan(self, key: tuple, pg) -> engine.Plan | None:
-        """The plan, with its distributed part when a process group of several ranks replicates the
-        parameters or for row-sharded FSDP2 DTensors (`muon.distributed`); None for other DTensor
-        layouts under foreach=False, which run the reference loop. Parameters on several devices get a
-        bucket per device (in one process only)."""
+    def _build_plan(self, key: tuple, pg) -> engine.Plan:
+        """The plan, with its distributed NS phase when a process group of several ranks replicates
+        the parameters, or for DTensors (`muon.distributed`: the owner plan over their shards, or under
+        foreach=False every full matrix gathered). Parameters on several devices get a bucket per
+        device (in one process only)."""
         devices, sharded = set(), False
         for index, group in enumerate(self.param_groups):
-            params, grads = params_with_grad(group, index)  # raises on sparse gradients
+            params, grads = options.params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
         if sharded and self.foreach is False:  # every layout: each full matrix gathered on every rank

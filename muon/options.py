@@ -200,6 +200,33 @@ def check_not_inference(p: Tensor, where: str) -> None:
         )
 
 
+def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
+    params, grads = [], []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        # a parameter whose data was replaced by an inference tensor after its group was added (dynamo
+        # cannot trace is_inference: a compiled step's tensors are what it was traced with)
+        if not torch.compiler.is_compiling():
+            check_not_inference(p, f"param_groups[{index}]['params'][{i}]")
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "
+                "groups need dense gradients (use a dense nn.Embedding, or SparseAdam for that parameter)"
+            )
+        params.append(p)
+        grads.append(p.grad)
+    return params, grads
+
+
+def raise_nonfinite(param_groups: list[dict], index: int, i: int):
+    p = param_groups[index]["params"][i]
+    raise RuntimeError(
+        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
+        f"{tuple(p.shape)}); nothing was updated this step"
+    )
+
+
 def check_tensors(group: dict, index: int, kind: str) -> None:
     for i, p in enumerate(group["params"]):
         where = f"param_groups[{index}]['params'][{i}]"

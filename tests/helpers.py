@@ -10,18 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 from nsref import ns_float64
+from reference_loop import reference_step
 
 import muon
 from muon._shapes import update_scale
 
 
 class ReferenceMuon(muon.Muon):
-    """The per-parameter reference loop (`muon.reference`) as an optimizer: the oracle the step
-    engine is compared with, bit for bit (the library runs it only for layouts the plan does not
-    take: DTensors under foreach=False)."""
+    """The per-parameter reference loop (tests/reference_loop.py) as an optimizer: the oracle the
+    step engine is compared with, bit for bit, in one process. Validation, state dicts and
+    checkpoints are muon.Muon's; only the step's arithmetic is the loop's."""
 
-    def _planned_step(self) -> bool:
-        return False
+    def _planned_step(self) -> None:
+        reference_step(self.param_groups, self.state, self.nonfinite, self.process_group)
 
 
 # ------------------------------------------------------------------------------ the option matrix

@@ -338,16 +338,24 @@ def test_compiled_step_with_split_groups_has_no_graph_breaks():
     torch._dynamo.reset()
 
 
-def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch):
-    """The FSDP2 (DTensor) NS of muon.distributed has no row blocks yet: the loop refuses up front."""
+@pytest.mark.parametrize("foreach", [None, False])
+def test_distributed_ns_refuses_split_before_changing_anything(monkeypatch, foreach):
+    """The DTensor NS phases of muon.distributed (the owner plan's, foreach=False's gathered one) have
+    no row blocks yet: refused when the plan is built, before anything changes."""
     from muon import distributed
+    from muon.distributed import sharded
 
     W = torch.randn(24, 8, requires_grad=True)
-    opt = make_muon([W], split=[8, 8, 8], foreach="reference")
+    opt = make_muon([W], split=[8, 8, 8], foreach=foreach)
     W.grad = torch.randn(24, 8)
     opt.step()
     before, buf = W.detach().clone(), opt.state[W]["momentum_buffer"].clone()
-    monkeypatch.setattr(distributed, "splits_work", lambda updates, pg: True)
+    W.grad = torch.randn(24, 8)
+    opt.add_param_group({"params": [torch.randn(4, 4, requires_grad=True)], "split": None})  # a new plan
+    opt.param_groups[-1]["params"][0].grad = torch.randn(4, 4)
+    # W seen as a DTensor by the step and by the DTensor planners
+    monkeypatch.setattr(distributed, "is_dtensor", lambda t: t is W or t is W.grad)
+    monkeypatch.setattr(sharded, "is_dtensor", lambda t: t is W or t is W.grad)
     with pytest.raises(NotImplementedError, match=r"param_groups\[0\]: split, heads"):
         opt.step()
     assert torch.equal(W, before) and torch.equal(opt.state[W]["momentum_buffer"], buf)

@@ -9,18 +9,19 @@ model (`comm_bytes_per_step`, `count_comm_bytes`) and to catch `DistributedStepE
   the engine's plan buckets) and the plan signature ranks agree on;
 * `agreement`: per step, the plan digest and the finite flags agreed over the ranks;
 * `replicated`: replicated parameters run the engine's plan with the NS split over ranks and one
-  all-gather per Muon group; the per-parameter loop's (foreach=False) distributed NS;
+  all-gather per Muon group;
 * `layout`: where each rank's shard of a DTensor matrix sits (1-D and n-D meshes, Shard(0)/Shard(1),
   FSDP2's strided shards over TP, Replicate), and what the plan refuses;
 * `sharded`: DTensor parameters on the engine's plan over their local shards, with one packed
   owner all_to_all out and one back per Muon group;
+* `gathered`: DTensors of any layout under foreach=False, on the engine's plan with every full
+  matrix gathered on every rank;
 * `traffic`: the bytes-per-step model against distributed AdamW;
 * `state_dict_dtypes`: state-dict hooks that let distributed checkpoints carry ns_dtype.
 """
 
 from __future__ import annotations
 
-from .agreement import finite_flags
 from .collectives import CommCounter, DistributedStepError, count_comm_bytes, is_dtensor, replicated_group
 from .gathered import plan_muon_group as plan_gathered  # noqa: F401  (muon.optim)
 from .gathered import prepare as prepare_gathered  # noqa: F401  (muon.optim)
@@ -32,12 +33,8 @@ from .ownership import _chunk_rows as _chunk_rows
 from .ownership import ns_flops as ns_flops
 from .ownership import share_buckets as share_buckets
 from .replicated import agree_plan as agree_plan
-from .replicated import check_sharded_plan as check_sharded_plan
-from .replicated import loop_agree as loop_agree
-from .replicated import orthogonalize_all as orthogonalize_all
 from .replicated import prepare as prepare
 from .replicated import replicated_ns as replicated_ns
-from .replicated import splits_work as splits_work
 from .sharded import as_dtensor as as_dtensor
 from .sharded import check_options as check_options
 from .sharded import plan_mesh as plan_mesh
@@ -56,7 +53,6 @@ __all__ = [
     "count_comm_bytes",
     "decode_state_dict_dtypes",
     "encode_state_dict_dtypes",
-    "finite_flags",
     "is_dtensor",
     "replicated_group",
 ]

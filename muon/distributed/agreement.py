@@ -23,18 +23,17 @@ gradients changed (one missing) cannot tell the others, whose keys did not chang
 every rank runs every step, of a fixed size, turns that into an error rather than mismatched
 collectives. It costs nothing extra: the finite verdict rides in the same word.
 
-Sharded (DTensor) gradients (`finite_flags`): each rank tests its local shard and the flags are
-agreed with one MIN all-reduce per mesh, without a host sync.
+DTensor gradients are tested on each rank's local shard (`muon.engine.finite_flags`) and agreed
+the same way: over the plan mesh flattened (`muon.distributed.sharded`), or per mesh dim under
+foreach=False (`muon.distributed.gathered`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from .collectives import DistributedStepError, all_gather_object, all_reduce, dist, is_dtensor
+from .collectives import DistributedStepError, all_gather_object, all_reduce, dist
 from .ownership import describe_difference
 
 
@@ -81,30 +80,3 @@ def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch
     agreed = flags.to(torch.int32)
     all_reduce("all_reduce of the non-finite gradient flags", pg, agreed, dist.ReduceOp.MIN)
     return agreed.bool()
-
-
-def finite_flags(grads: Sequence[Tensor]) -> list[Tensor | None]:
-    """Per gradient: a 0-dim bool tensor, True when it is finite on every rank (None: 0 elements).
-
-    DTensor gradients are tested on their local shards (an empty shard is finite) and the flags are
-    agreed with one MIN all-reduce per mesh, so all ranks take the same decision without a host sync.
-    """
-    flags: list[Tensor | None] = [None] * len(grads)
-    locals_ = [(i, g.to_local() if is_dtensor(g) else g) for i, g in enumerate(grads) if g.numel() > 0]
-    nonempty = [(i, t) for i, t in locals_ if t.numel() > 0]
-    norms = torch._foreach_norm([t for _, t in nonempty], float("inf")) if nonempty else []
-    for (i, _), norm in zip(nonempty, norms, strict=True):
-        flags[i] = norm.isfinite()
-    by_mesh: dict = {}  # DeviceMesh -> members; fully_shard builds equal meshes per module
-    for i, t in locals_:
-        if flags[i] is None:  # an empty local shard of a non-empty parameter
-            flags[i] = torch.ones((), dtype=torch.bool, device=t.device)
-        if is_dtensor(grads[i]):
-            by_mesh.setdefault(grads[i].device_mesh, []).append(i)
-    for mesh, members in by_mesh.items():
-        agreed = torch.stack([flags[i] for i in members]).to(torch.int32)
-        for group in [mesh.get_group(d) for d in range(mesh.ndim)]:
-            all_reduce("all_reduce of the non-finite gradient flags", group, agreed, dist.ReduceOp.MIN)
-        for i, flag in zip(members, agreed.bool().unbind(), strict=True):
-            flags[i] = flag
-    return flags

@@ -1,6 +1,6 @@
 """The fast step of `muon.Muon`: plan once (`plan`), then a few batched launches per shape bucket,
 computed first and committed after (`execute`). The reference it must match bit for bit is the
-per-parameter loop of `muon.reference`; both take their formulas from `muon.functional`."""
+per-parameter loop of tests/reference_loop.py; both take their formulas from `muon.functional`."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ smallest footprint.
 Skipped parameters (non-finite gradients) are handled with per-parameter masked scalars (0-dim
 tensors, or one per row of a stack), never with host syncs or per-element masks, so the step has no
 data-dependent Python and can be captured (CUDA graphs, torch.compile). The arithmetic per element
-is that of the reference loop (`muon.reference`), which calls the same functions on one parameter
-at a time.
+is that of the reference loop (tests/reference_loop.py, the tests' oracle), which calls the same
+functions on one parameter at a time.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The per-parameter reference step of `muon.Muon` (foreach=False): readable, one parameter at a
-time, and bit for bit what the step engine (`muon.engine`) computes. Both take every formula from
-`muon.functional`; this path differs only in how it walks the parameters (no stacking, no cached
-plan: it reads and writes `opt.state` directly) and it is the path for DTensors under
-foreach=False.
+"""The per-parameter reference step of `muon.Muon`, the tests' oracle (`helpers.ReferenceMuon`):
+readable, one parameter at a time, and bit for bit what the step engine (`muon.engine`) computes in
+one process, on every option. Both take every formula from `muon.functional`; the loop differs only
+in how it walks the parameters (no stacking, no plan: it reads and writes `opt.state` directly).
+It is not a path of the library: the distributed steps are checked against one process replaying
+the same gradients.
 
 Like the engine it computes everything first and commits after, so a step that raises changes
 nothing, and a refused first step creates no state.
@@ -15,40 +16,12 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from . import distributed
-from . import functional as F
-from ._shapes import block_layout, matrix_shape, row_blocks, update_scale
-from .coefficients import Schedule, resolve_schedule
-from .engine.plan import local
-from .newton_schulz import orthogonalize, resolve_dtype
-from .options import check_not_inference
-
-
-def params_with_grad(group: dict, index: int) -> tuple[list[Tensor], list[Tensor]]:
-    params, grads = [], []
-    for i, p in enumerate(group["params"]):
-        if p.grad is None:
-            continue
-        # a parameter whose data was replaced by an inference tensor after its group was added (dynamo
-        # cannot trace is_inference: a compiled step's tensors are what it was traced with)
-        if not torch.compiler.is_compiling():
-            check_not_inference(p, f"param_groups[{index}]['params'][{i}]")
-        if p.grad.is_sparse:
-            raise RuntimeError(
-                f"param_groups[{index}]['params'][{i}] has a sparse gradient; Muon and its AdamW "
-                "groups need dense gradients (use a dense nn.Embedding, or SparseAdam for that parameter)"
-            )
-        params.append(p)
-        grads.append(p.grad)
-    return params, grads
-
-
-def raise_nonfinite(param_groups: list[dict], index: int, i: int):
-    p = param_groups[index]["params"][i]
-    raise RuntimeError(
-        f"non-finite gradient in param_groups[{index}]['params'][{i}] (shape "
-        f"{tuple(p.shape)}); nothing was updated this step"
-    )
+from muon import distributed
+from muon import functional as F
+from muon._shapes import block_layout, matrix_shape, row_blocks, update_scale
+from muon.coefficients import Schedule, resolve_schedule
+from muon.newton_schulz import orthogonalize, resolve_dtype
+from muon.options import params_with_grad, raise_nonfinite
 
 
 class _Pending:
@@ -63,7 +36,7 @@ class _Pending:
         a state the step would have to cast is refused (`muon.functional.check_state`); low: the
         group's state_dtype."""
         value = (self.state.get(p) or {}).get(key)
-        F.check_state(key, p, None if value is None else local(value), where, low)
+        F.check_state(key, p, value, where, low)
         if value is None:
             value = F.zero_state(key, p, flatten, transposed, low)
             self.installs.append((p, key, value))
@@ -78,24 +51,17 @@ class _Pending:
 
 def reference_step(param_groups: list[dict], state, nonfinite: str, process_group) -> None:
     """One step of every group, the per-parameter way: every group's finite flags first, then the
-    updates computed, then committed."""
+    updates computed, then committed. One process only."""
+    if distributed.replicated_group(process_group) is not None or any(
+        distributed.is_dtensor(p) for g in param_groups for p in g["params"]
+    ):
+        raise NotImplementedError("the reference loop is the one-process oracle: no process group, no DTensors")
     work = []
     for index, group in enumerate(param_groups):
         params, grads = params_with_grad(group, index)
-        if params and group["use_muon"]:
-            _check_distributed_options(group, index, grads, process_group)
         if params:
             work.append((group, index, params, grads))
-    # every mesh's ranks hold the same parameters with gradients, before any collective on them
-    # (decided on all parameters: a rank without gradients must still take part)
-    sharded = [p for g in param_groups for p in g["params"] if distributed.is_dtensor(p)]
-    if sharded:
-        distributed.check_sharded_plan(sharded, param_groups)
     flags = [_finite_flags(grads) for _, _, _, grads in work]
-    pg = distributed.replicated_group(process_group)
-    if pg is not None and not sharded:
-        # replicated parameters: the same plan check and flag agreement as the planned step
-        flags = distributed.loop_agree(flags, param_groups, pg)
     if nonfinite == "raise":
         for (group, index, params, _), finite in zip(work, flags, strict=True):
             for p, flag in zip(params, finite, strict=True):
@@ -104,30 +70,14 @@ def reference_step(param_groups: list[dict], state, nonfinite: str, process_grou
     pending = _Pending(state)
     for (group, index, params, grads), finite in zip(work, flags, strict=True):
         if group["use_muon"]:
-            _muon_group(pending, group, index, params, grads, finite, process_group)
+            _muon_group(pending, group, index, params, grads, finite)
         else:
             _adamw_group(pending, group, index, params, grads, finite, fused=nonfinite == "raise")
     pending.commit()
 
 
-def _check_distributed_options(group: dict, index: int, grads: list[Tensor], process_group) -> None:
-    """Options the FSDP2 (DTensor) NS of `muon.distributed` does not implement: refused before any
-    group is modified (replicated parameters run them on the plan)."""
-    if (
-        group["split"] is not None or group["heads"] is not None or group["ns_algorithm"] != "standard"
-        or group.get("transposed", False)
-    ) and distributed.splits_work(grads, process_group):
-        raise NotImplementedError(
-            f"param_groups[{index}]: split, heads, transposed and ns_algorithm other than 'standard' are not "
-            "supported yet for FSDP2 (DTensor) parameters; they work in one process and on replicated (DDP) "
-            "parameters"
-        )
-
-
 def _finite_flags(grads) -> list[Tensor | None]:
     """Per parameter: a 0-dim bool device tensor, True when its gradient is finite (None: empty)."""
-    if any(distributed.is_dtensor(g) for g in grads):  # sharded: local test, agreed across ranks
-        return distributed.finite_flags(grads)
     nonempty = [g for g in grads if g.numel() > 0]
     norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
     return [next(norms).isfinite() if g.numel() > 0 else None for g in grads]
@@ -143,7 +93,7 @@ def _places(group: dict, index: int) -> dict[int, str]:
     return {id(p): f"param_groups[{index}]['params'][{j}]" for j, p in enumerate(group["params"])}
 
 
-def _muon_group(pending: _Pending, group, index, params, grads, finite, process_group) -> None:
+def _muon_group(pending: _Pending, group, index, params, grads, finite) -> None:
     lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
     momentum, wd, flatten = group["momentum"], group["weight_decay"], group["flatten"]
     transposed = group.get("transposed", False)
@@ -163,21 +113,19 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
             phases.append(None)
             continue
         g = torch.where(ok, g, 0)  # a placeholder where not finite; its lerp weight is 0 below
-        # a bf16/int8 state (state_dtype) is read in opmath and stored back at the commit (a DTensor's
-        # rows on this rank: its blocks lie within them)
+        # a bf16/int8 state (state_dtype) is read in opmath and stored back at the commit
         value = buf
         if low is not None:
-            value = distributed.as_dtensor(
-                F.read_momentum(local(buf), None if scale is None else local(scale), F.opmath(p.dtype)), buf)
+            value = F.read_momentum(buf, scale, F.opmath(p.dtype))
         weight = F.masked(ok, 1.0 - momentum, 0.0, value.dtype, ok.device)
         nxt, U = F.muon_momentum(value, g, weight, momentum, group["nesterov"])
         if low is not None:
-            q, new_scale = F.store_momentum(local(nxt), low, ok, None if scale is None else (local(buf), local(scale)))
-            nxt = (q, None if scale is None else local(scale), new_scale)
+            q, new_scale = F.store_momentum(nxt, low, ok, None if scale is None else (buf, scale))
+            nxt = (q, scale, new_scale)
         updates.append(U)
         phases.append((buf, nxt, skips, ~ok, v))
 
-    ortho = _orthogonalize_all(updates, params, schedule, group, flatten, process_group)
+    ortho = _orthogonalize_all(updates, params, schedule, group, flatten)
 
     for p, blocks, ok, phase in zip(params, ortho, finite, phases):
         if blocks is None:
@@ -216,7 +164,7 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
         def commit(p=p, work=work, decay=decay, update=update, buf=buf, nxt=nxt, skips=skips, skipped=skipped,
                    moments=moments) -> None:
             if isinstance(nxt, tuple):  # stored form (state_dtype): momentum and int8 scales
-                local(buf).copy_(nxt[0])
+                buf.copy_(nxt[0])
                 if nxt[1] is not None:
                     nxt[1].copy_(nxt[2])
             else:
@@ -229,7 +177,7 @@ def _muon_group(pending: _Pending, group, index, params, grads, finite, process_
         pending.commits.append(commit)
 
 
-def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, process_group) -> list:
+def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten) -> list:
     """NS of every update, per parameter a list of (O, rows): one (matrices, rows, n) result per
     block of `muon._shapes.block_layout` (the whole parameter without split/heads), in the
     parameter's row order. Same-shape blocks are stacked into one batched call when batched."""
@@ -237,10 +185,6 @@ def _orthogonalize_all(updates, params, schedule: Schedule, group, flatten, proc
     device = next((U.device for U in updates if U is not None), None)
     if device is None:
         return [None] * len(updates)
-    dtype = resolve_dtype(group["ns_dtype"], device)
-    if distributed.splits_work(updates, process_group):  # DTensors: NS split across ranks
-        out = distributed.orthogonalize_all(updates, params, schedule, {**group, "ns_dtype": dtype}, flatten)
-        return [None if O is None else [(O, O.shape[-2])] for O in out]
     # NS runs on the small side: tall (m > n) matrices are orthogonalized as their (contiguous)
     # transposes, so (m, n) and (n, m) matrices share one batched call; the step engine stores
     # them the same way, and both paths round alike. Blocks are laid out as the engine's stacks.
@@ -304,21 +248,18 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
             step = step.to(p.device)
             pending.installs.append((p, "step", step))
         steps = step.view(1)
-        if fused and p.dtype == g.dtype == ea.dtype == eas.dtype and local(p).device.type in ("cpu", "cuda") \
-                and not cautious:
+        if fused and p.dtype == g.dtype == ea.dtype == eas.dtype and p.device.type in ("cpu", "cuda") and not cautious:
             # every gradient is known finite (nonfinite="raise"): the engine's fused kernel
             def commit_fused(p=p, g=g, ea=ea, eas=eas, steps=steps) -> None:
                 steps.add_(1)
                 torch._fused_adamw_(
-                    [local(p)], [local(g)], [local(ea)], [local(eas)], [], [steps.view(())],
+                    [p], [g], [ea], [eas], [], [steps.view(())],
                     lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
                 )  # fmt: skip
 
             pending.commits.append(commit_fused)
             continue
         dtype = F.opmath(p.dtype)
-        # elementwise: DTensors (FSDP2) step their local shards (the ranks agreed the flags)
-        p, g, ea, eas = local(p), local(g), local(ea), local(eas)
         g = torch.where(ok, g, 0)
         new_steps, step_size, bc2_sqrt = F.adamw_scalars(steps.view(()), ok, beta1, beta2, lr, dtype)
         # bf16 moments of state_dtype: read in opmath, their next values stored back at the commit
@@ -345,4 +286,4 @@ def _adamw_group(pending: _Pending, group, index, params, grads, finite, fused: 
         pending.commits.append(commit)
 
 
-__all__ = ["params_with_grad", "raise_nonfinite", "reference_step"]
+__all__ = ["reference_step"]
