@@ -5,7 +5,8 @@ each rank's shard one rectangular block of each matrix (`muon.distributed.layout
 Shard(1) on any mesh dim, FSDP2's strided shards over TP, Replicate(), uneven torch.chunk shards),
 Muon groups with the plain Muon update (no split/heads, standard NS, not NorMuon, not transposed). Anything else is
 refused with an error naming the parameter or group and what to do — never a silent route to the
-per-parameter loop, which gathers every full matrix on every rank (`foreach=False` asks for it).
+gathered NS phase, which gathers every full matrix on every rank (`foreach=False` asks for it:
+`muon.distributed.gathered`).
 
 The plan (`plan_muon_group`), per Muon group, has two kinds of bucket, both over local shards, so
 each rank keeps only its shard of the momentum (ZeRO-1 memory):
@@ -108,7 +109,7 @@ class _Orthogonalize:
 
 
 def as_dtensor(view: Tensor, like) -> Tensor:
-    """A DTensor laid out like `like` whose local tensor is `view` (the loop's NS results of a
+    """A DTensor laid out like `like` whose local tensor is `view` (a state entry loaded for a
     sharded parameter); the view itself for a plain tensor."""
     if not is_dtensor(like):
         return view
