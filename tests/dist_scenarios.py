@@ -676,6 +676,41 @@ def scenario_fsdp_plan_equals_loop():
     opt.zero_grad()
 
 
+# Counted step memory of FSDP2 (16 row-sharded 128×128 matrices on 2 ranks), bytes per local
+# parameter: (kept, step peak) ceilings, each the counted figure plus a margin. The owner plan holds
+# its whole buckets at once (momentum stacks, the exchange's send/receive buffers, the owners' full
+# matrices and their NS workspace, the results); foreach=False's gathered phase holds one chunk of
+# full matrices at a time besides the local results and updates. Lower a ceiling when a change
+# lowers the figure; a change that raises one must say why.
+FSDP_MEMORY = {"owner": (4.1, 29.0), "gathered": (4.1, 8.5)}  # counted: 4.0, 28.0 / 4.0, 8.0
+
+
+def scenario_fsdp_memory():
+    """The FSDP2 step's memory (the counting mode of bench/optimizer/memory.py, per local parameter):
+    the state alone between steps (each rank its shard), and the step peaks of FSDP_MEMORY."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from bench.optimizer.memory import count_step_memory
+    from muon import Muon
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for name, kw in (("owner", {}), ("gathered", {"foreach": False})):
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for _ in range(16):
+            p = nn.Parameter(distribute_tensor(torch.randn(128, 128, generator=gen), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(torch.randn(128, 128, generator=gen), mesh, [Shard(0)])
+            params.append(p)
+        n = sum(p.to_local().numel() for p in params)
+        got = count_step_memory(lambda params=params, kw=kw: Muon(params, lr=0.02, **kw))
+        kept, peak = got["resident"] / n, got["step_peak"] / n
+        # the momentum's shard and an int64 skip counter per parameter
+        assert got["state"] == 4 * n + 8 * len(params), f"{name}: state {got['state'] / n} B per local parameter"
+        kept_max, peak_max = FSDP_MEMORY[name]
+        assert kept <= kept_max and peak <= peak_max, f"{name}: kept {kept:.3f}, step peak {peak:.3f} B/param"
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -699,6 +734,7 @@ SCENARIOS = {
     "ddp_state_dtype_matches_single": scenario_ddp_state_dtype(),
     "fsdp_state_dtype_plan_loop_single": scenario_fsdp_state_dtype(),
     "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
+    "fsdp_memory_per_local_parameter": scenario_fsdp_memory,
 }
 _OUTDIR = ""
 

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 OP = "optimizer_memory"
@@ -190,6 +190,18 @@ def build(key: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------- counting mode
+def _storage(t):
+    """The storage a tensor's bytes live in: its own, or for a wrapper subclass (a DTensor, a
+    collective's async result) its inner tensor's (the mode sees the subclass's op, not the ops on
+    what it wraps); None for a meta tensor or a non-tensor."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    while is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        t = getattr(t, attrs[0])
+    return t.untyped_storage()
+
+
 class LiveTensors(TorchDispatchMode):
     """The bytes of live tensor storages created while the mode is active.
 
@@ -223,17 +235,16 @@ class LiveTensors(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = None
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            storage = _storage(t)
+            if storage is None:
                 continue
-            storage = t.untyped_storage()
             key = storage.data_ptr()
             if key == 0:  # an empty tensor
                 continue
             entry = self.live.get(key)
             if entry is None:
                 if inputs is None:
-                    inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                              if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+                    inputs = {s.data_ptr() for a in tree_flatten((args, kwargs))[0] if (s := _storage(a)) is not None}
                 if key in inputs:  # a view of (or in place on) a storage from before: not new
                     continue
                 entry = self.live[key] = [storage.nbytes(), 0]
@@ -284,8 +295,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     seen: dict[int, int] = {}
     for state in opt.state.values():
         for v in state.values():
-            if isinstance(v, torch.Tensor) and v.numel():
-                s = v.untyped_storage()
+            s = _storage(v) if isinstance(v, torch.Tensor) and v.numel() else None
+            if s is not None:  # a DTensor's: its local shard's
                 seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
 from ..engine import Plan
-from ..engine.plan import Member, Planner, link_empty_muon, local, muon_bucket
+from ..engine.plan import Member, Planner, _chunk_bounds, link_empty_muon, local, muon_bucket
 from ..newton_schulz import resolve_dtype
 from .agreement import agree
 from .collectives import is_dtensor
@@ -158,35 +158,46 @@ def _shard(O: Tensor, p: Tensor) -> Tensor:
     return full.redistribute(mesh, p.placements).to_local()
 
 
+def _own(t: Tensor) -> Tensor:
+    """t, or a copy where t is a view into a larger tensor (a shard of a chunk's full results: the
+    rest is freed)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def gathered_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
     """The NS phase of a gathered plan (`muon.engine.step`, module docstring): per bucket, its
-    result (the local shard's matrices, (count, s, l) in the NS dtype)."""
+    result (the local shard's matrices, (count, s, l) in the NS dtype). Same-shape matrices are
+    gathered and orthogonalized a chunk at a time (at least two matrices per NS call, as one process
+    chunks them: the same bits), each NS input freed once gathered, so the phase holds one chunk's
+    full matrices and workspace besides the local results."""
     flatten, batched = plan.dist.groups[gplan.index]
-    # per bucket its full (count, s, l) NS input and count; (shape key) -> bucket positions
-    fulls, counts, batches = [], [], {}
+    shapes, batches = [], {}  # per bucket its parameter's (count, m, n); shape key -> bucket positions
     for k, (b, ph) in enumerate(zip(gplan.buckets, phases, strict=True)):
-        p = b.members[0].param
-        count, m, n = matrix_shape(p.shape, flatten)
-        X = _gather(ph.U.view(local(p).shape), p).reshape(count, m, n)
-        counts.append(count)
-        fulls.append(X.mT.contiguous() if m > n else X)  # tall: the transposes, as one process stacks them
-        key = (min(m, n), max(m, n), X.dtype, b.ns_dtype)
+        count, m, n = matrix_shape(b.members[0].param.shape, flatten)
+        shapes.append((count, m, n))
+        key = (min(m, n), max(m, n), ph.U.dtype, b.ns_dtype)
         batches.setdefault(key if batched else (k,), []).append(k)
-    outs: list = [None] * len(fulls)
+    results: list = [None] * len(phases)
     for positions in batches.values():
-        b = gplan.buckets[positions[0]]
-        stack = torch.cat([fulls[k] for k in positions]) if len(positions) > 1 else fulls[positions[0]]
-        for k in positions:
-            fulls[k] = None  # the inputs go as the stack is made
-        result = b.run(stack, b.schedule, b.ns_dtype)
-        for k, O in zip(positions, result.split([counts[k] for k in positions]), strict=True):
-            outs[k] = O
-    results = []
-    for b, O in zip(gplan.buckets, outs, strict=True):
-        p = b.members[0].param
-        _, m, n = matrix_shape(p.shape, flatten)
-        O = O.mT if m > n else O
-        results.append(_shard(O.reshape(p.shape), p).reshape(b.shape))
+        sizes = [shapes[k][0] * shapes[k][1] * shapes[k][2] for k in positions]
+        for first, last in _chunk_bounds(sizes, 1, [shapes[k][0] for k in positions]):
+            part = positions[first:last]
+            fulls = []
+            for k in part:
+                p, (count, m, n) = gplan.buckets[k].members[0].param, shapes[k]
+                X = _gather(phases[k].U.view(local(p).shape), p).reshape(count, m, n)
+                phases[k].U = None  # the commit does not read it
+                fulls.append(X.mT.contiguous() if m > n else X)  # tall: transposes, as one process stacks them
+            stack = torch.cat(fulls) if len(fulls) > 1 else fulls[0]
+            del fulls, X
+            b = gplan.buckets[part[0]]
+            out = b.run(stack, b.schedule, b.ns_dtype)
+            del stack
+            for k, O in zip(part, out.split([shapes[k][0] for k in part]), strict=True):
+                p, (_, m, n) = gplan.buckets[k].members[0].param, shapes[k]
+                O = O.mT if m > n else O
+                results[k] = _own(_shard(O.reshape(p.shape), p).reshape(gplan.buckets[k].shape))
+            del out, O
     return results
 
 
