@@ -253,7 +253,9 @@ class Muon(Optimizer):
                                          plan_muon=distributed.planner_for(view))
             except distributed.LocalShardMismatch as exc:  # known on this rank only: every rank raises
                 distributed.refuse(view, self.param_groups, str(exc))
-            distributed.prepare_sharded(plan, self.param_groups, view)
+            # the owners' NS runs in chunks of this bound, as one process's does
+            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices))
+            distributed.prepare_sharded(plan, self.param_groups, view, ns_chunk)
             return plan
         if len(devices) > 1 and pg is not None:
             raise NotImplementedError(

@@ -35,6 +35,7 @@ class Exchange:
     device: torch.device | None
     groups: dict[int, GroupExchange] = field(default_factory=dict)  # by group index
     sharded: bool = False  # FSDP2 (DTensor) parameters: `muon.distributed.sharded`
+    ns_chunk_bytes: int | None = None  # the owners' NS in chunks of at most this (None: whole stacks)
     # the engine's NS phase for this plan: (plan, group plan, momentum phases) -> NS results per bucket
     ns_phase: Callable | None = None
     # (plan, flags) -> the agreed flags, where the plan's ranks do not share one process group

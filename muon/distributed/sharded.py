@@ -41,7 +41,7 @@ from torch import Tensor
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
 from ..engine import Plan, bucket_ns
-from ..engine.plan import Member, Planner, link_empty_muon, local, muon_bucket
+from ..engine.plan import Member, Planner, _chunk_bounds, link_empty_muon, local, muon_bucket
 from ..newton_schulz import orthogonalize, resolve_dtype
 from .collectives import DistributedStepError, _all_to_all_async, is_dtensor
 from .exchange import Exchange
@@ -257,13 +257,13 @@ def _pack(buckets: list, positions: list[int], world: int, rank: int) -> Pack:
     return pack
 
 
-def prepare(plan: Plan, param_groups: list[dict], view: MeshView) -> None:
+def prepare(plan: Plan, param_groups: list[dict], view: MeshView, ns_chunk_bytes: int | None = None) -> None:
     """Attach the Exchange (the flattened mesh group, the digest, the packed all_to_alls, the NS
-    phase) to a plan of DTensor groups."""
+    phase) to a plan of DTensor groups; the owners orthogonalize in chunks of `ns_chunk_bytes`."""
     signature = plan_signature(param_groups)
     device = local(plan.flag_params[0]).device if plan.flag_params else None
     ex = Exchange(view.pg, view.world, view.rank, signature, digest(signature), device, sharded=True,
-                  ns_phase=sharded_ns)  # fmt: skip
+                  ns_phase=sharded_ns, ns_chunk_bytes=ns_chunk_bytes)  # fmt: skip
     for gplan in plan.groups:
         if not gplan.use_muon:
             continue
@@ -301,6 +301,20 @@ def local_ns(b, U: Tensor) -> Tensor:
     return bucket_ns(b, U)
 
 
+def _chunked_ns(b, full: Tensor, chunk_bytes: int | None) -> Tensor:
+    """NS of an owner's (k, s, l) stack of full matrices, in chunks of at most `chunk_bytes` (at
+    least two matrices each, as one process chunks its buckets: the same bits), so its workspace is
+    one chunk's."""
+    k = full.shape[0]
+    bounds = _chunk_bounds([full[0].numel() * full.element_size()] * k, chunk_bytes, [1] * k)
+    if len(bounds) == 1:
+        return bucket_ns(b, full)
+    out = torch.empty(full.shape, dtype=b.ns_dtype, device=full.device)
+    for lo, hi in bounds:
+        out[lo:hi] = bucket_ns(b, full[lo:hi])
+    return out
+
+
 def _blocks_of(t: Tensor, k: int, block) -> Tensor:
     _, nr, _, nc = block
     return t.view(k, nr, nc)
@@ -310,26 +324,31 @@ def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
     """The NS phase of a sharded plan (`muon.engine.step`, module docstring)."""
     ex = plan.dist
     pg, rank = ex.pg, ex.rank
-    U = [ph.U for ph in phases]
     packs = ex.groups.get(gplan.index, [])
     # 1. every pack's gather, before any NS
     gathers = []
     for pack in packs:
         send = torch.empty(sum(pack.send_splits), dtype=pack.dtype, device=pack.device)
         if pack.send_parts:
-            src = [U[k][start : start + count] for k, start, count in pack.send_parts]
+            src = [phases[k].U[start : start + count] for k, start, count in pack.send_parts]
             dst = [d.view(s.shape) for d, s in zip(send.split([s.numel() for s in src]), src, strict=True)]
             torch._foreach_copy_(dst, src)
+            del src, dst
+        for k in pack.buckets:
+            phases[k].U = None  # packed: the commit does not read it
         gathers.append(_all_to_all_async("all_to_all gathering full matrices on their owner ranks", pg, rank, send,
                                          pack.send_splits, pack.recv_splits))  # fmt: skip
+        del send  # the collective holds it until it is finished
     # local buckets (expert stacks, plain tensors): NS where the matrices are, while the gathers run
     results: list = [None] * len(gplan.buckets)
     for k, (b, ph) in enumerate(zip(gplan.buckets, phases, strict=True)):
         if b.exchange is None:
             results[k] = local_ns(b, ph.U) if ph.U.numel() else ph.U
-    # 2. per pack: full matrices on their owner, NS batched per shape, every rank its block back
+    # 2. per pack: full matrices on their owner, NS per shape in chunks, every rank its block back
     scatters = []
-    for pack, (recv, work) in zip(packs, gathers, strict=True):
+    for i, pack in enumerate(packs):
+        recv, work = gathers[i]
+        gathers[i] = None
         work.wait()
         fulls = [torch.empty(shape, dtype=pack.dtype, device=pack.device) for shape in pack.ns_shapes]
         if pack.recv_parts:
@@ -337,23 +356,36 @@ def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
             dst = [_region(fulls[si], pack.ns_tall[si], off, k, block) for _, si, off, k, block in pack.recv_parts]
             src = [_blocks_of(piece, k, block) for piece, (_, _, _, k, block) in zip(pieces, pack.recv_parts)]
             torch._foreach_copy_(dst, src)
-        outs = [bucket_ns(b, full) for b, full in zip(pack.ns_buckets, fulls, strict=True)]
+            del pieces, dst, src
+        del recv, work
+        outs = []
+        for si, b in enumerate(pack.ns_buckets):
+            outs.append(_chunked_ns(b, fulls[si], ex.ns_chunk_bytes))
+            fulls[si] = None
         send = torch.empty(sum(pack.scatter_splits), dtype=pack.ns_dtype, device=pack.device)
         if pack.scatter_parts:
             pieces = send.split([part[0] for part in pack.scatter_parts])
             dst = [_blocks_of(piece, k, block) for piece, (_, _, _, k, block) in zip(pieces, pack.scatter_parts)]
             src = [_region(outs[si], pack.ns_tall[si], off, k, block) for _, si, off, k, block in pack.scatter_parts]
             torch._foreach_copy_(dst, src)
+            del pieces, dst, src
+        del outs
         scatters.append((pack, *_all_to_all_async("all_to_all scattering orthogonalized blocks back to their shards",
                                                   pg, rank, send, pack.scatter_splits, pack.back_splits)))  # fmt: skip
-    for pack, back, work in scatters:
+        del send  # the collective holds it until it is finished
+    # 3. every rank's blocks into its buckets' result stacks, each receive buffer freed once read
+    for i, (pack, back, work) in enumerate(scatters):
+        scatters[i] = None
         work.wait()
+        del work
         for k in pack.buckets:
             results[k] = torch.empty(gplan.buckets[k].shape, dtype=pack.ns_dtype, device=pack.device)
         if pack.back_parts:
             pieces = back.split([part[0] for part in pack.back_parts])
             dst = [results[k][start : start + count] for _, k, start, count in pack.back_parts]
             torch._foreach_copy_(dst, [piece.view(d.shape) for piece, d in zip(pieces, dst, strict=True)])
+            del pieces, dst
+        del back
     return results
 
 

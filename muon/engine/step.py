@@ -770,7 +770,7 @@ def execute(plan: Plan, param_groups: list[dict], state, ok_all: Tensor | None, 
             results = ns_phase(plan, gplan, phases)
             for b, ph, O, cm in zip(gplan.buckets, phases, results, cms, strict=True):
                 commits.append(muon_bucket_step(plan, gplan, b, group, ok_all, st, ws, [O], [ph], [cm]))
-            del phases, results
+            del phases, results, ph, O, cm  # the NS results are scaled into the buckets' updates
             if not atomic:
                 _commit(st, ws, commits)
     _commit(st, ws, commits)
