@@ -254,7 +254,7 @@ class Muon(Optimizer):
             except distributed.LocalShardMismatch as exc:  # known on this rank only: every rank raises
                 distributed.refuse(view, self.param_groups, str(exc))
             # the owners' NS runs in chunks of this bound, as one process's does
-            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices))
+            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
             distributed.prepare_sharded(plan, self.param_groups, view, ns_chunk)
             return plan
         if len(devices) > 1 and pg is not None:
@@ -271,8 +271,9 @@ class Muon(Optimizer):
                 getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices))
         plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes,
                                  chunk_buckets=not getattr(self, "atomic", True))
-        if pg is not None:
-            distributed.prepare(plan, self.param_groups, pg)
+        if pg is not None:  # each rank's NS rows in chunks, as one process chunks its buckets
+            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
+            distributed.prepare(plan, self.param_groups, pg, ns_chunk)
         return plan
 
     def _resolve_run(self, index: int, group: dict, X: Tensor, ns_dtype: torch.dtype, schedule):

@@ -676,24 +676,27 @@ def scenario_fsdp_plan_equals_loop():
     opt.zero_grad()
 
 
-# Counted step memory of FSDP2 (16 row-sharded 128×128 matrices on 2 ranks), bytes per local
-# parameter: (kept, step peak) ceilings, each the counted figure plus a margin. The owner plan frees
-# each buffer of its exchange once read; at its peak an owner holds its full matrices (4), their NS
-# result and the NS workspace of one chunk (the default chunk holds all 16 matrices here: 16; chunks
-# of two matrices: 11; before the buffers were freed: 28). foreach=False's gathered phase holds one
-# chunk of full matrices at a time besides the local results and updates (36.5 before it chunked).
-# Lower a ceiling when a change lowers the figure; a change that raises one must say why.
-FSDP_MEMORY = {
-    "owner": ({}, (4.1, 16.5)),  # counted: 4.0, 16.0
-    "owner, chunks of two matrices": ({"chunk_bytes": 2 * 128 * 128 * 4}, (4.1, 11.5)),  # 4.0, 11.0
-    "gathered": ({"foreach": False}, (4.1, 8.5)),  # 4.0, 8.0
+# Counted step memory on 2 ranks (16 matrices 128×128; FSDP2: row-sharded), bytes per local
+# parameter: (kept, step peak) ceilings, each the counted figure plus a margin. Every distributed NS
+# phase frees each buffer once read and orthogonalizes in `chunk_bytes` chunks (the default chunk
+# holds all 16 matrices here; "chunks of two" sets chunk_bytes to two matrices). DDP: the whole
+# bucket's NS input, a rank's rows and their NS workspace, then the all-gathered results (16 before).
+# The FSDP2 owner plan: an owner's full matrices, their NS result and workspace (28 before).
+# foreach=False's gathered phase: one chunk of full matrices besides the local results and updates
+# (36.5 before). Lower a ceiling when a change lowers the figure; a change that raises one must say why.
+DIST_MEMORY = {
+    "ddp": ("ddp", {}, (4.1, 12.5)),  # counted: 4.0, 12.0
+    "ddp, chunks of two": ("ddp", {"chunk_bytes": 2 * 128 * 128 * 4}, (4.1, 10.5)),  # 4.0, 10.0
+    "fsdp owner": ("fsdp", {}, (4.1, 16.5)),  # 4.0, 16.0
+    "fsdp owner, chunks of two": ("fsdp", {"chunk_bytes": 2 * 128 * 128 * 4}, (4.1, 11.5)),  # 4.0, 11.0
+    "fsdp gathered": ("fsdp", {"foreach": False}, (4.1, 8.5)),  # 4.0, 8.0
 }
 
 
-def scenario_fsdp_memory():
-    """The FSDP2 step's memory (the counting mode of bench/optimizer/memory.py, per local parameter):
-    the state alone between steps (each rank its shard), and the step peaks of FSDP_MEMORY; the three
-    ways compute the same bits."""
+def scenario_dist_memory():
+    """The distributed step's memory (the counting mode of bench/optimizer/memory.py, per local
+    parameter): the state alone between steps (FSDP2: each rank its shard), and the step peaks of
+    DIST_MEMORY; every way computes the same bits."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -702,23 +705,26 @@ def scenario_fsdp_memory():
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     stepped = {}
-    for name, (kw, (kept_max, peak_max)) in FSDP_MEMORY.items():
+    for name, (kind, kw, (kept_max, peak_max)) in DIST_MEMORY.items():
         gen = torch.Generator().manual_seed(0)
         params = []
         for _ in range(16):
-            p = nn.Parameter(distribute_tensor(torch.randn(128, 128, generator=gen), mesh, [Shard(0)]))
-            p.grad = distribute_tensor(torch.randn(128, 128, generator=gen), mesh, [Shard(0)])
+            w, g = torch.randn(128, 128, generator=gen), torch.randn(128, 128, generator=gen)
+            if kind == "fsdp":
+                w, g = distribute_tensor(w, mesh, [Shard(0)]), distribute_tensor(g, mesh, [Shard(0)])
+            p = nn.Parameter(w)
+            p.grad = g
             params.append(p)
-        n = sum(p.to_local().numel() for p in params)
+        n = sum((p.to_local() if kind == "fsdp" else p).numel() for p in params)
         got = count_step_memory(lambda params=params, kw=kw: Muon(params, lr=0.02, **kw))
         kept, peak = got["resident"] / n, got["step_peak"] / n
-        # the momentum's shard and an int64 skip counter per parameter
+        # the momentum (FSDP2: its shard) and an int64 skip counter per parameter
         assert got["state"] == 4 * n + 8 * len(params), f"{name}: state {got['state'] / n} B per local parameter"
         assert kept <= kept_max and peak <= peak_max, f"{name}: kept {kept:.3f}, step peak {peak:.3f} B/param"
         stepped[name] = [full(p) for p in params]
     first, *others = stepped.values()
     for name, values in zip(list(stepped)[1:], others, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(first, values, strict=True)), f"{name} differs from the owner plan"
+        assert all(torch.equal(a, b) for a, b in zip(first, values, strict=True)), f"{name} differs from DDP"
 
 
 SCENARIOS = {
@@ -744,7 +750,7 @@ SCENARIOS = {
     "ddp_state_dtype_matches_single": scenario_ddp_state_dtype(),
     "fsdp_state_dtype_plan_loop_single": scenario_fsdp_state_dtype(),
     "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
-    "fsdp_memory_per_local_parameter": scenario_fsdp_memory,
+    "memory_per_local_parameter": scenario_dist_memory,
 }
 _OUTDIR = ""
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
 from ..engine import Plan
-from ..engine.plan import Member, Planner, _chunk_bounds, link_empty_muon, local, muon_bucket
+from ..engine.plan import Member, Planner, chunk_bounds, link_empty_muon, local, muon_bucket
 from ..newton_schulz import resolve_dtype
 from .agreement import agree
 from .collectives import is_dtensor
@@ -180,7 +180,7 @@ def gathered_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
     results: list = [None] * len(phases)
     for positions in batches.values():
         sizes = [shapes[k][0] * shapes[k][1] * shapes[k][2] for k in positions]
-        for first, last in _chunk_bounds(sizes, 1, [shapes[k][0] for k in positions]):
+        for first, last in chunk_bounds(sizes, 1, [shapes[k][0] for k in positions]):
             part = positions[first:last]
             fulls = []
             for k in part:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine import Plan, bucket_ns
+from ..engine import Plan, chunked_ns
 from .agreement import agree
 from .collectives import all_gather_into, dist
 from .exchange import Exchange, GroupExchange
@@ -37,12 +37,14 @@ from .ownership import digest, plan_signature, share_buckets
 
 
 # ------------------------------------------------------------------------ replicated, on the plan
-def prepare(plan: Plan, param_groups: list[dict], pg) -> Exchange:
-    """Attach to `plan` who orthogonalizes which rows (the all-gather's buffers are per step)."""
+def prepare(plan: Plan, param_groups: list[dict], pg, ns_chunk_bytes: int | None = None) -> Exchange:
+    """Attach to `plan` who orthogonalizes which rows (the all-gather's buffers are per step); each
+    rank orthogonalizes its rows in chunks of `ns_chunk_bytes`."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     signature = plan_signature(param_groups)
     device = plan.flag_params[0].device if plan.flag_params else None
-    ex = Exchange(pg, world, rank, signature, digest(signature), device, ns_phase=replicated_ns)
+    ex = Exchange(pg, world, rank, signature, digest(signature), device, ns_phase=replicated_ns,
+                  ns_chunk_bytes=ns_chunk_bytes)
     load = [0] * world
     for gplan in plan.groups:
         if not gplan.use_muon or not gplan.buckets:
@@ -77,11 +79,16 @@ def replicated_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
         if stop > start:
             _, s, l = gx.shapes[k]
             offset = share.offsets[k][rank]
-            send_views.append(send[offset : offset + (stop - start) * s * l].view(stop - start, s, l))
-            mine.append(bucket_ns(b, ph.U[start:stop]))
+            view = send[offset : offset + (stop - start) * s * l].view(stop - start, s, l)
+            O = chunked_ns(b, ph.U[start:stop], ex.ns_chunk_bytes, out=view)
+            if O is not view:  # one chunk: copied with the others' below
+                send_views.append(view)
+                mine.append(O)
+            del O
+        ph.U = None  # orthogonalized (or another rank's rows): the commit does not read it
     if mine:
         torch._foreach_copy_(send_views, mine)
-    del mine
+    del mine, send_views
     gathered = torch.empty(world * share.width, dtype=gx.dtype, device=gx.device)
     all_gather_into("all_gather of the orthogonalized updates", ex.pg, gathered, send)
     del send

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from .._shapes import matrix_shape, update_scale
 from ..coefficients import resolve_schedule
-from ..engine import Plan, bucket_ns
-from ..engine.plan import Member, Planner, _chunk_bounds, link_empty_muon, local, muon_bucket
+from ..engine import Plan, bucket_ns, chunked_ns
+from ..engine.plan import Member, Planner, link_empty_muon, local, muon_bucket
 from ..newton_schulz import orthogonalize, resolve_dtype
 from .collectives import DistributedStepError, _all_to_all_async, is_dtensor
 from .exchange import Exchange
@@ -301,20 +301,6 @@ def local_ns(b, U: Tensor) -> Tensor:
     return bucket_ns(b, U)
 
 
-def _chunked_ns(b, full: Tensor, chunk_bytes: int | None) -> Tensor:
-    """NS of an owner's (k, s, l) stack of full matrices, in chunks of at most `chunk_bytes` (at
-    least two matrices each, as one process chunks its buckets: the same bits), so its workspace is
-    one chunk's."""
-    k = full.shape[0]
-    bounds = _chunk_bounds([full[0].numel() * full.element_size()] * k, chunk_bytes, [1] * k)
-    if len(bounds) == 1:
-        return bucket_ns(b, full)
-    out = torch.empty(full.shape, dtype=b.ns_dtype, device=full.device)
-    for lo, hi in bounds:
-        out[lo:hi] = bucket_ns(b, full[lo:hi])
-    return out
-
-
 def _blocks_of(t: Tensor, k: int, block) -> Tensor:
     _, nr, _, nc = block
     return t.view(k, nr, nc)
@@ -360,7 +346,7 @@ def sharded_ns(plan: Plan, gplan, phases: list) -> list[Tensor]:
         del recv, work
         outs = []
         for si, b in enumerate(pack.ns_buckets):
-            outs.append(_chunked_ns(b, fulls[si], ex.ns_chunk_bytes))
+            outs.append(chunked_ns(b, fulls[si], ex.ns_chunk_bytes))
             fulls[si] = None
         send = torch.empty(sum(pack.scatter_splits), dtype=pack.ns_dtype, device=pack.device)
         if pack.scatter_parts:

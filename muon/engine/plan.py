@@ -476,7 +476,7 @@ def plan_muon_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad, 
         gplan.buckets.extend(_by_chunk(bucket) if planner.chunk_buckets else [bucket])
 
 
-def _chunk_bounds(sizes: list[int], limit: int | None, counts: list[int] | None = None) -> list[tuple[int, int]]:
+def chunk_bounds(sizes: list[int], limit: int | None, counts: list[int] | None = None) -> list[tuple[int, int]]:
     """Consecutive runs [first, last) of items whose sizes add up to at most `limit` (an item larger
     than the limit is a run of its own); one run of everything when limit is None.
 
@@ -521,7 +521,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     tall = [mb.tall for mb in members for _ in range(mb.count)]
     normuon = group["variant"] == "normuon"  # split/heads groups refuse NorMuon at construction
     chunks = []
-    for first, last in _chunk_bounds(sizes, None if sharded else planner.chunk_bytes, [mb.count for mb in members]):
+    for first, last in chunk_bounds(sizes, None if sharded else planner.chunk_bytes, [mb.count for mb in members]):
         lo, hi = members[first].offset, members[last - 1].offset + members[last - 1].count
         runs = [Run(r.first + first, r.last + first, r.lo, r.hi, r.mode, r.transpose, r.tall, r.shape, r.counts)
                 for r in make_runs(members[first:last], flatten)]  # fmt: skip
@@ -614,7 +614,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
         # a quarter of the Muon bound: a chunk's AdamW step holds about four stacks of it at once (the
         # gradients, the next moments, the denominator), where a Muon chunk's NS holds its own workspace
         limit = None if planner.chunk_bytes is None else max(1, planner.chunk_bytes // 4)
-        for first, last in _chunk_bounds([q.numel() * element for q in shards], limit):
+        for first, last in chunk_bounds([q.numel() * element for q in shards], limit):
             runs = []
             for k in range(first, last):
                 if runs and shards[k].shape == shards[runs[-1][0]].shape:

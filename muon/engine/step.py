@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..backends.momentum_op import low_precision_momentum
-from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, local, stack_rows
+from .plan import COUNTERS, AdamWBucket, GroupPlan, MuonBucket, MuonChunk, Plan, chunk_bounds, local, stack_rows
 
 
 class StepState:
@@ -345,6 +345,21 @@ def muon_momentum(b: MuonBucket, chunk: MuonChunk, group: dict, ok_all: Tensor |
 def bucket_ns(b: MuonBucket, U: Tensor) -> Tensor:
     """Newton–Schulz of rows of the bucket's stack (a chunk, all of it, or one rank's share)."""
     return b.run(U, b.schedule, b.ns_dtype)
+
+
+def chunked_ns(b: MuonBucket, X: Tensor, chunk_bytes: int | None, out: Tensor | None = None) -> Tensor:
+    """Newton–Schulz of a (k, s, l) stack in chunks of at most `chunk_bytes` (at least two matrices
+    each, as a one-process plan chunks its buckets: the same bits), so the workspace is one chunk's
+    (a distributed NS phase, whose stacks are whole buckets). One chunk: the result, `out` unused;
+    several: written into `out` (a new stack where None), which is returned."""
+    k = X.shape[0]
+    bounds = chunk_bounds([X[0].numel() * X.element_size()] * k, chunk_bytes, [1] * k) if k else [(0, 0)]
+    if len(bounds) == 1:
+        return bucket_ns(b, X)
+    out = torch.empty(X.shape, dtype=b.ns_dtype, device=X.device) if out is None else out
+    for lo, hi in bounds:
+        out[lo:hi] = bucket_ns(b, X[lo:hi])
+    return out
 
 
 def local_ns(plan: Plan, gplan: GroupPlan, phases: list[MomentumPhase]) -> list[Tensor]:
