@@ -173,6 +173,24 @@ class Run:
             return list(Y.split(self.counts))
         return list(Y.view(len(members), *self.shape).unbind(0))
 
+    def write_back(self, members: list[Member], stack: Tensor, base: int, tensors: list[Tensor]) -> None:
+        """The inverse of `to_stack`: the members' rows of `stack` copied into their parameter-shaped
+        `tensors` (cast to their dtype; for "each" runs the tensors must be viewable)."""
+        if self.mode != "each" and tensors[0].dtype == stack.dtype and not torch.compiler.is_compiling():
+            # unbind_copy / split_with_sizes_copy: the copies without a list of views, one op where an
+            # unbind and a multi-tensor copy are two (they take no cast; torch.compile takes the
+            # multi-tensor copy below)
+            X = stack_rows(stack, self.lo - base, self.hi - base)
+            Y = X.mT if self.transpose else X
+            if self.mode == "cat":
+                torch.split_with_sizes_copy(Y, list(self.counts), 0, out=tensors)
+            else:
+                torch.unbind_copy(Y if self.mode == "stack" else Y.view(len(tensors), *self.shape), 0, out=tensors)
+            return
+        if self.mode == "each":
+            tensors = [mb.source(t, write=True) for mb, t in zip(members, tensors, strict=True)]
+        torch._foreach_copy_(tensors, self.from_stack(members, stack, base))
+
     def neurons(self, members: list[Member], stack: Tensor, base: int, shape_of) -> list[Tensor]:
         """The members' views of a NorMuon moment stack ((k, s) rows, or (k, l) columns for tall)."""
         X = stack_rows(stack, self.lo - base, self.hi - base)
@@ -248,6 +266,11 @@ class MuonChunk:
     def from_stack(self, members: list[Member], stack: Tensor) -> list[Tensor]:
         """Per member of the chunk, its view of the chunk's rows of `stack` (the chunk's (B, s, l))."""
         return [v for run in self.runs for v in run.from_stack(self._part(run, members), stack, self.lo)]
+
+    def write_back(self, members: list[Member], stack: Tensor, tensors: list[Tensor]) -> None:
+        """The chunk's rows of `stack` copied into the `members`' parameter-shaped `tensors` (`Run.write_back`)."""
+        for run in self.runs:
+            run.write_back(self._part(run, members), stack, self.lo, self._part(run, tensors))
 
     def targets(self, members: list[Member], tensors: list[Tensor]) -> list[Tensor]:
         """The members' parts of parameter-shaped `tensors`, shaped as `from_stack` gives them (a row

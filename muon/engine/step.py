@@ -152,11 +152,26 @@ class Workspace:
                 self.buffers[key] = torch.empty(numel, dtype=key[0], device=key[1])
 
     def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0, slot: int = 0) -> Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        """A contiguous tensor of `shape` at element `offset` of the buffer: one op (as_strided), where a
+        slice and a view would be two (torch.compile: those two)."""
         buffer = self.buffers[dtype, device, slot]
-        return (buffer if offset == 0 and numel == buffer.numel() else buffer[offset : offset + numel]).view(shape)
+        if torch.compiler.is_compiling():
+            return buffer[offset : offset + _numel(shape)].view(shape)
+        return buffer.as_strided(shape, _contiguous_strides(shape), offset)
+
+    def stack(self, tensors: list[Tensor], dtype: torch.dtype, device, offset: int = 0, slot: int = 0) -> Tensor:
+        """Same-shape `tensors` stacked into the buffer at `offset`, cast to `dtype`: (k, *shape)."""
+        rows = self.take(dtype, device, (len(tensors), *tensors[0].shape), offset, slot)
+        _stack_into(tensors, rows)
+        return rows
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
@@ -500,7 +515,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
             chunk.to_stack(members, params, W)
             F.commit_stack(W, decay, stack_rows(out, chunk.lo, chunk.hi))
-            torch._foreach_copy_(chunk.targets(members, params), chunk.from_stack(members, W))
+            chunk.write_back(members, W, params)
 
     return commit
 
@@ -667,10 +682,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         for chunk in b.chunks if not stored else ():
             G, offset = [], 0
             for first, last in chunk.runs:
-                shape = moments[r][0][0].shape
-                g = ws.take(b.gdtype, device, tuple(shape), offset)
+                g = ws.stack(grads[first:last], b.gdtype, device, offset).view(moments[r][0][0].shape)
                 offset += g.numel()
-                _stack_into(grads[first:last], g)
                 if bad is not None:
                     g.masked_fill_(bad[r], 0)
                 G.append(g)
@@ -692,24 +705,33 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         for chunk in b.chunks:
             offset = 0
             for first, last in chunk.runs:
-                W = ws.take(dtype, device, tuple(updates[r].shape), offset, slot=1)
+                rows = ws.stack(params[first:last], dtype, device, offset, slot=1)
+                W = rows.view(updates[r].shape)
                 offset += W.numel()
-                _stack_into(params[first:last], W)
                 F.commit_stack(W, None if decay is None else decay[r], updates[r], step_size[r])
-                torch._foreach_copy_(params[first:last], list(W.view(last - first, *params[first].shape).unbind(0)))
+                _unstack_into(rows, params[first:last])
                 r += 1
 
     return commit
 
 
-def _stack_into(tensors: list[Tensor], out: Tensor) -> None:
-    """Same-shape `tensors` into the rows of `out` ((k, numel)), cast to its dtype: one op (torch.compile
-    does not trace stack(out=a view); there, a multi-tensor copy into its rows, the same values)."""
-    shaped = out.view(len(tensors), *tensors[0].shape)
+def _stack_into(tensors: list[Tensor], rows: Tensor) -> None:
+    """Same-shape `tensors` into `rows` ((k, *shape)), cast to its dtype: one op (torch.compile does not
+    trace stack(out=a view); there, a multi-tensor copy into its rows, the same values)."""
     if torch.compiler.is_compiling():
-        torch._foreach_copy_(list(shaped.unbind(0)), tensors)
+        torch._foreach_copy_(list(rows.unbind(0)), tensors)
     else:
-        torch.stack(tensors, out=shaped)
+        torch.stack(tensors, out=rows)
+
+
+def _unstack_into(rows: Tensor, tensors: list[Tensor]) -> None:
+    """The inverse of `_stack_into`: the rows of `rows` ((k, *shape)) copied into `tensors`, cast to
+    their dtype; one op (unbind_copy, which takes no cast), else a multi-tensor copy (also where
+    torch.compile traces)."""
+    if tensors[0].dtype != rows.dtype or torch.compiler.is_compiling():
+        torch._foreach_copy_(tensors, list(rows.unbind(0)))
+    else:
+        torch.unbind_copy(rows, 0, out=tensors)
 
 
 def _per_run(values: Tensor, sizes: list[int]) -> list[Tensor]:
