@@ -119,15 +119,17 @@ def _check(G: Tensor, coefficients, dtype: torch.dtype, backend: str, algorithm:
 
 
 def _stack(G: Tensor) -> tuple[Tensor, bool]:
-    """(X, transposed): G as a (B, s, l) stack with s <= l (views only)."""
+    """(X, transposed): G as a (B, s, l) stack with s <= l (views only; a stack is not reshaped, which
+    would dispatch an op for nothing)."""
     m, n = G.shape[-2:]
-    X = G.reshape(-1, m, n)
+    X = G if G.ndim == 3 else G.reshape(-1, m, n)
     transposed = m > n
     return (X.mT if transposed else X), transposed
 
 
 def _unstack(Y: Tensor, G: Tensor, transposed: bool) -> Tensor:
-    return (Y.mT if transposed else Y).reshape(G.shape)
+    Y = Y.mT if transposed else Y
+    return Y if G.ndim == 3 else Y.reshape(G.shape)
 
 
 def _apply(G: Tensor, coefficients, fro_scale, eps, precondition, dtype, restarts, fn) -> Tensor:
