@@ -55,6 +55,10 @@ def default_chunk_bytes(device: torch.device) -> int:
     return DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
 
 
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (its `_local_tensor`, an attribute read: no dispatch, and it
     follows FSDP2 re-pointing a parameter at new storage), or t itself."""
@@ -247,7 +251,7 @@ class MuonChunk:
     runs: list[Run]
     flag_index: Tensor  # (P,) positions of the members' gradients in the step's flag vector
     matrix_flag_index: Tensor  # (B,) the same per matrix
-    scales: Tensor  # (B,) fp64 update_scale of each matrix
+    scales: Tensor  # (B, 1, 1) fp64 update_scale of each matrix (shaped to scale the stack's matrices)
     # NorMuon: which matrices keep their per-neuron moments as stack rows (not tall) or columns (tall);
     # (B, 1) bool when the chunk has both kinds, else None
     row_matrices: Tensor | None = None
@@ -329,7 +333,15 @@ class MuonBucket:
 
     def grads(self, first: int = 0, last: int | None = None) -> list[Tensor]:
         """The members' whole (local) gradients, parameter-shaped (a run cuts row blocks itself)."""
+        if not self.sharded:  # (DTensor parameters are planned into sharded buckets only)
+            return [mb.param.grad for mb in self.members[first:last]]
         return [local(mb.param.grad) for mb in self.members[first:last]]
+
+    def whole_local_params(self, first: int = 0, last: int | None = None) -> list[Tensor]:
+        """The members' whole (local) parameters (`MuonChunk.to_stack` cuts row blocks itself)."""
+        if not self.sharded:
+            return self.whole_params[first:last]
+        return [local(p) for p in self.whole_params[first:last]]
 
 
 @dataclass
@@ -342,6 +354,7 @@ class AdamWChunk:
     first: int
     last: int
     runs: list[tuple[int, int]]
+    numel: int = 0  # elements of its (local) parameters
 
 
 @dataclass
@@ -383,6 +396,8 @@ class Plan:
     groups: list[GroupPlan]
     flag_params: list[Tensor]  # every non-empty parameter with a gradient, in flag order
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
+    # no parameter or gradient is a DTensor: a step reads them as they are (`local` is the identity)
+    plain: bool = True
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
     dist: object | None = None
@@ -461,7 +476,8 @@ def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None
             plan_muon(planner, gplan, group, with_grad, flag_pos)
         else:
             plan_adamw_group(planner, gplan, group, with_grad, flag_pos)
-    return Plan(key, groups, flag_params, where)
+    plain = not any(is_dtensor(p) or is_dtensor(p.grad) for group in param_groups for p in group["params"])
+    return Plan(key, groups, flag_params, where, plain=plain)
 
 
 def link_empty_muon(planner: Planner, gplan: GroupPlan, i: int, p: Tensor) -> None:
@@ -548,14 +564,17 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         lo, hi = members[first].offset, members[last - 1].offset + members[last - 1].count
         runs = [Run(r.first + first, r.last + first, r.lo, r.hi, r.mode, r.transpose, r.tall, r.shape, r.counts)
                 for r in make_runs(members[first:last], flatten)]  # fmt: skip
+        flag_index = torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device)
         chunk = MuonChunk(
             first, last, lo, hi, runs,
-            flag_index=torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device),
-            matrix_flag_index=torch.tensor(
+            flag_index=flag_index,
+            # the same tensor where every member is one matrix (a step then reads the members' flags
+            # off the matrices')
+            matrix_flag_index=flag_index if hi - lo == last - first else torch.tensor(
                 [flag_pos[mb.index] for mb in members[first:last] for _ in range(mb.count)], dtype=torch.int64,
                 device=device,
             ),
-            scales=torch.tensor(scales[lo:hi], dtype=torch.float64, device=device),
+            scales=torch.tensor(scales[lo:hi], dtype=torch.float64, device=device).view(-1, 1, 1),
         )  # fmt: skip
         if normuon:
             kinds = tall[lo:hi]
@@ -644,7 +663,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
                     runs[-1] = (runs[-1][0], k + 1)
                 else:
                     runs.append((k, k + 1))
-            chunks.append(AdamWChunk(first, last, runs))
+            chunks.append(AdamWChunk(first, last, runs, sum(q.numel() for q in shards[first:last])))
         bucket = AdamWBucket(
             params=params,
             indices=[i for i, _ in entries],

@@ -37,6 +37,7 @@ at a time.
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class Workspace:
         return rows
 
 
+@functools.lru_cache(maxsize=256)
 def _contiguous_strides(shape: tuple) -> tuple:
     strides, step = [], 1
     for size in reversed(shape):
@@ -178,6 +180,8 @@ def finite_flags(plan: Plan) -> Tensor | None:
     """(N,) bool on the device: gradient j of plan.flag_params is finite. One multi-tensor norm."""
     if not plan.flag_params:
         return None
+    if plan.plain:  # (a parameter's gradient has its shape: none is empty)
+        return torch.stack(torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))).isfinite()
     # DTensor gradients: the local shard's flag; the ranks agree them
     grads = [local(p.grad) for p in plan.flag_params]
     if any(g.numel() == 0 for g in grads):  # a rank holding no rows of a sharded parameter: finite
@@ -281,12 +285,14 @@ class ChunkMomentum:
     stored: list | None = None
 
 
-def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState) -> ChunkMomentum:
+def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState,
+                   entries: list | None = None) -> ChunkMomentum:
     """The chunk's momentum as a (B, s, l) stack. Where the state holds the views of a stack this
     plan packed (and nothing replaced them or their storage), that stack itself, read in place; else
     the state's values are copied into a new stack whose views the commit installs (repacked: the
     first step, after a load, a clear or an assigned state tensor). Row blocks of split parameters
-    and DTensor shards keep their own tensors, gathered into a scratch stack every step."""
+    and DTensor shards keep their own tensors, gathered into a scratch stack every step. entries: the
+    bucket's members' state dicts (`StepState.entries`), read here where not given."""
     chunk = b.chunks[ci]
     members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
@@ -304,7 +310,10 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         chunk.to_stack(members, each, M)
         return ChunkMomentum(M, True, each=each)
     packed = plan.packed.get((id(b), ci))
-    stack = None if packed is None else packed.holds(st.entries([mb.param for mb in members]), "momentum_buffer")
+    if packed is not None:
+        entries = st.entries(b.whole_params[chunk.first : chunk.last]) if entries is None else \
+            entries[chunk.first : chunk.last]
+    stack = None if packed is None else packed.holds(entries, "momentum_buffer")
     if stack is not None:
         return ChunkMomentum(stack, False)  # checked when it was packed; the same tensors since
     current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
@@ -377,7 +386,7 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
         neg_lr_scale = (-lr.to(device)) * chunk.scales.to(lr.dtype)
     else:
         neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
-    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
+    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype), 0.0, dtype, device, const)
     X = stack_rows(out, chunk.lo, chunk.hi)
     if not b.normuon:
         torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath
@@ -411,11 +420,14 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     flatten, transposed = group["flatten"], group.get("transposed", False)
     # the skip counters of the members that keep them (not a split parameter's later blocks): one (k,) stack
     owners = b.members if b.all_owners else [mb for mb in b.members if mb.owner]
+    # the members' state dicts, read once for the checks that the state still holds the packed stacks
+    entries = None if b.sharded else st.entries(b.whole_params)
     skips = None
     if owners:
-        params = [mb.param for mb in owners]
+        params = b.whole_params if b.all_owners else [mb.param for mb in owners]
         skips = packed_state(plan, (id(b), "nonfinite_skips"), params, gplan.index, [mb.index for mb in owners],
-                             "nonfinite_skips", st, None if b.sharded else st.entries(params), b.device)
+                             "nonfinite_skips", st, entries if b.all_owners or b.sharded else st.entries(params),
+                             b.device)  # fmt: skip
     moments = [] if b.normuon else None
     for mb in b.members:
         if b.normuon:
@@ -425,7 +437,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     next_moments, held, ok_mats = [], [], []
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
         for ci, chunk in enumerate(b.chunks):
-            cm = chunk_momentum(plan, gplan, b, ci, st)
+            cm = chunk_momentum(plan, gplan, b, ci, st, entries)
             ph = muon_momentum(b, chunk, group, ok_all, cm, st.const)
             O = bucket_ns(b, ph.U)
             del ph.U
@@ -440,9 +452,17 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             ok_mats.append((ph.ok_mat, ph.bad_mat, ph.weight))
     lr, wd = group["lr"], group["weight_decay"]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
-    ok = None if ok_all is None else ok_all[b.flag_index]
+    # the members' finite flags and their negation: the matrices' where they are the members' (one chunk,
+    # one matrix per member), else gathered
+    ok = bad = None
+    if ok_all is not None:
+        chunk = b.chunks[0]
+        if len(b.chunks) == 1 and chunk.matrix_flag_index is chunk.flag_index:
+            ok, bad = ok_mats[0][0].view(-1), ok_mats[0][1].view(-1)
+        else:
+            ok = ok_all[b.flag_index]
     members_of = [b.members[c.first : c.last] for c in b.chunks]
-    params_of = [_whole_params(b, c) for c in b.chunks]
+    params_of = [b.whole_local_params(c.first, c.last) for c in b.chunks]
     decays = []
     # a distributed NS phase takes whole buckets, and atomic=False wants the smallest footprint: their
     # parameters are updated in place, member by member (`muon.functional.commit_update`, the same
@@ -479,7 +499,10 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
     skipped = None
     if ok is not None and skips is not None:
-        skipped = ~ok if b.all_owners else ~ok[[k for k, mb in enumerate(b.members) if mb.owner]]
+        if not b.all_owners:
+            skipped = ~ok[[k for k, mb in enumerate(b.members) if mb.owner]]
+        else:
+            skipped = ~ok if bad is None else bad
 
     def commit() -> None:
         for ci, (chunk, cm, (_, bad_mat, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
@@ -518,11 +541,6 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             chunk.write_back(members, W, params)
 
     return commit
-
-
-def _whole_params(b: MuonBucket, chunk: MuonChunk) -> list[Tensor]:
-    """The chunk's members' whole (local) parameters (`MuonChunk.to_stack` cuts row blocks itself)."""
-    return [local(mb.param) for mb in b.members[chunk.first : chunk.last]]
 
 
 # --------------------------------------------------------------------------------------- AdamW
@@ -606,7 +624,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     wd, eps = group["weight_decay"], group["eps"]
     device = b.device
     params = b.local_params()
-    grads = [local(p.grad) for p in b.params]
+    grads = [p.grad for p in b.params] if plan.plain else [local(p.grad) for p in b.params]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     if fused and ok_all is None and b.fusable and not cautious:
         # every gradient is known finite (nonfinite="raise" checked it): one fused kernel in place,
@@ -639,7 +657,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     w1 = _per_run(F.masked(rows, 1 - beta1, 0.0, mdtype, device, st.const), sizes)
     w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
     bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
-    bad = None if ok is None else list((~rows).split(sizes))
+    bad = None if ok is None else list((~rows).split_with_sizes(sizes))
     step_size = _per_run(step_size.view(-1, 1), sizes)
     # W·(1 - lr·wd) per parameter, 1 where skipped; cautious: per element, only where the update u
     # (W -= lr·u, u = m̂/(sqrt(v̂)+eps) up to the positive lr/bias_correction1) agrees in sign with W
@@ -647,7 +665,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     moments, updates, stored = [], [], []
     r = 0
     for chunk in b.chunks:
-        numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
+        numel = chunk.numel
         if b.low is None:  # (bf16 moments are copied in from their next values: no gradients again)
             ws.need(b.gdtype, device, numel)
         ws.need(dtype, device, numel, slot=1)
@@ -655,7 +673,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         G, M, out = [], [], []
         for first, last in chunk.runs:  # same-shape parameters: their state is (k, numel) stacks
             EA, EAS = (run_state(plan, gplan, b, first, last, key, st, entries) for key in ("exp_avg", "exp_avg_sq"))
-            g = torch.stack(grads[first:last]).view(EA[0].shape)
+            g = _as_rows(torch.stack(grads[first:last]), EA[0].shape)
             if bad is not None:
                 g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             G.append(g)
@@ -682,7 +700,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         for chunk in b.chunks if not stored else ():
             G, offset = [], 0
             for first, last in chunk.runs:
-                g = ws.stack(grads[first:last], b.gdtype, device, offset).view(moments[r][0][0].shape)
+                g = _as_rows(ws.stack(grads[first:last], b.gdtype, device, offset), moments[r][0][0].shape)
                 offset += g.numel()
                 if bad is not None:
                     g.masked_fill_(bad[r], 0)
@@ -706,7 +724,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
             offset = 0
             for first, last in chunk.runs:
                 rows = ws.stack(params[first:last], dtype, device, offset, slot=1)
-                W = rows.view(updates[r].shape)
+                W = _as_rows(rows, updates[r].shape)
                 offset += W.numel()
                 F.commit_stack(W, None if decay is None else decay[r], updates[r], step_size[r])
                 _unstack_into(rows, params[first:last])
@@ -734,9 +752,15 @@ def _unstack_into(rows: Tensor, tensors: list[Tensor]) -> None:
         torch.unbind_copy(rows, 0, out=tensors)
 
 
+def _as_rows(stacked: Tensor, shape: torch.Size) -> Tensor:
+    """A stack of parameters (k, *shape) as the (k, numel) rows of a run (itself for 1-D parameters: a
+    view would dispatch an op for nothing)."""
+    return stacked if stacked.shape == shape else stacked.view(shape)
+
+
 def _per_run(values: Tensor, sizes: list[int]) -> list[Tensor]:
     """(P, 1) per-parameter values as one (k, 1) tensor per run (a 0-dim value: the same for every run)."""
-    return list(values.split(sizes)) if values.ndim else [values] * len(sizes)
+    return list(values.split_with_sizes(sizes)) if values.ndim else [values] * len(sizes)
 
 
 # ---------------------------------------------------------------------------------------- step
