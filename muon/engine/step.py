@@ -41,6 +41,7 @@ import functools
 import operator
 import weakref
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -253,8 +254,10 @@ class Packed:
         stack, views = self.tensors()
         if stack is None or len(entries) != len(views) or None in entries:
             return None
-        # a view gone (a deleted entry) or replaced; then `.data =` or `set_()` on one (C-level loops)
-        if not all(map(operator.is_, [d.get(key) for d in entries], views)):
+        # a view gone (a deleted entry: nothing else keeps it) or replaced; then `.data =` or `set_()`
+        # on one (C-level loops)
+        if any(map(operator.is_, views, repeat(None))) or \
+                not all(map(operator.is_, [d.get(key) for d in entries], views)):
             return None
         if self.ptrs is not None and not torch.compiler.is_compiling() and \
                 list(map(Tensor.data_ptr, views)) != self.ptrs:
