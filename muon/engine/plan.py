@@ -257,40 +257,44 @@ class MuonChunk:
     row_matrices: Tensor | None = None
     has_rows: bool = False
     has_cols: bool = False
+    # how many runs stack the transposes of their members' matrices with one op ("stack" or "cat"):
+    # "none", "all" or "some". The commit lays such a run's scratch out as its members are
+    # (`muon.engine.step.muon_bucket_step`)
+    transposes: str = "none"
 
-    def _part(self, run: Run, items: list) -> list:
+    def part(self, run: Run, items: list) -> list:
         """A run's part of per-member `items` of this chunk (items[0] is the chunk's first member)."""
         return items[run.first - self.first : run.last - self.first]
 
     def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor) -> None:
         """The chunk's `members`' parameter-shaped tensors into `out` (the chunk's (B, s, l) stack)."""
         for run in self.runs:
-            run.to_stack(self._part(run, members), self._part(run, tensors), out, self.lo)
+            run.to_stack(self.part(run, members), self.part(run, tensors), out, self.lo)
 
     def from_stack(self, members: list[Member], stack: Tensor) -> list[Tensor]:
         """Per member of the chunk, its view of the chunk's rows of `stack` (the chunk's (B, s, l))."""
-        return [v for run in self.runs for v in run.from_stack(self._part(run, members), stack, self.lo)]
+        return [v for run in self.runs for v in run.from_stack(self.part(run, members), stack, self.lo)]
 
     def write_back(self, members: list[Member], stack: Tensor, tensors: list[Tensor]) -> None:
         """The chunk's rows of `stack` copied into the `members`' parameter-shaped `tensors` (`Run.write_back`)."""
         for run in self.runs:
-            run.write_back(self._part(run, members), stack, self.lo, self._part(run, tensors))
+            run.write_back(self.part(run, members), stack, self.lo, self.part(run, tensors))
 
     def targets(self, members: list[Member], tensors: list[Tensor]) -> list[Tensor]:
         """The members' parts of parameter-shaped `tensors`, shaped as `from_stack` gives them (a row
         block's view for "each" runs: the tensors must be viewable)."""
         out = []
         for run in self.runs:
-            part = self._part(run, tensors)
+            part = self.part(run, tensors)
             if run.mode == "each":
-                part = [mb.source(t, write=True) for mb, t in zip(self._part(run, members), part, strict=True)]
+                part = [mb.source(t, write=True) for mb, t in zip(self.part(run, members), part, strict=True)]
             out.extend(part)
         return out
 
     def neurons(self, members: list[Member], rows: Tensor | None, cols: Tensor | None, shape_of) -> list[Tensor]:
         """Per member, its view of NorMuon's moment stacks of the chunk (rows, or cols for tall)."""
         return [v for run in self.runs
-                for v in run.neurons(self._part(run, members), cols if run.tall else rows, self.lo, shape_of)]
+                for v in run.neurons(self.part(run, members), cols if run.tall else rows, self.lo, shape_of)]
 
 
 @dataclass
@@ -566,7 +570,7 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
                 for r in make_runs(members[first:last], flatten)]  # fmt: skip
         flag_index = torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device)
         chunk = MuonChunk(
-            first, last, lo, hi, runs,
+            first, last, lo, hi, runs, transposes=_transposes(runs),
             flag_index=flag_index,
             # the same tensor where every member is one matrix (a step then reads the members' flags
             # off the matrices')
@@ -606,6 +610,12 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     if bucket.split:
         _check_writable(bucket, index)
     return bucket
+
+
+def _transposes(runs: list[Run]) -> str:
+    """`MuonChunk.transposes` of a chunk's runs."""
+    transposed = [r.transpose and r.mode != "each" for r in runs]
+    return "all" if all(transposed) else "some" if any(transposed) else "none"
 
 
 def _by_chunk(b: MuonBucket) -> list[MuonBucket]:
