@@ -98,6 +98,19 @@ def test_an_assigned_state_tensor_is_used_by_the_next_step(key):
     assert_same(fast, ref)
 
 
+@pytest.mark.parametrize("key", ["momentum_buffer", "exp_avg", "exp_avg_sq", "step", "nonfinite_skips"])
+def test_a_deleted_state_entry_is_created_again_as_on_the_loop(key):
+    """`del opt.state[p][key]` frees the entry (a view of a packed stack, nothing else keeps it): the
+    next step makes it afresh, as the loop does, and steps the rest of the state as it was."""
+    fast, ref = _twins()
+    index = 0 if key == "momentum_buffer" else 4  # a Muon matrix, or an AdamW vector
+    for opt in (fast, ref):
+        del opt.state[params_of(opt)[index]][key]
+    run_steps(fast, (4, 5))
+    run_steps(ref, (4, 5))
+    assert_same(fast, ref)
+
+
 def _zero_data(t):
     t.data = torch.zeros_like(t)
 

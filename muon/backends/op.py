@@ -119,15 +119,17 @@ def _check(G: Tensor, coefficients, dtype: torch.dtype, backend: str, algorithm:
 
 
 def _stack(G: Tensor) -> tuple[Tensor, bool]:
-    """(X, transposed): G as a (B, s, l) stack with s <= l (views only)."""
+    """(X, transposed): G as a (B, s, l) stack with s <= l (views only; a stack is not reshaped, which
+    would dispatch an op for nothing)."""
     m, n = G.shape[-2:]
-    X = G.reshape(-1, m, n)
+    X = G if G.ndim == 3 else G.reshape(-1, m, n)
     transposed = m > n
     return (X.mT if transposed else X), transposed
 
 
 def _unstack(Y: Tensor, G: Tensor, transposed: bool) -> Tensor:
-    return (Y.mT if transposed else Y).reshape(G.shape)
+    Y = Y.mT if transposed else Y
+    return Y if G.ndim == 3 else Y.reshape(G.shape)
 
 
 def _apply(G: Tensor, coefficients, fro_scale, eps, precondition, dtype, restarts, fn) -> Tensor:
@@ -222,11 +224,26 @@ def _user_mode_active() -> bool:
     return any(not type(mode).__module__.startswith("torch._") for mode in _get_current_dispatch_mode_stack())
 
 
+def _plain_eager(X: Tensor) -> bool:
+    """Nothing would see the op on X: a plain tensor, no dispatch or function mode, no functorch
+    transform, no gradient to record. The dispatcher would then run `_kernel` itself, after a Python
+    round trip through the autograd wrapper and a redispatch (about 60 µs a call on a CPU)."""
+    return (
+        type(X) is Tensor
+        and not torch._C._len_torch_dispatch_stack()
+        and not (X.requires_grad and torch.is_grad_enabled())
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
 def call(X: Tensor, schedule: Schedule, dtype: torch.dtype, backend: str, algorithm: str, restarts=()) -> Tensor:
-    """The op on X with a Schedule (what the public function and the step engine call)."""
+    """The op on X with a Schedule (what the public function and the step engine call). Eager calls
+    that nothing would see the op in (`_plain_eager`) and calls under a user's dispatch mode run its
+    kernel directly, the same function on the same arguments."""
     coefficients, fro_scale, eps, precondition = schedule_args(schedule)
     args = (X, coefficients, fro_scale, eps, precondition, dtype, backend, algorithm, [int(r) for r in restarts])
-    if not torch.compiler.is_compiling() and _user_mode_active():
+    if not torch.compiler.is_compiling() and (_plain_eager(X) or _user_mode_active()):
         return _kernel(*args)
     return torch.ops.muon.newton_schulz.default(*args)
 OPERATOR = torch.ops.muon.newton_schulz.default  # the registered op

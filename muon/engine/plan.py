@@ -55,6 +55,10 @@ def default_chunk_bytes(device: torch.device) -> int:
     return DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
 
 
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (its `_local_tensor`, an attribute read: no dispatch, and it
     follows FSDP2 re-pointing a parameter at new storage), or t itself."""
@@ -173,6 +177,24 @@ class Run:
             return list(Y.split(self.counts))
         return list(Y.view(len(members), *self.shape).unbind(0))
 
+    def write_back(self, members: list[Member], stack: Tensor, base: int, tensors: list[Tensor]) -> None:
+        """The inverse of `to_stack`: the members' rows of `stack` copied into their parameter-shaped
+        `tensors` (cast to their dtype; for "each" runs the tensors must be viewable)."""
+        if self.mode != "each" and tensors[0].dtype == stack.dtype and not torch.compiler.is_compiling():
+            # unbind_copy / split_with_sizes_copy: the copies without a list of views, one op where an
+            # unbind and a multi-tensor copy are two (they take no cast; torch.compile takes the
+            # multi-tensor copy below)
+            X = stack_rows(stack, self.lo - base, self.hi - base)
+            Y = X.mT if self.transpose else X
+            if self.mode == "cat":
+                torch.split_with_sizes_copy(Y, list(self.counts), 0, out=tensors)
+            else:
+                torch.unbind_copy(Y if self.mode == "stack" else Y.view(len(tensors), *self.shape), 0, out=tensors)
+            return
+        if self.mode == "each":
+            tensors = [mb.source(t, write=True) for mb, t in zip(members, tensors, strict=True)]
+        torch._foreach_copy_(tensors, self.from_stack(members, stack, base))
+
     def neurons(self, members: list[Member], stack: Tensor, base: int, shape_of) -> list[Tensor]:
         """The members' views of a NorMuon moment stack ((k, s) rows, or (k, l) columns for tall)."""
         X = stack_rows(stack, self.lo - base, self.hi - base)
@@ -229,41 +251,50 @@ class MuonChunk:
     runs: list[Run]
     flag_index: Tensor  # (P,) positions of the members' gradients in the step's flag vector
     matrix_flag_index: Tensor  # (B,) the same per matrix
-    scales: Tensor  # (B,) fp64 update_scale of each matrix
+    scales: Tensor  # (B, 1, 1) fp64 update_scale of each matrix (shaped to scale the stack's matrices)
     # NorMuon: which matrices keep their per-neuron moments as stack rows (not tall) or columns (tall);
     # (B, 1) bool when the chunk has both kinds, else None
     row_matrices: Tensor | None = None
     has_rows: bool = False
     has_cols: bool = False
+    # how many runs stack the transposes of their members' matrices with one op ("stack" or "cat"):
+    # "none", "all" or "some". The commit lays such a run's scratch out as its members are
+    # (`muon.engine.step.muon_bucket_step`)
+    transposes: str = "none"
 
-    def _part(self, run: Run, items: list) -> list:
+    def part(self, run: Run, items: list) -> list:
         """A run's part of per-member `items` of this chunk (items[0] is the chunk's first member)."""
         return items[run.first - self.first : run.last - self.first]
 
     def to_stack(self, members: list[Member], tensors: list[Tensor], out: Tensor) -> None:
         """The chunk's `members`' parameter-shaped tensors into `out` (the chunk's (B, s, l) stack)."""
         for run in self.runs:
-            run.to_stack(self._part(run, members), self._part(run, tensors), out, self.lo)
+            run.to_stack(self.part(run, members), self.part(run, tensors), out, self.lo)
 
     def from_stack(self, members: list[Member], stack: Tensor) -> list[Tensor]:
         """Per member of the chunk, its view of the chunk's rows of `stack` (the chunk's (B, s, l))."""
-        return [v for run in self.runs for v in run.from_stack(self._part(run, members), stack, self.lo)]
+        return [v for run in self.runs for v in run.from_stack(self.part(run, members), stack, self.lo)]
+
+    def write_back(self, members: list[Member], stack: Tensor, tensors: list[Tensor]) -> None:
+        """The chunk's rows of `stack` copied into the `members`' parameter-shaped `tensors` (`Run.write_back`)."""
+        for run in self.runs:
+            run.write_back(self.part(run, members), stack, self.lo, self.part(run, tensors))
 
     def targets(self, members: list[Member], tensors: list[Tensor]) -> list[Tensor]:
         """The members' parts of parameter-shaped `tensors`, shaped as `from_stack` gives them (a row
         block's view for "each" runs: the tensors must be viewable)."""
         out = []
         for run in self.runs:
-            part = self._part(run, tensors)
+            part = self.part(run, tensors)
             if run.mode == "each":
-                part = [mb.source(t, write=True) for mb, t in zip(self._part(run, members), part, strict=True)]
+                part = [mb.source(t, write=True) for mb, t in zip(self.part(run, members), part, strict=True)]
             out.extend(part)
         return out
 
     def neurons(self, members: list[Member], rows: Tensor | None, cols: Tensor | None, shape_of) -> list[Tensor]:
         """Per member, its view of NorMuon's moment stacks of the chunk (rows, or cols for tall)."""
         return [v for run in self.runs
-                for v in run.neurons(self._part(run, members), cols if run.tall else rows, self.lo, shape_of)]
+                for v in run.neurons(self.part(run, members), cols if run.tall else rows, self.lo, shape_of)]
 
 
 @dataclass
@@ -306,7 +337,15 @@ class MuonBucket:
 
     def grads(self, first: int = 0, last: int | None = None) -> list[Tensor]:
         """The members' whole (local) gradients, parameter-shaped (a run cuts row blocks itself)."""
+        if not self.sharded:  # (DTensor parameters are planned into sharded buckets only)
+            return [mb.param.grad for mb in self.members[first:last]]
         return [local(mb.param.grad) for mb in self.members[first:last]]
+
+    def whole_local_params(self, first: int = 0, last: int | None = None) -> list[Tensor]:
+        """The members' whole (local) parameters (`MuonChunk.to_stack` cuts row blocks itself)."""
+        if not self.sharded:
+            return self.whole_params[first:last]
+        return [local(p) for p in self.whole_params[first:last]]
 
 
 @dataclass
@@ -319,6 +358,7 @@ class AdamWChunk:
     first: int
     last: int
     runs: list[tuple[int, int]]
+    numel: int = 0  # elements of its (local) parameters
 
 
 @dataclass
@@ -360,6 +400,8 @@ class Plan:
     groups: list[GroupPlan]
     flag_params: list[Tensor]  # every non-empty parameter with a gradient, in flag order
     where: list[tuple[int, int]]  # (group, position) of each, for error messages
+    # no parameter or gradient is a DTensor: a step reads them as they are (`local` is the identity)
+    plain: bool = True
     # the distributed part (muon.distributed: who orthogonalizes which rows, the collectives'
     # buffers, the digest ranks agree on, the NS phase); None in a single process
     dist: object | None = None
@@ -438,7 +480,8 @@ def build_plan(param_groups: list[dict], key: tuple, resolve_run, plan_muon=None
             plan_muon(planner, gplan, group, with_grad, flag_pos)
         else:
             plan_adamw_group(planner, gplan, group, with_grad, flag_pos)
-    return Plan(key, groups, flag_params, where)
+    plain = not any(is_dtensor(p) or is_dtensor(p.grad) for group in param_groups for p in group["params"])
+    return Plan(key, groups, flag_params, where, plain=plain)
 
 
 def link_empty_muon(planner: Planner, gplan: GroupPlan, i: int, p: Tensor) -> None:
@@ -525,14 +568,17 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
         lo, hi = members[first].offset, members[last - 1].offset + members[last - 1].count
         runs = [Run(r.first + first, r.last + first, r.lo, r.hi, r.mode, r.transpose, r.tall, r.shape, r.counts)
                 for r in make_runs(members[first:last], flatten)]  # fmt: skip
+        flag_index = torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device)
         chunk = MuonChunk(
-            first, last, lo, hi, runs,
-            flag_index=torch.tensor([flag_pos[mb.index] for mb in members[first:last]], device=device),
-            matrix_flag_index=torch.tensor(
+            first, last, lo, hi, runs, transposes=_transposes(runs),
+            flag_index=flag_index,
+            # the same tensor where every member is one matrix (a step then reads the members' flags
+            # off the matrices')
+            matrix_flag_index=flag_index if hi - lo == last - first else torch.tensor(
                 [flag_pos[mb.index] for mb in members[first:last] for _ in range(mb.count)], dtype=torch.int64,
                 device=device,
             ),
-            scales=torch.tensor(scales[lo:hi], dtype=torch.float64, device=device),
+            scales=torch.tensor(scales[lo:hi], dtype=torch.float64, device=device).view(-1, 1, 1),
         )  # fmt: skip
         if normuon:
             kinds = tall[lo:hi]
@@ -564,6 +610,12 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
     if bucket.split:
         _check_writable(bucket, index)
     return bucket
+
+
+def _transposes(runs: list[Run]) -> str:
+    """`MuonChunk.transposes` of a chunk's runs."""
+    transposed = [r.transpose and r.mode != "each" for r in runs]
+    return "all" if all(transposed) else "some" if any(transposed) else "none"
 
 
 def _by_chunk(b: MuonBucket) -> list[MuonBucket]:
@@ -621,7 +673,7 @@ def plan_adamw_group(planner: Planner, gplan: GroupPlan, group: dict, with_grad,
                     runs[-1] = (runs[-1][0], k + 1)
                 else:
                     runs.append((k, k + 1))
-            chunks.append(AdamWChunk(first, last, runs))
+            chunks.append(AdamWChunk(first, last, runs, sum(q.numel() for q in shards[first:last])))
         bucket = AdamWBucket(
             params=params,
             indices=[i for i, _ in entries],

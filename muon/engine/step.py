@@ -37,9 +37,11 @@ functions on one parameter at a time.
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -156,17 +158,35 @@ class Workspace:
         self.buffers.clear()
 
     def take(self, dtype: torch.dtype, device, shape: tuple, offset: int = 0, slot: int = 0) -> Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        """A contiguous tensor of `shape` at element `offset` of the buffer: one op (as_strided), where a
+        slice and a view would be two (torch.compile: those two)."""
         buffer = self.buffers[dtype, device, slot]
-        return (buffer if offset == 0 and numel == buffer.numel() else buffer[offset : offset + numel]).view(shape)
+        if torch.compiler.is_compiling():
+            return buffer[offset : offset + _numel(shape)].view(shape)
+        return buffer.as_strided(shape, _contiguous_strides(shape), offset)
+
+    def stack(self, tensors: list[Tensor], dtype: torch.dtype, device, offset: int = 0, slot: int = 0) -> Tensor:
+        """Same-shape `tensors` stacked into the buffer at `offset`, cast to `dtype`: (k, *shape)."""
+        rows = self.take(dtype, device, (len(tensors), *tensors[0].shape), offset, slot)
+        _stack_into(tensors, rows)
+        return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def finite_flags(plan: Plan) -> Tensor | None:
     """(N,) bool on the device: gradient j of plan.flag_params is finite. One multi-tensor norm."""
     if not plan.flag_params:
         return None
+    if plan.plain:  # (a parameter's gradient has its shape: none is empty)
+        return torch.stack(torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))).isfinite()
     # DTensor gradients: the local shard's flag; the ranks agree them
     grads = [local(p.grad) for p in plan.flag_params]
     if any(g.numel() == 0 for g in grads):  # a rank holding no rows of a sharded parameter: finite
@@ -207,6 +227,19 @@ class MomentumPhase:
     weight: Tensor | None = None  # (B, 1, 1) or 0-dim: the momentum's lerp weight (0 where skipped)
 
 
+def _scratch(ws: Workspace, b: MuonBucket, chunk: MuonChunk, dtype: torch.dtype, slot: int,
+             transposed: bool) -> Tensor:
+    """The commit's (B, s, l) scratch of a chunk in the workspace; transposed (every run of the chunk
+    stacks its members' transposes): laid out as (B, l, s), as the members are. Stacking them into
+    it, writing them back and elementwise ops with (B, s, l) stacks then copy contiguously and read
+    one operand strided, where the stack's layout took strided writes (on a CPU about twice as slow);
+    the same ops per element, the same bits."""
+    n, s, l = chunk.hi - chunk.lo, *b.shape[1:]
+    if transposed:
+        return ws.take(dtype, b.device, (n, l, s), slot=slot).mT
+    return ws.take(dtype, b.device, (n, s, l), slot=slot)
+
+
 def _stack_grads(b: MuonBucket, chunk: MuonChunk, bad_mat: Tensor | None, G: Tensor) -> None:
     """The chunk's gradients into G (B, s, l), zero where not finite (bad_mat: (B, 1, 1), None: all finite)."""
     chunk.to_stack(b.members[chunk.first : chunk.last], b.grads(chunk.first, chunk.last), G)
@@ -239,8 +272,10 @@ class Packed:
         stack, views = self.tensors()
         if stack is None or len(entries) != len(views) or None in entries:
             return None
-        # a view gone (a deleted entry) or replaced; then `.data =` or `set_()` on one (C-level loops)
-        if not all(map(operator.is_, [d.get(key) for d in entries], views)):
+        # a view gone (a deleted entry: nothing else keeps it) or replaced; then `.data =` or `set_()`
+        # on one (C-level loops)
+        if any(map(operator.is_, views, repeat(None))) or \
+                not all(map(operator.is_, [d.get(key) for d in entries], views)):
             return None
         if self.ptrs is not None and not torch.compiler.is_compiling() and \
                 list(map(Tensor.data_ptr, views)) != self.ptrs:
@@ -271,12 +306,14 @@ class ChunkMomentum:
     stored: list | None = None
 
 
-def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState) -> ChunkMomentum:
+def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: StepState,
+                   entries: list | None = None) -> ChunkMomentum:
     """The chunk's momentum as a (B, s, l) stack. Where the state holds the views of a stack this
     plan packed (and nothing replaced them or their storage), that stack itself, read in place; else
     the state's values are copied into a new stack whose views the commit installs (repacked: the
     first step, after a load, a clear or an assigned state tensor). Row blocks of split parameters
-    and DTensor shards keep their own tensors, gathered into a scratch stack every step."""
+    and DTensor shards keep their own tensors, gathered into a scratch stack every step. entries: the
+    bucket's members' state dicts (`StepState.entries`), read here where not given."""
     chunk = b.chunks[ci]
     members = b.members[chunk.first : chunk.last]
     shape = (chunk.hi - chunk.lo, *b.shape[1:])
@@ -294,7 +331,10 @@ def chunk_momentum(plan: Plan, gplan: GroupPlan, b: MuonBucket, ci: int, st: Ste
         chunk.to_stack(members, each, M)
         return ChunkMomentum(M, True, each=each)
     packed = plan.packed.get((id(b), ci))
-    stack = None if packed is None else packed.holds(st.entries([mb.param for mb in members]), "momentum_buffer")
+    if packed is not None:
+        entries = st.entries(b.whole_params[chunk.first : chunk.last]) if entries is None else \
+            entries[chunk.first : chunk.last]
+    stack = None if packed is None else packed.holds(entries, "momentum_buffer")
     if stack is not None:
         return ChunkMomentum(stack, False)  # checked when it was packed; the same tensors since
     current = [st.get(mb.param, "momentum_buffer", _where(gplan, mb.index), mb.param.grad.shape, create=False)
@@ -382,7 +422,7 @@ def muon_scale(b: MuonBucket, group: dict, O: Tensor, ph: MomentumPhase, out: Te
         neg_lr_scale = (-lr.to(device)) * chunk.scales.to(lr.dtype)
     else:
         neg_lr_scale = chunk.scales * -float(lr)  # in double, as Python computes -lr * scale
-    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype).view(-1, 1, 1), 0.0, dtype, device, const)
+    scale = F.masked(ph.ok_mat, neg_lr_scale.to(dtype), 0.0, dtype, device, const)
     X = stack_rows(out, chunk.lo, chunk.hi)
     if not b.normuon:
         torch.mul(O, scale, out=X)  # -lr·s·O per matrix, rounded once to opmath (X may be O itself)
@@ -417,11 +457,14 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     flatten, transposed = group["flatten"], group.get("transposed", False)
     # the skip counters of the members that keep them (not a split parameter's later blocks): one (k,) stack
     owners = b.members if b.all_owners else [mb for mb in b.members if mb.owner]
+    # the members' state dicts, read once for the checks that the state still holds the packed stacks
+    entries = None if b.sharded else st.entries(b.whole_params)
     skips = None
     if owners:
-        params = [mb.param for mb in owners]
+        params = b.whole_params if b.all_owners else [mb.param for mb in owners]
         skips = packed_state(plan, (id(b), "nonfinite_skips"), params, gplan.index, [mb.index for mb in owners],
-                             "nonfinite_skips", st, None if b.sharded else st.entries(params), b.device)
+                             "nonfinite_skips", st, entries if b.all_owners or b.sharded else st.entries(params),
+                             b.device)  # fmt: skip
     moments = [] if b.normuon else None
     for mb in b.members:
         if b.normuon:
@@ -433,7 +476,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
     next_moments, held, ok_mats = [], [], []
     if results is None:  # one process: chunk by chunk, each chunk's stacks freed before the next
         for ci, chunk in enumerate(b.chunks):
-            cm = chunk_momentum(plan, gplan, b, ci, st)
+            cm = chunk_momentum(plan, gplan, b, ci, st, entries)
             ph = muon_momentum(b, chunk, group, ok_all, cm, st.const)
             O = bucket_ns(b, ph.U)
             del ph.U
@@ -451,9 +494,17 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             ok_mats.append((ph.ok_mat, ph.bad_mat, ph.weight))
     lr, wd = group["lr"], group["weight_decay"]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
-    ok = None if ok_all is None else ok_all[b.flag_index]
+    # the members' finite flags and their negation: the matrices' where they are the members' (one chunk,
+    # one matrix per member), else gathered
+    ok = bad = None
+    if ok_all is not None:
+        chunk = b.chunks[0]
+        if len(b.chunks) == 1 and chunk.matrix_flag_index is chunk.flag_index:
+            ok, bad = ok_mats[0][0].view(-1), ok_mats[0][1].view(-1)
+        else:
+            ok = ok_all[b.flag_index]
     members_of = [b.members[c.first : c.last] for c in b.chunks]
-    params_of = [_whole_params(b, c) for c in b.chunks]
+    params_of = [b.whole_local_params(c.first, c.last) for c in b.chunks]
     decays = []
     # a distributed NS phase takes whole buckets, and atomic=False wants the smallest footprint: their
     # parameters are updated in place, member by member (`muon.functional.commit_update`, the same
@@ -490,7 +541,10 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
         weights = list(weights.unbind()) if weights.ndim else [weights] * len(b.members)
     skipped = None
     if ok is not None and skips is not None:
-        skipped = ~ok if b.all_owners else ~ok[[k for k, mb in enumerate(b.members) if mb.owner]]
+        if not b.all_owners:
+            skipped = ~ok[[k for k, mb in enumerate(b.members) if mb.owner]]
+        else:
+            skipped = ~ok if bad is None else bad
 
     def commit() -> None:
         for ci, (chunk, cm, (_, bad_mat, weight)) in enumerate(zip(b.chunks, held, ok_mats, strict=True)):
@@ -500,7 +554,7 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
                     torch._foreach_copy_(cm.low[1], [scale for _, scale in cm.stored])
                 continue
             # the momentum in place, from the sanitized gradients (with phase one's lerp weight)
-            G = ws.take(b.gdtype, b.device, (chunk.hi - chunk.lo, *b.shape[1:]))
+            G = _scratch(ws, b, chunk, b.gdtype, slot=0, transposed=chunk.transposes == "all")
             _stack_grads(b, chunk, bad_mat, G)
             if cm.each is None:  # a packed stack: one op (its views are the state, installed already)
                 cm.M.lerp_(G, weight)
@@ -522,18 +576,29 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             F.commit_update(b.params, work, member_decay, out_views)
             return
         # the parameters, chunk by chunk: stacked in opmath, W·decay + update, written back
+        s, l = b.shape[1:]
         for chunk, members, params, decay in zip(b.chunks, members_of, params_of, decays, strict=True):
-            W = ws.take(b.opmath, b.device, (chunk.hi - chunk.lo, *b.shape[1:]), slot=1)
-            chunk.to_stack(members, params, W)
-            F.commit_stack(W, decay, stack_rows(out, chunk.lo, chunk.hi))
-            torch._foreach_copy_(chunk.targets(members, params), chunk.from_stack(members, W))
+            update = stack_rows(out, chunk.lo, chunk.hi)
+            if chunk.transposes != "some":
+                W = _scratch(ws, b, chunk, b.opmath, slot=1, transposed=chunk.transposes == "all")
+                chunk.to_stack(members, params, W)
+                F.commit_stack(W, decay, update)
+                chunk.write_back(members, W, params)
+                continue
+            # run by run, a transposed run's W laid out as its parameters are (`_scratch`)
+            for run in chunk.runs:
+                lo, hi = run.lo - chunk.lo, run.hi - chunk.lo
+                if run.transpose and run.mode != "each":  # (hi - lo, s, l), laid out as (hi - lo, l, s)
+                    W = ws.take(b.opmath, b.device, (hi - lo, l, s), lo * s * l, slot=1).mT
+                else:
+                    W = ws.take(b.opmath, b.device, (hi - lo, s, l), lo * s * l, slot=1)
+                part_members, part_params = chunk.part(run, members), chunk.part(run, params)
+                run.to_stack(part_members, part_params, W, run.lo)
+                rows = None if decay is None else decay if decay.ndim == 0 else stack_rows(decay, lo, hi)
+                F.commit_stack(W, rows, stack_rows(update, lo, hi))
+                run.write_back(part_members, W, run.lo, part_params)
 
     return commit
-
-
-def _whole_params(b: MuonBucket, chunk: MuonChunk) -> list[Tensor]:
-    """The chunk's members' whole (local) parameters (`MuonChunk.to_stack` cuts row blocks itself)."""
-    return [local(mb.param) for mb in b.members[chunk.first : chunk.last]]
 
 
 # --------------------------------------------------------------------------------------- AdamW
@@ -617,7 +682,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     wd, eps = group["weight_decay"], group["eps"]
     device = b.device
     params = b.local_params()
-    grads = [local(p.grad) for p in b.params]
+    grads = [p.grad for p in b.params] if plan.plain else [local(p.grad) for p in b.params]
     cautious = group.get("cautious_weight_decay", False) and wd != 0
     if fused and ok_all is None and b.fusable and not cautious:
         # every gradient is known finite (nonfinite="raise" checked it): one fused kernel in place,
@@ -650,7 +715,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     w1 = _per_run(F.masked(rows, 1 - beta1, 0.0, mdtype, device, st.const), sizes)
     w2 = _per_run(F.masked(rows, beta2, 1.0, mdtype, device, st.const), sizes)
     bc2_sqrt = _per_run(bc2_sqrt.view(-1, 1), sizes)
-    bad = None if ok is None else list((~rows).split(sizes))
+    bad = None if ok is None else list((~rows).split_with_sizes(sizes))
     step_size = _per_run(step_size.view(-1, 1), sizes)
     # W·(1 - lr·wd) per parameter, 1 where skipped; cautious: per element, only where the update u
     # (W -= lr·u, u = m̂/(sqrt(v̂)+eps) up to the positive lr/bias_correction1) agrees in sign with W
@@ -658,7 +723,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
     moments, updates, stored = [], [], []
     r = 0
     for chunk in b.chunks:
-        numel = sum(grads[k].numel() for k in range(chunk.first, chunk.last))
+        numel = chunk.numel
         if b.low is None:  # (bf16 moments are copied in from their next values: no gradients again)
             ws.need(b.gdtype, device, numel)
         ws.need(dtype, device, numel, slot=1)
@@ -666,7 +731,7 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         G, M, out = [], [], []
         for first, last in chunk.runs:  # same-shape parameters: their state is (k, numel) stacks
             EA, EAS = (run_state(plan, gplan, b, first, last, key, st, entries) for key in ("exp_avg", "exp_avg_sq"))
-            g = torch.stack(grads[first:last]).view(EA[0].shape)
+            g = _as_rows(torch.stack(grads[first:last]), EA[0].shape)
             if bad is not None:
                 g.masked_fill_(bad[r], 0)  # a skipped parameter's lerp weight is 0, and 0 * NaN is NaN
             G.append(g)
@@ -693,10 +758,8 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         for chunk in b.chunks if not stored else ():
             G, offset = [], 0
             for first, last in chunk.runs:
-                shape = moments[r][0][0].shape
-                g = ws.take(b.gdtype, device, tuple(shape), offset)
+                g = _as_rows(ws.stack(grads[first:last], b.gdtype, device, offset), moments[r][0][0].shape)
                 offset += g.numel()
-                _stack_into(grads[first:last], g)
                 if bad is not None:
                     g.masked_fill_(bad[r], 0)
                 G.append(g)
@@ -718,29 +781,44 @@ def adamw_update(plan: Plan, gplan: GroupPlan, b: AdamWBucket, group: dict, ok_a
         for chunk in b.chunks:
             offset = 0
             for first, last in chunk.runs:
-                W = ws.take(dtype, device, tuple(updates[r].shape), offset, slot=1)
+                rows = ws.stack(params[first:last], dtype, device, offset, slot=1)
+                W = _as_rows(rows, updates[r].shape)
                 offset += W.numel()
-                _stack_into(params[first:last], W)
                 F.commit_stack(W, None if decay is None else decay[r], updates[r], step_size[r])
-                torch._foreach_copy_(params[first:last], list(W.view(last - first, *params[first].shape).unbind(0)))
+                _unstack_into(rows, params[first:last])
                 r += 1
 
     return commit
 
 
-def _stack_into(tensors: list[Tensor], out: Tensor) -> None:
-    """Same-shape `tensors` into the rows of `out` ((k, numel)), cast to its dtype: one op (torch.compile
-    does not trace stack(out=a view); there, a multi-tensor copy into its rows, the same values)."""
-    shaped = out.view(len(tensors), *tensors[0].shape)
+def _stack_into(tensors: list[Tensor], rows: Tensor) -> None:
+    """Same-shape `tensors` into `rows` ((k, *shape)), cast to its dtype: one op (torch.compile does not
+    trace stack(out=a view); there, a multi-tensor copy into its rows, the same values)."""
     if torch.compiler.is_compiling():
-        torch._foreach_copy_(list(shaped.unbind(0)), tensors)
+        torch._foreach_copy_(list(rows.unbind(0)), tensors)
     else:
-        torch.stack(tensors, out=shaped)
+        torch.stack(tensors, out=rows)
+
+
+def _unstack_into(rows: Tensor, tensors: list[Tensor]) -> None:
+    """The inverse of `_stack_into`: the rows of `rows` ((k, *shape)) copied into `tensors`, cast to
+    their dtype; one op (unbind_copy, which takes no cast), else a multi-tensor copy (also where
+    torch.compile traces)."""
+    if tensors[0].dtype != rows.dtype or torch.compiler.is_compiling():
+        torch._foreach_copy_(tensors, list(rows.unbind(0)))
+    else:
+        torch.unbind_copy(rows, 0, out=tensors)
+
+
+def _as_rows(stacked: Tensor, shape: torch.Size) -> Tensor:
+    """A stack of parameters (k, *shape) as the (k, numel) rows of a run (itself for 1-D parameters: a
+    view would dispatch an op for nothing)."""
+    return stacked if stacked.shape == shape else stacked.view(shape)
 
 
 def _per_run(values: Tensor, sizes: list[int]) -> list[Tensor]:
     """(P, 1) per-parameter values as one (k, 1) tensor per run (a 0-dim value: the same for every run)."""
-    return list(values.split(sizes)) if values.ndim else [values] * len(sizes)
+    return list(values.split_with_sizes(sizes)) if values.ndim else [values] * len(sizes)
 
 
 # ---------------------------------------------------------------------------------------- step
