@@ -161,7 +161,7 @@ def _ops_per_step(layers: int, foreach, **options) -> int:
 def test_host_cost_grows_with_buckets_not_parameters():
     """Dispatched aten ops per steady-state step (each is at least one launch on a GPU)."""
     counts = {layers: _ops_per_step(layers, foreach=True) for layers in (8, 12, 32)}
-    # 287 (312 at a001975, 223 when the plan kept private stacks, 387 at the lean step's first version: the step checks
+    # 284 (312 at a001975, 223 when the plan kept private stacks, 387 at the lean step's first version: the step checks
     # that the state still holds its packed stacks, stacks its own temporaries, and advances the
     # momentum and moments in place at the commit)
     assert counts[12] <= 330, counts
