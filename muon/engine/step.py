@@ -479,10 +479,15 @@ def muon_bucket_step(plan: Plan, gplan: GroupPlan, b: MuonBucket, group: dict, o
             cm = chunk_momentum(plan, gplan, b, ci, st, entries)
             ph = muon_momentum(b, chunk, group, ok_all, cm, st.const)
             O = bucket_ns(b, ph.U)
-            del ph.U
             if out is None:
-                owned = O.dtype == b.opmath and O.shape == b.shape and O.is_contiguous()
+                # O becomes the update only where it is a stack of its own, never the NS input, which
+                # may be the state's momentum stack (traced, NS is the registered op: a new tensor)
+                owned = O.dtype == b.opmath and O.shape == b.shape and O.is_contiguous() and (
+                    torch.compiler.is_compiling()
+                    or O.untyped_storage().data_ptr() != ph.U.untyped_storage().data_ptr()
+                )
                 out = O if owned else torch.empty(b.shape, dtype=b.opmath, device=b.device)
+            del ph.U
             next_moments.append(muon_scale(b, group, O, ph, out, moments, st.const))
             del O
             held.append(cm)
