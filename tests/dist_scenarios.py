@@ -727,6 +727,41 @@ def scenario_dist_memory():
         assert all(torch.equal(a, b) for a, b in zip(first, values, strict=True)), f"{name} differs from DDP"
 
 
+def scenario_empty_expert_shard():
+    """Two expert stacks of one matrix shape sharded on the expert dim: A (1 expert) leaves rank 1 an
+    empty shard, B (4) gives each rank 2, so rank 1's bucket has as many matrices as members. A NaN
+    in B's gradient on rank 1's shard skips B on every rank, on the owner plan and under foreach=False,
+    bit for bit what one process computes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from muon import Muon
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    solo = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    shapes = {"A": (1, 4, 8), "B": (4, 4, 8)}
+    for foreach in (None, False):
+        gen = torch.Generator().manual_seed(0)
+        values = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+        sharded = {k: nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for k, v in values.items()}
+        plain = {k: nn.Parameter(v.clone()) for k, v in values.items()}
+        opt = Muon(list(sharded.values()), lr=0.02, foreach=foreach)
+        ref = Muon(list(plain.values()), lr=0.02, process_group=solo)
+        for step in range(3):
+            g = torch.Generator().manual_seed(100 + step)
+            grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+            if step == 1:
+                grads["B"][2, 0, 0] = float("nan")  # expert 2 of B: rank 1's shard
+            for k, G in grads.items():
+                sharded[k].grad = distribute_tensor(G.clone(), mesh, [Shard(0)])
+                plain[k].grad = G.clone()
+            opt.step()
+            ref.step()
+            for k in shapes:
+                assert torch.equal(full(sharded[k]), plain[k].detach()), f"foreach={foreach}, step {step}: {k} differs"
+        assert [int(opt.state[sharded[k]]["nonfinite_skips"]) for k in shapes] == [0, 1]
+
+
 SCENARIOS = {
     "ddp_matches_single": scenario_matches_single("ddp"),
     "fsdp_matches_single": scenario_matches_single("fsdp"),
@@ -751,6 +786,7 @@ SCENARIOS = {
     "fsdp_state_dtype_plan_loop_single": scenario_fsdp_state_dtype(),
     "fsdp_transposed_refused": scenario_fsdp_transposed_refused,
     "memory_per_local_parameter": scenario_dist_memory,
+    "fsdp_empty_expert_shard_nan_skipped": scenario_empty_expert_shard,
 }
 _OUTDIR = ""
 

@@ -573,8 +573,9 @@ def muon_bucket(planner: Planner, index: int, group: dict, entries: list, matrix
             first, last, lo, hi, runs, transposes=_transposes(runs),
             flag_index=flag_index,
             # the same tensor where every member is one matrix (a step then reads the members' flags
-            # off the matrices')
-            matrix_flag_index=flag_index if hi - lo == last - first else torch.tensor(
+            # off the matrices'); not where members hold 0 or several (a rank's empty shard of an
+            # expert stack beside another's two matrices has as many matrices as members)
+            matrix_flag_index=flag_index if all(mb.count == 1 for mb in members[first:last]) else torch.tensor(
                 [flag_pos[mb.index] for mb in members[first:last] for _ in range(mb.count)], dtype=torch.int64,
                 device=device,
             ),

@@ -186,7 +186,9 @@ def finite_flags(plan: Plan) -> Tensor | None:
     if not plan.flag_params:
         return None
     if plan.plain:  # (a parameter's gradient has its shape: none is empty)
-        return torch.stack(torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))).isfinite()
+        norms = torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))
+        home = norms[0].device  # parameters on several devices: one vector on the first one's
+        return torch.stack([n if n.device == home else n.to(home) for n in norms]).isfinite()
     # DTensor gradients: the local shard's flag; the ranks agree them
     grads = [local(p.grad) for p in plan.flag_params]
     if any(g.numel() == 0 for g in grads):  # a rank holding no rows of a sharded parameter: finite
