@@ -419,6 +419,35 @@ def scenario_gathered_layouts():
         raise AssertionError("custom shard sizes were gathered")
     assert torch.equal(W.to_local(), before) and not gathered.state
 
+    # on the 2×2 mesh: rank 0 alone holds 5 rows where [Shard(0), Replicate()] gives 4; every rank
+    # raises at once (the word is reduced over both mesh dims before anyone judges it), none waits
+    start, rows = (0 if square.get_coordinate()[0] == 0 else 4), (5 if rank == 0 else 4)
+    V = nn.Parameter(DTensor.from_local(full_w[start : start + rows].clone(), square, [Shard(0), Replicate()],
+                                        shape=full_w.shape, stride=full_w.stride(), run_check=False))  # fmt: skip
+    V.grad = DTensor.from_local(torch.ones(rows, 6), square, [Shard(0), Replicate()], shape=full_w.shape,
+                                stride=full_w.stride(), run_check=False)  # fmt: skip
+    try:
+        Muon([V], foreach=False).step()
+    except DistributedStepError as exc:
+        assert ("this rank's parameter shard" if rank == 0 else "another rank refused the plan") in str(exc), str(exc)
+    else:
+        raise AssertionError("a 2×2 custom shard was gathered")
+
+    # a plain tensor's NaN on one rank only, nonfinite="raise": every rank raises, nothing changes
+    plain_w = nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(4)))
+    plain_w.grad = torch.full((4, 6), float("nan") if rank == 3 else 1.0)
+    Q = nn.Parameter(distribute_tensor(full_w.clone(), line, [Shard(0)]))
+    Q.grad = distribute_tensor(torch.ones(8, 6), line, [Shard(0)])
+    before = plain_w.detach().clone(), Q.to_local().clone()
+    raising = Muon([Q, plain_w], foreach=False, nonfinite="raise")
+    try:
+        raising.step()
+    except RuntimeError as exc:
+        assert "non-finite gradient in param_groups[0]['params'][1]" in str(exc), str(exc)
+    else:
+        raise AssertionError("a NaN on rank 3 was stepped")
+    assert torch.equal(plain_w.detach(), before[0]) and torch.equal(Q.to_local(), before[1]) and not raising.state
+
 
 def train(model, opt, dp_rank, steps, start=0):
     for step in range(start, start + steps):

@@ -49,15 +49,20 @@ def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch
           refusal: str | None = None) -> Tensor | None:
     """The plan check, then the agreed (N,) finite flags (None when no rank has a gradient).
 
+    pg: a process group, or a list of groups whose ranks step together (DTensors on several meshes
+    and mesh dims, `muon.distributed.gathered`): the word and the flags are MIN-reduced over each in
+    turn, and only then judged, so a rank that raises never leaves another waiting in a later group.
     flags: this rank's (N,) bool flags; device: where the step's tensors live (None: no gradient
     on this rank). refusal: why this rank cannot step (its shards do not fit the plan, known here
     only): it still takes part, and every rank raises.
     """
-    device = _device(pg, device if flags is None else flags.device)
+    groups = list(pg) if isinstance(pg, (list, tuple)) else [pg]
+    device = _device(groups[0], device if flags is None else flags.device)
     word = torch.tensor([digest, -digest, 0 if refusal else 1, 1], dtype=torch.int64, device=device)
     if flags is not None:
         word[3:].copy_(flags.all().view(1))  # on the device: no host sync before the collective
-    all_reduce("all_reduce of the plan digest", pg, word, dist.ReduceOp.MIN)
+    for group in groups:
+        all_reduce("all_reduce of the plan digest", group, word, dist.ReduceOp.MIN)
     low, neg_high, fits, finite = word.tolist()  # the step's host sync: it decides the next collectives
     if not fits:
         why = refusal or (
@@ -66,10 +71,12 @@ def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch
         )
         raise DistributedStepError(f"muon distributed step: {why}; nothing was updated this step")
     if low != -neg_high:
-        seen = all_gather_object("all_gather of the plan signatures", pg, signature)
+        # every group's signatures gathered before anyone raises (a group whose ranks agree says so)
+        seen = [all_gather_object("all_gather of the plan signatures", group, signature) for group in groups]
+        differing = [s for s in seen if any(x != s[0] for x in s)] or seen
         raise DistributedStepError(
             "muon distributed step: the ranks of the process group are not stepping the same parameters: "
-            f"{describe_difference(seen)}. Replicated parameters need the same parameters with gradients on "
+            f"{describe_difference(differing[0])}. Replicated parameters need the same parameters with gradients on "
             "every rank of `process_group` (for pipeline or tensor parallelism pass the data-parallel group "
             "as Muon(..., process_group=...)); nothing was updated this step"
         )
@@ -78,5 +85,6 @@ def agree(pg, digest: int, signature: tuple, flags: Tensor | None, device: torch
     if finite:  # every flag of every rank is True: this rank's flags are the agreed ones
         return flags
     agreed = flags.to(torch.int32)
-    all_reduce("all_reduce of the non-finite gradient flags", pg, agreed, dist.ReduceOp.MIN)
+    for group in groups:
+        all_reduce("all_reduce of the non-finite gradient flags", group, agreed, dist.ReduceOp.MIN)
     return agreed.bool()

@@ -17,10 +17,12 @@ full matrix of a Muon group is held on every rank during its NS, and the NS work
   where the group is not batched), tall matrices as their contiguous transposes as one process
   stacks them, and every rank keeps its shard of each result (`redistribute` from Replicate: a
   local slice, no communication).
-* The agreement (`agree_gathered`): the plan digest and the DTensor gradients' finite flags, per
-  mesh and mesh dim (one small all-reduce and one host sync each); a rank whose shards are not
-  what their placements say refuses in it, so every rank raises and nothing is written. The flags
-  of plain tensors are each rank's own.
+* The agreement (`agree_gathered`): the plan digest and every gradient's finite flag MIN-reduced
+  over every mesh dim's group in turn (one small all-reduce each, one host sync), judged only then;
+  a rank whose shards are not what their placements say refuses in it, so every rank raises and
+  nothing is written. Plain tensors' flags are agreed too: a NaN on one rank skips the parameter
+  on every rank. The verdict is global where the meshes cover the same ranks (one job's meshes over
+  its ranks); ranks of a mesh that shares none with the others see only their own meshes.
 """
 
 from __future__ import annotations
@@ -104,20 +106,16 @@ def prepare(plan: Plan, param_groups: list[dict]) -> None:
     """Attach the gathered NS phase and its agreement to a plan of DTensor groups under foreach=False."""
     signature = plan_signature(param_groups)
     device = local(plan.flag_params[0]).device if plan.flag_params else None
-    # every mesh of the groups' DTensor parameters, with or without a gradient (a rank without one must
-    # still take part in the agreement), in parameter order: the same on every rank
+    # every mesh dim's group of the groups' DTensor parameters, with or without a gradient (a rank
+    # without one must still take part in the agreement), in parameter order: the same on every rank
     meshes: dict = {}
     for group in param_groups:
         for p in group["params"]:
             if is_dtensor(p):
-                meshes.setdefault(p.device_mesh, [])
-    for position, p in enumerate(plan.flag_params):
-        if is_dtensor(p):
-            meshes[p.device_mesh].append(position)
-    flags_of = {mesh: None if not positions else torch.tensor(positions, device=device)
-                for mesh, positions in meshes.items()}  # fmt: skip
+                meshes.setdefault(p.device_mesh, None)
+    groups = [mesh.get_group(d) for mesh in meshes for d in range(mesh.ndim)]
     ex = Exchange(None, 1, 0, signature, digest(signature), device, sharded=True, ns_phase=gathered_ns,
-                  agree=functools.partial(agree_gathered, flags_of, _refusal(param_groups)))  # fmt: skip
+                  agree=functools.partial(agree_gathered, groups, _refusal(param_groups)))  # fmt: skip
     for gplan in plan.groups:
         if gplan.use_muon:
             group = param_groups[gplan.index]
@@ -125,16 +123,12 @@ def prepare(plan: Plan, param_groups: list[dict]) -> None:
     plan.dist = ex
 
 
-def agree_gathered(flags_of: dict, refusal: str | None, plan: Plan, ok: Tensor | None) -> Tensor | None:
-    """The plan digest and the DTensor gradients' flags agreed per mesh dim (module docstring)."""
+def agree_gathered(groups: list, refusal: str | None, plan: Plan, ok: Tensor | None) -> Tensor | None:
+    """The plan digest and every gradient's flag (plain tensors' too: a NaN on one rank skips the
+    parameter on all, and nonfinite="raise" raises on all) MIN-reduced over every mesh dim's group
+    before any verdict (`agreement.agree`), so every rank that takes part raises alike."""
     ex: Exchange = plan.dist
-    for mesh, positions in flags_of.items():
-        for d in range(mesh.ndim):
-            flags = None if ok is None or positions is None else ok[positions]
-            agreed = agree(mesh.get_group(d), ex.digest, ex.signature, flags, ex.device, refusal=refusal)
-            if flags is not None and agreed is not flags:
-                ok = ok.index_put((positions,), agreed)
-    return ok
+    return agree(groups, ex.digest, ex.signature, ok, ex.device, refusal=refusal)
 
 
 def _gather(U: Tensor, p: Tensor) -> Tensor:
