@@ -239,6 +239,8 @@ class Muon(Optimizer):
             params, grads = options.params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
+        # the bound of a chunk, one process's and the distributed NS phases' (None: no gradient)
+        chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
         if sharded and self.foreach is False:  # every layout: each full matrix gathered on every rank
             distributed.check_options(self.param_groups)
             plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=1,
@@ -253,9 +255,7 @@ class Muon(Optimizer):
                                          plan_muon=distributed.planner_for(view))
             except distributed.LocalShardMismatch as exc:  # known on this rank only: every rank raises
                 distributed.refuse(view, self.param_groups, str(exc))
-            # the owners' NS runs in chunks of this bound, as one process's does
-            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
-            distributed.prepare_sharded(plan, self.param_groups, view, ns_chunk)
+            distributed.prepare_sharded(plan, self.param_groups, view, chunk)  # owners' NS in chunks
             return plan
         if len(devices) > 1 and pg is not None:
             raise NotImplementedError(
@@ -267,13 +267,11 @@ class Muon(Optimizer):
         # (foreach=False: the smallest chunks, two matrices of a Muon bucket or one AdamW parameter)
         chunk_bytes = None
         if pg is None and devices:
-            chunk_bytes = 1 if self.foreach is False else \
-                getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices))
+            chunk_bytes = 1 if self.foreach is False else chunk
         plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=chunk_bytes,
                                  chunk_buckets=not getattr(self, "atomic", True))
         if pg is not None:  # each rank's NS rows in chunks, as one process chunks its buckets
-            ns_chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
-            distributed.prepare(plan, self.param_groups, pg, ns_chunk)
+            distributed.prepare(plan, self.param_groups, pg, chunk)
         return plan
 
     def _resolve_run(self, index: int, group: dict, X: Tensor, ns_dtype: torch.dtype, schedule):

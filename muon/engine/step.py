@@ -185,13 +185,10 @@ def finite_flags(plan: Plan) -> Tensor | None:
     """(N,) bool on the device: gradient j of plan.flag_params is finite. One multi-tensor norm."""
     if not plan.flag_params:
         return None
-    if plan.plain:  # (a parameter's gradient has its shape: none is empty)
-        norms = torch._foreach_norm([p.grad for p in plan.flag_params], float("inf"))
-        home = norms[0].device  # parameters on several devices: one vector on the first one's
-        return torch.stack([n if n.device == home else n.to(home) for n in norms]).isfinite()
-    # DTensor gradients: the local shard's flag; the ranks agree them
-    grads = [local(p.grad) for p in plan.flag_params]
-    if any(g.numel() == 0 for g in grads):  # a rank holding no rows of a sharded parameter: finite
+    # DTensor gradients: the local shard's flag; the ranks agree them (plain: a parameter's gradient
+    # has its shape, none is empty)
+    grads = [p.grad for p in plan.flag_params] if plan.plain else [local(p.grad) for p in plan.flag_params]
+    if not plan.plain and any(g.numel() == 0 for g in grads):  # a rank without rows of a parameter: finite
         nonempty = [g for g in grads if g.numel() > 0]
         norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
         zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
