@@ -40,7 +40,7 @@ from ..newton_schulz import resolve_dtype
 from .agreement import agree
 from .collectives import is_dtensor
 from .exchange import Exchange
-from .layout import _indices
+from .layout import _indices, check_gradient_layout
 from .ownership import digest, plan_signature
 from .sharded import _Orthogonalize, check_options
 
@@ -55,7 +55,7 @@ def plan_muon_group(planner: Planner, gplan, group: dict, with_grad, flag_pos) -
         if p.numel() == 0:  # nothing to orthogonalize; state as one process keeps it
             link_empty_muon(planner, gplan, i, p)
             continue
-        _check_gradient(p, f"param_groups[{gplan.index}]['params'][{i}]")
+        check_gradient_layout(p, f"param_groups[{gplan.index}]['params'][{i}]")
         shard = local(p)
         count, s, l = matrix_shape(shard.shape, flatten)
         _, m, n = matrix_shape(p.shape, flatten)
@@ -64,20 +64,6 @@ def plan_muon_group(planner: Planner, gplan, group: dict, with_grad, flag_pos) -
                              (s, l), p.dtype, p.grad.dtype, shard.device, flag_pos, schedule, run,
                              resolve_dtype(group["ns_dtype"], shard.device), sharded=True)  # fmt: skip
         gplan.buckets.append(bucket)
-
-
-def _check_gradient(p: Tensor, where: str) -> None:
-    """The gradient must lie as its parameter does: the step reads both shard by shard."""
-    g = p.grad
-    if is_dtensor(p) != is_dtensor(g) or (
-        is_dtensor(p) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements))
-    ):
-        laid = "a plain tensor" if not is_dtensor(g) else f"laid out as {tuple(g.placements)}"
-        mine = f"a DTensor with placements {tuple(p.placements)}" if is_dtensor(p) else "a plain tensor"
-        raise ValueError(
-            f"{where} is {mine}, but its gradient is {laid}: the step needs gradients laid out like their "
-            "parameters (FSDP2 and TP give that; reduce Partial gradients before the step)"
-        )
 
 
 def _refusal(param_groups: list[dict]) -> str | None:

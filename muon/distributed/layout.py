@@ -148,6 +148,22 @@ def _block(shape, idx, flatten: bool, where: str) -> Block:
     return (r0, nr, c0, nc)
 
 
+def check_gradient_layout(p, where: str) -> None:
+    """A ValueError naming the parameter unless its gradient lies as it does (the same mesh and
+    placements, or both plain tensors): a step reads both shard by shard."""
+    g = p.grad
+    if is_dtensor(p) == is_dtensor(g) and (
+        not is_dtensor(p) or (g.device_mesh == p.device_mesh and tuple(g.placements) == tuple(p.placements))
+    ):
+        return
+    mine = f"a DTensor with placements {tuple(p.placements)}" if is_dtensor(p) else "a plain tensor"
+    laid = "a plain tensor" if not is_dtensor(g) else f"laid out as {tuple(g.placements)}"
+    raise ValueError(
+        f"{where} is {mine}, but its gradient is {laid}: the step needs gradients laid out like their "
+        "parameters (FSDP2 and TP give that; reduce Partial gradients before the step)"
+    )
+
+
 def matrix_layout(p, flatten: bool, view: MeshView, where: str):
     """("blocks", per group rank its Block) or ("local", per group rank its number of whole matrices)
     of Muon parameter p on the plan mesh (module docstring). A plain tensor is "local" on every rank."""
@@ -156,13 +172,8 @@ def matrix_layout(p, flatten: bool, view: MeshView, where: str):
     batch, m, n = matrix_shape(p.shape, flatten)
     if not is_dtensor(p):
         return "local", (batch,) * view.world
+    check_gradient_layout(p, where)
     g = p.grad
-    if not is_dtensor(g) or g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
-        raise ValueError(
-            f"{where} is a DTensor with placements {tuple(p.placements)}, but its gradient is "
-            f"{'a plain tensor' if not is_dtensor(g) else f'laid out as {tuple(g.placements)}'}: the plan needs "
-            "gradients laid out like their parameters (FSDP2 and TP give that)"
-        )
     dims = mesh_dims(p, view, where)
     mesh_shape = tuple(p.device_mesh.mesh.shape)
     shape = tuple(p.shape)
