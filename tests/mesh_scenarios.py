@@ -286,6 +286,30 @@ def scenario_split_and_constant(kind):
     return run
 
 
+def uneven_rows(t, mesh):
+    """t as a [Shard(0)] DTensor on a (4,) mesh whose ranks hold 3, 1, 2 and 2 of its 8 rows, where
+    torch.chunk gives 2 each: ranks 0 and 1 disagree with their placements."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    rank = dist.get_rank()
+    rows, start = [3, 1, 2, 2][rank], [0, 3, 4, 6][rank]
+    return DTensor.from_local(t[start : start + rows].clone(), mesh, [Shard(0)], shape=t.shape, stride=t.stride())
+
+
+def assert_refused_on_every_rank(step, refusing: bool, where: str, what: str) -> None:
+    """step() raises a DistributedStepError on every rank: naming `where`'s shard where this rank
+    refused the plan, saying another rank did elsewhere."""
+    from muon.distributed import DistributedStepError
+
+    try:
+        step()
+    except DistributedStepError as exc:
+        expected = f"{where}: this rank's parameter shard has shape" if refusing else "another rank refused the plan"
+        assert expected in str(exc), str(exc)
+    else:
+        raise AssertionError(what)
+
+
 def scenario_fail_closed():
     """Layouts the plan does not take are errors naming the parameter, on every rank, with nothing
     changed — never a silent per-parameter loop: shards of other sizes than the placements say (known
@@ -294,35 +318,20 @@ def scenario_fail_closed():
     from torch.distributed.tensor import DTensor, Partial, Shard
 
     from muon import Muon
-    from muon.distributed import DistributedStepError
 
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (4,))
     torch.manual_seed(0)
     full_w = torch.randn(8, 6)
-    rows = [3, 1, 2, 2][rank]  # torch.chunk would give 2 each: ranks 0 and 1 disagree with it
-    start = [0, 3, 4, 6][rank]
-
-    def custom(t):
-        return DTensor.from_local(t[start : start + rows].clone(), mesh, [Shard(0)], shape=t.shape, stride=t.stride())
-
-    W = nn.Parameter(custom(full_w))
-    W.grad = custom(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)))
+    W = nn.Parameter(uneven_rows(full_w, mesh))
+    W.grad = uneven_rows(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), mesh)
     ok = nn.Parameter(DTensor.from_local(full_w.chunk(4)[rank].clone(), mesh, [Shard(0)], shape=full_w.shape,
                                          stride=full_w.stride()))  # fmt: skip
     ok.grad = DTensor.from_local(torch.ones(2, 6), mesh, [Shard(0)], shape=full_w.shape, stride=full_w.stride())
     opt = Muon([ok, W])
     before = W.to_local().clone(), ok.to_local().clone()
-    try:
-        opt.step()
-    except DistributedStepError as exc:
-        text = str(exc)
-        if rank in (0, 1):
-            assert "param_groups[0]['params'][1]: this rank's parameter shard has shape" in text, text
-        else:
-            assert "another rank refused the plan" in text, text
-    else:
-        raise AssertionError("custom shard sizes were stepped")
+    assert_refused_on_every_rank(opt.step, rank in (0, 1), "param_groups[0]['params'][1]",
+                                 "custom shard sizes were stepped")  # fmt: skip
     assert torch.equal(W.to_local(), before[0]) and torch.equal(ok.to_local(), before[1]) and not opt.state
 
     P = nn.Parameter(DTensor.from_local(torch.randn(8, 6), mesh, [Shard(1)], shape=(8, 24), stride=(24, 1)))
@@ -353,7 +362,6 @@ def scenario_gathered_layouts():
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     from muon import Muon
-    from muon.distributed import DistributedStepError
 
     rank = dist.get_rank()
     line, square = init_device_mesh("cpu", (4,)), init_device_mesh("cpu", (2, 2))
@@ -398,25 +406,12 @@ def scenario_gathered_layouts():
     assert int(opt.state[sharded["w"]]["nonfinite_skips"]) == 1
 
     full_w = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
-    rows, start = [3, 1, 2, 2][rank], [0, 3, 4, 6][rank]  # torch.chunk gives 2 each
-
-    def custom(t):
-        return DTensor.from_local(t[start : start + rows].clone(), line, [Shard(0)], shape=t.shape, stride=t.stride())
-
-    W = nn.Parameter(custom(full_w))
-    W.grad = custom(torch.ones(8, 6))
+    W = nn.Parameter(uneven_rows(full_w, line))
+    W.grad = uneven_rows(torch.ones(8, 6), line)
     before = W.to_local().clone()
     gathered = Muon([W], foreach=False)
-    try:
-        gathered.step()
-    except DistributedStepError as exc:
-        text = str(exc)
-        if rank in (0, 1):
-            assert "param_groups[0]['params'][0]: this rank's parameter shard has shape" in text, text
-        else:
-            assert "another rank refused the plan" in text, text
-    else:
-        raise AssertionError("custom shard sizes were gathered")
+    assert_refused_on_every_rank(gathered.step, rank in (0, 1), "param_groups[0]['params'][0]",
+                                 "custom shard sizes were gathered")  # fmt: skip
     assert torch.equal(W.to_local(), before) and not gathered.state
 
     # on the 2×2 mesh: rank 0 alone holds 5 rows where [Shard(0), Replicate()] gives 4; every rank
@@ -426,12 +421,8 @@ def scenario_gathered_layouts():
                                         shape=full_w.shape, stride=full_w.stride(), run_check=False))  # fmt: skip
     V.grad = DTensor.from_local(torch.ones(rows, 6), square, [Shard(0), Replicate()], shape=full_w.shape,
                                 stride=full_w.stride(), run_check=False)  # fmt: skip
-    try:
-        Muon([V], foreach=False).step()
-    except DistributedStepError as exc:
-        assert ("this rank's parameter shard" if rank == 0 else "another rank refused the plan") in str(exc), str(exc)
-    else:
-        raise AssertionError("a 2×2 custom shard was gathered")
+    assert_refused_on_every_rank(Muon([V], foreach=False).step, rank == 0, "param_groups[0]['params'][0]",
+                                 "a 2×2 custom shard was gathered")  # fmt: skip
 
     # a plain tensor's NaN on one rank only, nonfinite="raise": every rank raises, nothing changes
     plain_w = nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(4)))
