@@ -239,8 +239,11 @@ class Muon(Optimizer):
             params, grads = options.params_with_grad(group, index)  # raises on sparse gradients
             sharded = sharded or any(distributed.is_dtensor(t) for t in params + grads)
             devices.update(p.device for p in params)
-        # the bound of a chunk, one process's and the distributed NS phases' (None: no gradient)
-        chunk = getattr(self, "chunk_bytes", None) or min(map(engine.default_chunk_bytes, devices), default=None)
+        # the bound of a chunk, one process's and the distributed NS phases' (None: no gradient; dynamo
+        # traces min() only without its default argument)
+        chunk = getattr(self, "chunk_bytes", None)
+        if chunk is None and devices:
+            chunk = min(map(engine.default_chunk_bytes, devices))
         if sharded and self.foreach is False:  # every layout: each full matrix gathered on every rank
             distributed.check_options(self.param_groups)
             plan = engine.build_plan(self.param_groups, key, self._resolve_run, chunk_bytes=1,
